@@ -1,0 +1,72 @@
+"""The `moeprof` command: one typer app, one place that turns errors into messages and exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.text import Text
+
+from moeprof import __version__
+from moeprof.errors import MoeprofError
+from moeprof.report.console import err_console
+
+app = typer.Typer(
+    name="moeprof",
+    help=(
+        "Profile how a Mixture-of-Experts model routes tokens to experts on your workload, "
+        "and turn it into expert placement and request grouping.\n\n"
+        "Start with `moeprof demo`, which runs every step on the shipped tiny model."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moeprof {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    pass
+
+
+def _register() -> None:
+    # Each subcommand module exposes one function named after it; the order is the help's order.
+    from moeprof.commands import inspect
+
+    app.command("inspect")(inspect.inspect)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (console_scripts passes it to sys.exit)."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="moeprof", standalone_mode=False)
+    except MoeprofError as exc:
+        err_console().print(Text(f"Error: {exc}", style="red"))
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console().print(Text("Aborted.", style="yellow"))
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from moeprof.commands.main import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Errors a user can act on.
+
+Every failure caused by input (a file, an option, a trace) raises a subclass of
+:class:`MoeprofError` whose message names the thing at fault and what to do.
+The CLI's single entry point (``moeprof.commands.main``) prints the message on
+stderr and exits with :attr:`MoeprofError.exit_code`; library users catch them.
+"""
+
+from __future__ import annotations
+
+
+class MoeprofError(Exception):
+    """Base of every error moeprof raises on purpose."""
+
+    exit_code = 2
+
+
+class UsageError(MoeprofError):
+    """An option or argument that cannot be honoured."""
+
+
+class OutputExistsError(MoeprofError):
+    """An output path exists and ``force`` was not given."""
+
+
+class TraceError(MoeprofError):
+    """A trace directory that cannot be read."""
+
+
+class TraceVersionError(TraceError):
+    """A trace written in a format version this moeprof cannot read."""
+
+
+class TraceIntegrityError(TraceError):
+    """A shard whose checksum, size or row count disagrees with the manifest."""
+
+
+class WorkloadError(MoeprofError):
+    """A prompts / workload file with a bad line."""
+
+
+class CaptureError(MoeprofError):
+    """A model that cannot be captured (no MoE layers, unsupported layout)."""
+
+
+class ImportFormatError(MoeprofError):
+    """An engine dump that does not have the structure its format requires."""
+
+
+class AnalysisError(MoeprofError):
+    """A statistic asked of a trace that cannot provide it."""
+
+
+class PlacementError(MoeprofError):
+    """A topology or placement that cannot be built or read."""

@@ -1,0 +1,78 @@
+"""Rich renderings of library results for the terminal. No computation happens here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def render_trace_summary(info: dict[str, Any], con: Console) -> None:
+    """Print the dictionary of :func:`moeprof.trace.summary.describe`."""
+    m = info["model"]
+    status = "[green]complete[/]" if info["complete"] else "[yellow]incomplete (capture interrupted)[/]"
+    con.print(f"[bold]{info['path']}[/]  trace format {info['format_version']}  source {info['source']}  {status}")
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="dim")
+    t.add_column()
+    moe = m["moe_layers"]
+    t.add_row("model", f"{m['name']} ({m.get('architecture') or '?'})")
+    t.add_row(
+        "layers",
+        f"{m.get('num_layers') or '?'} total, {len(moe)} MoE"
+        + (f" ({_ranges(moe)})" if moe else "")
+        + (f", dense: {_ranges(m['dense_layers'])}" if m.get("dense_layers") else ""),
+    )
+    t.add_row(
+        "experts",
+        f"{m['num_experts']} routed, top-{m['top_k']}"
+        + (f", {m['num_shared_experts']} shared (not in routing rows)" if m.get("num_shared_experts") else ""),
+    )
+    if m.get("hidden_size"):
+        t.add_row("hidden size", f"{m['hidden_size']} ({m.get('dtype') or '?'})")
+    t.add_row("requests", f"{info['requests']}")
+    for domain, n in info["requests_per_domain"].items():
+        t.add_row("", f"{domain}: {n}")
+    tp = info["tokens_per_phase"]
+    if tp:
+        t.add_row("tokens", ", ".join(f"{k} {v:,}" for k, v in sorted(tp.items())))
+    t.add_row("routing rows", f"{info['routing_rows']:,}")
+    if info.get("load_token_routes") is not None:
+        t.add_row("count rows", f"{info['load_token_routes']:,} token-routes in count tables")
+    bpr = info.get("bytes_per_token_layer")
+    t.add_row(
+        "size on disk",
+        f"{human_bytes(info['size_bytes'])} in {info['shards']} files"
+        + (f" ({bpr:.2f} B per token-layer)" if bpr else ""),
+    )
+    for cap, why in info.get("missing", {}).items():
+        t.add_row("not available", f"{cap}: {why}")
+    for note in info.get("notes", []):
+        t.add_row("note", note)
+    con.print(t)
+
+
+def _ranges(xs: list[int]) -> str:
+    """``[0,1,2,5,6]`` -> ``"0-2, 5-6"``."""
+    if not xs:
+        return ""
+    xs = sorted(xs)
+    out, start, prev = [], xs[0], xs[0]
+    for x in xs[1:]:
+        if x != prev + 1:
+            out.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = x
+        prev = x
+    out.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ", ".join(out)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a CLI runner that returns (exit code, stdout, stderr), and small hand-built traces."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``moeprof ARGS...`` in-process; return its exit code and captured output."""
+    from moeprof.commands.main import main
+    from moeprof.report import console as console_mod
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("NO_COLOR", "1")
+
+    def run(*args: str) -> CliResult:
+        console_mod.reset_consoles()
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
