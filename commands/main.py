@@ -39,11 +39,32 @@ def _root(
     pass
 
 
-def _register() -> None:
-    # Each subcommand module exposes one function named after it; the order is the help's order.
-    from moeprof.commands import inspect
+# Subcommand name -> module in moeprof.commands; each module exposes one function of the same name
+# (``import`` is a keyword, so its module and function are ``import_``). The order is the help's order.
+COMMANDS = {
+    "demo": "demo",
+    "capture": "capture",
+    "import": "import_",
+    "inspect": "inspect",
+    "analyze": "analyze",
+    "place": "place",
+    "simulate": "simulate",
+    "report": "report",
+    "check": "check",
+    "diff": "diff",
+}
 
-    app.command("inspect")(inspect.inspect)
+
+def _register() -> None:
+    import importlib
+    import importlib.util
+
+    for name, module_name in COMMANDS.items():
+        qualified = f"moeprof.commands.{module_name}"
+        if importlib.util.find_spec(qualified) is None:
+            continue
+        module = importlib.import_module(qualified)
+        app.command(name)(getattr(module, module_name))
 
 
 _register()
