@@ -497,7 +497,8 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
     to_counts = np.stack([loads[j] for _, j in steps])
     # If the next expert were independent of e, max_e' P(e'|e) would be the next layer's top share.
     baseline = to_counts.max(axis=1) / np.maximum(to_counts.sum(axis=1) / k, 1)
-    best = int(np.nanargmax(conc)) if np.isfinite(conc).any() else 0
+    excess = conc - baseline
+    best = int(np.nanargmax(excess)) if np.isfinite(excess).any() else 0
     a.arrays.update(transition_cond=cond[best], transition_pair=(layers[steps[best][0]], layers[steps[best][1]]),
                     transition_concentration=[(layers[i], layers[j], float(c), float(b))
                                               for (i, j), c, b in zip(steps, conc, baseline)])
@@ -507,8 +508,8 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
         uniform_baseline=k / E,
         independent_baseline_mean=_finite(float(np.mean(baseline))),
         concentration_mean=_finite(float(np.nanmean(conc))),
-        most_concentrated=dict(layer=layers[steps[best][0]], next_layer=layers[steps[best][1]],
-                               concentration=_finite(conc[best])),
+        most_above_baseline=dict(layer=layers[steps[best][0]], next_layer=layers[steps[best][1]],
+                                 concentration=_finite(conc[best]), independent_baseline=_finite(baseline[best])),
         definition=("P(e'|e) = tokens routed to e then e' / tokens routed to e; concentration = load-weighted mean of "
                     "max_e' P(e'|e); independent baseline = the next layer's largest share of tokens (what "
                     "concentration would be if the next expert did not depend on e)"),
