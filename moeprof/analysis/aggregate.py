@@ -202,6 +202,8 @@ class _Pass:
 
     def request_slots(self, rid: np.ndarray) -> np.ndarray:
         unlisted = self.R if self.sel.keep_unlisted else -1
+        if self._dense and rid.size and rid.min() >= 0 and rid.max() < self.req_lut.size - 1:
+            return self.req_lut[rid]
         if self._dense:
             inside = (rid >= 0) & (rid < self.req_lut.size - 1)
             return np.where(inside, self.req_lut[np.where(inside, rid, self.req_lut.size - 1)], unlisted)
@@ -236,7 +238,7 @@ class _Pass:
                 f"{where}: expert id {bad} outside 0..{E - 1} (the manifest says {E} experts); "
                 "the trace is inconsistent with its model"
             )
-        phases_seen[np.unique(phase)] = True
+        phases_seen = np.bincount(phase, minlength=2)[:2] > 0
         # Step 1: counts. Bins are local to the requests present, so they stay in cache.
         r0, r1 = int(ri.min()), int(ri.max())
         per_req = 2 * L * E
@@ -254,23 +256,32 @@ class _Pass:
         pos = _np(table, "pos")
         if sel_rows is not None:
             step, pos = step[sel_rows], pos[sel_rows]
-        with np.errstate(over="ignore"):
-            token = splitmix64(
-                (rid.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-                ^ ((step.astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint32).astype(np.uint64))
-            )
         if self.use_batch_id:
             bid = table.column("batch_id").combine_chunks().fill_null(-1).to_numpy(zero_copy_only=False)
             if sel_rows is not None:
                 bid = bid[sel_rows]
             h = splitmix64(bid.astype(np.uint64) ^ self.seed)
+            if self.threshold is not None:
+                take = np.flatnonzero(h < self.threshold)
+                h, rid, step, pos, li, experts = h[take], rid[take], step[take], pos[take], li[take], experts[take]
+            token = _token_key(rid, step, pos)
         else:
+            token = _token_key(rid, step, pos)
             h = splitmix64(token ^ self.seed)
-        if self.threshold is not None:
-            take = np.flatnonzero(h < self.threshold)
-            h, token, li, experts = h[take], token[take], li[take], experts[take]
+            if self.threshold is not None:
+                take = np.flatnonzero(h < self.threshold)
+                h, token, li, experts = h[take], token[take], li[take], experts[take]
         sample = TokenSample(h, token, li.astype(np.int16), experts.astype(np.int16, copy=False))
         return Partial(r0 if slots is None else 0, counts, slots, sample, int(ri.size), phases_seen)
+
+
+def _token_key(rid: np.ndarray, step: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """``(n,)`` uint64 identity of a token: a hash of (request_id, step, pos)."""
+    with np.errstate(over="ignore"):
+        return splitmix64(
+            (rid.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+            ^ ((step.astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint32).astype(np.uint64))
+        )
 
 
 def _np(table: pa.Table, name: str) -> np.ndarray:

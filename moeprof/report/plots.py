@@ -46,17 +46,21 @@ def load_heatmap(analysis: Any, out: Path) -> list[Path]:
     load = np.asarray(analysis.arrays["load"], np.float64)  # (L, E)
     E = load.shape[1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        rel = load / load.mean(axis=1, keepdims=True)
-    vmax = max(2.0, float(np.nanmax(rel)))
-    fig, ax = plt.subplots(figsize=(10, max(3.0, 1.2 + 0.18 * len(layers))))
-    im = ax.imshow(rel, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax),
-                   interpolation="nearest")
+        rel = np.log2(load / load.mean(axis=1, keepdims=True))
+    # log2 of load / mean, symmetric around 0 (balanced), clipped at 1/16x and 16x; dead experts at the floor.
+    lim = float(min(4.0, max(1.0, np.ceil(np.nanmax(np.abs(rel[np.isfinite(rel)])) if np.isfinite(rel).any() else 1.0))))
+    rel = np.clip(np.nan_to_num(rel, nan=0.0, neginf=-lim, posinf=lim), -lim, lim)
+    fig, ax = plt.subplots(figsize=(10, max(3.0, 1.4 + 0.12 * len(layers))))
+    im = ax.imshow(rel, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     ax.set_xlabel(f"expert id (0-{E - 1})")
     ax.set_ylabel("MoE layer")
     _layer_ticks(ax, layers)
-    ax.set_title("Expert load per layer (token-routes / layer mean; 1.0 = balanced)")
+    ax.set_title("Expert load per layer, relative to the layer's mean (red: hot, blue: cold)")
     cb = fig.colorbar(im, ax=ax, pad=0.01)
-    cb.set_label("load / mean load (×)")
+    ticks = np.arange(-lim, lim + 1)
+    cb.set_ticks(ticks)
+    cb.set_ticklabels([f"{2.0 ** t:g}×" if t >= 0 else f"1/{2.0 ** -t:g}×" for t in ticks])
+    cb.set_label("load / mean load (log scale)")
     return _save(fig, out, "load_heatmap")
 
 
