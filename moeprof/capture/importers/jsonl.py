@@ -89,17 +89,23 @@ class JsonlImporter(Importer):
             )
         self._phase_spec = spec
         self._phase_reason: str | None = None
+        self._k: int | None = None
+        self._k_line = 0
+        self._declared: dict[str, str] = {}
         self._seen_real_request = False
         self._prefill_len: dict[Any, int] = {}
         self._has: dict[str, bool] = {}
 
     @classmethod
     def sniff(cls, path: Path, head: bytes) -> bool:
-        first = _first_json_line(head)
-        if not isinstance(first, dict):
+        lines = _json_lines(head, 2)
+        if not lines or not isinstance(lines[0], dict):
             return False
+        first = lines[0]
         if META_MARK in first and isinstance(first[META_MARK], dict):
             return first[META_MARK].get("format") == FORMAT_NAME or "model" in first[META_MARK]
+        if "topk_ids" not in first and len(lines) > 1 and isinstance(lines[1], dict):
+            first = lines[1]  # a flat meta line first
         return "topk_ids" in first and ("req_id" in first or "token_idx" in first)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -116,8 +122,8 @@ class JsonlImporter(Importer):
                 try:
                     obj = _json_loads(raw)
                 except ValueError as exc:
-                    raise bad(path, f"line {lineno}", f"not valid JSON ({_short(exc)}); "
-                              "the file may be truncated or not a JSONL routing log") from None
+                    raise bad(path, f"line {lineno}", "not valid JSON (the file is cut off here, or not a "
+                              "JSONL routing log)") from None
                 if not isinstance(obj, dict):
                     raise bad(path, f"line {lineno}", "expected a JSON object per line")
                 if buf.first_line is None and self._meta_allowed(lineno, buf) and _is_meta(obj, names):
@@ -153,10 +159,14 @@ class JsonlImporter(Importer):
             if isinstance(v, int) and v > 0:
                 setattr(self, attr, v)
         declared = meta.get("missing")
-        if isinstance(declared, dict) and "phase" in declared:
-            # The exporter wrote ``step`` but the original trace never knew the phase: keep it unknown.
-            self._phase_spec = "none"
-            self._phase_reason = f"source: {declared['phase']}"
+        if isinstance(declared, dict):
+            # What the exported trace lacked stays lacking, with its original reason (request ids of
+            # SGLang pseudo-requests, Megatron's index-in-record positions, an unknown phase whose
+            # ``step`` was still written, ...).
+            self._declared.update({str(k): str(v) for k, v in declared.items()})
+            if "phase" in declared:
+                self._phase_spec = "none"
+                self._phase_reason = str(declared["phase"])
         doms = meta.get("domains")
         if isinstance(doms, dict):
             self.domains.update({str(k): str(v) for k, v in doms.items()})
@@ -174,10 +184,15 @@ class JsonlImporter(Importer):
             layer = int(obj[names["layer"]])
         except (TypeError, ValueError):
             raise bad(path, where, f"{names['token_idx']!r} and {names['layer']!r} must be integers") from None
-        if buf.k is None:
-            buf.k = len(ids)
-        elif len(ids) != buf.k:
-            raise bad(path, where, f"inconsistent top-k: {len(ids)} expert ids here, {buf.k} on line {buf.first_line}")
+        if self._k is None:
+            self._k, self._k_line = len(ids), lineno
+        elif len(ids) != self._k:
+            raise bad(path, where, f"inconsistent top-k: {len(ids)} expert ids here, {self._k} on line {self._k_line}")
+        limit = self.options.num_experts or self.num_experts
+        if limit and (max(ids) >= limit or min(ids) < 0):
+            e = max(ids) if max(ids) >= limit else min(ids)
+            raise bad(path, where, f"expert id {e} is out of range for {limit} experts (ids run 0..{limit - 1}); "
+                      "check --num-experts")
         weights = obj.get(names["topk_weights"])
         self._presence(buf, "weights", weights is not None, path, where)
         if weights is not None:
@@ -235,7 +250,8 @@ class JsonlImporter(Importer):
                 raise bad(path, where, f"phase value {obj[names['phase']]!r} is neither prefill nor decode")
         elif step_v is not None:
             phase = PREFILL if int(step_v) == 0 else DECODE
-        self._presence_phase(phase is not None)
+        if key is not None and key != "" and not (isinstance(key, int) and key < 0):
+            self._presence_phase(phase is not None)
         if phase is None:
             return PREFILL, int(step_v) if step_v is not None else 0
         if step_v is not None:
@@ -262,7 +278,9 @@ class JsonlImporter(Importer):
         keys = buf.keys
         warm: str | None = None
         real = key is not None and not (isinstance(key, int) and key < 0) and key != ""
-        if not real:
+        if not real and "request_ids" in self._declared:
+            keys = [None] * buf.rows  # the exported trace never had request ids: not warm-up
+        elif not real:
             if self._seen_real_request:
                 self.skip("rows without a request id after the first real request", buf.rows)
                 buf.clear()
@@ -296,6 +314,7 @@ class JsonlImporter(Importer):
             self.missing["batch_id"] = f"the log has no {self.names['batch_id']!r} field"
         if not self._has.get("token_id"):
             self.missing["token_id"] = f"the log has no {self.names['token_id']!r} field"
+        self.missing.update(self._declared)
         if self._phase_reason:
             self.missing["phase"] = self._phase_reason
         elif not self._has.get("phase_known", True) or self._phase_spec == "none":
@@ -332,14 +351,24 @@ def _short(exc: Exception) -> str:
     return str(exc).split("\n")[0][:120]
 
 
-def _first_json_line(head: bytes) -> Any:
+def _json_lines(head: bytes, n: int) -> list[Any]:
+    """The first ``n`` non-empty lines of ``head`` parsed as JSON (stops at the first that is not)."""
+    out: list[Any] = []
     for line in head.split(b"\n"):
-        if line.strip():
-            try:
-                return _json_loads(line)
-            except ValueError:
-                return None
-    return None
+        if not line.strip():
+            continue
+        try:
+            out.append(_json_loads(line))
+        except ValueError:
+            break
+        if len(out) >= n:
+            break
+    return out
+
+
+def _first_json_line(head: bytes) -> Any:
+    lines = _json_lines(head, 1)
+    return lines[0] if lines else None
 
 
 # -- export ----------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from moeprof.capture.importers.base import (
     bad,
     identical_routing,
 )
-from moeprof.capture.importers.jsonl import _first_json_line, _json_loads, _short
+from moeprof.capture.importers.jsonl import _first_json_line, _json_loads
 
 _NO_PHASE = "Megatron's router trace does not say whether a step was prefill or decode (or training)"
 
@@ -55,7 +55,7 @@ def _records(path: Path, progress: Callable[[int], None]) -> Iterator[tuple[int,
             try:
                 obj = _json_loads(raw)
             except ValueError as exc:
-                raise bad(path, f"line {lineno}", f"not valid JSON ({_short(exc)}); the file may be truncated") from None
+                raise bad(path, f"line {lineno}", "not valid JSON (the file is cut off here, or not a JSONL log)") from None
             if not isinstance(obj, dict):
                 raise bad(path, f"line {lineno}", "expected a JSON object per line")
             yield lineno, obj
@@ -123,6 +123,11 @@ class MegatronRouterTraceImporter(Importer):
         k = rec.get("topk")
         if k is not None and int(k) != ids.shape[1]:
             raise bad(path, where, f"inconsistent top-k: topk says {k} but tokens list {ids.shape[1]} ids")
+        limit = self.options.num_experts
+        if limit and ids.size and (ids.max() >= limit or ids.min() < 0):
+            e = int(ids.max()) if ids.max() >= limit else int(ids.min())
+            raise bad(path, where, f"expert id {e} is out of range for {limit} experts (ids run 0..{limit - 1}); "
+                      "check --num-experts")
         return ids
 
     def _chunk(self, pending, path: Path) -> RoutingChunk:

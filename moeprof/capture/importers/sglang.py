@@ -73,16 +73,15 @@ def load_pt(path: Path) -> Any:
 
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError:
         raise ImportFormatError(
-            f"{path}: refusing to load: the file needs unsafe unpickling, which moeprof never does "
-            f"(torch.load weights_only=True said: {first[:200]})"
+            f"{path}: refusing to load: the file holds objects that only unsafe unpickling can restore "
+            "(torch.load weights_only=True refused it), and moeprof never unpickles arbitrary code; "
+            "an SGLang recorder dump holds only tensors, lists and numbers"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (RuntimeError, EOFError, OSError, ValueError):
         raise ImportFormatError(
-            f"{path}: not a readable torch file, or truncated ({msg[:200]})"
+            f"{path}: not a readable torch file (truncated, or not written by torch.save)"
         ) from None
 
 
@@ -140,7 +139,7 @@ class SGLangImporter(Importer):
             yield from self._counts_chunk(counts[i], window=i, path=path, where=f"pass row {i}")
 
     def _stat_missing(self) -> None:
-        reason = "SGLang's stat recorder keeps counts per forward pass only"
+        reason = "SGLang's stat/per_pass recorder keeps counts per forward pass only"
         for cap in ("per_token", "request_ids", "positions", "token_id", "weights"):
             self.missing[cap] = reason
         self.missing["phase"] = "SGLang's stat/per_pass dumps do not say whether a pass was prefill or decode"
@@ -201,8 +200,6 @@ class SGLangImporter(Importer):
                           "'global_physical_count' (per_pass)")
         if self.capture.get("sglang_mode") == "per_pass":
             self._stat_missing()
-            self.missing.pop("per_token", None)
-            self.missing["per_token"] = "SGLang's per_pass recorder keeps counts per forward pass only"
         elif self.capture.get("sglang_mode") == "per_token":
             self.missing["weights"] = "SGLang's recorder keeps top-k ids, not routing weights"
             self.missing["request_ids"] = (
@@ -282,6 +279,10 @@ class SGLangImporter(Importer):
         lay_idx, tok_idx = np.nonzero(any_id & moe[:, None])
         phys = ids[lay_idx, tok_idx]
         logical = p2l[lay_idx[:, None], phys]
+        limit = self.options.num_experts
+        if limit and logical.size and logical.max() >= limit:
+            raise bad(path, where, f"expert id {int(logical.max())} is out of range for {limit} experts "
+                      f"(ids run 0..{limit - 1}); check --num-experts")
         if positions is not None:
             pos_all = np.asarray(list(positions), dtype=np.int64)
             if pos_all.shape != (n_tok,):

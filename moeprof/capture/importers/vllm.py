@@ -45,7 +45,7 @@ from moeprof.capture.importers.base import (
     bad,
     identical_routing,
 )
-from moeprof.capture.importers.jsonl import _first_json_line, _json_loads, _short
+from moeprof.capture.importers.jsonl import _first_json_line, _json_loads
 
 
 def _has_routing(obj: Any) -> bool:
@@ -69,7 +69,7 @@ def decode_array(value: Any, path: Path, where: str, what: str) -> np.ndarray | 
             raw = base64.b64decode(value, validate=True)
             arr = np.load(io.BytesIO(raw), allow_pickle=False)
         except (binascii.Error, ValueError, OSError, EOFError) as exc:
-            raise bad(path, where, f"{what}: not base64-encoded .npy bytes ({_short(exc)})") from None
+            raise bad(path, where, f"{what}: not base64-encoded .npy bytes (cut off or corrupted)") from None
     else:
         try:
             arr = np.asarray(value)
@@ -126,7 +126,7 @@ class VLLMImporter(Importer):
                 try:
                     doc = json.loads(data)
                 except ValueError as exc:
-                    raise bad(path, "document", f"not valid JSON ({_short(exc)}); the file may be truncated") from None
+                    raise bad(path, "document", "not valid JSON (cut off, or not a saved vLLM response)") from None
                 items = doc if isinstance(doc, list) else [doc]
                 for i, item in enumerate(items, start=1):
                     yield f"record {i}", item
@@ -138,8 +138,8 @@ class VLLMImporter(Importer):
                 try:
                     yield f"line {lineno}", _json_loads(raw)
                 except ValueError as exc:
-                    raise bad(path, f"line {lineno}", f"not valid JSON ({_short(exc)}); "
-                              "the file may be truncated") from None
+                    raise bad(path, f"line {lineno}", "not valid JSON (the file is cut off here, or not "
+                              "a saved vLLM response)") from None
 
     def _request(self, obj: Any, path: Path, where: str) -> Iterator[RoutingChunk]:
         if not _has_routing(obj):
@@ -180,6 +180,10 @@ class VLLMImporter(Importer):
         n_tok, n_layers, k = arr.shape
         if n_tok == 0:
             return
+        limit = self.options.num_experts
+        if limit and arr.max() >= limit:
+            raise bad(path, where, f"expert id {int(arr.max())} is out of range for {limit} experts "
+                      f"(ids run 0..{limit - 1}); check --num-experts")
         if self._layers is None:
             self._layers = n_layers
             self.num_layers = self.num_layers or n_layers
