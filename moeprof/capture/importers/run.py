@@ -189,7 +189,7 @@ class _Run:
     # -- writer ----------------------------------------------------------------------------------
     def _open(self, top_k: int | None) -> TraceWriter:
         imp, opt = self.importer, self.options
-        k = top_k or opt.top_k or imp.top_k or 1
+        k = opt.top_k or imp.top_k or top_k or 1
         model = ModelInfo(
             name=opt.model_name or imp.model_name or "unknown",
             num_experts=int(opt.num_experts or imp.num_experts or 0),
@@ -257,7 +257,8 @@ class _Run:
         if k != self.top_k:
             raise ImportFormatError(
                 f"{c.where}: inconsistent top-k: {k} experts per token here, {self.top_k} "
-                + ("in earlier records" if self.report.routing_rows else "from --top-k")
+                + ("in earlier records" if self.report.routing_rows
+                   else "from --top-k" if self.options.top_k else "as the source's meta line states")
             )
         self._check_experts(c.experts, c.where)
         rid = self.requests.map(c.request_key, c.where)
