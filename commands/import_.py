@@ -90,9 +90,9 @@ def _render(report) -> None:
     for reason, rows in report.warmup.items():
         verb = "dropped" if report.warmup_dropped else "kept; pass --drop-warmup to drop them"
         out.print(f"  warm-up: {rows} rows {verb}: {reason}")
+    if not report.warmup:
+        out.print("  warm-up: 0 rows (none detected)")
     for reason, rows in report.skipped.items():
         out.print(f"  skipped: {rows} rows: {reason}")
     for cap, reason in report.missing.items():
         out.print(f"  missing {cap}: {reason}")
-    if not report.warmup:
-        out.print("  warm-up: 0 rows (none detected)")

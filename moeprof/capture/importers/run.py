@@ -189,7 +189,10 @@ class _Run:
     # -- writer ----------------------------------------------------------------------------------
     def _open(self, top_k: int | None) -> TraceWriter:
         imp, opt = self.importer, self.options
-        k = opt.top_k or imp.top_k or top_k or 1
+        k = opt.top_k or imp.top_k or top_k
+        if not k:
+            k = 1
+            imp.note("top_k unknown (the source holds counts only): recorded as 1; pass --top-k to state it")
         model = ModelInfo(
             name=opt.model_name or imp.model_name or "unknown",
             num_experts=int(opt.num_experts or imp.num_experts or 0),
@@ -308,6 +311,9 @@ class _Run:
         assert writer is not None
         model = writer.manifest.model
         model.moe_layers = sorted(int(x) for x in self.layers)
+        model.num_experts = model.num_experts or int(imp.num_experts or 0)
+        if model.num_layers is None:
+            model.num_layers = imp.num_layers
         if not model.num_experts:
             model.num_experts = self.max_expert + 1
             imp.note(
