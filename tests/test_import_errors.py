@@ -189,6 +189,14 @@ def test_bad_phase_from(cli, tmp_path):
     )
 
 
+def test_phase_from_only_for_jsonl(cli, tmp_path):
+    p = fx.megatron_trace(tmp_path / "router_trace_rank0.jsonl")
+    assert err(cli("import", "auto", p, "--out", tmp_path / "t", "--phase-from", "none")) == (
+        "Error: --phase-from applies to per-token JSONL only; megatron sources record the phase themselves "
+        "or the trace marks it missing"
+    )
+
+
 @pytest.mark.parametrize("fmt", ["auto", "jsonl"])
 def test_json_output_reports_warmup(cli, tmp_path, fmt):
     p = fx.hook_jsonl(tmp_path / "h.jsonl")

@@ -166,6 +166,11 @@ def import_trace(
         fmt = kinds[0]
     if fmt not in classes:
         raise UsageError(f"unknown import format {fmt!r}; choose one of: auto, {', '.join(classes)}")
+    if (options.phase_from or "auto") != "auto" and fmt != "jsonl":
+        raise UsageError(
+            f"--phase-from applies to per-token JSONL only; {fmt} sources record the phase themselves "
+            "or the trace marks it missing"
+        )
     importer = classes[fmt](options)
     domains = read_domain_map(options.domains) if options.domains else None
     return _Run(importer, fmt, paths, Path(out), options, domains, progress).run()
