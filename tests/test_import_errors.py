@@ -204,3 +204,14 @@ def test_json_output_reports_warmup(cli, tmp_path, fmt):
     assert res.exit_code == 0, res.stderr
     rep = json.loads(res.stdout)
     assert rep["routing_rows"] == 6 and rep["warmup_dropped"] is True and sum(rep["warmup_rows"].values()) == 10
+
+
+def test_sglang_without_torch_says_what_to_install(cli, tmp_path, monkeypatch):
+    import sys
+
+    p = fx.sglang_stat(tmp_path / "s.pt")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    assert err(cli("import", "sglang", p, "--out", tmp_path / "t")) == (
+        f"Error: {p}: reading SGLang .pt dumps needs torch, which is not installed; "
+        "pip install torch (the CPU wheel is enough)"
+    )
