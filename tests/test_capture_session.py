@@ -196,3 +196,13 @@ def test_existing_output_needs_force(qwen, tmp_path):
     with capture(model, tmp_path / "t", force=True):
         model(input_ids=torch.tensor([[1, 2, 3]]))
     assert Trace.open(tmp_path / "t").requests()["prompt_tokens"].to_list() == [3]
+
+
+def test_top_level_api_is_callable_after_submodule_imports(qwen, tmp_path):
+    import moeprof
+    import moeprof.capture.workload  # noqa: F401  (binds moeprof.capture to the package)
+
+    model, _ = qwen
+    with moeprof.capture(model, tmp_path / "t", domain="code") as rec:
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert rec.steps == 1 and moeprof.open_trace(tmp_path / "t").complete
