@@ -100,7 +100,9 @@ def resolve_prompts(prompts: str | Path | None, limit: int | None) -> tuple[list
 def load_pretrained(ref: str, device: str, dtype: str) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a local path or the local HF cache, never the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # moeprof draws its own progress bar
     torch_dtype = _torch_dtype(dtype)
     path = Path(ref).expanduser()
     looks_like_path = path.is_absolute() or ref.startswith((".", "~")) or path.exists() or ref.count("/") > 1
