@@ -205,8 +205,12 @@ class Recorder:
     def start(self) -> "Recorder":
         if self._handles:
             return self
-        top_pre = self.model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)
-        top_post = self.model.register_forward_hook(self._on_forward_end, with_kwargs=True)
+        self._prepare_for_compile()
+        # The top-level hooks do host-side work; under torch.compile they run eagerly at the edges of
+        # the compiled forward (one graph break before, one after), while the per-layer hooks are
+        # traced into the graph, so CUDA-graph replay still records every layer of every step.
+        top_pre = self.model.register_forward_pre_hook(_eager(self._on_forward_start), with_kwargs=True)
+        top_post = self.model.register_forward_hook(_eager(self._on_forward_end), with_kwargs=True)
         self._handles += [top_pre, top_post]
         for ordinal, point in enumerate(self.layout.points):
             self._handles.append(_attach(point, ordinal, self._sink))
@@ -220,6 +224,7 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._restore_compile_settings()
         try:
             self._drain_inflight()
             self._write_staged()
@@ -235,6 +240,35 @@ class Recorder:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(complete=exc_type is None)
 
+    # -- torch.compile ----------------------------------------------------------------------------
+    def _prepare_for_compile(self) -> None:
+        """Make sure no compiled code runs the model without our hooks.
+
+        Dynamo installs no guards on module hooks by default (``skip_nnmodule_hook_guards``), so code
+        compiled before capture started would replay without them and record nothing, silently.
+        While capturing, hooks are guarded; code compiled earlier for this model is dropped.
+        """
+        try:
+            import torch._dynamo as dynamo
+        except ImportError:  # pragma: no cover - torch without dynamo
+            self._saved_hook_guards = None
+            return
+        self._saved_hook_guards = dynamo.config.skip_nnmodule_hook_guards
+        dynamo.config.skip_nnmodule_hook_guards = False
+        if getattr(self.model, "_compiled_call", None) is not None:
+            dynamo.reset()
+            del self.model._compiled_call
+            self.writer.manifest.notes.append(
+                "the model had been compiled before capture: its compiled code was dropped so that "
+                "the capture hooks are part of every compiled step"
+            )
+
+    def _restore_compile_settings(self) -> None:
+        if getattr(self, "_saved_hook_guards", None) is not None:
+            import torch._dynamo as dynamo
+
+            dynamo.config.skip_nnmodule_hook_guards = self._saved_hook_guards
+
     # -- top-level hooks ------------------------------------------------------------------------------
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -243,23 +277,12 @@ class Recorder:
         if ref is None:
             raise CaptureError("capture: the model was called without input_ids or inputs_embeds")
         b, s = int(ref.shape[0]), int(ref.shape[1])
-        past = kwargs.get("past_key_values")
-        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            valid = torch.ones(b * s, dtype=torch.int8, device=ref.device)
-        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            valid = mask[:, -s:].reshape(-1).to(torch.int8)
-        else:
-            raise CaptureError(
-                "capture: the model received a 4-D or per-layer attention mask (a compileable/static cache); "
-                "capture needs the 2-D padding mask of the default dynamic cache"
-            )
+        new_sequences = self._starts_new_sequences(kwargs.get("past_key_values"), s)
+        valid = _token_validity(kwargs.get("attention_mask"), b, s, new_sequences, ref.device)
         if input_ids is not None:
             tokens = input_ids.reshape(-1).to(torch.int32)
         else:
             tokens = torch.full((b * s,), -1, dtype=torch.int32, device=ref.device)
-        new_sequences = past_len == 0
         labels: list[_Label] = []
         if new_sequences:
             labels, self._labels = self._labels[:b], self._labels[b:]
@@ -267,6 +290,22 @@ class Recorder:
         self._forwards += 1
         self._tokens, self._valid = tokens, valid
         self._sink.reset()
+
+    def _starts_new_sequences(self, past: Any, s: int) -> bool:
+        """True when this forward starts new sequences (a prefill): the KV cache is empty.
+
+        A dynamic cache reports its length as an int. A static (compileable) cache reports a device
+        tensor once initialised; reading it costs a host sync, so it is read only for multi-token
+        steps or when no batch is running, and a one-token step of a running batch is a decode step.
+        """
+        if past is None or not hasattr(past, "get_seq_length"):
+            return True
+        length = past.get_seq_length()
+        if isinstance(length, torch.Tensor):
+            if s == 1 and self._rows is not None:
+                return False
+            length = int(length)
+        return length == 0
 
     def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         meta, sink = self._meta, self._sink
@@ -436,6 +475,44 @@ def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
             sink.record(ordinal, ids, weights)
 
     return point.module.register_forward_hook(post_hook)
+
+
+def _eager(hook: Any) -> Any:
+    """``hook`` run eagerly even when the model's forward is compiled (a graph break at its call)."""
+    try:
+        import torch._dynamo as dynamo
+    except ImportError:  # pragma: no cover
+        return hook
+    return dynamo.disable(hook, recursive=True)
+
+
+def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torch.device) -> torch.Tensor:
+    """``(b*s,)`` int8: 1 for a real token of this step, 0 for padding, as a device tensor (no sync).
+
+    - no mask: every token is real;
+    - 2-D padding mask ``(b, past + s)`` (dynamic cache): its last ``s`` columns;
+    - 4-D mask ``(b, 1, s, kv_len)`` (static cache, built by generate for compiled decoding), bool or
+      additive float: a token is real iff it may attend to itself. In a prefill the i-th query sits
+      at key i; in a decode step generate() feeds no padding (finished rows are handled by EOS);
+    - a dict of masks per attention type (sliding-window models): its full-attention entry.
+    """
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if mask is None:
+        return torch.ones(b * s, dtype=torch.int8, device=device)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask[:, -s:].reshape(-1).to(torch.int8)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        if not new_sequences:
+            return torch.ones(b * s, dtype=torch.int8, device=device)
+        diag = torch.diagonal(mask[:, 0, :, :s], dim1=-2, dim2=-1)
+        allowed = diag if diag.dtype == torch.bool else diag == 0
+        return allowed.reshape(-1).to(torch.int8)
+    raise CaptureError(
+        f"capture: unsupported attention mask ({type(mask).__name__}"
+        + (f" of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
+        + "); capture reads 2-D padding masks and 4-D masks of (static-cache) generate()"
+    )
 
 
 def _eos_set(eos: Any) -> frozenset[int]:
