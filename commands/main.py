@@ -70,6 +70,23 @@ def _register() -> None:
 _register()
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(Exit, ClickException, Abort) classes of click and of the copy newer typer releases vendor."""
+    exits = {click.exceptions.Exit, typer.Exit}
+    errors = {click.ClickException}
+    aborts = {click.exceptions.Abort, typer.Abort}
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.20 ships its own click
+
+        errors.add(vendored.ClickException)
+    except ImportError:
+        pass
+    return tuple(exits), tuple(errors), tuple(aborts)
+
+
+_EXIT, _CLICK_ERROR, _ABORT = _click_exception_types()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (console_scripts passes it to sys.exit)."""
     command = typer.main.get_command(app)
@@ -78,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     except MoeprofError as exc:
         err_console().print(Text(f"Error: {exc}", style="red"))
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except _CLICK_ERROR as exc:
         exc.show()
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_ABORT, KeyboardInterrupt):
         err_console().print(Text("Aborted.", style="yellow"))
         return 130
     return result if isinstance(result, int) else 0
