@@ -9,6 +9,7 @@ requests are assigned most-confident first and the overflow goes to the next-nea
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +120,9 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 30) -> tuple[np.ndarra
         raise PlacementError("no requests to cluster")
     k = max(1, min(k, len(np.unique(x, axis=0))))
     rng = np.random.default_rng(seed)
-    centroids, labels = kmeans2(x.astype(np.float64), k, iter=iters, minit="++", seed=rng, missing="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an empty cluster is reseeded; not the user's concern
+        centroids, labels = kmeans2(x.astype(np.float64), k, iter=iters, minit="++", seed=rng, missing="warn")
     return centroids, labels
 
 

@@ -251,7 +251,50 @@ def _locality_layer(Wn: np.ndarray, topo: Topology, gpu_cap: float, replicate: b
     for h in range(N):
         members[h] = _fill_spares(members[h], C, Wn[h] + w / N)
     per_copy = _copy_loads(members, Wn)
-    return np.concatenate([_pack_node(members[h], per_copy[h], topo) for h in range(N)])
+    row = np.concatenate([_pack_node(members[h], per_copy[h], topo) for h in range(N)])
+    slot_load = np.concatenate([_pack_node(per_copy[h], per_copy[h], topo) for h in range(N)])
+    return _repair(row, slot_load, Wn, topo, gpu_cap)
+
+
+def _repair(row: np.ndarray, slot_load: np.ndarray, Wn: np.ndarray, topo: Topology, gpu_cap: float,
+            max_swaps: int = 200) -> np.ndarray:
+    """Swap copies between the busiest GPU and others until it is under ``gpu_cap``: each step takes,
+    among the swaps that lower the busiest GPU without lifting the other above the old maximum, the one
+    that costs the least affinity (token-routes that would leave their node)."""
+    row, slot_load = row.copy(), slot_load.astype(np.float64).copy()
+    S, G = topo.slots_per_gpu, topo.gpus_per_node
+    gpu_of = np.arange(len(row)) // S
+    node_of = gpu_of // G
+    for _ in range(max_swaps):
+        gpu_load = slot_load.reshape(-1, S).sum(1)
+        g = int(np.argmax(gpu_load))
+        if gpu_load[g] <= gpu_cap + 1e-9:
+            break
+        mine = np.arange(g * S, (g + 1) * S)
+        others = np.flatnonzero(gpu_of != g)
+        a = mine[:, None]
+        b = others[None, :]
+        delta = slot_load[a] - slot_load[b]  # load moved off g
+        new_g = gpu_load[g] - delta
+        new_o = gpu_load[gpu_of[b]] + delta
+        ok = (delta > 0) & (np.maximum(new_g, new_o) < gpu_load[g] - 1e-9)
+        # no GPU may end up with two copies of one expert
+        held = np.zeros((topo.num_gpus, topo.num_experts), dtype=bool)
+        held[gpu_of, row] = True
+        ok &= ~held[gpu_of[b], row[a]] | (row[a] == row[b])
+        ok &= ~held[g, row[b]] | (row[a] == row[b])
+        ok &= row[a] != row[b]
+        if not ok.any():
+            break
+        ea, eb = row[a], row[b]
+        nh, no = node_of[g], node_of[b]
+        loss = Wn[nh, ea] + Wn[no, eb] - Wn[no, ea] - Wn[nh, eb]
+        loss = np.where(ok, loss, np.inf)
+        i, j = np.unravel_index(int(np.argmin(loss)), loss.shape)
+        pa, pb = int(mine[i]), int(others[j])
+        row[pa], row[pb] = row[pb], row[pa]
+        slot_load[pa], slot_load[pb] = slot_load[pb], slot_load[pa]
+    return row
 
 
 @register("locality", default_grouping="prefill")

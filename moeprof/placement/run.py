@@ -3,6 +3,7 @@ the held-out split, compare every policy. Everything is seeded; the split is by 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from moeprof.errors import OutputExistsError, PlacementError
 from moeprof.placement.data import RoutingData, load_routing, signatures, split_requests
 from moeprof.placement.export import EXPORTERS, write_export
 from moeprof.placement.grouping import GROUPINGS, fit_grouping
-from moeprof.placement.plan import Placement, read_placement, write_placement
+from moeprof.placement.plan import Placement, _jsonable, read_placement, write_placement
 from moeprof.placement.policies import DEFAULT_GROUPING, POLICIES, FitInput, get_policy
 from moeprof.placement.simulate import SimConfig, simulate
 from moeprof.placement.topology import Topology, build_topology
@@ -255,16 +256,24 @@ def compare(
         p.metrics = score(data, p, test, cfg)
         key = policy if grouping is None else f"{policy}+{grouping}"
         cmp.placements[key] = p
-        cmp.rows.append(dict(key=key, policy=policy, grouping=g, fit_seconds=p.info.get("fit_seconds"),
-                             info=p.info, **p.metrics))
+        cmp.rows.append(dict(p.metrics, key=key, policy=policy, grouping=g,
+                             fit_seconds=p.info.get("fit_seconds"), info=p.info))
     bound_row = next((r for r in cmp.rows if r["key"] == "locality"), None)
     if bound_row is not None:
         cmp.split["locality_load_bound"] = bound_row["info"].get("load_bound_per_layer_mean")
     return cmp
 
 
-def write_comparison_placements(cmp: Comparison, out: Path, force: bool) -> list[Path]:
-    paths = []
+def write_comparison(cmp: Comparison, out: str | Path, *, force: bool = False) -> list[Path]:
+    """Write ``compare.json`` and every fitted ``placement-<policy>.json`` into the directory ``out``."""
+    out = Path(out)
+    if out.exists() and any(out.glob("compare.*")) and not force:
+        raise OutputExistsError(f"{out} already holds a comparison; pass --force to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "compare.json"]
+    tmp = out / "compare.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(cmp.to_dict()), indent=1) + "\n")
+    tmp.replace(paths[0])
     for key, p in cmp.placements.items():
-        paths.append(write_placement(p, out / f"placement-{key}.json", force=force))
+        paths.append(write_placement(p, out / f"placement-{key}.json", force=True))
     return paths
