@@ -14,11 +14,11 @@ Every policy is ``policy(fit: FitInput, **params) -> PolicyResult`` and must fil
 logical expert and place every logical expert at least once (engines need both).
 
 Worked example: 1 layer, E = 4 experts with loads [6, 1, 1, 4], 2 nodes × 1 GPU × 2 slots.
-``linear`` puts experts 0, 1 on GPU 0 and 2, 3 on GPU 1 (phy2log ``[0, 1, 2, 3]``, loads 7 | 5,
-max/mean 1.17); ``round_robin`` deals them out (``[0, 2, 1, 3]``, loads 7 | 5); ``eplb`` packs the
-heaviest first onto the lightest GPU (``[0, 1, 3, 2]``... i.e. {0, 1} | {3, 2}: 7 | 5, the best two
-items per GPU can do). With 3 slots per GPU, ``eplb`` spends the 2 redundant slots on expert 0 and
-expert 3 (the highest per-copy loads) and reaches 6 | 6.
+``linear`` puts experts 0, 1 on GPU 0 and 2, 3 on GPU 1 (phy2log ``[0, 1, 2, 3]``, GPU loads 7 | 5,
+max/mean 1.17); ``round_robin`` deals them out (``[0, 2, 1, 3]``, 7 | 5); ``eplb`` packs the
+heaviest first onto the lightest GPU with room (``[0, 2, 3, 1]``, 7 | 5, the best two experts per GPU
+allow). With 3 slots per GPU, ``eplb`` gives the 2 redundant slots to expert 0 (per-copy load 6 → 3)
+and then expert 3 (4 → 2): ``[0, 3, 1, 0, 3, 2]``, loads 6 | 6, max/mean 1.0.
 """
 
 from __future__ import annotations

@@ -56,10 +56,10 @@ def render_comparison(cmp: dict[str, Any], con: Console, files: list[str] | None
     rows = cmp["rows"]
     base = next((r for r in rows if r["key"] == "eplb"), rows[0] if rows else None)
     t = Table(show_lines=False)
-    for col, just in [("policy", "left"), ("grouping", "left"), ("cross-node B/token", "right"),
-                      ("vs eplb", "right"), ("intra-node B/token", "right"), ("own node", "right"),
-                      ("own GPU", "right"), ("GPU max/mean med", "right"), ("p90", "right"), ("fit s", "right")]:
-        t.add_column(col, justify=just)
+    for col, just in [("policy", "left"), ("grouping", "left"), ("cross-node\nB/token", "right"),
+                      ("vs\neplb", "right"), ("intra-node\nB/token", "right"), ("own\nnode", "right"),
+                      ("own\nGPU", "right"), ("GPU load\nmax/mean", "right"), ("p90", "right"), ("fit\ns", "right")]:
+        t.add_column(col, justify=just, no_wrap=True)
     for r in rows:
         rel = r["cross_node_bytes_per_token"] / base["cross_node_bytes_per_token"] - 1 if base and base["cross_node_bytes_per_token"] else 0.0
         g = r["gpu_load_max_mean"]
