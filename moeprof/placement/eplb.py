@@ -18,6 +18,11 @@ Worked example (the EPLB README's): two layers of 12 experts, 16 physical slots 
 4 expert groups. Layer 0's loads ``[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]`` give
 ``phy2log[0] = [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]``: experts 5, 4, 10 and 1 (the
 heaviest of their node) get a second copy, and GPU 0 holds experts 5 and 6.
+
+Ties: items of equal weight are packed in index order (a stable sort). Checked against the original
+(torch) on 264 random cases: ``phy2log`` and ``logcnt`` agree everywhere; ``log2phy`` can name two
+copies of one expert in the other order when they have exactly equal load (torch's sort is not stable),
+which changes nothing about where copies are.
 """
 
 from __future__ import annotations

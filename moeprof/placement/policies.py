@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from moeprof.errors import PlacementError
 from moeprof.placement import eplb as _eplb
@@ -230,26 +231,59 @@ def _copy_loads(members: list[list[int]], Wn: np.ndarray) -> list[np.ndarray]:
 
 
 def _locality_layer(Wn: np.ndarray, topo: Topology, gpu_cap: float, replicate: bool) -> np.ndarray:
-    """One layer: home nodes by affinity under a node load cap, replicas of the experts other nodes
-    use most into the free slots, then each node packed onto its GPUs. Returns ``phy2log[P]``."""
+    """One layer. Two candidate sets of home nodes: greedy by affinity under a node load cap, and the
+    exact affinity optimum ignoring load (an assignment problem). Each gets replicas of the experts
+    other nodes use most in its free slots, GPU packing and repair swaps; the candidate that keeps the
+    most token-routes on their node while under ``gpu_cap`` wins (else the less loaded). Returns
+    ``phy2log[P]``."""
     N, E = Wn.shape
     C = topo.slots_per_node
     w = Wn.sum(0)
     node_cap = gpu_cap * topo.gpus_per_node
-    members, home = _group_greedy(Wn, w, C, node_cap)
+    best = None
+    for members, home in (_group_greedy(Wn, w, C, node_cap), _group_lsa(Wn, C)):
+        row, _ = _complete_layer(members, home, Wn, topo, gpu_cap, replicate)
+        gpu_max = _exact_gpu_max(row, Wn, topo)
+        holds = np.zeros((N, E), dtype=bool)
+        holds[topo.node_of_slot(), row] = True
+        kept = float((Wn * holds).sum())  # token-routes that stay on their node
+        key = (gpu_max > gpu_cap * (1 + 1e-9), -kept if gpu_max <= gpu_cap * (1 + 1e-9) else gpu_max)
+        if best is None or key < best[0]:
+            best = (key, row)
+    return best[1]
+
+
+def _exact_gpu_max(row: np.ndarray, Wn: np.ndarray, topo: Topology) -> float:
+    """Busiest GPU's load for one layer under the simulator's replica choice, each node's traffic
+    ``Wn[N, E]`` coming evenly from its GPUs."""
+    src = np.repeat(Wn / topo.gpus_per_node, topo.gpus_per_node, axis=0)[:, None, :]  # [NG, 1, E]
+    load = expected_slot_load(src, row[None, :], topo)[0]
+    return float(load.reshape(-1, topo.slots_per_gpu).sum(1).max())
+
+
+def _complete_layer(members, home, Wn, topo, gpu_cap, replicate):
+    """Replicas, spare slots, GPU packing and repair for one layer's home nodes; returns
+    ``(phy2log row, busiest GPU's estimated load)``."""
+    N, E = Wn.shape
+    C = topo.slots_per_node
+    w = Wn.sum(0)
+    node_cap = gpu_cap * topo.gpus_per_node
+    members = [list(m) for m in members]
     load = np.array([w[m].sum() for m in members])
     holds = np.zeros((N, E), dtype=bool)
     for h, m in enumerate(members):
         holds[h, m] = True
-    if replicate:
+    free = N * C - sum(len(m) for m in members)
+    if replicate and free > 0:
         for idx in np.argsort(-Wn, axis=None, kind="stable"):
             h, e = divmod(int(idx), E)
-            if Wn[h, e] <= 0:
+            if Wn[h, e] <= 0 or free == 0:
                 break
             if holds[h, e] or len(members[h]) >= C or load[h] + Wn[h, e] > node_cap:
                 continue
             members[h].append(e)
             holds[h, e] = True
+            free -= 1
             load[h] += Wn[h, e]
             load[home[e]] -= Wn[h, e]  # node h's traffic to e now stays home
     for h in range(N):
@@ -261,8 +295,18 @@ def _locality_layer(Wn: np.ndarray, topo: Topology, gpu_cap: float, replicate: b
     return _repair(row, slot_load, Wn, topo, gpu_cap)
 
 
+def _group_lsa(Wn: np.ndarray, C: int) -> tuple[list[list[int]], np.ndarray]:
+    """Home nodes that keep the most token-routes on their node, ignoring load: an assignment problem
+    (every node offers C slots), solved exactly by scipy's linear_sum_assignment."""
+    N, E = Wn.shape
+    rows, cols = linear_sum_assignment(-np.repeat(Wn, C, axis=0))
+    home = np.full(E, -1)
+    home[cols] = rows // C
+    return [list(np.flatnonzero(home == h)) for h in range(N)], home
+
+
 def _repair(row: np.ndarray, slot_load: np.ndarray, Wn: np.ndarray, topo: Topology, gpu_cap: float,
-            max_swaps: int = 200) -> np.ndarray:
+            max_swaps: int = 200) -> tuple[np.ndarray, float]:
     """Swap copies between the busiest GPU and others until it is under ``gpu_cap``: each step takes,
     among the swaps that lower the busiest GPU without lifting the other above the old maximum, the one
     that costs the least affinity (token-routes that would leave their node)."""
@@ -289,6 +333,10 @@ def _repair(row: np.ndarray, slot_load: np.ndarray, Wn: np.ndarray, topo: Topolo
         ok &= ~held[gpu_of[b], row[a]] | (row[a] == row[b])
         ok &= ~held[g, row[b]] | (row[a] == row[b])
         ok &= row[a] != row[b]
+        # a copy of a replicated expert serves its node's traffic: moving it to another node changes
+        # its load in ways the estimate does not follow, so only single copies cross nodes
+        single = np.bincount(row, minlength=topo.num_experts) == 1
+        ok &= (node_of[b] == node_of[g]) | (single[row[a]] & single[row[b]])
         if not ok.any():
             break
         ea, eb = row[a], row[b]
@@ -299,7 +347,7 @@ def _repair(row: np.ndarray, slot_load: np.ndarray, Wn: np.ndarray, topo: Topolo
         pa, pb = int(mine[i]), int(others[j])
         row[pa], row[pb] = row[pb], row[pa]
         slot_load[pa], slot_load[pb] = slot_load[pb], slot_load[pa]
-    return row
+    return row, float(slot_load.reshape(-1, S).sum(1).max())
 
 
 @register("locality", default_grouping="prefill")
@@ -368,6 +416,7 @@ def locality(
         eplb_train_max_mean=float(eplb_ratio.mean()),
         train_max_mean=float(ratio.mean()),
         layers_over_bound=int((ratio > bound + 1e-9).sum()),
+        worst_layer_over_bound=float((ratio / bound).max()),
         train_remote_route_share=objective,
         remote_route_share_by_iteration=history,
         replicate=replicate,
