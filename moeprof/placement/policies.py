@@ -362,9 +362,11 @@ def locality(
     """Ours: choose together which node serves which kind of request and which experts each node holds.
 
     1. Start from K-means (K = N) of the requests' prefill signatures; each node serves one cluster.
-    2. Per layer, give each expert a home node by decreasing affinity (token-routes from the node's
-       requests) while the node's load stays under ``N·G·load_bound·mean GPU load``; copy the experts
-       other nodes use most into free slots (``replicate``); pack each node onto its GPUs.
+    2. Per layer, give each expert a home node: greedily by decreasing affinity (token-routes from the
+       node's requests) while the node's load stays under ``G·load_bound·mean GPU load``, and, as a
+       second candidate, the exact affinity optimum (an assignment problem). Copy the experts other
+       nodes use most into free slots (``replicate``), pack each node onto its GPUs, swap copies off
+       GPUs over the bound; keep the candidate that keeps most routes home within the bound.
     3. Move each training request to the node where its routes would cross the network least
        (balanced), refit the node centroids over prefill signatures, and re-route the training
        requests by nearest centroid, as serving will. Repeat, keep the best placement.
