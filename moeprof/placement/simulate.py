@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from moeprof.errors import PlacementError
 from moeprof.placement.data import TokenRows
 from moeprof.placement.topology import Topology
 
@@ -143,7 +144,10 @@ def simulate(
     k = rows.experts.shape[1] if rows.experts.ndim == 2 else 0
     n_tokens = rows.num_tokens
     if n_tokens == 0:
-        return dict(tokens=0, token_routes=0)
+        raise PlacementError(
+            "no tokens of the simulated phase among the held-out requests; use a trace with more requests "
+            "or a larger --test-fraction"
+        )
     src_of_request = source_gpus(node_of_request, topo)
     src = src_of_request[rows.request]  # [n]
     home = src // G
