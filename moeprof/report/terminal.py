@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def human_bytes(n: float | None) -> str:
@@ -76,3 +77,27 @@ def _ranges(xs: list[int]) -> str:
         prev = x
     out.append(f"{start}-{prev}" if start != prev else f"{start}")
     return ", ".join(out)
+
+
+def render_check(result: Any, con: Console) -> None:
+    """Print a :class:`moeprof.report.rules.CheckResult`: one row per rule, then every failure."""
+    t = Table(title=None, show_lines=False)
+    for col, justify in (("", "left"), ("rule", "left"), ("worst", "right"), ("limit", "right"), ("from", "left")):
+        t.add_column(col, justify=justify)
+    for o in result.outcomes:
+        limit = " ".join(
+            f"{side} {value:g}" for side, value in (("min", o.rule.min), ("max", o.rule.max)) if value is not None
+        )
+        worst = "-"
+        if o.worst is not None:
+            worst = f"{o.worst.value:.4g}" + (f" (layer {o.worst.layer})" if o.worst.layer is not None else "")
+        t.add_row("[green]ok[/]" if o.ok else "[red]FAIL[/]", o.rule.label(), worst, limit, o.rule.origin)
+    con.print(t)
+    failures = result.failures
+    if not failures:
+        con.print(f"All {len(result.outcomes)} rules hold.", highlight=False)
+        return
+    failed_rules = sum(not o.ok for o in result.outcomes)
+    con.print(f"{failed_rules} of {len(result.outcomes)} rules failed:", style="red", highlight=False)
+    for f in failures:
+        con.print(Text("  " + f.message()))
