@@ -23,7 +23,7 @@ def check(
             show_default=False,
         ),
     ],
-    rules: Annotated[Optional[Path], typer.Option("--rules", "-r", help="TOML rules file of \\[[rule]] tables (see docs/rules.example.toml).")] = None,
+    rules: Annotated[Optional[Path], typer.Option("--rules", "-r", help="TOML rules file: a list of rule tables, see docs/rules.example.toml.")] = None,
     max_imbalance: Annotated[
         Optional[float], typer.Option(help="Busiest expert / mean expert load, in every MoE layer.")
     ] = None,
