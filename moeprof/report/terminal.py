@@ -101,3 +101,30 @@ def render_check(result: Any, con: Console) -> None:
     con.print(f"{failed_rules} of {len(result.outcomes)} rules failed:", style="red", highlight=False)
     for f in failures:
         con.print(Text("  " + f.message()))
+
+
+def render_diff(result: Any, con: Console, *, max_js: float | None = None) -> None:
+    """Print a :class:`moeprof.report.diff.DiffResult` as one row per MoE layer."""
+    con.print(f"[bold]A[/] {result.a}\n[bold]B[/] {result.b}", highlight=False)
+    t = Table()
+    for col in ("layer", "JS A→B", "imbalance A", "imbalance B", "change", "hot appeared", "hot vanished"):
+        t.add_column(col, justify="left" if col.startswith("hot") else "right")
+    for d in result.layers:
+        js = f"{d.js:.4f}"
+        if max_js is not None and d.js > max_js:
+            js = f"[red]{js}[/]"
+        t.add_row(
+            str(d.layer), js, f"{d.imbalance_a:.2f}×", f"{d.imbalance_b:.2f}×", f"{d.imbalance_change:+.2f}",
+            ", ".join(map(str, d.hot_appeared)) or "-", ", ".join(map(str, d.hot_vanished)) or "-",
+        )
+    con.print(t)
+    if result.only_a or result.only_b:
+        con.print(f"MoE layers only in A: {result.only_a or '-'}; only in B: {result.only_b or '-'}", highlight=False)
+    con.print(result.finding(), highlight=False)
+    if max_js is not None:
+        over = [d for d in result.layers if d.js > max_js]
+        if over:
+            con.print(Text(f"{len(over)} layers exceed --max-js {max_js:g}: "
+                           + ", ".join(f"layer {d.layer} ({d.js:.4f})" for d in over), style="red"))
+        else:
+            con.print(f"Every layer is within --max-js {max_js:g}.", highlight=False)
