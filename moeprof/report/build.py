@@ -43,14 +43,14 @@ def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None) -> In
 
 def run_analysis(trace_path: Path, out: Path) -> None:
     """Run ``moeprof analyze TRACE --out OUT`` as a library call (summary.json and its figures)."""
-    from moeprof.analysis import analyze_to_dir
+    from moeprof.analysis.run import analyze
 
-    analyze_to_dir(trace_path, out, force=True)
+    analyze(trace_path, out=out, force=True)
 
 
 def build_report(inputs: Inputs, *, title: str | None = None) -> Report:
     s = inputs.summary or {}
-    model = (s.get("model") or {}) if s else {}
+    model = (s.get("trace") or {}).get("model") or {}
     builders: dict[str, Callable[[Inputs], Section]] = {
         "model": _model,
         "imbalance": _imbalance,
@@ -74,7 +74,7 @@ def build_report(inputs: Inputs, *, title: str | None = None) -> Report:
     name = model.get("name") or "routing"
     facts = []
     if model:
-        facts.append(("model", f"{name} ({model.get('architecture') or '?'})"))
+        facts.append(("model", f"{name}: {model.get('num_experts', '?')} experts, top-{model.get('top_k', '?')}"))
     if inputs.trace_path or (s.get("trace") or {}).get("path"):
         facts.append(("trace", str(inputs.trace_path or s["trace"]["path"])))
     if inputs.summary_path:
@@ -115,137 +115,159 @@ def _pct(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
-def _need(inputs: Inputs, key: str) -> dict[str, Any]:
-    return view._need(inputs.summary, key, key)
-
-
 # -- sections --------------------------------------------------------------------------------------
 def _model(inputs: Inputs) -> Section:
     s = inputs.summary
     if s is None:
-        raise Unavailable("no analysis in the inputs")
-    m = s.get("model") or {}
+        raise Unavailable("no analysis among the inputs (give a trace or an analyze output directory)")
     t = s.get("trace") or {}
-    tokens = t.get("tokens_per_phase") or {}
+    m = t.get("model") or {}
     domains = t.get("requests_per_domain") or {}
     moe = m.get("moe_layers") or []
+    analysed = (s.get("selection") or {}).get("layers") or moe
     finding = (
-        f"{m.get('name', '?')} routes each token to {m.get('top_k', '?')} of {m.get('num_experts', '?')} experts "
-        f"in {len(moe)} MoE layers; the workload is {fmt(t.get('requests'))} requests"
+        f"{m.get('name', '?')} routes each token to {m.get('top_k', '?')} of {m.get('num_experts', '?')} experts in "
+        f"{len(moe)} MoE layers; the workload is {fmt(t.get('requests'))} requests"
         + (f" in {len(domains)} domains" if domains else "")
-        + (
-            f" ({fmt(tokens.get('prefill'))} prefill and {fmt(tokens.get('decode'))} decode tokens)."
-            if tokens
-            else "."
-        )
+        + f", {fmt(t.get('tokens'))} tokens and {fmt(t.get('token_routes'))} token-routes."
     )
     rows = [
-        ["model", f"{m.get('name', '?')} ({m.get('architecture') or '?'})"],
-        ["MoE layers", f"{len(moe)}: {_ranges(moe)}"],
-        ["experts", f"{m.get('num_experts', '?')} routed, top-{m.get('top_k', '?')}"
-         + (f", {m['num_shared_experts']} shared" if m.get("num_shared_experts") else "")],
-        ["trace source", str(t.get("source", "?")) + ("" if t.get("complete", True) else " (capture interrupted)")],
+        ["model", str(m.get("name", "?"))],
+        ["MoE layers", f"{len(moe)} ({_ranges(moe)})" + (f"; analysed: {_ranges(analysed)}" if analysed != moe else "")],
+        ["experts", f"{m.get('num_experts', '?')} routed, top-{m.get('top_k', '?')}"],
+        ["trace", f"{t.get('path', '?')} (source {t.get('source', '?')}"
+         + (")" if t.get("complete", True) else ", capture interrupted: incomplete)")],
+        ["routing", "per-token rows" if t.get("per_token", True) else "count tables only (no per-token rows)"],
+        ["routing rows", fmt(t.get("routing_rows"))],
         ["requests", fmt(t.get("requests"))],
     ]
-    rows += [[f"  {d}", fmt(n)] for d, n in domains.items()]
-    rows += [[f"{p} tokens", fmt(n)] for p, n in sorted(tokens.items())]
+    rows += [[f"requests: {d}", fmt(n)] for d, n in domains.items()]
     for cap, why in (t.get("missing") or {}).items():
-        rows.append([f"not recorded: {cap}", why])
-    table = Table(["", ""], rows, numeric=[False, False])
-    sec = Section("model", "", finding=finding, tables=[table])
-    for reason_key, why in (s.get("unavailable") or {}).items():
-        sec.notes.append(f"Not computed: {reason_key} ({why}).")
+        rows.append([f"not recorded: {cap}", str(why)])
+    sec = Section("model", "", finding=finding, tables=[Table(["", ""], rows, numeric=[False, False], header=False)])
+    sec.notes += [str(n) for n in s.get("notes") or []]
     return sec
 
 
 def _imbalance(inputs: Inputs) -> Section:
-    node = _need(inputs, "imbalance")
+    node = view.need(inputs, "imbalance")
     rows = node["per_layer"]
-    worst = max(rows, key=lambda r: -1 if r["max_over_mean"] is None else r["max_over_mean"])
-    batch_rows = node.get("batches") or []
-    sizes = sorted({r["batch_size"] for r in batch_rows if r.get("median") is not None})
-    at_b = ""
-    pick = None
+    worst = max(rows, key=lambda r: -1.0 if r["max_over_mean"] is None else r["max_over_mean"])
+    # Batch-level: per layer from analyze's table, pooled over layers from the summary.
+    batch_note, pick, per_layer_b = "", None, {}
+    try:
+        bnode = view.need(inputs, "batch_imbalance")
+        sizes = [b["batch_size"] for b in bnode["batches"] if b.get("available", True) and b.get("median") is not None]
+    except Unavailable as exc:
+        bnode, sizes = None, []
+        batch_note = f"Imbalance over batches is not available: {exc}."
     if sizes:
         pick = 64 if 64 in sizes else sizes[len(sizes) // 2]
-        br = next((r for r in batch_rows if r["batch_size"] == pick and r["layer"] == worst["layer"]), None)
-        if br and br.get("median") is not None:
-            at_b = f" (over batches of {pick} tokens: median {_x(br['median'])}, p90 {_x(br['p90'])})"
+        try:
+            per_layer_b = {v.layer: v.value for v in view.imbalance(inputs, pick, "median")}
+            p90_b = {v.layer: v.value for v in view.imbalance(inputs, pick, "p90")}
+        except Unavailable:
+            per_layer_b, p90_b = {}, {}
+        if worst["layer"] in per_layer_b:
+            at = f" (over batches of {pick} tokens: median {_x(per_layer_b[worst['layer']])}, p90 {_x(p90_b[worst['layer']])})"
+        else:
+            pooled = next(b for b in bnode["batches"] if b["batch_size"] == pick)
+            at = f" (over batches of {pick} tokens, all layers: median {_x(pooled['median'])}, p90 {_x(pooled['p90'])})"
+    else:
+        at = ""
+    dead = worst.get("dead") or 0
     finding = (
-        f"Layer {worst['layer']} is the most imbalanced: its busiest expert gets {_x(worst['max_over_mean'])} "
-        f"the mean load over the whole trace{at_b}"
-        + (f"; {worst['dead']} of its experts got no token." if worst.get("dead") else ".")
+        f"Layer {worst['layer']} is the most imbalanced: its busiest expert gets {_x(worst['max_over_mean'])} the "
+        f"mean load over the whole trace{at}" + (f", and {dead} of its experts get no token." if dead else ".")
     )
-    cols = ["layer", "max/mean", "CV", "Gini", "entropy", "dead", "hot 10% share"]
-    if pick:
+    cols = ["layer", "tokens", "max/mean", "CV", "Gini", "entropy", "dead", "top-10% share"]
+    if per_layer_b:
         cols += [f"B={pick} median", f"B={pick} p90"]
     table_rows = []
     for r in rows:
-        row = [str(r["layer"]), _x(r["max_over_mean"]), fmt(r.get("cv")), fmt(r.get("gini")), fmt(r.get("entropy")),
-               fmt(r.get("dead")), _pct(r.get("hot_share"))]
-        if pick:
-            br = next((b for b in batch_rows if b["batch_size"] == pick and b["layer"] == r["layer"]), {})
-            row += [_x(br.get("median")), _x(br.get("p90"))]
+        row = [str(r["layer"]), fmt(r.get("tokens")), _x(r["max_over_mean"]), fmt(r.get("cv")), fmt(r.get("gini")),
+               fmt(r.get("entropy")), fmt(r.get("dead")), _pct(r.get("hot_share"))]
+        if per_layer_b:
+            row += [_x(per_layer_b.get(r["layer"])), _x(p90_b.get(r["layer"]))]
         table_rows.append(row)
+    tables = [Table(cols, table_rows, caption="Per MoE layer, over the whole trace"
+                    + (f" (and over batches of {pick} tokens)" if per_layer_b else ""))]
+    if bnode is not None:
+        brows = [
+            [fmt(b["batch_size"]), fmt(b.get("batches")), _x(b.get("median")), _ci(b.get("median_ci")),
+             _x(b.get("p90")), _ci(b.get("p90_ci"))]
+            if b.get("available", True) else [fmt(b["batch_size"]), "0", "-", "-", "-", b.get("reason", "-")]
+            for b in bnode["batches"]
+        ]
+        tables.append(Table(["batch size", "batches", "median", "95% CI", "p90", "95% CI"], brows,
+                            caption="Busiest expert / mean over batches of B tokens, all layers pooled. "
+                            + str(bnode.get("method", ""))))
     figures = _figures(inputs, [
-        ("load_heatmap", "Token-routes per expert and layer, as a multiple of the layer's mean"),
-        ("imbalance_vs_batch", "Busiest expert / mean expert over batches of B tokens (median and p90, 95% CI)"),
+        ("load_heatmap", "Load per expert and layer (multiple of the layer mean)"),
+        ("imbalance_vs_batch", "Busiest expert / mean expert over batches of B tokens (median, p90)"),
     ])
-    return Section("imbalance", "", finding=finding, figures=figures,
-                   tables=[Table(cols, table_rows, caption="Per MoE layer, over the whole trace")])
+    sec = Section("imbalance", "", finding=finding, figures=figures, tables=tables)
+    if batch_note:
+        sec.notes.append(batch_note)
+    return sec
 
 
 def _domain(inputs: Inputs) -> Section:
-    node = _need(inputs, "domain")
-    pairs = node.get("pairs") or []
-    if not pairs:
-        raise Unavailable(node.get("reason") or "fewer than two domains in the trace")
-    top = max(pairs, key=lambda r: r["js"])
-    acc = node.get("accuracy") or {}
-    finding = (
-        f"Domains differ most in layer {top['layer']}: {top['domain_a']} vs {top['domain_b']} have a JS divergence "
-        f"of {top['js']:.3f}"
-        + (f" and share {_pct(top.get('jaccard'))} of their hot experts" if top.get("jaccard") is not None else "")
-        + (
-            f"; a request's domain is predicted from its prefill routing with {_pct(acc['accuracy'])} accuracy "
-            f"on {acc.get('test_requests', '?')} held-out requests (chance {_pct(acc.get('chance'))})."
-            if acc.get("accuracy") is not None
-            else "."
+    node = view.need(inputs, "domain_shift")
+    pairs = node["pairs"]
+    top = max(pairs, key=lambda r: r["js_max"] if r.get("js_max") is not None else -1)
+    per_layer = {v.layer: v for v in view.domain_js_max(inputs)}
+    worst = max(per_layer.values(), key=lambda v: v.value)
+    where = f"layer {worst.layer}" if worst.layer is not None else "its most divergent layer"
+    acc_text = ""
+    try:
+        acc = view.need(inputs, "classification")
+        acc_text = (
+            f"; a request's domain is predicted from its prefill routing with {_pct(acc['accuracy'])} accuracy on "
+            f"{acc.get('test_requests', '?')} held-out requests (chance {_pct(acc.get('chance'))})"
         )
+    except Unavailable as exc:
+        acc, acc_text = None, ""
+        acc_reason = str(exc)
+    finding = (
+        f"Domains route differently: {top['domain_a']} and {top['domain_b']} differ most, JS divergence "
+        f"{top['js_max']:.3f} in {where} ({top['js_mean']:.3f} averaged over layers){acc_text}."
     )
-    by_layer: dict[int, list[dict]] = {}
-    for r in pairs:
-        by_layer.setdefault(r["layer"], []).append(r)
-    rows = []
-    for layer in sorted(by_layer):
-        rs = by_layer[layer]
-        mx = max(rs, key=lambda r: r["js"])
-        jac = [r["jaccard"] for r in rs if r.get("jaccard") is not None]
-        rows.append([str(layer), f"{mx['js']:.3f}", f"{mx['domain_a']} vs {mx['domain_b']}",
-                     f"{sum(r['js'] for r in rs) / len(rs):.3f}", _pct(sum(jac) / len(jac)) if jac else "-"])
-    figures = _figures(inputs, [
-        ("domain_js", "Jensen-Shannon divergence between domains, per layer"),
+    rows = [
+        [f"{r['domain_a']} vs {r['domain_b']}", f"{r['js_mean']:.3f}", f"{r['js_max']:.3f}", _pct(r.get("jaccard_mean"))]
+        for r in sorted(pairs, key=lambda r: -r["js_mean"])
+    ]
+    tables = [Table(["domains", "mean JS", "max JS", "hot-set overlap"], rows,
+                    caption="JS divergence (base 2, 0 = same popularity, 1 = disjoint) per domain pair, over layers")]
+    spec = node.get("top_specialists") or []
+    if spec:
+        tables.append(Table(
+            ["domain", "layer", "expert", "lift", "share of domain load"],
+            [[r["domain"], str(r["layer"]), str(r["expert"]), f"{r['lift']:.1f}×", _pct(r.get("share"))] for r in spec],
+            caption=f"Specialist experts: lift p(d,l,e)/p(l,e) above {node.get('specialist_lift', 2)}"))
+    sec = Section("domain", "", finding=finding, tables=tables, figures=_figures(inputs, [
+        ("domain_js", "JS divergence between domains"),
         ("domain_popularity", "Expert popularity per domain"),
-    ])
-    return Section("domain", "", finding=finding, figures=figures, tables=[
-        Table(["layer", "max JS", "pair", "mean JS", "mean hot-set overlap"], rows,
-              caption="Per MoE layer: JS divergence (base 2) between domains' expert popularity")])
+    ]))
+    if acc is None:
+        sec.notes.append(f"Domain classification not available: {acc_reason}.")
+    return sec
 
 
 def _prefill_decode(inputs: Inputs) -> Section:
-    node = _need(inputs, "prefill_decode")
+    node = view.need(inputs, "prefill_decode")
     rows = node["per_layer"]
-    agg = [r["aggregate_pearson"] for r in rows if r.get("aggregate_pearson") is not None]
-    own = [r["pearson"] for r in rows if r.get("pearson") is not None]
-    same = [r["same_domain_pearson"] for r in rows if r.get("same_domain_pearson") is not None]
-    other = [r["other_domain_pearson"] for r in rows if r.get("other_domain_pearson") is not None]
-    lowest = min(rows, key=lambda r: r["aggregate_pearson"])
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    lowest = min(rows, key=lambda r: r["aggregate_pearson"] if r.get("aggregate_pearson") is not None else 9)
+    controls = node.get("controls") or {}
+    ctl = []
+    for key, label in (("same_domain", "another request of the same domain"), ("other_domain", "one of another domain")):
+        c = controls.get(key) or {}
+        if c.get("available", False) and c.get("pearson") is not None:
+            ctl.append(f"{c['pearson']:.2f} for {label}")
     finding = (
-        f"Prefill routing predicts decode routing: aggregate Pearson {mean(agg):.2f} averaged over layers "
-        f"(lowest {lowest['aggregate_pearson']:.2f} at layer {lowest['layer']}); per request {mean(own):.2f}, "
-        f"against {mean(same):.2f} for another request of the same domain and {mean(other):.2f} for one of "
-        "another domain."
+        f"Prefill routing predicts decode routing: aggregate Pearson {node['aggregate_pearson']:.2f} averaged over "
+        f"layers (lowest {lowest['aggregate_pearson']:.2f}, layer {lowest['layer']}); per request "
+        f"{node['pearson']:.2f}" + (f", against {' and '.join(ctl)}" if ctl else "") + "."
     )
     recall_cols = sorted((k for k in rows[0] if k.startswith("recall_at_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     cols = ["layer", "aggregate r", "aggregate ρ", "per-request r", "same-domain r", "other-domain r"]
@@ -256,49 +278,64 @@ def _prefill_decode(inputs: Inputs) -> Section:
         + [_pct(r.get(k)) for k in recall_cols]
         for r in rows
     ]
-    figures = _figures(inputs, [("prefill_decode", "Prefill vs decode correlation per layer, with controls")])
-    return Section("prefill_decode", "", finding=finding, figures=figures, tables=[
-        Table(cols, table_rows, caption="Pearson (r) / Spearman (ρ) between prefill and decode expert counts")])
+    sec = Section("prefill_decode", "", finding=finding, tables=[
+        Table(cols, table_rows, caption=f"Pearson (r) / Spearman (ρ) of prefill vs decode expert counts, "
+              f"{node.get('requests', '?')} requests; controls pair a request's prefill with another request's decode")],
+        figures=_figures(inputs, [("prefill_decode", "Prefill vs decode correlation per layer, with controls")]))
+    for key, c in controls.items():
+        if c.get("available") is False:
+            sec.notes.append(f"Control '{key.replace('_', ' ')}' not available: {c.get('reason')}.")
+    return sec
 
 
 def _coactivation(inputs: Inputs) -> Section:
-    node = _need(inputs, "coactivation")
-    trans = node.get("top_transitions") or []
-    pairs = node.get("top_pairs") or []
-    if not trans and not pairs:
-        raise Unavailable(node.get("reason") or "no co-activation statistics in the summary")
+    node = view.need(inputs, "coactivation")
+    pairs = (node.get("pairs") or {}).get("top_by_lift") or []
+    trans = node.get("transitions") or {}
     parts = []
-    if trans:
-        t = trans[0]
+    if trans.get("available"):
+        mc = trans["most_concentrated"]
         parts.append(
-            f"the strongest cross-layer transition is expert {t['expert']} (layer {t['layer']}) → expert "
-            f"{t['next_expert']} (layer {t['next_layer']}), taken by {_pct(t['probability'])} of its tokens"
-            + (f" ({t['lift']:.1f}× chance)" if t.get("lift") is not None else "")
+            f"layer {mc['layer']} → {mc['next_layer']} is the most predictable step: a token's expert there fixes its "
+            f"likeliest next expert with probability {mc['concentration']:.2f} on average (uniform: "
+            f"{trans['uniform_baseline']:.2f})"
         )
     if pairs:
         p = pairs[0]
         parts.append(
             f"experts {p['expert_a']} and {p['expert_b']} of layer {p['layer']} are chosen together "
-            f"{fmt(p['count'])} times" + (f" ({p['lift']:.1f}× chance)" if p.get("lift") is not None else "")
+            f"{p['lift']:.1f}× more often than chance ({fmt(p['count'])} tokens)"
         )
+    if not parts:
+        raise Unavailable(trans.get("reason") or "no co-activation statistics in the summary")
     finding = "; ".join(parts)
     finding = finding[0].upper() + finding[1:] + "."
     tables = []
-    if trans:
+    if trans.get("available"):
         tables.append(Table(
-            ["layer", "expert", "next layer", "next expert", "P(next | expert)", "lift"],
-            [[str(t["layer"]), str(t["expert"]), str(t["next_layer"]), str(t["next_expert"]), _pct(t["probability"]),
-              fmt(t.get("lift"))] for t in trans[:15]],
-            caption="Strongest transitions between consecutive MoE layers"))
+            ["layer", "next layer", "concentration"],
+            [[str(r["layer"]), str(r["next_layer"]), fmt(r["concentration"], 3)] for r in trans["per_pair"]],
+            caption="Load-weighted mean of max over e' of P(e' | e), between consecutive MoE layers "
+                    f"(uniform routing: {trans['uniform_baseline']:.3f})"))
     if pairs:
         tables.append(Table(
             ["layer", "expert a", "expert b", "tokens", "lift"],
-            [[str(p["layer"]), str(p["expert_a"]), str(p["expert_b"]), fmt(p["count"]), fmt(p.get("lift"))]
-             for p in pairs[:15]],
-            caption="Most frequent expert pairs chosen by one token within a layer"))
-    figures = _figures(inputs, [("transitions", "Cross-layer transitions P(e' | e)"),
-                                ("coactivation", "Within-layer co-activation")])
-    return Section("coactivation", "", finding=finding, figures=figures, tables=tables)
+            [[str(p["layer"]), str(p["expert_a"]), str(p["expert_b"]), fmt(p["count"]), f"{p['lift']:.2f}×"]
+             for p in pairs],
+            caption="Expert pairs one token selects together, most above chance"))
+    sec = Section("coactivation", "", finding=finding, tables=tables,
+                  figures=_figures(inputs, [("transitions", "Cross-layer transitions P(e' | e)")]))
+    if node.get("note"):
+        sec.notes.append(str(node["note"]))
+    if trans.get("available") is False:
+        sec.notes.append(f"Transitions not available: {trans.get('reason')}.")
+    return sec
+
+
+def _ci(ci: list | None) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return "-"
+    return f"{ci[0]:.2f}–{ci[1]:.2f}"
 
 
 def _placement(inputs: Inputs) -> Section:

@@ -39,6 +39,7 @@ class Table:
     rows: list[list[str]]
     caption: str | None = None
     numeric: list[bool] | None = None
+    header: bool = True  # False: a key / value list, columns are not shown
 
     def __post_init__(self) -> None:
         if self.numeric is None:

@@ -47,7 +47,8 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--line); borde
 figcaption { color: var(--muted); font-size: .88rem; margin-top: 4px; }
 .table-wrap { overflow-x: auto; margin: 10px 0 16px; }
 table { border-collapse: collapse; font-size: .88rem; font-variant-numeric: tabular-nums; }
-caption { text-align: left; color: var(--muted); padding-bottom: 4px; caption-side: top; }
+p.caption { color: var(--muted); font-size: .88rem; margin: 0 0 4px; }
+table.kv td:first-child { color: var(--muted); }
 th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left; white-space: nowrap; }
 th { background: var(--panel); font-weight: 600; }
 td.num, th.num { text-align: right; }
@@ -150,5 +151,7 @@ def _table(t: Table) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td{cls(i)}>{escape(str(v))}</td>" for i, v in enumerate(row)) + "</tr>" for row in t.rows
     )
-    caption = f"<caption>{escape(t.caption)}</caption>" if t.caption else ""
-    return f'<div class="table-wrap"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    caption = f'<p class="caption">{escape(t.caption)}</p>' if t.caption else ""
+    thead = f"<thead><tr>{head}</tr></thead>" if t.header else ""
+    kind = "" if t.header else ' class="kv"'
+    return f'<div class="table-wrap">{caption}<table{kind}>{thead}<tbody>{body}</tbody></table></div>'

@@ -45,7 +45,8 @@ def _table(t: Table, max_rows: int) -> list[str]:
     out = []
     if t.caption:
         out += [f"{_inline(t.caption)}", ""]
-    out.append("| " + " | ".join(_cell(c) for c in t.columns) + " |")
+    columns = t.columns if t.header else ["" for _ in t.columns]
+    out.append("| " + " | ".join(_cell(c) for c in columns) + " |")
     out.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
     for row in t.rows[:max_rows]:
         out.append("| " + " | ".join(_cell(str(v)) for v in row) + " |")

@@ -42,33 +42,33 @@ class Metric:
 METRICS: dict[str, Metric] = {
     "imbalance": Metric(
         "busiest expert's load / mean expert load, per MoE layer (1.0 = perfect balance)",
-        lambda i, p: view.imbalance(i.summary, p["batch_size"], p["stat"]),
+        lambda i, p: view.imbalance(i, p["batch_size"], p["stat"]),
         {
             "batch_size": (int, None, "over batches of this many tokens instead of the whole trace"),
             "stat": (str, "median", "with batch_size: median or p90 over batches"),
         },
     ),
     "dead_experts": Metric(
-        "experts that received no token in a layer", lambda i, p: view.per_layer_stat(i.summary, "dead_experts")
+        "experts that received no token in a layer", lambda i, p: view.per_layer_stat(i, "dead")
     ),
-    "gini": Metric("Gini coefficient of expert load, per layer", lambda i, p: view.per_layer_stat(i.summary, "gini")),
+    "gini": Metric("Gini coefficient of expert load, per layer", lambda i, p: view.per_layer_stat(i, "gini")),
     "entropy": Metric(
         "normalised entropy H / ln E of expert load, per layer (1.0 = uniform)",
-        lambda i, p: view.per_layer_stat(i.summary, "entropy"),
+        lambda i, p: view.per_layer_stat(i, "entropy"),
         bound="min",
     ),
     "domain_js": Metric(
         "largest Jensen-Shannon divergence (base 2) between two domains' expert popularity, per layer",
-        lambda i, p: view.domain_js_max(i.summary),
+        lambda i, p: view.domain_js_max(i),
     ),
     "domain_accuracy": Metric(
         "accuracy of predicting a request's domain from its prefill routing (held-out split)",
-        lambda i, p: view.domain_accuracy(i.summary),
+        lambda i, p: view.domain_accuracy(i),
         bound="min",
     ),
     "prefill_decode_corr": Metric(
         "aggregate correlation of prefill and decode expert counts, per layer",
-        lambda i, p: view.prefill_decode(i.summary, p["method"]),
+        lambda i, p: view.prefill_decode(i, p["method"]),
         {"method": (str, "pearson", "pearson or spearman")},
         bound="min",
     ),

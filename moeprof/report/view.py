@@ -15,9 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moeprof.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
 
 
 class Unavailable(Exception):
@@ -89,7 +93,7 @@ def _sniff(path: Path) -> str | None:
         return "placement"
     if "policies" in doc or "comparison" in doc:
         return "compare"
-    if "imbalance" in doc or "layers" in doc and "model" in doc:
+    if "summary_format" in doc:
         return "summary"
     return None
 
@@ -143,57 +147,110 @@ def discover(paths: list[Path]) -> Inputs:
 
 
 # -- accessors over summary.json ------------------------------------------------------------------
-def _need(summary: dict[str, Any] | None, key: str, what: str) -> Any:
-    if summary is None:
-        raise Unavailable(f"no analysis in the inputs (give a trace or a summary.json) for {what}")
-    why = (summary.get("unavailable") or {}).get(key)
-    if why:
-        raise Unavailable(why)
-    node = summary.get(key)
+# summary.json (``moeprof analyze``): each statistic is a block with ``available`` and, when false, a
+# ``reason``; per-layer detail beyond the summary lives in ``tables/*.parquet`` next to it.
+def need(inputs: Inputs, key: str) -> dict[str, Any]:
+    """The summary block ``key``, or :class:`Unavailable` with analyze's reason."""
+    s = inputs.summary
+    if s is None:
+        raise Unavailable("no analysis among the inputs (give a trace or an analyze output directory)")
+    node = s.get(key)
     if node is None:
-        raise Unavailable(f"the summary has no '{key}' section")
+        raise Unavailable(f"{inputs.summary_path} has no '{key}' block (written by another moeprof version?)")
+    if node.get("available") is False:
+        raise Unavailable(node.get("reason") or "not available")
     return node
 
 
-def imbalance(summary: dict[str, Any] | None, batch_size: int | None = None, stat: str = "median") -> list[Value]:
-    """Straggler factor per layer: whole trace, or ``stat`` over batches of ``batch_size`` tokens."""
-    node = _need(summary, "imbalance", "imbalance")
+def table(inputs: Inputs, name: str) -> "pl.DataFrame | None":
+    """An analyze table (``tables/NAME.parquet`` next to summary.json), or None if it is not there."""
+    if inputs.summary_path is None:
+        return None
+    path = inputs.summary_path.parent / "tables" / f"{name}.parquet"
+    if not path.exists():
+        return None
+    import polars as pl
+
+    return pl.read_parquet(path)
+
+
+def imbalance(inputs: Inputs, batch_size: int | None = None, stat: str = "median") -> list[Value]:
+    """Straggler factor per layer: whole trace, or ``stat`` over batches of ``batch_size`` tokens
+    (per layer from analyze's batch table; pooled over layers when only the summary is at hand)."""
     if batch_size is None:
-        return [Value(r["max_over_mean"], r["layer"]) for r in node["per_layer"]]
-    rows = [r for r in node.get("batches", []) if r["batch_size"] == batch_size]
-    if not rows:
-        sizes = sorted({r["batch_size"] for r in node.get("batches", [])})
-        raise Unavailable(f"no batch size {batch_size} in the summary (it has {sizes}; see analyze --batch-sizes)")
-    return [Value(r[stat], r["layer"], f"batch {batch_size}, {stat}") for r in rows]
+        return [Value(r["max_over_mean"], r["layer"]) for r in need(inputs, "imbalance")["per_layer"]]
+    node = need(inputs, "batch_imbalance")
+    row = next((b for b in node.get("batches", []) if b["batch_size"] == batch_size), None)
+    if row is None:
+        sizes = [b["batch_size"] for b in node.get("batches", [])]
+        raise Unavailable(f"analyze computed no batch size {batch_size} (it has {sizes}; see analyze --batch-sizes)")
+    if row.get("available") is False:
+        raise Unavailable(row.get("reason") or f"no batch of {batch_size} tokens")
+    where = f"batch {batch_size}, {stat}"
+    per_layer = table(inputs, "batch_imbalance")
+    if per_layer is not None:
+        rows = per_layer.filter(per_layer["batch_size"] == batch_size).sort("layer").to_dicts()
+        if rows:
+            return [Value(r[stat], r["layer"], where) for r in rows]
+    return [Value(row[stat], None, where + ", all layers")]
 
 
-def per_layer_stat(summary: dict[str, Any] | None, key: str) -> list[Value]:
-    node = _need(summary, "imbalance", key)
-    return [Value(r[key], r["layer"]) for r in node["per_layer"] if key in r]
+def per_layer_stat(inputs: Inputs, key: str) -> list[Value]:
+    return [Value(r[key], r["layer"]) for r in need(inputs, "imbalance")["per_layer"] if key in r]
 
 
-def domain_js_max(summary: dict[str, Any] | None) -> list[Value]:
-    node = _need(summary, "domain", "domain shift")
-    best: dict[int, Value] = {}
-    for r in node.get("pairs", []):
-        if r["layer"] not in best or r["js"] > best[r["layer"]].value:
-            best[r["layer"]] = Value(r["js"], r["layer"], f"{r['a']} vs {r['b']}")
-    if not best:
-        raise Unavailable("fewer than two domains in the trace")
-    return [best[k] for k in sorted(best)]
+def domain_js_max(inputs: Inputs) -> list[Value]:
+    """Per layer, the largest JS divergence over domain pairs (from analyze's domain_shift table)."""
+    node = need(inputs, "domain_shift")
+    shift = table(inputs, "domain_shift")
+    if shift is None:
+        best = max(node["pairs"], key=lambda r: r["js_max"])
+        return [Value(best["js_max"], None, f"{best['domain_a']} vs {best['domain_b']}, max over layers")]
+    out = []
+    for layer in sorted(set(shift["layer"].to_list())):
+        rows = shift.filter(shift["layer"] == layer).sort("js", descending=True).to_dicts()
+        out.append(Value(rows[0]["js"], layer, f"{rows[0]['domain_a']} vs {rows[0]['domain_b']}"))
+    return out
 
 
-def domain_accuracy(summary: dict[str, Any] | None) -> list[Value]:
-    node = _need(summary, "domain", "domain classification")
-    acc = node.get("accuracy")
-    if not acc or acc.get("value") is None:
-        raise Unavailable((acc or {}).get("reason") or "no domain classification in the summary")
-    return [Value(acc["value"], None, f"{acc.get('test_requests', '?')} held-out requests")]
+def domain_accuracy(inputs: Inputs) -> list[Value]:
+    node = need(inputs, "classification")
+    return [Value(node["accuracy"], None, f"{node.get('test_requests', '?')} held-out requests")]
 
 
-def prefill_decode(summary: dict[str, Any] | None, method: str = "pearson") -> list[Value]:
-    node = _need(summary, "prefill_decode", "prefill→decode correlation")
+def prefill_decode(inputs: Inputs, method: str = "pearson") -> list[Value]:
+    node = need(inputs, "prefill_decode")
     return [Value(r[f"aggregate_{method}"], r["layer"]) for r in node["per_layer"]]
+
+
+def expert_counts(path: Path) -> tuple[list[int], "np.ndarray", int]:
+    """MoE layers, token-routes per (layer, expert) ``(L, E)`` and E of a run: a trace (analysed now),
+    an analyze output directory or its summary.json."""
+    import numpy as np
+
+    path = Path(path)
+    if path.is_dir() and (path / "manifest.json").exists():
+        from moeprof.analysis.run import analyze_trace
+
+        a = analyze_trace(path, batch_sizes=(1,))
+        return list(a.arrays["layers"]), np.asarray(a.arrays["load"], np.int64), int(a.arrays["num_experts"])
+    summary_path = path / SUMMARY if path.is_dir() else path
+    if not summary_path.exists():
+        raise UsageError(f"{path}: neither a trace (manifest.json) nor an analyze output ({SUMMARY})")
+    inputs = Inputs(summary=read_json(summary_path, "analyze summary"), summary_path=summary_path)
+    loads = table(inputs, "expert_loads")
+    if loads is None:
+        raise UsageError(
+            f"{summary_path.parent / 'tables' / 'expert_loads.parquet'}: not found; diff needs the per-expert "
+            "table that `moeprof analyze --out` writes next to summary.json (or give the trace itself)"
+        )
+    layers = sorted(set(loads["layer"].to_list()))
+    E = int(inputs.summary["trace"]["model"]["num_experts"])
+    counts = np.zeros((len(layers), E), np.int64)
+    li = {x: i for i, x in enumerate(layers)}
+    for layer, expert, count in loads.select(["layer", "expert", "count"]).iter_rows():
+        counts[li[layer], expert] = count
+    return layers, counts, E
 
 
 def placement_metric(inputs: Inputs, key: str, policy: str | None) -> list[Value]:
@@ -212,4 +269,4 @@ def placement_metric(inputs: Inputs, key: str, policy: str | None) -> list[Value
         if key not in metrics:
             raise Unavailable(f"{inputs.placement_path} has no simulated '{key}' (run moeprof simulate)")
         return [Value(metrics[key], None, name)]
-    raise Unavailable("no placement or simulate --compare result in the inputs")
+    raise Unavailable("no placement or simulate --compare result among the inputs")
