@@ -75,7 +75,7 @@ def classify(path: Path) -> str | None:
         return "summary"
     if name in COMPARE_NAMES:
         return "compare"
-    if name == PLACEMENT or name.endswith(".placement.json"):
+    if name == PLACEMENT or name.endswith(".placement.json") or name.startswith("placement-"):
         return "placement"
     if path.suffix == ".json" and path.exists():
         return _sniff(path)
@@ -89,9 +89,9 @@ def _sniff(path: Path) -> str | None:
         return None
     if not isinstance(doc, dict):
         return None
-    if "physical_to_logical_map" in json.dumps(doc)[:100000] and "policy" in doc:
+    if "physical_to_logical_map" in doc and "policy" in doc:
         return "placement"
-    if "policies" in doc or "comparison" in doc:
+    if "rows" in doc and "topology" in doc:
         return "compare"
     if "summary_format" in doc:
         return "summary"
@@ -123,6 +123,10 @@ def discover(paths: list[Path]) -> Inputs:
                 f"{given}: not a trace, an analyze output (summary.json), a placement or a compare result; "
                 "give a trace directory or the --out directory of `moeprof analyze` / `moeprof simulate --compare`"
             )
+    if found["compare"]:
+        # a --compare output directory also holds one placement-<policy>.json per policy it fitted
+        beside = {p.parent for p in found["compare"]}
+        found["placement"] = [p for p in found["placement"] if p.parent not in beside]
     for kind in ("summary", "compare", "placement"):
         if len(found[kind]) > 1:
             listed = ", ".join(str(p) for p in found[kind])
@@ -253,20 +257,45 @@ def expert_counts(path: Path) -> tuple[list[int], "np.ndarray", int]:
     return layers, counts, E
 
 
-def placement_metric(inputs: Inputs, key: str, policy: str | None) -> list[Value]:
+PLACEMENT_KEYS = {
+    "cross_node_bytes": "cross_node_bytes_per_token",
+    "intra_node_bytes": "intra_node_bytes_per_token",
+    "local_share": "local_node_share",
+}
+
+
+def placement_value(metrics: dict[str, Any], key: str, stat: str = "p90") -> float | None:
+    """One number from a simulated metrics block (``placement.json`` metrics or a --compare row)."""
+    if key == "gpu_imbalance":
+        return (metrics.get("gpu_load_max_mean") or {}).get(stat)
+    return metrics.get(PLACEMENT_KEYS.get(key, key))
+
+
+def compare_rows(inputs: Inputs) -> list[dict[str, Any]]:
+    """Rows of a simulate --compare result: one per fitted policy (``key`` = policy[+grouping])."""
+    rows = (inputs.compare or {}).get("rows") or []
+    return [dict(r, key=r.get("key") or r.get("policy")) for r in rows]
+
+
+def placement_metric(inputs: Inputs, key: str, policy: str | None, stat: str = "p90") -> list[Value]:
     """A simulated metric of one policy, from a --compare result or a placement's own figures."""
     if inputs.compare is not None:
-        rows = {r["policy"]: r for r in inputs.compare.get("policies", [])}
+        rows = {r["key"]: r for r in compare_rows(inputs)}
         name = policy or (inputs.placement or {}).get("policy") or next(iter(rows), None)
         if name not in rows:
-            raise Unavailable(f"no policy '{name}' in {inputs.compare_path} (it has {sorted(rows)})")
-        return [Value(rows[name][key], None, name)]
+            raise Unavailable(f"no policy '{name}' in {inputs.compare_path} (it has {', '.join(rows)})")
+        value = placement_value(rows[name], key, stat)
+        if value is None:
+            raise Unavailable(f"{inputs.compare_path}: policy '{name}' has no simulated '{key}'")
+        return [Value(value, None, name)]
     if inputs.placement is not None:
         metrics = inputs.placement.get("metrics") or {}
-        name = inputs.placement.get("policy")
+        name = (inputs.placement.get("policy") or {})
+        name = name.get("name") if isinstance(name, dict) else name
         if policy and policy != name:
             raise Unavailable(f"{inputs.placement_path} holds policy '{name}', not '{policy}'")
-        if key not in metrics:
+        value = placement_value(metrics, key, stat)
+        if value is None:
             raise Unavailable(f"{inputs.placement_path} has no simulated '{key}' (run moeprof simulate)")
-        return [Value(metrics[key], None, name)]
+        return [Value(value, None, name)]
     raise Unavailable("no placement or simulate --compare result among the inputs")
