@@ -367,7 +367,7 @@ def _placement(inputs: Inputs) -> Section:
     ]
     where = ", ".join(f"{k} {v}" for k, v in topo.items() if isinstance(v, (int, float, str)))
     sec = Section("placement", "", finding=finding, tables=[Table(
-        cols, table_rows, caption="Every policy fitted on the train split and scored on held-out requests"
+        cols, table_rows, numeric=[False, False] + [True] * 5, caption="Every policy fitted on the train split and scored on held-out requests"
         + (f" ({where})" if where else ""))],
         figures=_figures(inputs, [("compare", "Cross-node traffic and GPU load per policy (held-out requests)")]))
     sec.notes += [str(n) for n in inputs.compare.get("notes") or []]

@@ -90,7 +90,7 @@ def render_check(result: Any, con: Console) -> None:
         )
         worst = "-"
         if o.worst is not None:
-            worst = f"{o.worst.value:.4g}" + (f" (layer {o.worst.layer})" if o.worst.layer is not None else "")
+            worst = (f"{o.worst.value:,.0f}" if abs(o.worst.value) >= 1e4 else f"{o.worst.value:.4g}") + (f" (layer {o.worst.layer})" if o.worst.layer is not None else "")
         t.add_row("[green]ok[/]" if o.ok else "[red]FAIL[/]", o.rule.label(), worst, limit, o.rule.origin)
     con.print(t)
     failures = result.failures
