@@ -1,0 +1,100 @@
+"""`moeprof analyze`: imbalance, domain shift, prefill→decode correlation and co-activation of a trace."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moeprof.analysis.run import DEFAULT_BATCH_SIZES, analyze as run_analysis, summary_json
+from moeprof.commands.options import Force, TraceArg
+from moeprof.errors import UsageError
+from moeprof.report.console import console, progress_bar
+from moeprof.report.analysis_tables import render_analysis
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"0,3-5"`` -> ``[0, 3, 4, 5]``; a clear error for anything else."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise UsageError(f"--layers: {part!r} is not a layer number or a range like 3-5") from None
+        if b < a:
+            raise UsageError(f"--layers: range {part!r} runs backwards; write it as {b}-{a}")
+        out.extend(range(a, b + 1))
+    return out
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes: {text!r} is not a list of integers like 1,8,64,512,4096") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise UsageError(f"--batch-sizes: {text!r}: give positive integers, e.g. 1,8,64,512,4096")
+    return sorted(set(sizes))
+
+
+def analyze(
+    trace: TraceArg,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Write summary.json, Parquet tables and PNG/SVG plots here."),
+    ] = None,
+    layers: Annotated[
+        Optional[str], typer.Option("--layers", help="MoE layers to analyze, e.g. 0,3-5 (default: all).")
+    ] = None,
+    domains: Annotated[
+        Optional[str], typer.Option("--domains", help="Domains to analyze, e.g. code,math (default: all).")
+    ] = None,
+    batch_sizes: Annotated[
+        str, typer.Option("--batch-sizes", help="Batch sizes (tokens) for batch-level imbalance.")
+    ] = ",".join(map(str, DEFAULT_BATCH_SIZES)),
+    fmt: Annotated[Format, typer.Option("--format", help="Terminal output: rich tables or the summary JSON.")] = Format.table,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice (sampling, splits, bootstrap).")] = 0,
+    sample_tokens: Annotated[
+        int,
+        typer.Option("--sample-tokens", help="Tokens sampled for batch imbalance and co-activation (exact below this)."),
+    ] = 1 << 17,
+    force: Force = False,
+) -> None:
+    """Measure load imbalance, domain shift, prefill→decode correlation and co-activation.
+
+    Statistics the trace cannot support (count-only traces, no phase, one domain, ...) are reported
+    as not available, with the reason.
+
+    Example:
+
+        moeprof analyze moeprof-demo/trace --out moeprof-demo/analysis --layers 0,3-5 --domains code,math
+    """
+    options = dict(
+        layers=parse_layers(layers) if layers is not None else None,
+        domains=[d.strip() for d in domains.split(",")] if domains is not None else None,
+        batch_sizes=parse_batch_sizes(batch_sizes),
+        seed=seed,
+        sample_tokens=sample_tokens,
+    )
+    as_json = fmt is Format.json
+    with progress_bar(transient=True, disable=as_json) as bar:
+        task = bar.add_task("reading routing", total=None)
+        result = run_analysis(
+            trace, out=out, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),
+            **options,
+        )
+    if as_json:
+        typer.echo(summary_json(result))
+    else:
+        render_analysis(result.summary, console(), out=out)

@@ -1,0 +1,433 @@
+"""Mergeable partial aggregates of a trace: every statistic of ``analyze`` is computed from these.
+
+One streaming pass over the routing rows (row group by row group, on a thread pool) produces, per
+row group, a :class:`Partial`; partials merge by sum (counts) and by union-then-bottom-k (the token
+sample), so the same code runs over one file, many files in parallel, or shards spread over a
+cluster. Memory is bounded by the aggregates, never by the trace:
+
+``counts``  ``(R + 1, 2, L, E)`` int32, token-routes per request x phase x layer x expert. Slot ``R``
+            holds rows whose request is not listed in ``requests.parquet``. Phase 0 is prefill, 1 is
+            decode. Per-domain, per-phase and whole-trace counts are sums of it.
+``sample``  a seeded bottom-k sample of whole tokens (their expert ids in every layer), keyed by a
+            hash of the token, or of its forward pass (``batch_id``) when the trace has one, so
+            batches drawn from the sample are made of real forward passes. Batch-level imbalance and
+            co-activation are computed from it; when the trace holds fewer tokens than the sample's
+            size, the sample is the whole trace and those statistics are exact.
+
+Traces that hold only count tables (``loads/``) fill ``counts`` from them; what counts cannot give
+(batches of B tokens, co-activation) is marked unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moeprof.errors import AnalysisError
+from moeprof.trace.reader import Trace
+from moeprof.trace.schema import PHASES
+
+DEFAULT_SAMPLE_TOKENS = 1 << 17
+"""Tokens in the sample behind batch-level imbalance and co-activation (exact below this size)."""
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """Shape-preserving uint64 hash (the splitmix64 finaliser): a seeded, uniform sort key."""
+    z = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+@dataclass
+class Selection:
+    """What to analyse: MoE layers (model numbering), requests (by domain), sample settings."""
+
+    layers: list[int]
+    domains: list[str]
+    request_ids: np.ndarray  # (R,) int64, sorted: requests listed in requests.parquet
+    request_domain: np.ndarray  # (R,) int32 index into ``domains``, -1 for a domain left out
+    num_experts: int
+    top_k: int
+    seed: int = 0
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS
+    keep_unlisted: bool = True  # rows of requests missing from requests.parquet (slot R)
+
+
+@dataclass
+class TokenSample:
+    """Bottom-k sample of tokens. Row arrays of one entry per (token, layer) routing row."""
+
+    hash: np.ndarray  # (n,) uint64 sort key of the token (or of its forward pass)
+    token: np.ndarray  # (n,) uint64 the token's identity: hash of (request_id, step, pos)
+    layer: np.ndarray  # (n,) int16 index into Selection.layers
+    experts: np.ndarray  # (n, k) int16
+
+    @classmethod
+    def empty(cls, k: int) -> "TokenSample":
+        return cls(np.empty(0, np.uint64), np.empty(0, np.uint64), np.empty(0, np.int16), np.empty((0, k), np.int16))
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenSample"], k: int) -> "TokenSample":
+        parts = [p for p in parts if len(p.hash)]
+        if not parts:
+            return cls.empty(k)
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("hash", "token", "layer", "experts")))
+
+
+@dataclass
+class Partial:
+    """Aggregates of some rows: counts of requests ``lo .. lo + counts.shape[0] - 1`` plus sampled rows.
+
+    ``counts`` rows are request slots; ``slots`` (if not None) lists them explicitly instead of a range.
+    """
+
+    lo: int
+    counts: np.ndarray  # (r, 2, L, E) int64
+    slots: np.ndarray | None
+    sample: TokenSample
+    rows: int
+    phases_seen: np.ndarray  # (2,) bool
+
+
+@dataclass
+class Aggregates:
+    """Merged counts and token sample of a trace (or of any set of its shards)."""
+
+    selection: Selection
+    counts: np.ndarray  # (R + 1, 2, L, E) int32
+    sample_parts: list[TokenSample] = field(default_factory=list)
+    rows: int = 0
+    tokens_estimate: int = 0
+    sample_fraction: float = 1.0  # share of hash space kept: 1.0 means every token was kept
+    sample_key: str = "token"  # "token" or "batch_id"
+    phases_seen: np.ndarray = field(default_factory=lambda: np.zeros(2, bool))
+    per_token: bool = True
+    windows: np.ndarray | None = None  # (W, L, E) counts per window of a count-only trace
+    domain_extra: np.ndarray | None = None  # (D, 2, L, E) count rows with a domain but no request
+
+    @property
+    def sample(self) -> TokenSample:
+        """Every sampled row, concatenated once (partials are kept apart while merging)."""
+        if len(self.sample_parts) != 1:
+            self.sample_parts = [TokenSample.concat(self.sample_parts, self.selection.top_k)]
+        return self.sample_parts[0]
+
+    def merge(self, part: Partial) -> None:
+        """Add ``part`` into these aggregates (sum of counts, union of sampled rows)."""
+        if part.slots is None:
+            self.counts[part.lo : part.lo + part.counts.shape[0]] += part.counts.astype(np.int32, copy=False)
+        else:
+            self.counts[part.slots] += part.counts.astype(np.int32, copy=False)
+        if len(part.sample.hash):
+            self.sample_parts.append(part.sample)
+        self.rows += part.rows
+        self.phases_seen |= part.phases_seen
+
+    def __iadd__(self, other: "Aggregates") -> "Aggregates":
+        """Merge another trace's aggregates over the same selection (counts add, samples unite)."""
+        self.counts += other.counts
+        if other.domain_extra is not None:
+            self.domain_extra = other.domain_extra + (0 if self.domain_extra is None else self.domain_extra)
+        self.sample_parts.extend(other.sample_parts)
+        self.rows += other.rows
+        self.tokens_estimate += other.tokens_estimate
+        self.phases_seen |= other.phases_seen
+        return self
+
+    # -- derived counts ---------------------------------------------------------------------
+    @property
+    def by_request(self) -> np.ndarray:
+        """``(R, 2, L, E)`` counts of the requests listed in requests.parquet."""
+        return self.counts[:-1]
+
+    def total(self, phase: int | None = None) -> np.ndarray:
+        """``(L, E)`` int64 token-routes over every selected row (one phase if given)."""
+        sl = slice(None) if phase is None else slice(phase, phase + 1)
+        out = self.counts[:, sl].sum(axis=(0, 1), dtype=np.int64)
+        if self.domain_extra is not None:
+            out += self.domain_extra[:, sl].sum(axis=(0, 1))
+        return out
+
+    def by_domain(self) -> np.ndarray:
+        """``(D, 2, L, E)`` int64 counts per selected domain."""
+        sel = self.selection
+        out = np.zeros((len(sel.domains),) + self.counts.shape[1:], np.int64)
+        for d in range(len(sel.domains)):
+            rows = np.flatnonzero(sel.request_domain == d)
+            if rows.size:
+                out[d] = self.counts[rows].sum(axis=0, dtype=np.int64)
+        if self.domain_extra is not None:
+            out += self.domain_extra
+        return out
+
+
+# -- the streaming pass -------------------------------------------------------------------------
+class _Pass:
+    """Per-row-group work: map ids to dense indices, bincount, keep sampled rows."""
+
+    def __init__(self, sel: Selection, threshold: np.uint64 | None, use_batch_id: bool) -> None:
+        self.sel = sel
+        self.L, self.E, self.k = len(sel.layers), sel.num_experts, sel.top_k
+        self.R = len(sel.request_ids)
+        self.threshold = threshold  # None: keep every row in the sample
+        self.use_batch_id = use_batch_id
+        self.seed = np.uint64(sel.seed & 0xFFFFFFFFFFFFFFFF)
+        self.layer_lut = np.full(1 << 16, -1, np.int32)
+        self.layer_lut[np.asarray(sel.layers, np.int64) & 0xFFFF] = np.arange(self.L, dtype=np.int32)
+        ids = sel.request_ids
+        # slot per request id: its index, -1 if its domain is left out, R if it is not listed.
+        slot = np.where(sel.request_domain >= 0, np.arange(self.R), -1).astype(np.int32)
+        self._dense = ids.size == 0 or (ids[0] >= 0 and ids[-1] < (1 << 24))
+        if self._dense:
+            size = int(ids[-1]) + 2 if ids.size else 1
+            self.req_lut = np.full(size, self.R if sel.keep_unlisted else -1, np.int32)
+            self.req_lut[ids] = slot
+        self._slot = slot
+
+    def request_slots(self, rid: np.ndarray) -> np.ndarray:
+        unlisted = self.R if self.sel.keep_unlisted else -1
+        if self._dense:
+            inside = (rid >= 0) & (rid < self.req_lut.size - 1)
+            return np.where(inside, self.req_lut[np.where(inside, rid, self.req_lut.size - 1)], unlisted)
+        pos = np.searchsorted(self.sel.request_ids, rid)
+        pos_c = np.minimum(pos, max(self.R - 1, 0))
+        found = (pos < self.R) & (self.sel.request_ids[pos_c] == rid) if self.R else np.zeros(rid.shape, bool)
+        return np.where(found, self._slot[pos_c], unlisted).astype(np.int32)
+
+    def __call__(self, table: pa.Table, where: str) -> Partial:
+        L, E, k = self.L, self.E, self.k
+        n = table.num_rows
+        rid = _np(table, "request_id")
+        layer = _np(table, "layer")
+        phase = _phase_codes(table.column("phase"), where)
+        experts_col = table.column("experts").combine_chunks()
+        experts = experts_col.flatten().to_numpy(zero_copy_only=False).reshape(n, k)
+        ri = self.request_slots(rid)
+        li = self.layer_lut[layer.astype(np.int64) & 0xFFFF]
+        keep = (ri >= 0) & (li >= 0)
+        if not keep.all():
+            rid, ri, li, phase, experts = rid[keep], ri[keep], li[keep], phase[keep], experts[keep]
+            sel_rows = np.flatnonzero(keep)
+        else:
+            sel_rows = None
+        phases_seen = np.zeros(2, bool)
+        if ri.size == 0:
+            return Partial(0, np.zeros((0, 2, L, E), np.int64), None, TokenSample.empty(k), 0, phases_seen)
+        lo_e, hi_e = int(experts.min()), int(experts.max())
+        if lo_e < 0 or hi_e >= E:
+            bad = lo_e if lo_e < 0 else hi_e
+            raise AnalysisError(
+                f"{where}: expert id {bad} outside 0..{E - 1} (the manifest says {E} experts); "
+                "the trace is inconsistent with its model"
+            )
+        phases_seen[np.unique(phase)] = True
+        # Step 1: counts. Bins are local to the requests present, so they stay in cache.
+        r0, r1 = int(ri.min()), int(ri.max())
+        per_req = 2 * L * E
+        if (r1 - r0 + 1) * per_req <= 4 * ri.size * k + (1 << 16):
+            slots, local = None, ri - r0
+            nslots = r1 - r0 + 1
+        else:
+            slots, local = np.unique(ri, return_inverse=True)
+            nslots = slots.size
+        base = ((local.astype(np.int64) * 2 + phase) * L + li) * E
+        idx = (base[:, None] + experts).ravel()
+        counts = np.bincount(idx, minlength=nslots * per_req).reshape(nslots, 2, L, E)
+        # Step 2: the sample: rows whose token (or forward pass) hashes below the threshold.
+        step = _np(table, "step")
+        pos = _np(table, "pos")
+        if sel_rows is not None:
+            step, pos = step[sel_rows], pos[sel_rows]
+        with np.errstate(over="ignore"):
+            token = splitmix64(
+                (rid.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+                ^ ((step.astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint32).astype(np.uint64))
+            )
+        if self.use_batch_id:
+            bid = table.column("batch_id").combine_chunks().fill_null(-1).to_numpy(zero_copy_only=False)
+            if sel_rows is not None:
+                bid = bid[sel_rows]
+            h = splitmix64(bid.astype(np.uint64) ^ self.seed)
+        else:
+            h = splitmix64(token ^ self.seed)
+        if self.threshold is not None:
+            take = np.flatnonzero(h < self.threshold)
+            h, token, li, experts = h[take], token[take], li[take], experts[take]
+        sample = TokenSample(h, token, li.astype(np.int16), experts.astype(np.int16, copy=False))
+        return Partial(r0 if slots is None else 0, counts, slots, sample, int(ri.size), phases_seen)
+
+
+def _np(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
+
+
+def _phase_codes(col: pa.ChunkedArray, where: str) -> np.ndarray:
+    """``(n,)`` int8: 0 prefill, 1 decode, whatever dictionary order the file uses."""
+    out = []
+    for chunk in col.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            values = chunk.dictionary.to_pylist()
+            indices = chunk.indices.to_numpy(zero_copy_only=False)
+        else:
+            values, indices = np.unique(chunk.to_numpy(zero_copy_only=False), return_inverse=True)
+            values = list(values)
+        try:
+            remap = np.array([PHASES.index(v) for v in values], np.int8) if values else np.zeros(0, np.int8)
+        except ValueError:
+            raise AnalysisError(f"{where}: phase values {values} are not {PHASES}") from None
+        out.append(remap[indices] if len(values) else np.zeros(len(indices), np.int8))
+    return np.concatenate(out) if out else np.zeros(0, np.int8)
+
+
+ROUTING_COLUMNS = ["request_id", "step", "phase", "pos", "layer", "experts"]
+
+
+def row_groups(trace: Trace) -> list[tuple[Path, int]]:
+    """Units of work: (shard path, row group index), in trace order."""
+    units = []
+    for path in trace.shard_paths("routing"):
+        for i in range(pq.ParquetFile(path).num_row_groups):
+            units.append((path, i))
+    return units
+
+
+def aggregate_routing(
+    trace: Trace,
+    sel: Selection,
+    *,
+    units: Sequence[tuple[Path, int]] | None = None,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Aggregates:
+    """One streaming pass over ``units`` (default: every row group of the trace) -> :class:`Aggregates`.
+
+    Row groups are read and counted on a pool of ``threads`` threads (default: CPU count); pyarrow
+    decodes without the GIL, so reading one row group overlaps counting another. Each row group's
+    :class:`Partial` is merged into the result as soon as it is done, so at most ``threads`` row
+    groups are held at once.
+    """
+    units = list(units) if units is not None else row_groups(trace)
+    L = len(sel.layers)
+    use_batch_id = trace.manifest.has("batch_id") and _has_batch_ids(trace)
+    n_moe = max(1, len(trace.model.moe_layers))
+    rows_total = sum(pq.ParquetFile(p).metadata.row_group(i).num_rows for p, i in units)
+    tokens_est = max(1, rows_total // n_moe)
+    fraction = min(1.0, 1.25 * sel.sample_tokens / tokens_est) if sel.sample_tokens > 0 else 1.0
+    threshold = None if fraction >= 1.0 else np.uint64(int(fraction * float(1 << 64)))
+    work = _Pass(sel, threshold, use_batch_id)
+    agg = Aggregates(
+        selection=sel,
+        counts=np.zeros((len(sel.request_ids) + 1, 2, L, sel.num_experts), np.int32),
+        tokens_estimate=tokens_est,
+        sample_fraction=fraction,
+        sample_key="batch_id" if use_batch_id else "token",
+    )
+    columns = ROUTING_COLUMNS + (["batch_id"] if use_batch_id else [])
+    lock = threading.Lock()
+
+    def run(unit: tuple[Path, int]) -> None:
+        path, i = unit
+        table = pq.ParquetFile(path).read_row_group(i, columns=columns, use_threads=False)
+        part = work(table, f"{path} (row group {i})")
+        del table
+        with lock:
+            agg.merge(part)
+        if progress is not None:
+            progress(1)
+
+    threads = threads or os.cpu_count() or 1
+    if threads == 1 or len(units) <= 1:
+        for u in units:
+            run(u)
+    else:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeprof-analyze") as pool:
+            for fut in [pool.submit(run, u) for u in units]:
+                fut.result()
+    return agg
+
+
+def _has_batch_ids(trace: Trace) -> bool:
+    """True if the routing shards carry a non-null ``batch_id`` (checked from Parquet statistics)."""
+    for path in trace.shard_paths("routing"):
+        meta = pq.ParquetFile(path).metadata
+        col = meta.schema.names.index("batch_id") if "batch_id" in meta.schema.names else -1
+        if col < 0:
+            return False
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(col).statistics
+            if stats is None or stats.null_count is None:
+                return True  # cannot tell from the footer: assume present
+            if stats.null_count < meta.row_group(i).num_rows:
+                return True
+        return False
+    return False
+
+
+def aggregate_loads(trace: Trace, sel: Selection) -> Aggregates:
+    """Aggregates of a count-only trace (``loads/``): counts per request/phase where the table has them."""
+    import polars as pl
+
+    frame = trace.loads()
+    L, E = len(sel.layers), sel.num_experts
+    agg = Aggregates(
+        selection=sel,
+        counts=np.zeros((len(sel.request_ids) + 1, 2, L, E), np.int32),
+        per_token=False,
+    )
+    if frame is None:
+        return agg
+    table = (
+        frame.with_columns(pl.col("phase").cast(pl.String))
+        .group_by(["window", "phase", "layer", "expert", "request_id", "domain"])
+        .agg(pl.col("count").sum())
+        .collect()
+    )
+    if table.height == 0:
+        return agg
+    where = f"{trace.path}/loads"
+    work = _Pass(sel, None, False)
+    layer_i = work.layer_lut[table["layer"].to_numpy().astype(np.int64) & 0xFFFF]
+    expert = table["expert"].to_numpy().astype(np.int64)
+    if expert.min() < 0 or expert.max() >= E:
+        raise AnalysisError(f"{where}: expert id outside 0..{E - 1} (the manifest says {E} experts)")
+    phase_str = table["phase"].to_list()
+    phase = np.array([0 if p in (None, "prefill") else 1 for p in phase_str], np.int64)
+    agg.phases_seen[np.unique(phase[[p is not None for p in phase_str]])] = True
+    rid = table["request_id"].fill_null(-1).to_numpy()
+    cnt = table["count"].to_numpy().astype(np.int64)
+    slot = np.where(rid >= 0, work.request_slots(rid), len(sel.request_ids) if sel.keep_unlisted else -1)
+    # Count rows with a domain but no request id count for their domain (and the totals).
+    dom_lut = {d: i for i, d in enumerate(sel.domains)}
+    dom = np.array([dom_lut.get(d, -2) if d is not None else -1 for d in table["domain"].to_list()], np.int64)
+    by_domain_only = (rid < 0) & (dom != -1)
+    keep = (layer_i >= 0) & (slot >= 0) & ~by_domain_only
+    np.add.at(agg.counts, (slot[keep], phase[keep], layer_i[keep], expert[keep]), cnt[keep].astype(np.int32))
+    extra = by_domain_only & (dom >= 0) & (layer_i >= 0)
+    if extra.any():
+        agg.domain_extra = np.zeros((len(sel.domains), 2, L, E), np.int64)
+        np.add.at(agg.domain_extra, (dom[extra], phase[extra], layer_i[extra], expert[extra]), cnt[extra])
+    keep |= extra
+    agg.rows = int(keep.sum())
+    # windows: counts per window, for imbalance over the source's own windows.
+    win = table["window"].to_numpy()
+    uniq, inv = np.unique(win[keep], return_inverse=True)
+    windows = np.zeros((uniq.size, L, E), np.int64)
+    np.add.at(windows, (inv, layer_i[keep], expert[keep]), cnt[keep])
+    agg.windows = windows
+    return agg

@@ -1,0 +1,122 @@
+"""Co-activation: which experts a token selects together, within a layer and across layers.
+
+From the token sample ``tokens (T, L, k)`` (expert ids of every token in every selected layer, -1
+where a layer is absent; see :func:`moeprof.analysis.load.token_matrix`):
+
+- ``pairs[l, a, b]``: tokens whose top-k in layer l holds both a and b (a != b; symmetric);
+  ``pair lift`` = P(a and b) / (P(a) P(b)), > 1 when two experts are picked together more than chance;
+- ``transitions[i, e, e']``: tokens routed to e in MoE layer l_i and to e' in the next MoE layer
+  l_{i+1}; ``P(e'|e)`` = transitions / tokens routed to e in l_i, the chance that a token sent to e
+  is sent to e' next (rows sum to k, since a token picks k experts in the next layer). The uniform
+  baseline is k/E.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+
+
+def pair_counts(tokens: np.ndarray, num_experts: int) -> np.ndarray:
+    """``(L, E, E)`` int64 symmetric co-selection counts within each layer (zero diagonal)."""
+    T, L, k = tokens.shape
+    E = num_experts
+    out = np.zeros((L, E, E), np.int64)
+    ia, ib = np.triu_indices(k, 1)
+    for li in range(L):
+        x = tokens[:, li]
+        x = x[(x >= 0).all(axis=1)].astype(np.int64)
+        if x.size == 0:
+            continue
+        a, b = x[:, ia].ravel(), x[:, ib].ravel()
+        c = np.bincount(a * E + b, minlength=E * E).reshape(E, E)
+        out[li] = c + c.T
+    return out
+
+
+def consecutive_pairs(layers: Sequence[int], moe_layers: Sequence[int]) -> list[tuple[int, int]]:
+    """Indices (i, j) into ``layers`` of selected layers that are consecutive MoE layers of the model."""
+    order = {layer: n for n, layer in enumerate(moe_layers)}
+    pos = {layer: i for i, layer in enumerate(layers)}
+    out = []
+    for layer in layers:
+        n = order.get(layer)
+        if n is not None and n + 1 < len(moe_layers) and moe_layers[n + 1] in pos:
+            out.append((pos[layer], pos[moe_layers[n + 1]]))
+    return out
+
+
+def transition_counts(tokens: np.ndarray, pairs: Sequence[tuple[int, int]], num_experts: int) -> np.ndarray:
+    """``(P, E, E)`` int64: tokens routed to e in layer i and e' in layer j, for each (i, j) in ``pairs``."""
+    T, L, k = tokens.shape
+    E = num_experts
+    out = np.zeros((len(pairs), E, E), np.int64)
+    for p, (i, j) in enumerate(pairs):
+        a, b = tokens[:, i].astype(np.int64), tokens[:, j].astype(np.int64)
+        ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
+        a, b = a[ok], b[ok]
+        if a.size == 0:
+            continue
+        idx = (a[:, :, None] * E + b[:, None, :]).ravel()
+        out[p] = np.bincount(idx, minlength=E * E).reshape(E, E)
+    return out
+
+
+def layer_counts(tokens: np.ndarray, num_experts: int) -> np.ndarray:
+    """``(L, E)`` tokens routed to each expert, over the sample."""
+    T, L, k = tokens.shape
+    out = np.zeros((L, num_experts), np.int64)
+    for li in range(L):
+        x = tokens[:, li]
+        x = x[x >= 0].astype(np.int64)
+        out[li] = np.bincount(x, minlength=num_experts)
+    return out
+
+
+def conditional(transitions: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
+    """P(e'|e) ``(P, E, E)`` from transition counts and tokens routed to e in the first layer ``(P, E)``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(from_counts[..., None] > 0, transitions / np.maximum(from_counts[..., None], 1), np.nan)
+
+
+def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int]) -> pl.DataFrame:
+    """Non-zero pairs (a < b) per layer with count and lift; ``loads (L, E)``, ``tokens_per_layer (L,)``."""
+    L, E, _ = pairs.shape
+    li, a, b = np.nonzero(np.triu(pairs, 1))
+    count = pairs[li, a, b]
+    T = tokens_per_layer[li].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lift = (count / T) / ((loads[li, a] / T) * (loads[li, b] / T))
+    return pl.DataFrame({
+        "layer": pl.Series(np.asarray(layers)[li], dtype=pl.Int16),
+        "expert_a": pl.Series(a, dtype=pl.Int16),
+        "expert_b": pl.Series(b, dtype=pl.Int16),
+        "count": count,
+        "lift": lift,
+    })
+
+
+def transition_table(trans: np.ndarray, cond: np.ndarray, pairs: Sequence[tuple[int, int]],
+                     layers: Sequence[int]) -> pl.DataFrame:
+    """Non-zero transitions with count and P(e'|e)."""
+    p, e, e2 = np.nonzero(trans)
+    src = np.array([layers[i] for i, _ in pairs], np.int64)
+    dst = np.array([layers[j] for _, j in pairs], np.int64)
+    return pl.DataFrame({
+        "layer": pl.Series(src[p] if len(pairs) else [], dtype=pl.Int16),
+        "next_layer": pl.Series(dst[p] if len(pairs) else [], dtype=pl.Int16),
+        "expert": pl.Series(e, dtype=pl.Int16),
+        "next_expert": pl.Series(e2, dtype=pl.Int16),
+        "count": trans[p, e, e2],
+        "p_next_given_expert": cond[p, e, e2],
+    })
+
+
+def concentration(cond: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
+    """``(P,)`` load-weighted mean over e of max_e' P(e'|e): 1.0 when e fixes a next expert."""
+    best = np.nan_to_num(np.nanmax(np.where(np.isnan(cond), -np.inf, cond), axis=-1), neginf=0.0)
+    w = from_counts.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (best * w).sum(axis=-1) / w.sum(axis=-1)

@@ -1,0 +1,214 @@
+"""Load imbalance: how unevenly a layer's token-routes fall on its experts.
+
+For a count vector ``n`` of shape ``(E,)`` (token-routes per expert of one layer over a token set):
+
+- ``max_over_mean`` = max n / mean n, the straggler factor (1.0 = perfect balance, E/k at most);
+- ``cv`` = population standard deviation / mean;
+- ``gini`` in [0, 1): 0 when every expert has the same load;
+- ``entropy`` = H(p) / ln E with p = n / sum n: 1.0 when uniform;
+- ``dead`` = number of experts with n = 0;
+- ``hot_share`` = share of the load carried by the top 10% of experts (ceil(0.1 E) of them).
+
+Whole-trace values come from the merged counts; batch-level values from windows of B consecutive
+tokens of the token sample (see :mod:`moeprof.analysis.aggregate`), summarised per batch size as
+median and p90 with seeded bootstrap 95% intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+
+from moeprof.analysis.aggregate import Aggregates
+
+METRICS = ("max_over_mean", "cv", "gini", "entropy", "dead", "hot_share")
+BOOTSTRAP_REPS = 1000
+MAX_BATCHES = 256
+
+
+def hot_count(num_experts: int) -> int:
+    """Size of the "hot" set: the top 10% of experts, at least one."""
+    return max(1, math.ceil(0.1 * num_experts))
+
+
+def imbalance(n: np.ndarray) -> dict[str, np.ndarray]:
+    """Imbalance metrics of count vectors ``n`` of shape ``(..., E)``; each result has shape ``(...)``.
+
+    A vector with no load gives NaN for every ratio (and ``dead`` = E).
+    """
+    n = np.asarray(n, dtype=np.float64)
+    E = n.shape[-1]
+    total = n.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / E
+        p = n / total[..., None]
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+        srt = np.sort(n, axis=-1)
+        ranks = np.arange(1, E + 1, dtype=np.float64)
+        gini = (2.0 * (srt * ranks).sum(axis=-1)) / (E * total) - (E + 1.0) / E
+        out = {
+            "max_over_mean": n.max(axis=-1) / mean,
+            "cv": n.std(axis=-1) / mean,
+            "gini": gini,
+            "entropy": -plogp.sum(axis=-1) / math.log(E) if E > 1 else np.ones_like(total),
+            "dead": (n == 0).sum(axis=-1).astype(np.float64),
+            "hot_share": srt[..., E - hot_count(E) :].sum(axis=-1) / total,
+        }
+    empty = total == 0
+    for key in ("max_over_mean", "cv", "gini", "entropy", "hot_share"):
+        out[key] = np.where(empty, np.nan, out[key])
+    return out
+
+
+def layer_imbalance(agg: Aggregates, phase_known: bool) -> pl.DataFrame:
+    """One row per layer: tokens and every metric over the whole selection (and max/mean per phase)."""
+    layers = agg.selection.layers
+    k = agg.selection.top_k
+    total = agg.total()
+    m = imbalance(total)
+    cols: dict[str, object] = {
+        "layer": pl.Series(layers, dtype=pl.Int16),
+        "tokens": (total.sum(axis=1) // k).astype(np.int64),
+        "token_routes": total.sum(axis=1).astype(np.int64),
+    }
+    cols.update({key: m[key] for key in METRICS})
+    cols["dead"] = m["dead"].astype(np.int64)
+    if phase_known:
+        for i, name in enumerate(("prefill", "decode")):
+            cols[f"{name}_max_over_mean"] = imbalance(agg.total(i))["max_over_mean"]
+    return pl.DataFrame(cols)
+
+
+def expert_loads(agg: Aggregates) -> pl.DataFrame:
+    """One row per (layer, expert): token-routes overall and per phase, share of the layer, load / mean."""
+    layers = agg.selection.layers
+    E = agg.selection.num_experts
+    total = agg.total()
+    layer_sum = total.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = total / layer_sum
+    return pl.DataFrame(
+        {
+            "layer": pl.Series(np.repeat(layers, E), dtype=pl.Int16),
+            "expert": pl.Series(np.tile(np.arange(E), len(layers)), dtype=pl.Int16),
+            "count": total.ravel(),
+            "prefill_count": agg.total(0).ravel(),
+            "decode_count": agg.total(1).ravel(),
+            "share": share.ravel(),
+            "load_over_mean": (share * E).ravel(),
+        }
+    )
+
+
+# -- batches ----------------------------------------------------------------------------------
+def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sample as whole tokens, in sample order: experts ``(T, L, k)`` (-1 where a layer is absent)
+    and ``dup`` (T,) bool, True for a token with two rows in one layer (token positions not recorded).
+
+    Tokens are ordered by their sample hash (a random order, or random forward passes with their
+    tokens kept together when the key is ``batch_id``), then by identity; the first ``max_tokens``.
+    """
+    s = agg.sample
+    L, k = len(agg.selection.layers), agg.selection.top_k
+    if len(s.hash) == 0:
+        return np.full((0, L, k), -1, np.int16), np.zeros(0, bool)
+    order = np.lexsort((s.layer, s.token, s.hash))
+    h, tok, lay, ex = s.hash[order], s.token[order], s.layer[order], s.experts[order]
+    new = np.ones(len(tok), bool)
+    new[1:] = (tok[1:] != tok[:-1]) | (h[1:] != h[:-1])
+    tid = np.cumsum(new) - 1
+    T = min(int(tid[-1]) + 1, max_tokens)
+    keep = tid < T
+    tid, lay, ex = tid[keep], lay[keep], ex[keep]
+    out = np.full((T, L, k), -1, np.int16)
+    out[tid, lay] = ex
+    dup = np.zeros(T, bool)
+    same = (tid[1:] == tid[:-1]) & (lay[1:] == lay[:-1])
+    dup[tid[1:][same]] = True
+    return out, dup
+
+
+def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batches: int = MAX_BATCHES) -> np.ndarray:
+    """Counts ``(nb, L, E)`` of the first ``nb`` windows of ``batch_size`` consecutive tokens of ``tokens (T, L, k)``."""
+    T, L, k = tokens.shape
+    nb = min(max_batches, T // batch_size)
+    if nb == 0:
+        return np.zeros((0, L, num_experts), np.int64)
+    out = np.zeros((nb, L, num_experts), np.int64)
+    lay = (np.arange(L, dtype=np.int64) * num_experts)[None, :, None]
+    step = max(1, (1 << 22) // (batch_size * L * k))  # windows per chunk: bounded temporaries
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        win = tokens[b0 * batch_size : b1 * batch_size].reshape(b1 - b0, batch_size, L, k)
+        for j in range(b1 - b0):
+            w = win[j]
+            idx = (lay + w)[w >= 0]
+            out[b0 + j] = np.bincount(idx, minlength=L * num_experts).reshape(L, num_experts)
+    return out
+
+
+def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int = BOOTSTRAP_REPS) -> tuple[float, float, float]:
+    """Quantile ``q`` of ``values (n, m)`` pooled, and its 95% bootstrap interval resampling the n rows."""
+    finite_rows = values[np.isfinite(values).all(axis=1)]
+    n = finite_rows.shape[0]
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    point = float(np.quantile(finite_rows, q))
+    idx = rng.integers(0, n, size=(reps, n))
+    boot = np.quantile(finite_rows[idx].reshape(reps, -1), q, axis=1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return point, float(lo), float(hi)
+
+
+def batch_imbalance(
+    tokens: np.ndarray, batch_sizes: Sequence[int], num_experts: int, layers: Sequence[int], seed: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Straggler factor over batches of B tokens, for each B in ``batch_sizes``.
+
+    Returns (pooled, per_layer). ``pooled`` has one row per B: median and p90 of max/mean over every
+    (batch, layer), with 95% bootstrap intervals that resample batches (a batch keeps its layers).
+    ``per_layer`` has one row per (B, layer) with median and p90 over batches and their intervals.
+    A B with no full batch in the sample gets ``batches = 0`` and nulls.
+    """
+    rng = np.random.default_rng(seed)
+    pooled, per_layer = [], []
+    for B in batch_sizes:
+        counts = batch_counts(tokens, B, num_experts)
+        nb = counts.shape[0]
+        row = {"batch_size": B, "batches": nb}
+        if nb == 0:
+            pooled.append(row | {k: None for k in ("median", "median_lo", "median_hi", "p90", "p90_lo", "p90_hi", "mean_cv")})
+            continue
+        mm = imbalance(counts)
+        r = mm["max_over_mean"]  # (nb, L)
+        med = _bootstrap(r, 0.5, rng)
+        p90 = _bootstrap(r, 0.9, rng)
+        pooled.append(
+            row | dict(median=med[0], median_lo=med[1], median_hi=med[2], p90=p90[0], p90_lo=p90[1], p90_hi=p90[2],
+                       mean_cv=float(np.nanmean(mm["cv"])))
+        )
+        for li, layer in enumerate(layers):
+            col = r[:, li : li + 1]
+            lm, lp = _bootstrap(col, 0.5, rng), _bootstrap(col, 0.9, rng)
+            per_layer.append(dict(batch_size=B, layer=layer, batches=nb, median=lm[0], median_lo=lm[1],
+                                  median_hi=lm[2], p90=lp[0], p90_lo=lp[1], p90_hi=lp[2]))
+    schema = {"batch_size": pl.Int64, "batches": pl.Int64}
+    pooled_df = pl.DataFrame(pooled, schema_overrides=schema)
+    per_layer_df = pl.DataFrame(per_layer, schema_overrides=schema | {"layer": pl.Int16}) if per_layer else pl.DataFrame(
+        schema={"batch_size": pl.Int64, "layer": pl.Int16, "batches": pl.Int64, "median": pl.Float64,
+                "median_lo": pl.Float64, "median_hi": pl.Float64, "p90": pl.Float64, "p90_lo": pl.Float64,
+                "p90_hi": pl.Float64})
+    return pooled_df, per_layer_df
+
+
+def window_imbalance(windows: np.ndarray, layers: Sequence[int], seed: int) -> dict:
+    """Straggler factor over the source's own count windows ``(W, L, E)`` (count-only traces)."""
+    rng = np.random.default_rng(seed)
+    r = imbalance(windows)["max_over_mean"]
+    med, p90 = _bootstrap(r, 0.5, rng), _bootstrap(r, 0.9, rng)
+    routes = windows.sum(axis=(1, 2))
+    return dict(windows=int(windows.shape[0]), median=med[0], median_ci=[med[1], med[2]], p90=p90[0],
+                p90_ci=[p90[1], p90[2]], mean_token_routes_per_window=float(routes.mean()) if routes.size else 0.0)

@@ -1,0 +1,574 @@
+"""``moeprof analyze``: aggregate a trace once, compute every statistic, write summary, tables, plots.
+
+:func:`analyze_trace` is the pure part (a trace in, an :class:`Analysis` out); :func:`analyze` adds
+the outputs (``summary.json``, Parquet tables, PNG + SVG plots). A statistic the trace cannot support
+is reported as ``{"available": false, "reason": ...}``, never as zero and never silently left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import polars as pl
+
+from moeprof.analysis import coactivation as co
+from moeprof.analysis import domain as dom
+from moeprof.analysis import load
+from moeprof.analysis import phase as ph
+from moeprof.analysis.aggregate import DEFAULT_SAMPLE_TOKENS, Aggregates, Selection, aggregate_loads, aggregate_routing, row_groups
+from moeprof.errors import AnalysisError, OutputExistsError, UsageError
+from moeprof.trace.reader import Trace
+
+SUMMARY_FORMAT = "1.0"
+SUMMARY_FILE = "summary.json"
+DEFAULT_BATCH_SIZES = (1, 8, 64, 512, 4096)
+
+
+@dataclass
+class Analysis:
+    """Everything ``analyze`` computed: the summary (JSON-ready), tables, and arrays for the plots."""
+
+    summary: dict[str, Any]
+    tables: dict[str, pl.DataFrame] = field(default_factory=dict)
+    arrays: dict[str, Any] = field(default_factory=dict)
+
+
+def unavailable(reason: str) -> dict[str, Any]:
+    return {"available": False, "reason": reason}
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    xs = sorted(xs)
+    if not xs:
+        return "none"
+    out, start, prev = [], xs[0], xs[0]
+    for x in xs[1:]:
+        if x != prev + 1:
+            out.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = x
+        prev = x
+    out.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ", ".join(out)
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe number: NaN / inf -> None; numpy scalars -> Python."""
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _records(df: pl.DataFrame) -> list[dict[str, Any]]:
+    return [{k: _finite(v) for k, v in row.items()} for row in df.to_dicts()]
+
+
+# -- selection ---------------------------------------------------------------------------------
+def build_selection(trace: Trace, layers: Sequence[int] | None, domains: Sequence[str] | None,
+                    seed: int, sample_tokens: int) -> Selection:
+    """Check ``--layers`` / ``--domains`` against the trace and build the :class:`Selection`."""
+    model = trace.model
+    moe = list(model.moe_layers)
+    if layers is not None:
+        if not layers:
+            raise UsageError("--layers selects no layer")
+        unknown = [x for x in layers if x not in moe]
+        if unknown:
+            raise UsageError(
+                f"--layers: {', '.join(map(str, unknown))} "
+                f"{'is not a MoE layer' if len(unknown) == 1 else 'are not MoE layers'} of this model "
+                f"(MoE layers: {_ranges(moe)})"
+            )
+        chosen = sorted(set(layers))
+    else:
+        chosen = moe
+    requests = trace.requests().sort("request_id")
+    names = sorted(set(requests["domain"].to_list()) | _load_domains(trace))
+    if domains is not None:
+        wanted = [d for d in dict.fromkeys(domains) if d]
+        if not wanted:
+            raise UsageError("--domains selects no domain; give names separated by commas, e.g. --domains code,math")
+        unknown = [d for d in wanted if d not in names]
+        if unknown:
+            raise UsageError(
+                f"--domains: no request has domain {', '.join(repr(d) for d in unknown)} "
+                f"(domains in the trace: {', '.join(names) if names else 'none'})"
+            )
+        names = wanted
+    index = {d: i for i, d in enumerate(names)}
+    req_dom = np.array([index.get(d, -1) for d in requests["domain"].to_list()], np.int32)
+    return Selection(
+        layers=chosen,
+        domains=names,
+        request_ids=requests["request_id"].to_numpy().astype(np.int64),
+        request_domain=req_dom,
+        num_experts=model.num_experts,
+        top_k=model.top_k,
+        seed=seed,
+        sample_tokens=sample_tokens,
+        keep_unlisted=domains is None,
+    )
+
+
+def _load_domains(trace: Trace) -> set[str]:
+    frame = trace.loads()
+    if frame is None:
+        return set()
+    return set(frame.select(pl.col("domain").drop_nulls().unique()).collect()["domain"].to_list())
+
+
+# -- the analysis ------------------------------------------------------------------------------
+def analyze_trace(
+    path: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    domains: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    seed: int = 0,
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Analysis:
+    """Compute every statistic of DESIGN.md "Statistics" for the trace at ``path``.
+
+    ``progress(done, total)`` is called as row groups finish. Raises :class:`UsageError` for a bad
+    selection and :class:`AnalysisError` when the selection holds no routing at all.
+    """
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UsageError("--batch-sizes: give positive integers, e.g. --batch-sizes 1,8,64,512,4096")
+    trace = Trace.open(path, verify="rows")
+    sel = build_selection(trace, layers, domains, seed, sample_tokens)
+    manifest = trace.manifest
+    notes: list[str] = []
+    # Step 1: one pass -> mergeable aggregates.
+    if trace.num_routing_rows:
+        units = row_groups(trace)
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress is not None:
+                progress(done[0], len(units))
+
+        agg = aggregate_routing(trace, sel, units=units, threads=threads, progress=tick)
+        if trace.loads() is not None:
+            notes.append("the trace has both routing rows and count tables; statistics use the routing rows")
+    elif trace.loads() is not None:
+        agg = aggregate_loads(trace, sel)
+    else:
+        raise AnalysisError(f"{trace.path}: the trace holds no routing rows and no count tables; nothing to analyze")
+    if agg.rows == 0 or agg.total().sum() == 0:
+        what = f"domains {', '.join(sel.domains)}" if domains is not None else "the trace"
+        raise AnalysisError(f"{trace.path}: no routing in the selected layers ({_ranges(sel.layers)}) of {what}")
+    # Step 2: layers without tokens: an error if asked for by name, otherwise left out with a note.
+    routes = agg.total().sum(axis=1)
+    empty = [sel.layers[i] for i in np.flatnonzero(routes == 0)]
+    if empty:
+        if layers is not None:
+            have = [sel.layers[i] for i in np.flatnonzero(routes > 0)]
+            raise AnalysisError(
+                f"--layers: layer {', '.join(map(str, empty))} has no routed tokens in {trace.path} "
+                f"(layers with tokens: {_ranges(have)})"
+            )
+        notes.append(f"MoE layers {_ranges(empty)} have no routed tokens in this trace and are left out")
+    keep_l = np.flatnonzero(routes > 0)
+    kept_layers = [sel.layers[i] for i in keep_l]
+
+    a = Analysis(summary={})
+    s = a.summary
+    caps = _capabilities(trace, agg)
+    unlisted = int(agg.counts[-1].sum())
+    if unlisted:
+        notes.append(f"{unlisted:,} token-routes belong to requests not listed in requests.parquet: counted in "
+                     "load statistics, left out of per-domain and per-request ones")
+    s.update(
+        summary_format=SUMMARY_FORMAT,
+        moeprof_version=_own_version(),
+        trace=_trace_info(trace, agg, sel, keep_l),
+        selection=dict(layers=kept_layers, domains=sel.domains, batch_sizes=list(batch_sizes), seed=seed,
+                       sample_tokens=sample_tokens),
+        notes=notes,
+    )
+    counts = agg.counts[:, :, keep_l]  # (R+1, 2, L, E)
+    total = agg.total()[keep_l]
+    E, k = sel.num_experts, sel.top_k
+    a.arrays.update(layers=kept_layers, load=total, num_experts=E, top_k=k)
+
+    # Step 3: imbalance over the whole trace.
+    agg_k = _sliced(agg, counts, keep_l)
+    per_layer = load.layer_imbalance(agg_k, caps["phase"] is None)
+    a.tables["layer_imbalance"] = per_layer
+    a.tables["expert_loads"] = load.expert_loads(agg_k)
+    s["imbalance"] = _imbalance_summary(per_layer, total)
+
+    # Step 4: imbalance over batches of B tokens.
+    tokens = dup = None
+    if not agg.per_token:
+        s["batch_imbalance"] = unavailable(caps["per_token"])
+        if agg.windows is not None and agg.windows.shape[0] > 1:
+            s["batch_imbalance"]["source_windows"] = load.window_imbalance(agg.windows[:, keep_l], kept_layers, seed)
+    else:
+        tokens, dup = load.token_matrix(agg, sample_tokens if sample_tokens > 0 else 1 << 62)
+        tokens = tokens[:, keep_l]
+        if dup.any():
+            why = caps["positions"] or "several routing rows share one (request, step, pos) in a layer"
+            s["batch_imbalance"] = unavailable(f"tokens cannot be told apart: {why}")
+        else:
+            pooled, by_layer = load.batch_imbalance(tokens, batch_sizes, E, kept_layers, seed)
+            a.tables["batch_imbalance"] = by_layer
+            a.tables["batch_imbalance_pooled"] = pooled
+            s["batch_imbalance"] = _batch_summary(pooled, agg, tokens.shape[0])
+
+    # Step 5: domain shift and classification.
+    by_domain = agg.by_domain()[:, :, keep_l]  # (D, 2, L, E)
+    dom_counts = by_domain.sum(axis=1)
+    present = [i for i in range(len(sel.domains)) if dom_counts[i].sum() > 0]
+    names = [sel.domains[i] for i in present]
+    a.arrays.update(domains=names, domain_counts=dom_counts[present])
+    if caps["domains"] is not None:
+        s["domain_shift"] = unavailable(caps["domains"])
+    elif len(present) < 2:
+        s["domain_shift"] = unavailable(
+            f"only one domain ({names[0] if names else 'none'}) has routed tokens in the selection; "
+            "domain shift compares two or more"
+        )
+    else:
+        shift = dom.pairwise_shift(dom_counts[present], names, kept_layers)
+        experts = dom.domain_experts(dom_counts[present], names, kept_layers)
+        a.tables["domain_shift"] = shift
+        a.tables["domain_experts"] = experts
+        s["domain_shift"] = _shift_summary(shift, experts, names)
+    s["classification"] = _classification(a, agg, counts, caps, sel, kept_layers, seed)
+
+    # Step 6: prefill -> decode.
+    s["prefill_decode"] = _prefill_decode(a, counts, caps, sel, kept_layers, seed)
+
+    # Step 7: co-activation.
+    s["coactivation"] = _coactivation(a, tokens, dup, agg, caps, trace, kept_layers)
+    return a
+
+
+def _own_version() -> str:
+    from moeprof import __version__
+
+    return __version__
+
+
+def _sliced(agg: Aggregates, counts: np.ndarray, keep_l: np.ndarray) -> Aggregates:
+    sel = agg.selection
+    sub = Selection(
+        layers=[sel.layers[i] for i in keep_l], domains=sel.domains, request_ids=sel.request_ids,
+        request_domain=sel.request_domain, num_experts=sel.num_experts, top_k=sel.top_k, seed=sel.seed,
+        sample_tokens=sel.sample_tokens,
+    )
+    out = Aggregates(selection=sub, counts=counts, rows=agg.rows, per_token=agg.per_token)
+    if agg.domain_extra is not None:
+        out.domain_extra = agg.domain_extra[:, :, keep_l]
+    return out
+
+
+def _capabilities(trace: Trace, agg: Aggregates) -> dict[str, str | None]:
+    """Why each family of statistics cannot be computed (None when it can)."""
+    m = trace.manifest
+    missing = m.missing
+    src = m.source
+
+    def miss(cap: str, default: str) -> str | None:
+        return f"{default} ({cap}: {missing[cap]})" if cap in missing else None
+
+    out: dict[str, str | None] = {}
+    out["per_token"] = None if agg.per_token else (
+        f"the trace holds count tables only (source {src!r}"
+        + (f": {missing['per_token']}" if "per_token" in missing else "")
+        + "); this statistic needs per-token routing rows"
+    )
+    ph_reason = miss("phase", "the trace does not record prefill/decode phase")
+    if ph_reason is None and not agg.phases_seen.all():
+        seen = [p for p, s in zip(("prefill", "decode"), agg.phases_seen) if s]
+        ph_reason = f"the selection holds {' and '.join(seen) or 'no'} tokens only; it needs both prefill and decode"
+    out["phase"] = ph_reason
+    req_reason = miss("request_ids", "the trace does not record which request a token belongs to")
+    if req_reason is None and agg.by_request.sum() == 0:
+        req_reason = "no routed token belongs to a request listed in requests.parquet"
+    out["requests"] = req_reason
+    if len(agg.selection.domains) == 0:
+        out["domains"] = "no request carries a domain label"
+    else:
+        out["domains"] = None
+    out["positions"] = miss("positions", "the trace does not record token positions")
+    return out
+
+
+def _trace_info(trace: Trace, agg: Aggregates, sel: Selection, keep_l: np.ndarray) -> dict[str, Any]:
+    m = trace.manifest
+    total = agg.total()[keep_l]
+    per_domain = {}
+    req_has = agg.by_request.sum(axis=(1, 2, 3)) > 0
+    for i, d in enumerate(sel.domains):
+        per_domain[d] = int((req_has & (sel.request_domain == i)).sum())
+    return dict(
+        path=str(trace.path),
+        source=m.source,
+        complete=m.complete,
+        model=dict(name=m.model.name, num_experts=m.model.num_experts, top_k=m.model.top_k,
+                   moe_layers=list(m.model.moe_layers)),
+        per_token=agg.per_token,
+        routing_rows=trace.num_routing_rows,
+        rows_analyzed=int(agg.rows),
+        token_routes=int(total.sum()),
+        tokens=int(total.sum(axis=1).max() // sel.top_k) if total.size else 0,
+        requests=int(req_has.sum()),
+        requests_per_domain=per_domain,
+        missing=dict(m.missing),
+    )
+
+
+def _imbalance_summary(per_layer: pl.DataFrame, total: np.ndarray) -> dict[str, Any]:
+    worst = per_layer.sort("max_over_mean", descending=True, nulls_last=True).row(0, named=True)
+    return dict(
+        available=True,
+        mean_max_over_mean=_finite(per_layer["max_over_mean"].mean()),
+        worst_layer=dict(layer=int(worst["layer"]), max_over_mean=_finite(worst["max_over_mean"])),
+        mean_cv=_finite(per_layer["cv"].mean()),
+        mean_gini=_finite(per_layer["gini"].mean()),
+        mean_entropy=_finite(per_layer["entropy"].mean()),
+        dead_experts=int(per_layer["dead"].sum()),
+        mean_hot_share=_finite(per_layer["hot_share"].mean()),
+        per_layer=_records(per_layer),
+    )
+
+
+def _batch_summary(pooled: pl.DataFrame, agg: Aggregates, sample_tokens: int) -> dict[str, Any]:
+    exact = agg.sample_fraction >= 1.0
+    batches = []
+    for row in pooled.to_dicts():
+        if not row["batches"]:
+            batches.append(dict(batch_size=row["batch_size"], batches=0, available=False,
+                                reason=f"the sample holds {sample_tokens:,} tokens, fewer than one batch of "
+                                       f"{row['batch_size']:,}"))
+            continue
+        batches.append(dict(
+            batch_size=row["batch_size"], batches=row["batches"], available=True,
+            median=_finite(row["median"]), median_ci=[_finite(row["median_lo"]), _finite(row["median_hi"])],
+            p90=_finite(row["p90"]), p90_ci=[_finite(row["p90_lo"]), _finite(row["p90_hi"])],
+        ))
+    method = (
+        "windows of B consecutive tokens over the trace's own forward passes (batch_id), passes in seeded random order"
+        if agg.sample_key == "batch_id"
+        else "windows of B tokens drawn at random (seeded) from the trace: it records no batch_id"
+    )
+    return dict(available=True, method=method, sample_tokens=sample_tokens, whole_trace=exact,
+                statistic="max/mean per layer per batch; median and p90 over (batch, layer), 95% bootstrap CI over batches",
+                batches=batches)
+
+
+def _shift_summary(shift: pl.DataFrame, experts: pl.DataFrame, names: list[str]) -> dict[str, Any]:
+    pairs = (
+        shift.group_by(["domain_a", "domain_b"], maintain_order=True)
+        .agg(js_mean=pl.col("js").mean(), js_max=pl.col("js").max(), jaccard_mean=pl.col("jaccard").mean())
+    )
+    spec = experts.filter(pl.col("specialist")).group_by("domain").agg(pl.len().alias("n"))
+    spec_n = {r["domain"]: int(r["n"]) for r in spec.to_dicts()}
+    top = (
+        experts.filter(pl.col("specialist")).sort("lift", descending=True).head(10)
+        .select(["domain", "layer", "expert", "lift", "share"])
+    )
+    return dict(
+        available=True,
+        domains=names,
+        js_mean=_finite(shift["js"].mean()),
+        jaccard_mean=_finite(shift["jaccard"].mean()),
+        pairs=_records(pairs),
+        specialist_lift=dom.SPECIALIST_LIFT,
+        specialists_per_domain={d: spec_n.get(d, 0) for d in names},
+        top_specialists=_records(top),
+    )
+
+
+def _classification(a: Analysis, agg: Aggregates, counts: np.ndarray, caps: dict, sel: Selection,
+                    layers: list[int], seed: int) -> dict[str, Any]:
+    for cap in ("requests", "phase", "domains"):
+        if caps[cap] is not None:
+            return unavailable(caps[cap])
+    prefill = counts[:-1, 0]  # (R, L, E)
+    has = prefill.sum(axis=(1, 2)) > 0
+    y = np.where(has, sel.request_domain, -1)
+    sizes = {sel.domains[d]: int((y == d).sum()) for d in range(len(sel.domains))}
+    usable = [d for d, n in sizes.items() if n >= 2]
+    if len(usable) < 2:
+        return unavailable(
+            "needs at least two domains with two or more requests that have prefill tokens "
+            f"(requests with prefill per domain: {', '.join(f'{d} {n}' for d, n in sizes.items()) or 'none'})"
+        )
+    summary, per_layer = dom.classify(prefill, sel.request_domain.copy(), sel.domains, layers, seed)
+    a.tables["classification"] = per_layer
+    return dict(available=True, **{k: _finite(v) if not isinstance(v, dict) else v for k, v in summary.items()},
+                per_layer=_records(per_layer))
+
+
+def _prefill_decode(a: Analysis, counts: np.ndarray, caps: dict, sel: Selection, layers: list[int],
+                    seed: int) -> dict[str, Any]:
+    for cap in ("requests", "phase"):
+        if caps[cap] is not None:
+            return unavailable(caps[cap])
+    prefill, decode = counts[:-1, 0], counts[:-1, 1]
+    both = (prefill.sum(axis=(1, 2)) > 0) & (decode.sum(axis=(1, 2)) > 0)
+    if not both.any():
+        return unavailable("no request has both prefill and decode tokens in the selection")
+    idx = np.flatnonzero(both)
+    req_dom = sel.request_domain[idx]
+    k, E = sel.top_k, sel.num_experts
+    ms = sorted({k, load.hot_count(E)})
+    per_layer, per_request = ph.correlations(prefill[idx], decode[idx], req_dom, layers, ms, seed)
+    per_request = per_request.with_columns(
+        pl.Series("request_id", sel.request_ids[idx][per_request["request"].to_numpy()])
+    ).drop("request")
+    a.tables["prefill_decode"] = per_layer
+    a.tables["prefill_decode_requests"] = per_request.select(["request_id", "layer", "pearson", "spearman"])
+    a.arrays["prefill_decode"] = per_layer
+    n_req = int(idx.size)
+    controls: dict[str, Any] = {}
+    doms_present = np.unique(req_dom[req_dom >= 0])
+    for name, ok, why in (
+        ("same_domain", any((req_dom == d).sum() >= 2 for d in doms_present),
+         "no domain has two requests with both prefill and decode tokens"
+         + (" (the selection holds a single request)" if n_req == 1 else "")),
+        ("other_domain", doms_present.size >= 2,
+         "the requests with both prefill and decode tokens are all of one domain"
+         + (" (the selection holds a single request)" if n_req == 1 else "")),
+    ):
+        if ok:
+            controls[name] = dict(available=True, pearson=_finite(per_layer[f"{name}_pearson"].mean()),
+                                  spearman=_finite(per_layer[f"{name}_spearman"].mean()))
+        else:
+            controls[name] = unavailable(why)
+    return dict(
+        available=True,
+        requests=n_req,
+        pearson=_finite(per_layer["pearson"].mean()),
+        spearman=_finite(per_layer["spearman"].mean()),
+        aggregate_pearson=_finite(per_layer["aggregate_pearson"].mean()),
+        aggregate_spearman=_finite(per_layer["aggregate_spearman"].mean()),
+        controls=controls,
+        recall={f"at_{m}": _finite(per_layer[f"recall_at_{m}"].mean()) for m in ms},
+        note="pearson/spearman: mean over requests, then over layers; aggregate: per layer on counts summed over "
+             "requests, then mean over layers",
+        per_layer=_records(per_layer),
+    )
+
+
+def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None, agg: Aggregates, caps: dict,
+                  trace: Trace, layers: list[int]) -> dict[str, Any]:
+    if tokens is None:
+        return unavailable(caps["per_token"])
+    E, k = agg.selection.num_experts, agg.selection.top_k
+    exact = agg.sample_fraction >= 1.0 and tokens.shape[0] <= (agg.selection.sample_tokens or tokens.shape[0])
+    out: dict[str, Any] = dict(available=True, tokens=int(tokens.shape[0]), whole_trace=bool(exact))
+    if not exact:
+        out["note"] = (f"counts over a seeded sample of {tokens.shape[0]:,} tokens of about "
+                       f"{agg.tokens_estimate:,}; raise the sample size for more")
+    if dup is not None and dup.any():
+        return unavailable(f"tokens cannot be told apart: {caps['positions'] or 'several routing rows share one (request, step, pos) in a layer'}")
+    loads = co.layer_counts(tokens, E)
+    tok_per_layer = loads.sum(axis=1) // k
+    pairs = co.pair_counts(tokens, E)
+    ptab = co.pair_table(pairs, loads, tok_per_layer, layers)
+    a.tables["coactivation_pairs"] = ptab
+    top = ptab.filter(pl.col("count") >= 10).sort("lift", descending=True).head(10)
+    out["pairs"] = dict(available=True, nonzero_pairs=int(ptab.height), top_by_lift=_records(top),
+                        min_count_for_top=10)
+    steps = co.consecutive_pairs(layers, trace.model.moe_layers)
+    if not steps:
+        out["transitions"] = unavailable("the selection holds no two consecutive MoE layers")
+        return out
+    trans = co.transition_counts(tokens, steps, E)
+    from_counts = np.stack([loads[i] for i, _ in steps])
+    cond = co.conditional(trans, from_counts)
+    conc = co.concentration(cond, from_counts)
+    ttab = co.transition_table(trans, cond, steps, layers)
+    a.tables["transitions"] = ttab
+    to_counts = np.stack([loads[j] for _, j in steps])
+    # If the next expert were independent of e, max_e' P(e'|e) would be the next layer's top share.
+    baseline = to_counts.max(axis=1) / np.maximum(to_counts.sum(axis=1) / k, 1)
+    best = int(np.nanargmax(conc)) if np.isfinite(conc).any() else 0
+    a.arrays.update(transition_cond=cond[best], transition_pair=(layers[steps[best][0]], layers[steps[best][1]]),
+                    transition_concentration=[(layers[i], layers[j], float(c), float(b))
+                                              for (i, j), c, b in zip(steps, conc, baseline)])
+    out["transitions"] = dict(
+        available=True,
+        layer_pairs=len(steps),
+        uniform_baseline=k / E,
+        independent_baseline_mean=_finite(float(np.mean(baseline))),
+        concentration_mean=_finite(float(np.nanmean(conc))),
+        most_concentrated=dict(layer=layers[steps[best][0]], next_layer=layers[steps[best][1]],
+                               concentration=_finite(conc[best])),
+        definition=("P(e'|e) = tokens routed to e then e' / tokens routed to e; concentration = load-weighted mean of "
+                    "max_e' P(e'|e); independent baseline = the next layer's largest share of tokens (what "
+                    "concentration would be if the next expert did not depend on e)"),
+        per_pair=[dict(layer=layers[i], next_layer=layers[j], concentration=_finite(c), independent_baseline=_finite(b))
+                  for (i, j), c, b in zip(steps, conc, baseline)],
+    )
+    return out
+
+
+# -- outputs -----------------------------------------------------------------------------------
+def prepare_out(out: Path, force: bool) -> None:
+    """Make ``out`` ready: refuse an existing non-empty directory without ``force``; never delete
+    a directory that is not an earlier analysis output."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise OutputExistsError(f"{out} exists and is not a directory; choose another --out")
+        if any(out.iterdir()):
+            if not force:
+                raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+            if not (out / SUMMARY_FILE).exists():
+                raise OutputExistsError(
+                    f"{out} is not empty and holds no {SUMMARY_FILE}; refusing to delete it even with --force: "
+                    "choose another --out"
+                )
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_outputs(analysis: Analysis, out: Path) -> list[Path]:
+    """Write ``summary.json``, one Parquet file per table and the plots into ``out``; return the files."""
+    from moeprof.report.plots import analysis_plots
+    from moeprof.trace.manifest import write_json_atomic
+
+    out = Path(out)
+    files = []
+    tables_dir = out / "tables"
+    tables_dir.mkdir(exist_ok=True)
+    for name, df in analysis.tables.items():
+        path = tables_dir / f"{name}.parquet"
+        df.write_parquet(path)
+        files.append(path)
+    files += analysis_plots(analysis, out / "plots")
+    analysis.summary["outputs"] = sorted(str(p.relative_to(out)) for p in files) + [SUMMARY_FILE]
+    write_json_atomic(out / SUMMARY_FILE, analysis.summary)
+    return files + [out / SUMMARY_FILE]
+
+
+def analyze(path: str | Path, *, out: str | Path | None = None, force: bool = False, **options: Any) -> Analysis:
+    """:func:`analyze_trace`, then (with ``out``) write the summary, tables and plots there."""
+    if out is not None:
+        out_p = Path(out)
+        if out_p.exists() and any(out_p.iterdir()) and not force:
+            raise OutputExistsError(f"{out_p} already exists; pass --force to replace it")
+    analysis = analyze_trace(path, **options)
+    if out is not None:
+        prepare_out(Path(out), force)
+        write_outputs(analysis, Path(out))
+    return analysis
+
+
+def summary_json(analysis: Analysis) -> str:
+    return json.dumps(analysis.summary, indent=2)

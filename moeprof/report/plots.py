@@ -1,0 +1,244 @@
+"""Figures of ``moeprof analyze`` (matplotlib, Agg): each answers one question, saved as PNG and SVG.
+
+- ``load_heatmap``: which experts carry the load, layer by layer?
+- ``imbalance_vs_batch``: how much worse is the straggler factor in real batches than over the trace?
+- ``domain_js``: how different are domains' expert distributions, per layer?
+- ``domain_popularity``: which experts does each domain favour (the layer where domains differ most)?
+- ``prefill_decode``: does a request's prefill predict its decode, beyond its domain's average?
+- ``transitions``: given a token's expert in one layer, how predictable is its expert in the next?
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+
+_STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "figure.dpi": 100}
+
+
+def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _layer_ticks(ax: plt.Axes, layers: list[int], axis: str = "y", max_ticks: int = 16) -> None:
+    step = max(1, math.ceil(len(layers) / max_ticks))
+    idx = list(range(0, len(layers), step))
+    (ax.set_yticks if axis == "y" else ax.set_xticks)(idx)
+    (ax.set_yticklabels if axis == "y" else ax.set_xticklabels)([str(layers[i]) for i in idx])
+
+
+def load_heatmap(analysis: Any, out: Path) -> list[Path]:
+    layers = analysis.arrays["layers"]
+    load = np.asarray(analysis.arrays["load"], np.float64)  # (L, E)
+    E = load.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = load / load.mean(axis=1, keepdims=True)
+    vmax = max(2.0, float(np.nanmax(rel)))
+    fig, ax = plt.subplots(figsize=(10, max(3.0, 1.2 + 0.18 * len(layers))))
+    im = ax.imshow(rel, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax),
+                   interpolation="nearest")
+    ax.set_xlabel(f"expert id (0-{E - 1})")
+    ax.set_ylabel("MoE layer")
+    _layer_ticks(ax, layers)
+    ax.set_title("Expert load per layer (token-routes / layer mean; 1.0 = balanced)")
+    cb = fig.colorbar(im, ax=ax, pad=0.01)
+    cb.set_label("load / mean load (×)")
+    return _save(fig, out, "load_heatmap")
+
+
+def imbalance_vs_batch(analysis: Any, out: Path) -> list[Path]:
+    s = analysis.summary
+    rows = [b for b in s["batch_imbalance"]["batches"] if b.get("available")]
+    B = np.array([r["batch_size"] for r in rows], float)
+    med = np.array([r["median"] for r in rows], float)
+    p90 = np.array([r["p90"] for r in rows], float)
+    med_ci = np.array([r["median_ci"] for r in rows], float)
+    p90_ci = np.array([r["p90_ci"] for r in rows], float)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.fill_between(B, med_ci[:, 0], med_ci[:, 1], color="tab:blue", alpha=0.25, label="median, 95% CI")
+    ax.plot(B, med, "o-", color="tab:blue", label="median over batches × layers")
+    ax.fill_between(B, p90_ci[:, 0], p90_ci[:, 1], color="tab:red", alpha=0.2, label="p90, 95% CI")
+    ax.plot(B, p90, "s--", color="tab:red", label="p90")
+    whole = s["imbalance"]["mean_max_over_mean"]
+    ax.axhline(whole, color="gray", ls=":", label=f"whole trace, mean over layers ({whole:.2f}×)")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(B)
+    ax.set_xticklabels([f"{int(b):,}" for b in B])
+    ax.set_xlabel("batch size B (tokens per forward pass)")
+    ax.set_ylabel("straggler factor: max / mean expert load (×)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Load imbalance vs batch size (per layer, per batch)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    return _save(fig, out, "imbalance_vs_batch")
+
+
+def _js_matrix(shift: Any, names: list[str], layer: int | None) -> np.ndarray:
+    D = len(names)
+    m = np.zeros((D, D))
+    idx = {n: i for i, n in enumerate(names)}
+    df = shift if layer is None else shift.filter(shift["layer"] == layer)
+    sums: dict[tuple[int, int], list[float]] = {}
+    for r in df.iter_rows(named=True):
+        a, b = idx[r["domain_a"]], idx[r["domain_b"]]
+        sums.setdefault((a, b), []).append(r["js"])
+    for (a, b), v in sums.items():
+        m[a, b] = m[b, a] = float(np.mean(v))
+    return m
+
+
+def domain_js(analysis: Any, out: Path) -> list[Path]:
+    shift = analysis.tables["domain_shift"]
+    names = analysis.arrays["domains"]
+    layers = analysis.arrays["layers"]
+    show = [None] + [layers[i] for i in np.unique(np.linspace(0, len(layers) - 1, min(len(layers), 7)).round().astype(int))]
+    cols = min(4, len(show))
+    rows = math.ceil(len(show) / cols)
+    D = len(names)
+    cell = max(2.6, 0.45 * D + 1.2)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.6), squeeze=False)
+    vmax = max(0.05, float(shift["js"].max()))
+    im = None
+    for ax, layer in zip(axes.ravel(), show):
+        m = _js_matrix(shift, names, layer)
+        im = ax.imshow(m, cmap="magma_r", vmin=0, vmax=vmax)
+        ax.set_xticks(range(D))
+        ax.set_yticks(range(D))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_title("mean over layers" if layer is None else f"layer {layer}", fontsize=10)
+        if D <= 8:
+            for i in range(D):
+                for j in range(D):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if m[i, j] > 0.6 * vmax else "black")
+    for ax in axes.ravel()[len(show):]:
+        ax.axis("off")
+    fig.suptitle("Domain shift: Jensen-Shannon divergence of expert distributions (base 2; 0 = same, 1 = disjoint)",
+                 fontsize=11)
+    fig.tight_layout()
+    cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
+    cb.set_label("JS divergence (bits)")
+    return _save(fig, out, "domain_js")
+
+
+def domain_popularity(analysis: Any, out: Path) -> list[Path]:
+    shift = analysis.tables["domain_shift"]
+    names = analysis.arrays["domains"]
+    layers = analysis.arrays["layers"]
+    counts = np.asarray(analysis.arrays["domain_counts"], np.float64)  # (D, L, E)
+    by_layer = shift.group_by("layer").agg(pl.col("js").mean()).sort("js", descending=True)
+    layer = int(by_layer["layer"][0])
+    li = layers.index(layer)
+    c = counts[:, li]
+    share = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+    order = np.argsort(-c.sum(axis=0), kind="stable")
+    E = c.shape[1]
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.45 * len(names)))
+    im = ax.imshow(100 * share[:, order], aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names)
+    step = max(1, E // 16)
+    ax.set_xticks(range(0, E, step))
+    ax.set_xticklabels([str(order[i]) for i in range(0, E, step)], fontsize=8)
+    ax.set_xlabel("expert id, ordered by overall load (most loaded on the left)")
+    ax.set_ylabel("domain")
+    ax.set_title(f"Expert popularity per domain, layer {layer} (the layer where domains differ most)")
+    cb = fig.colorbar(im, ax=ax, pad=0.01)
+    cb.set_label("share of the domain's token-routes (%)")
+    return _save(fig, out, "domain_popularity")
+
+
+def prefill_decode(analysis: Any, out: Path) -> list[Path]:
+    df = analysis.tables["prefill_decode"]
+    layers = df["layer"].to_list()
+    x = np.arange(len(layers))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.16 * len(layers) + 4), 4.5))
+    series = [
+        ("pearson", "own request (Pearson, mean over requests)", "tab:blue", "o-"),
+        ("spearman", "own request (Spearman)", "tab:cyan", "o--"),
+        ("aggregate_pearson", "aggregate over requests (Pearson)", "black", "-"),
+        ("same_domain_pearson", "control: other request, same domain", "tab:orange", "^-"),
+        ("other_domain_pearson", "control: request of another domain", "tab:red", "v-"),
+    ]
+    ms = 4 if len(layers) <= 30 else 0
+    for col, label, color, style in series:
+        v = df[col].to_numpy()
+        if np.isfinite(v).any():
+            ax.plot(x, v, style, color=color, label=label, markersize=ms)
+    ax.set_xlabel("MoE layer")
+    _layer_ticks(ax, layers, axis="x", max_ticks=20)
+    ax.set_ylabel("correlation of prefill and decode expert counts")
+    ax.set_ylim(min(-0.05, float(np.nanmin(df.select([c for c, *_ in series]).to_numpy())) - 0.05), 1.02)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_title("Prefill → decode: does the prompt predict the answer's experts?")
+    ax.legend(fontsize=8, loc="lower left", ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, "prefill_decode")
+
+
+def transitions(analysis: Any, out: Path) -> list[Path]:
+    cond = np.asarray(analysis.arrays["transition_cond"], np.float64)  # (E, E)
+    l0, l1 = analysis.arrays["transition_pair"]
+    conc = analysis.arrays["transition_concentration"]
+    k, E = analysis.arrays["top_k"], analysis.arrays["num_experts"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.15, 1]})
+    im = ax.imshow(np.nan_to_num(cond), cmap="viridis", vmin=0, vmax=min(1.0, float(np.nanmax(cond))),
+                   interpolation="nearest", aspect="auto")
+    ax.set_xlabel(f"expert e' in layer {l1}")
+    ax.set_ylabel(f"expert e in layer {l0}")
+    ax.set_title(f"P(e' | e): layer {l0} → {l1} (most concentrated pair)")
+    cb = fig.colorbar(im, ax=ax, pad=0.01)
+    cb.set_label(f"P(token goes to e' | it went to e); uniform = {k / E:.3f}")
+    x = np.arange(len(conc))
+    ms = 3 if len(conc) > 30 else 5
+    ax2.plot(x, [c[2] for c in conc], "o-", color="tab:purple", markersize=ms,
+             label="observed: load-weighted mean of max_e' P(e'|e)")
+    ax2.plot(x, [c[3] for c in conc], "s--", color="tab:green", markersize=ms,
+             label="if independent of e: next layer's top expert share")
+    ax2.axhline(k / E, color="gray", ls=":", label=f"uniform routing (k/E = {k / E:.3f})")
+    ax2.set_xlabel("layer pair (layer → next MoE layer)")
+    step = max(1, math.ceil(len(conc) / 12))
+    ax2.set_xticks(x[::step])
+    ax2.set_xticklabels([f"{c[0]}→{c[1]}" for c in conc][::step], rotation=45, ha="right", fontsize=8)
+    ax2.set_ylabel("concentration of the next expert (probability)")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_title("How predictable is the next layer's expert?")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out, "transitions")
+
+
+def analysis_plots(analysis: Any, out: Path) -> list[Path]:
+    """Every figure the analysis supports; a figure whose statistic is unavailable is not drawn."""
+    out = Path(out)
+    s = analysis.summary
+    files: list[Path] = []
+    with plt.rc_context(_STYLE):
+        files += load_heatmap(analysis, out)
+        if s["batch_imbalance"].get("available") and any(b.get("available") for b in s["batch_imbalance"]["batches"]):
+            files += imbalance_vs_batch(analysis, out)
+        if s["domain_shift"].get("available"):
+            files += domain_js(analysis, out)
+            files += domain_popularity(analysis, out)
+        if s["prefill_decode"].get("available"):
+            files += prefill_decode(analysis, out)
+        if s["coactivation"].get("available") and s["coactivation"].get("transitions", {}).get("available"):
+            files += transitions(analysis, out)
+    return files
