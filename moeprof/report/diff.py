@@ -62,10 +62,16 @@ class DiffResult:
         if w is None:
             return "The two runs share no MoE layer."
         biggest = max(self.layers, key=lambda d: abs(d.imbalance_change))
+        if abs(biggest.imbalance_change) < 0.005:
+            imb = "imbalance is unchanged in every layer"
+        else:
+            imb = (f"imbalance changed most in layer {biggest.layer}, from {biggest.imbalance_a:.2f}× to "
+                   f"{biggest.imbalance_b:.2f}×")
+        if w.js == 0:
+            return f"Expert popularity is identical in every layer; {imb}."
         return (
-            f"Routing moved most in layer {w.layer} (JS divergence {w.js:.3f}; {len(w.hot_appeared)} hot experts "
-            f"appeared, {len(w.hot_vanished)} vanished); imbalance changed most in layer {biggest.layer}, "
-            f"from {biggest.imbalance_a:.2f}× to {biggest.imbalance_b:.2f}×."
+            f"Routing moved most in layer {w.layer} (JS divergence {w.js:.3f}; {_n(len(w.hot_appeared), 'hot expert')} "
+            f"appeared, {len(w.hot_vanished)} vanished); {imb}."
         )
 
 
@@ -168,6 +174,10 @@ def plot_diff(result: DiffResult):
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Routing change: {a_lab} → {b_lab}")
     return fig
+
+
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _short(label: str, width: int = 40) -> str:

@@ -124,7 +124,7 @@ def render_diff(result: Any, con: Console, *, max_js: float | None = None) -> No
     if max_js is not None:
         over = [d for d in result.layers if d.js > max_js]
         if over:
-            con.print(Text(f"{len(over)} layers exceed --max-js {max_js:g}: "
+            con.print(Text(f"{len(over)} {'layer exceeds' if len(over) == 1 else 'layers exceed'} --max-js {max_js:g}: "
                            + ", ".join(f"layer {d.layer} ({d.js:.4f})" for d in over), style="red"))
         else:
             con.print(f"Every layer is within --max-js {max_js:g}.", highlight=False)
