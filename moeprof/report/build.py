@@ -257,17 +257,24 @@ def _domain(inputs: Inputs) -> Section:
 def _prefill_decode(inputs: Inputs) -> Section:
     node = view.need(inputs, "prefill_decode")
     rows = node["per_layer"]
-    lowest = min(rows, key=lambda r: r["aggregate_pearson"] if r.get("aggregate_pearson") is not None else 9)
+    defined = [r for r in rows if r.get("aggregate_pearson") is not None]
+    if not defined or node.get("aggregate_pearson") is None:
+        raise Unavailable(
+            "the correlation is undefined: prefill or decode expert counts are constant (e.g. uniform) in every layer"
+        )
+    lowest = min(defined, key=lambda r: r["aggregate_pearson"])
     controls = node.get("controls") or {}
     ctl = []
     for key, label in (("same_domain", "another request of the same domain"), ("other_domain", "one of another domain")):
         c = controls.get(key) or {}
         if c.get("available", False) and c.get("pearson") is not None:
             ctl.append(f"{c['pearson']:.2f} for {label}")
+    own = node.get("pearson")
     finding = (
         f"Prefill routing predicts decode routing: aggregate Pearson {node['aggregate_pearson']:.2f} averaged over "
-        f"layers (lowest {lowest['aggregate_pearson']:.2f}, layer {lowest['layer']}); per request "
-        f"{node['pearson']:.2f}" + (f", against {' and '.join(ctl)}" if ctl else "") + "."
+        f"layers (lowest {lowest['aggregate_pearson']:.2f}, layer {lowest['layer']})"
+        + (f"; per request {own:.2f}" + (f", against {' and '.join(ctl)}" if ctl else "") if own is not None else "")
+        + "."
     )
     recall_cols = sorted((k for k in rows[0] if k.startswith("recall_at_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     cols = ["layer", "aggregate r", "aggregate ρ", "per-request r", "same-domain r", "other-domain r"]
