@@ -38,6 +38,24 @@ window.addEventListener('load', () => {
 """
 
 
+# Chromium's own housekeeping (component updater, account check), whatever the flags: the recorder
+# traps these too, so they never reach the network, and they are not the page's.
+BROWSER_HOUSEKEEPING = ("update.googleapis.com", "accounts.google.com", "clients2.google.com",
+                        "clientservices.googleapis.com", "optimizationguide-pa.googleapis.com")
+
+
+def page_requests(requests: list[str]) -> list[str]:
+    """The recorded requests that are not chromium's own housekeeping."""
+    out = []
+    for line in requests:
+        parts = line.split()
+        target = parts[1] if len(parts) > 1 else line
+        host = re.sub(r"^[a-z]+://", "", target).split("/", 1)[0].split(":", 1)[0]
+        if host not in BROWSER_HOUSEKEEPING:
+            out.append(line)
+    return out
+
+
 class Recorder:
     """A TCP listener standing in for the proxy: records the first line of every connection."""
 
@@ -77,10 +95,14 @@ def _flags(profile: Path, proxy_port: int) -> list[str]:
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-default-apps", "--disable-extensions", "--no-default-browser-check",
+        "--disable-client-side-phishing-detection", "--disable-domain-reliability", "--no-pings",
+        "--disable-breakpad", "--metrics-recording-only", "--safebrowsing-disable-auto-update",
+        "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,MediaRouter,Translate,"
+        "AutofillServerCommunication,CertificateTransparencyComponentUpdater,DialMediaRouteProvider",
         "--hide-scrollbars", "--force-device-scale-factor=1",
         f"--user-data-dir={profile}",
         f"--proxy-server=http://127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>",
-        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     ]
 
 
@@ -117,6 +139,7 @@ def probe(page: Path, workdir: Path, *, screenshot: Path | None = None, width: i
         rec.close()
         copy.unlink(missing_ok=True)
     result["requests"] = list(rec.requests)
+    result["page_requests"] = page_requests(rec.requests)
     return result
 
 

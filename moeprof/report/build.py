@@ -125,11 +125,15 @@ def _model(inputs: Inputs) -> Section:
     domains = t.get("requests_per_domain") or {}
     moe = m.get("moe_layers") or []
     analysed = (s.get("selection") or {}).get("layers") or moe
+    n_req = t.get("requests") or 0
+    workload = (
+        f"the workload is {fmt(n_req)} request{'s' if n_req != 1 else ''}" + (f" in {len(domains)} domains" if domains else "")
+        if n_req else "the trace names no request"
+    )
     finding = (
         f"{m.get('name', '?')} routes each token to {m.get('top_k', '?')} of {m.get('num_experts', '?')} experts in "
-        f"{len(moe)} MoE layers; the workload is {fmt(t.get('requests'))} requests"
-        + (f" in {len(domains)} domains" if domains else "")
-        + f", {fmt(t.get('tokens'))} tokens and {fmt(t.get('token_routes'))} token-routes."
+        f"{len(moe)} MoE layer{'s' if len(moe) != 1 else ''}; {workload}, "
+        f"{fmt(t.get('tokens'))} tokens and {fmt(t.get('token_routes'))} token-routes."
     )
     rows = [
         ["model", str(m.get("name", "?"))],
