@@ -18,6 +18,9 @@ from moeprof.report import view
 from moeprof.report.document import Figure, Report, Section, Table, fmt
 from moeprof.report.view import Inputs, Unavailable
 
+STRONG_LIFT = 1.5  # a pair chosen together this many times more often than chance is worth a sentence
+SAME_JS = 0.02  # below this JS divergence (bits) two domains' expert popularity is "alike"
+
 SECTIONS = [
     ("model", "Model and workload"),
     ("imbalance", "Load imbalance"),
@@ -233,8 +236,9 @@ def _domain(inputs: Inputs) -> Section:
     except Unavailable as exc:
         acc, acc_text = None, ""
         acc_reason = str(exc)
+    verdict = "Domains route differently" if top["js_max"] >= SAME_JS else "Domains route alike"
     finding = (
-        f"Domains route differently: {top['domain_a']} and {top['domain_b']} differ most, JS divergence "
+        f"{verdict}: {top['domain_a']} and {top['domain_b']} differ most, JS divergence "
         f"{top['js_max']:.3f} in {where} ({top['js_mean']:.3f} averaged over layers){acc_text}."
     )
     rows = [
@@ -275,7 +279,8 @@ def _prefill_decode(inputs: Inputs) -> Section:
             ctl.append(f"{c['pearson']:.2f} for {label}")
     own = node.get("pearson")
     finding = (
-        f"Prefill routing predicts decode routing: aggregate Pearson {node['aggregate_pearson']:.2f} averaged over "
+        f"Prefill routing {_predicts(node['aggregate_pearson'])} decode routing: aggregate Pearson "
+        f"{node['aggregate_pearson']:.2f} averaged over "
         f"layers (lowest {lowest['aggregate_pearson']:.2f}, layer {lowest['layer']})"
         + (f"; per request {own:.2f}" + (f", against {' and '.join(ctl)}" if ctl else "") if own is not None else "")
         + "."
@@ -313,10 +318,14 @@ def _coactivation(inputs: Inputs) -> Section:
         )
     if pairs:
         p = pairs[0]
-        parts.append(
-            f"experts {p['expert_a']} and {p['expert_b']} of layer {p['layer']} are chosen together "
-            f"{p['lift']:.1f}× more often than chance ({fmt(p['count'])} tokens)"
-        )
+        if p["lift"] >= STRONG_LIFT:
+            parts.append(
+                f"experts {p['expert_a']} and {p['expert_b']} of layer {p['layer']} are chosen together "
+                f"{p['lift']:.1f}× as often as chance ({fmt(p['count'])} tokens)"
+            )
+        else:
+            parts.append(f"no two experts of a layer are chosen together much more than chance (highest lift "
+                         f"{p['lift']:.2f}×, experts {p['expert_a']} and {p['expert_b']} of layer {p['layer']})")
     if not parts:
         raise Unavailable(trans.get("reason") or "no co-activation statistics in the summary")
     finding = "; ".join(parts)
@@ -333,7 +342,8 @@ def _coactivation(inputs: Inputs) -> Section:
             ["layer", "expert a", "expert b", "tokens", "lift"],
             [[str(p["layer"]), str(p["expert_a"]), str(p["expert_b"]), fmt(p["count"]), f"{p['lift']:.2f}×"]
              for p in pairs],
-            caption="Expert pairs one token selects together, most above chance"))
+            caption="Expert pairs one token selects together, highest lift first (lift = P(a and b) / P(a) P(b); "
+                    "1.0 = chance); pairs seen by 10 tokens or more"))
     sec = Section("coactivation", "", finding=finding, tables=tables,
                   figures=_figures(inputs, [("transitions", "Cross-layer transitions P(e' | e)")]))
     if node.get("note"):
@@ -341,6 +351,16 @@ def _coactivation(inputs: Inputs) -> Section:
     if trans.get("available") is False:
         sec.notes.append(f"Transitions not available: {trans.get('reason')}.")
     return sec
+
+
+def _predicts(r: float) -> str:
+    if r >= 0.7:
+        return "strongly predicts"
+    if r >= 0.4:
+        return "predicts"
+    if r >= 0.1:
+        return "weakly predicts"
+    return "does not predict"
 
 
 def _ci(ci: list | None) -> str:
@@ -376,7 +396,16 @@ def _placement(inputs: Inputs) -> Section:
          _pct(get(r, "local_share")), _x(get(r, "gpu_imbalance", "median")), _x(get(r, "gpu_imbalance", "p90"))]
         for r in rows
     ]
-    where = ", ".join(f"{k} {v}" for k, v in topo.items() if isinstance(v, (int, float, str)))
+    where = ""
+    if topo.get("nodes") and topo.get("gpus_per_node"):
+        where = f"{topo['nodes']} nodes × {topo['gpus_per_node']} GPUs"
+        if topo.get("slots_per_gpu"):
+            where += f", {topo['slots_per_gpu']} expert slots per GPU"
+        if topo.get("num_redundant_experts"):
+            where += f", {topo['num_redundant_experts']} redundant"
+    test_n = (inputs.compare.get("split") or {}).get("test_requests")
+    if test_n:
+        where += f"; {test_n} held-out requests"
     sec = Section("placement", "", finding=finding, tables=[Table(
         cols, table_rows, numeric=[False, False] + [True] * 5, caption="Every policy fitted on the train split and scored on held-out requests"
         + (f" ({where})" if where else ""))],
