@@ -1,1 +1,1 @@
-"""placement"""
+"""Expert placement and request grouping: topology, policy registry, grouping, simulator, exporters."""

@@ -1,0 +1,71 @@
+"""`moeprof demo`: every step of moeprof on the shipped tiny model and sample workload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moeprof.commands.options import Force
+from moeprof.errors import OutputExistsError
+from moeprof.report.console import console
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Directory for everything the demo writes.")]
+
+
+def _steps(out: Path, limit: int | None) -> list[tuple[str, list[str]]]:
+    """(title, argv) of each step, in order; a step whose command does not exist is left out."""
+    trace, analysis, placement = out / "trace", out / "analysis", out / "placement"
+    capture = ["capture", "--out", trace] + (["--limit", str(limit)] if limit else [])
+    return [
+        ("Capture the sample workload on the tiny model", capture),
+        ("Validate and summarise the trace", ["inspect", trace]),
+        ("Analyze routing", ["analyze", trace, "--out", analysis]),
+        ("Compare placement policies on held-out requests",
+         ["simulate", trace, "--compare", "--nodes", "2", "--gpus-per-node", "4", "--out", placement]),
+        ("Place experts with the locality policy",
+         ["place", trace, "--nodes", "2", "--gpus-per-node", "4", "--policy", "locality",
+          "--grouping", "prefill", "--out", placement / "placement.json", "--export", "sglang"]),
+        ("Write the report", ["report", analysis, placement, "--out", out / "report"]),
+        ("Gate on thresholds", ["check", analysis / "summary.json", "--max-imbalance", "1000"]),
+    ]
+
+
+def demo(
+    out: OutOpt = Path("moeprof-demo"),
+    force: Force = False,
+    limit: int = typer.Option(None, "--limit", help="Capture only the first N prompts (quicker)."),
+) -> int:
+    """Run every moeprof step on the shipped tiny MoE model and sample workload.
+
+    Captures the sample workload into OUT/trace, then runs each other subcommand on it
+    (inspect, analyze, simulate --compare, place, report, check), printing each command line
+    first so you can run it yourself. No GPU and no network needed.
+
+    Example:
+
+        moeprof demo --out moeprof-demo
+    """
+    from moeprof.commands.main import COMMANDS, app, main
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    registered = {c.name for c in app.registered_commands}
+    con = console()
+    steps = [(title, argv) for title, argv in _steps(out, limit) if argv[0] in registered and argv[0] in COMMANDS]
+    for number, (title, argv) in enumerate(steps, start=1):
+        args = [str(a) for a in argv]
+        if force and args[0] in {"capture", "analyze", "simulate", "place", "report"}:
+            args.append("--force")
+        con.rule(f"[bold]{number}/{len(steps)} {title}")
+        con.print("$ moeprof " + " ".join(args), style="cyan", highlight=False)
+        code = main(args)
+        if code != 0:
+            con.print(f"[red]step {number} ({args[0]}) failed with exit code {code}; the demo stops here[/]")
+            return code
+    con.rule("[bold green]done")
+    con.print(f"Everything is in {out}/" + (" — open report/index.html" if "report" in registered else ""))
+    return 0

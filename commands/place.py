@@ -1,0 +1,85 @@
+"""`moeprof place`: fit a placement policy on a trace and write placement.json (+ engine formats)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moeprof.commands.options import Force, JsonFlag, TraceArg
+from moeprof.placement.export import EXPORTERS
+from moeprof.placement.grouping import GROUPINGS
+from moeprof.placement.policies import POLICIES
+from moeprof.placement.run import place as run_place
+from moeprof.report.console import console
+from moeprof.report.placement import render_placement
+
+Nodes = Annotated[int, typer.Option("--nodes", "-n", help="Nodes (network between them).")]
+GpusPerNode = Annotated[int, typer.Option("--gpus-per-node", "-g", help="GPUs per node (NVLink inside).")]
+SlotsPerGpu = Annotated[
+    Optional[int],
+    typer.Option("--slots-per-gpu", help="Expert slots per GPU per layer [default: ceil(E / GPUs)]."),
+]
+Redundant = Annotated[
+    Optional[int],
+    typer.Option("--redundant", help="Redundant expert slots per layer (SGLang's --ep-num-redundant-experts)."),
+]
+HiddenSize = Annotated[
+    Optional[int], typer.Option("--hidden-size", help="Elements per hidden state [default: the trace's model].")
+]
+DtypeBytes = Annotated[
+    Optional[int], typer.Option("--dtype-bytes", help="Bytes per element on the wire [default: the model's dtype, else 2].")
+]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the train/test split and of every random choice.")]
+TestFraction = Annotated[float, typer.Option("--test-fraction", help="Share of requests held out for scoring.")]
+
+
+def place(
+    trace: TraceArg,
+    nodes: Nodes,
+    gpus_per_node: GpusPerNode,
+    policy: str = typer.Option(..., "--policy", "-p", help=f"Placement policy: {', '.join(POLICIES)}."),
+    out: Path = typer.Option(Path("placement.json"), "--out", "-o", help="placement.json to write."),
+    slots_per_gpu: SlotsPerGpu = None,
+    redundant: Redundant = None,
+    grouping: Optional[str] = typer.Option(
+        None, "--grouping", help=f"Which node serves a request: {', '.join(GROUPINGS)} [default: the policy's]."
+    ),
+    export: list[str] = typer.Option(
+        [], "--export", "-e", help=f"Also write an engine format (repeatable): {', '.join(EXPORTERS)}."
+    ),
+    load_bound: Optional[float] = typer.Option(
+        None, "--load-bound", help="locality: max/mean GPU load allowed [default: 1.1 × eplb's]."
+    ),
+    hidden_size: HiddenSize = None,
+    dtype_bytes: DtypeBytes = None,
+    seed: Seed = 0,
+    test_fraction: TestFraction = 0.3,
+    force: Force = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Place experts on N nodes × G GPUs with a policy fitted on the trace's train split.
+
+    Fits the policy on a seeded train split of the requests, simulates the placement on the held-out
+    requests (cross-node and intra-node bytes per token, GPU load max/mean) and writes placement.json
+    (engine names: physical_to_logical_map, logical_to_physical_map, logical_replica_count, plus the
+    request-grouping model). --export writes what SGLang (--init-expert-location), TensorRT-LLM (MoE
+    load balancer YAML) or DeepSeek EPLB (phy2log) load, next to OUT.
+
+    Example:
+
+        moeprof place trace --nodes 2 --gpus-per-node 4 --policy locality --out placement.json --export sglang
+    """
+    params = {"load_bound": load_bound} if load_bound is not None and policy == "locality" else None
+    placement, written, notes = run_place(
+        trace, nodes=nodes, gpus_per_node=gpus_per_node, policy=policy, out=out, slots_per_gpu=slots_per_gpu,
+        redundant=redundant, grouping=grouping, exports=export, seed=seed, test_fraction=test_fraction,
+        params=params, hidden_size=hidden_size, dtype_bytes=dtype_bytes, force=force,
+    )
+    if as_json:
+        typer.echo(json.dumps(dict(written=[str(p) for p in written], metrics=placement.metrics,
+                                   info=placement.info, notes=notes), indent=2))
+    else:
+        render_placement(placement, written, notes, console())

@@ -1,0 +1,279 @@
+"""The entry points behind ``moeprof place`` and ``moeprof simulate``: fit on the train split, score on
+the held-out split, compare every policy. Everything is seeded; the split is by request."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeprof.errors import OutputExistsError, PlacementError
+from moeprof.placement.data import RoutingData, load_routing, signatures, split_requests
+from moeprof.placement.export import EXPORTERS, write_export
+from moeprof.placement.grouping import GROUPINGS, fit_grouping
+from moeprof.placement.plan import Placement, _jsonable, read_placement, write_placement
+from moeprof.placement.policies import DEFAULT_GROUPING, POLICIES, FitInput, get_policy
+from moeprof.placement.simulate import SimConfig, simulate
+from moeprof.placement.topology import Topology, build_topology
+from moeprof.trace.reader import Trace
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "fp8": 1,
+                "float8_e4m3fn": 1, "int8": 1}
+DEFAULT_HIDDEN = 4096
+
+
+def sim_config(data: RoutingData, *, hidden_size: int | None, dtype_bytes: int | None,
+               batch_size: int | None = None) -> tuple[SimConfig, list[str]]:
+    """Bytes per crossing from the options, else from the trace's model, else a stated default."""
+    notes = []
+    m = data.model
+    if hidden_size is None:
+        hidden_size = m.hidden_size
+        if hidden_size is None:
+            hidden_size = DEFAULT_HIDDEN
+            notes.append(f"the trace does not record the hidden size; assumed {DEFAULT_HIDDEN} (pass --hidden-size)")
+    if dtype_bytes is None:
+        dtype_bytes = _DTYPE_BYTES.get(str(m.dtype or "").replace("torch.", "").lower(), 2)
+    if hidden_size < 1 or dtype_bytes < 1:
+        raise PlacementError("--hidden-size and --dtype-bytes must be at least 1")
+    cfg = SimConfig(hidden_size=int(hidden_size), dtype_bytes=int(dtype_bytes))
+    if batch_size is not None:
+        if batch_size < 1:
+            raise PlacementError(f"--batch-size must be at least 1, got {batch_size}")
+        cfg = replace(cfg, batch_size=int(batch_size))
+    return cfg, notes
+
+
+def fit_policy(
+    data: RoutingData,
+    train: np.ndarray,
+    topo: Topology,
+    policy: str,
+    *,
+    grouping: str | None = None,
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
+) -> Placement:
+    """Fit ``policy`` on the requests where ``train[R]`` is true; return the placement (no metrics)."""
+    fn = get_policy(policy)
+    grouping = grouping or DEFAULT_GROUPING[policy]
+    if grouping not in GROUPINGS:
+        raise PlacementError(f"unknown grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+    params = dict(params or {})
+    fit = FitInput(
+        load=data.counts(data.phase)[train],
+        prefill=data.prefill[train],
+        domains=data.domains[train],
+        topology=topo,
+        seed=seed,
+    )
+    t0 = time.perf_counter()
+    res = fn(fit, **params)
+    seconds = time.perf_counter() - t0
+    if grouping == "prefill" and res.grouping is not None:
+        model = res.grouping
+    else:
+        sig = signatures(fit.prefill) if grouping == "prefill" else None
+        model = fit_grouping(grouping, nodes=topo.nodes, seed=seed, train_domains=fit.domains,
+                             train_prefill_sig=sig, train_node=res.train_node)
+    m = data.model
+    placement = Placement(
+        topology=topo,
+        policy=policy,
+        moe_layers=list(m.moe_layers),
+        phy2log=np.asarray(res.phy2log, dtype=np.int64),
+        grouping=model,
+        params=params,
+        info=dict(res.info, fit_seconds=round(seconds, 4)),
+        model=dict(name=m.name, num_experts=m.num_experts, top_k=m.top_k, num_layers=m.num_layers,
+                   hidden_size=m.hidden_size),
+    )
+    placement.check()
+    return placement
+
+
+def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimConfig) -> dict[str, Any]:
+    """Simulate ``placement`` on the requests where ``test[R]`` is true."""
+    idx = np.flatnonzero(test)
+    sig = signatures(data.prefill[idx]) if placement.grouping.kind == "prefill" else None
+    node_sel = placement.grouping.assign(domains=data.domains[idx], prefill_signatures=sig)
+    node = np.zeros(data.num_requests, dtype=np.int64)
+    node[idx] = node_sel
+    rows = data.rows.subset(test)
+    metrics = simulate(rows, placement.phy2log, placement.topology, node, cfg)
+    metrics["requests"] = int(len(idx))
+    metrics["grouping"] = placement.grouping.kind
+    metrics["phase"] = data.phase
+    return metrics
+
+
+def _check_model(data: RoutingData, placement: Placement, where: str) -> None:
+    m = data.model
+    if placement.topology.num_experts != m.num_experts or list(placement.moe_layers) != list(m.moe_layers):
+        raise PlacementError(
+            f"{where} was made for {placement.topology.num_experts} experts in layers {placement.moe_layers}, "
+            f"the trace has {m.num_experts} experts in layers {list(m.moe_layers)}"
+        )
+
+
+def place(
+    trace: str | Path,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    policy: str,
+    out: str | Path,
+    slots_per_gpu: int | None = None,
+    redundant: int | None = None,
+    grouping: str | None = None,
+    exports: list[str] | tuple[str, ...] = (),
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    phase: str = "decode",
+    params: dict[str, Any] | None = None,
+    hidden_size: int | None = None,
+    dtype_bytes: int | None = None,
+    force: bool = False,
+) -> tuple[Placement, list[Path], list[str]]:
+    """``moeprof place``: fit on the train split, simulate on the held-out split, write placement.json
+    and the engine exports. Returns the placement, the files written and notes for the user."""
+    get_policy(policy)
+    for fmt in exports:
+        if fmt not in EXPORTERS:
+            raise PlacementError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORTERS)}")
+    out = Path(out)
+    targets = [out] + [export_path(out, fmt) for fmt in exports]
+    for path in targets:
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} exists; pass --force to replace it")
+    opened = Trace.open(trace)
+    data = load_routing(opened, phase)
+    topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
+                          redundant=redundant)
+    test = split_requests(data.num_requests, test_fraction, seed)
+    cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes)
+    placement = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, params=params)
+    placement.fit = _fit_record(opened, data, test, seed, test_fraction)
+    placement.metrics = score(data, placement, test, cfg)
+    write_placement(placement, out, force=force)
+    written = [out]
+    for fmt in exports:
+        written.append(write_export(placement, fmt, export_path(out, fmt), force=force))
+    return placement, written, notes
+
+
+def export_path(out: Path, fmt: str) -> Path:
+    return out.with_name(out.stem + EXPORTERS[fmt].suffix)
+
+
+def _fit_record(opened: Trace, data: RoutingData, test: np.ndarray, seed: int, test_fraction: float) -> dict:
+    return dict(trace=str(opened.path), requests_sha256=data.requests_sha256, phase=data.phase,
+                split_seed=int(seed), test_fraction=float(test_fraction),
+                train_requests=int((~test).sum()), test_requests=int(test.sum()))
+
+
+def simulate_placement(
+    trace: str | Path,
+    placement_path: str | Path,
+    *,
+    hidden_size: int | None = None,
+    dtype_bytes: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[Placement, dict[str, Any], list[str]]:
+    """``moeprof simulate --placement``: score a placement on a trace's held-out requests (the same
+    split as at fit time when it is the trace the placement was fitted on, else every request)."""
+    placement = read_placement(placement_path)
+    opened = Trace.open(trace)
+    data = load_routing(opened, placement.fit.get("phase", "decode"))
+    _check_model(data, placement, str(placement_path))
+    cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes, batch_size=batch_size)
+    fit = placement.fit
+    if fit.get("requests_sha256") == data.requests_sha256:
+        test = split_requests(data.num_requests, float(fit["test_fraction"]), int(fit["split_seed"]))
+        notes.append(f"scored on the {int(test.sum())} held-out requests of the split the placement was fitted on")
+    else:
+        test = np.ones(data.num_requests, dtype=bool)
+        notes.append("the placement was fitted on another trace: every request of this one is held out")
+    return placement, score(data, placement, test, cfg), notes
+
+
+@dataclass
+class Comparison:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    placements: dict[str, Placement] = field(default_factory=dict)
+    topology: dict[str, Any] = field(default_factory=dict)
+    split: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(topology=self.topology, split=self.split, rows=self.rows, notes=self.notes)
+
+
+COMPARE_RUNS: tuple[tuple[str, str | None], ...] = (
+    ("linear", None), ("round_robin", None), ("eplb", None), ("kmeans", None), ("locality", None),
+    ("locality", "domain"),
+)
+"""What ``--compare`` fits: every policy with its default grouping, and ``locality`` with the oracle
+domain label as a reference for how much the prefill-based grouping leaves on the table."""
+
+
+def compare(
+    trace: str | Path,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    slots_per_gpu: int | None = None,
+    redundant: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    phase: str = "decode",
+    hidden_size: int | None = None,
+    dtype_bytes: int | None = None,
+    batch_size: int | None = None,
+    runs: tuple[tuple[str, str | None], ...] = COMPARE_RUNS,
+) -> Comparison:
+    """``moeprof simulate --compare``: fit every policy on the train split, score all on the held-out split."""
+    opened = Trace.open(trace)
+    data = load_routing(opened, phase)
+    topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
+                          redundant=redundant)
+    test = split_requests(data.num_requests, test_fraction, seed)
+    cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes, batch_size=batch_size)
+    has_prefill = bool(data.prefill.any())
+    cmp = Comparison(topology=topo.to_dict(), notes=notes,
+                     split=_fit_record(opened, data, test, seed, test_fraction))
+    for policy, grouping in runs:
+        g = grouping or DEFAULT_GROUPING[policy]
+        if g == "prefill" and not has_prefill:
+            cmp.notes.append(f"{policy}: skipped, the trace has no prefill rows to group requests by")
+            continue
+        p = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed)
+        p.fit = cmp.split
+        p.metrics = score(data, p, test, cfg)
+        key = policy if grouping is None else f"{policy}+{grouping}"
+        cmp.placements[key] = p
+        cmp.rows.append(dict(p.metrics, key=key, policy=policy, grouping=g,
+                             fit_seconds=p.info.get("fit_seconds"), info=p.info))
+    bound_row = next((r for r in cmp.rows if r["key"] == "locality"), None)
+    if bound_row is not None:
+        cmp.split["locality_load_bound"] = bound_row["info"].get("load_bound_per_layer_mean")
+    return cmp
+
+
+def write_comparison(cmp: Comparison, out: str | Path, *, force: bool = False) -> list[Path]:
+    """Write ``compare.json`` and every fitted ``placement-<policy>.json`` into the directory ``out``."""
+    out = Path(out)
+    if out.exists() and any(out.glob("compare.*")) and not force:
+        raise OutputExistsError(f"{out} already holds a comparison; pass --force to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "compare.json"]
+    tmp = out / "compare.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(cmp.to_dict()), indent=1) + "\n")
+    tmp.replace(paths[0])
+    for key, p in cmp.placements.items():
+        paths.append(write_placement(p, out / f"placement-{key}.json", force=True))
+    return paths
