@@ -108,7 +108,7 @@ def test_findings_are_computed_from_the_numbers(built):
     md = (out / "summary.md").read_text()
     assert (f"**Load imbalance**: Layer {worst['layer']} is the most imbalanced: its busiest expert gets "
             f"{worst['max_over_mean']:.2f}× the mean load over the whole trace") in md
-    assert ("**Placement comparison**: locality sends the fewest bytes across nodes on held-out requests: 1,500 B per "
+    assert ("**Placement comparison**: Policy locality sends the fewest bytes across nodes on held-out requests: 1,500 B per "
             "token, 25.0% less than linear, with the busiest GPU at 1.20× the mean load per micro-batch (median; "
             "linear: 1.40×).") in md
     pd = summary["prefill_decode"]

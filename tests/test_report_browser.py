@@ -4,7 +4,6 @@ leaving the machine, every figure renders with a non-zero natural size, and a sc
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -23,12 +22,11 @@ def report_page(tmp_path_factory):
     from moeprof.commands.main import main
 
     root = tmp_path_factory.mktemp("browser")
-    analysis = analyze_to(synthetic_trace(root / "trace"), root / "analysis")
+    trace = synthetic_trace(root / "trace")
+    analysis = analyze_to(trace, root / "analysis")
+    # the whole pipeline: simulate --compare writes compare.json and its figure; report picks both up
     compare = root / "compare"
-    compare.mkdir()
-    from test_report import COMPARE
-
-    (compare / "compare.json").write_text(json.dumps(COMPARE))
+    assert main(["simulate", str(trace), "--compare", "--nodes", "2", "--gpus-per-node", "2", "--out", str(compare)]) == 0
     assert main(["report", str(analysis), str(compare), "--out", str(root / "report")]) == 0
     return root, root / "report" / "index.html"
 
@@ -41,7 +39,7 @@ def test_page_loads_offline_and_every_figure_renders(report_page):
     assert result["resources"] == [], f"the page fetched {result['resources']}"
     assert result["sections"] == ["model", "imbalance", "domain", "prefill_decode", "coactivation", "placement"]
     imgs = result["imgs"]
-    assert len(imgs) >= 6
+    assert len(imgs) == 7  # analyze's six figures and simulate --compare's one
     for img in imgs:
         assert img["complete"] and img["w"] > 0 and img["h"] > 0, f"figure did not render: {img}"
         assert img["shown_w"] > 200, f"figure shown too small: {img}"

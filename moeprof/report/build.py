@@ -134,7 +134,7 @@ def _model(inputs: Inputs) -> Section:
         if n_req else "the trace names no request"
     )
     finding = (
-        f"{m.get('name', '?')} routes each token to {m.get('top_k', '?')} of {m.get('num_experts', '?')} experts in "
+        f"Model {m.get('name', '?')} routes each token to {m.get('top_k', '?')} of {m.get('num_experts', '?')} experts in "
         f"{len(moe)} MoE layer{'s' if len(moe) != 1 else ''}; {workload}, "
         f"{fmt(t.get('tokens'))} tokens and {fmt(t.get('token_routes'))} token-routes."
     )
@@ -385,7 +385,7 @@ def _placement(inputs: Inputs) -> Section:
     cut = 1 - b1 / b0 if b0 else 0.0
     topo = inputs.compare.get("topology") or {}
     finding = (
-        f"{best['key']} sends the fewest bytes across nodes on held-out requests: {fmt(b1, 0)} B per token, "
+        f"Policy {best['key']} sends the fewest bytes across nodes on held-out requests: {fmt(b1, 0)} B per token, "
         f"{_pct(cut)} less than {base['key']}, with the busiest GPU at {_x(get(best, 'gpu_imbalance', 'median'))} "
         f"the mean load per micro-batch (median; {base['key']}: {_x(get(base, 'gpu_imbalance', 'median'))})."
     )
