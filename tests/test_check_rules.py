@@ -83,3 +83,25 @@ def test_no_rules_at_all(cli, tmp_path):
     r = cli("check", tmp_path)
     assert r.exit_code == 2
     assert r.stderr.strip() == "Error: no rules to check: give --rules FILE or a limit such as --max-imbalance 4"
+
+
+def test_the_readme_rules_example_parses(tmp_path):
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    block = readme.split("<!-- section: report -->", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    rules = load_rules(_write(tmp_path, block))
+    assert [r.metric for r in rules] == ["imbalance", "imbalance", "prefill_decode_corr", "cross_node_bytes"]
+    assert rules[3].params == {"policy": "locality"}
+
+
+def test_ci_example_runs_the_three_steps_and_gates_last():
+    yaml = pytest.importorskip("yaml")  # transformers (the capture extra) brings pyyaml
+
+    doc = yaml.safe_load((EXAMPLE.parent / "ci-example.yml").read_text())
+    steps = doc["jobs"]["routing"]["steps"]
+    runs = [s.get("run", "") for s in steps]
+    text = "\n".join(runs)
+    assert text.index("pip install torch==2.13.0") < text.index("pip install -e '.[capture]'")
+    for cmd in ("moeprof capture", "moeprof analyze", "moeprof report", "GITHUB_STEP_SUMMARY"):
+        assert cmd in text
+    assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in steps)
+    assert runs[-1].startswith("moeprof check ") and "--rules docs/rules.example.toml" in runs[-1]
