@@ -1,1 +1,76 @@
-"""capture/importers"""
+"""Import routing dumps of serving engines into a moeprof trace.
+
+One module per source; each streams its input into a :class:`~moeprof.trace.writer.TraceWriter`
+through :func:`import_trace`. :func:`detect` names the format from the file's own structure
+(magic bytes, JSON keys, CSV header), never from its name alone. Importing this package does not
+import torch: only the SGLang importer needs it, and only when it reads a file.
+
+    >>> from moeprof.capture.importers import import_trace, ImportOptions
+    >>> import_trace("auto", ["expert_distribution_recorder_1.pt"], "trace/")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from moeprof.capture.importers.base import ImportOptions, Importer
+from moeprof.errors import ImportFormatError
+
+# Name -> "module:Class", in the order detect() tries them (most specific first).
+_REGISTRY = {
+    "sglang": "moeprof.capture.importers.sglang:SGLangImporter",
+    "vllm": "moeprof.capture.importers.vllm:VLLMImporter",
+    "megatron": "moeprof.capture.importers.megatron:MegatronRouterTraceImporter",
+    "megatron-tpe": "moeprof.capture.importers.megatron:MegatronTokensPerExpertImporter",
+    "jsonl": "moeprof.capture.importers.jsonl:JsonlImporter",
+    "counts": "moeprof.capture.importers.counts:CountsImporter",
+}
+
+FORMATS = tuple(_REGISTRY)
+HEAD_BYTES = 1 << 16
+
+
+def registry() -> dict[str, type[Importer]]:
+    """Format name -> importer class (the modules import no optional dependency at import time)."""
+    out = {}
+    for name, target in _REGISTRY.items():
+        module, cls = target.split(":")
+        out[name] = getattr(importlib.import_module(module), cls)
+    return out
+
+
+def detect(path: str | Path) -> str:
+    """The format of ``path`` from its first bytes; :class:`ImportFormatError` if none matches."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(HEAD_BYTES)
+    except OSError as exc:
+        raise ImportFormatError(f"{path}: cannot read ({exc.strerror})") from None
+    if not head:
+        raise ImportFormatError(f"{path}: the file is empty")
+    for name, cls in registry().items():
+        if cls.sniff(path, head):
+            return name
+    raise ImportFormatError(
+        f"{path}: cannot tell its format from its content; name it: moeprof import FORMAT "
+        f"(one of {', '.join(FORMATS)})"
+    )
+
+
+def import_trace(*args, **kwargs):
+    """See :func:`moeprof.capture.importers.run.import_trace`."""
+    from moeprof.capture.importers.run import import_trace as _run
+
+    return _run(*args, **kwargs)
+
+
+def export_jsonl(trace, path):
+    """See :func:`moeprof.capture.importers.jsonl.export_jsonl`."""
+    from moeprof.capture.importers.jsonl import export_jsonl as _export
+
+    return _export(trace, path)
+
+
+__all__ = ["FORMATS", "ImportOptions", "Importer", "detect", "export_jsonl", "import_trace", "registry"]

@@ -1,0 +1,534 @@
+"""Record a model's routing while it runs: ``with capture(model, out) as rec: model.generate(...)``.
+
+How a forward step is recorded:
+
+1. A forward pre-hook on the top-level model notes the step's shape (batch ``b`` x new tokens ``s``),
+   whether it starts new sequences (empty KV cache: a prefill), and keeps the input ids and the
+   validity of each new token (``attention_mask[:, -s:]``) as device tensors.
+2. At every MoE layer, the routing point's hook (:mod:`moeprof.capture.hooks`) drops the ids
+   ``(b*s, k)`` and weights into that layer's slot of :class:`StepSink`. This per-layer path has no
+   host synchronisation and no branch on tensor values, so it can run inside CUDA graphs once the
+   slots become a preallocated device ring buffer (the GPU work of issue 7).
+3. A forward hook on the top-level model packs every slot plus the token ids and validity into one
+   byte tensor and makes ONE device-to-host copy of it (asynchronous into pinned memory on CUDA).
+4. The host side, one step behind on CUDA, drops padding, assigns requests, positions, steps and
+   phases, and hands column chunks to :class:`~moeprof.trace.writer.TraceWriter`, whose background
+   thread writes the Parquet shards.
+
+What is counted: for each request and each MoE layer, one row per prompt token (padding excluded;
+step 0, phase ``prefill``) and one row per generated token fed back to the model (step ``i`` is the
+i-th decode forward; phase ``decode``). ``generate()`` never feeds back the last token it generates,
+so a request that generated N tokens has N - 1 decode rows, or N when it emitted EOS while other
+rows of its batch kept going (its EOS is fed back once). Tokens fed after a row's EOS are padding
+and are not recorded.
+
+Memory is bounded: at most ``buffer_rows`` rows (plus one step) are staged on the host before they
+go to the writer, whose queue and shard size are bounded too (see :mod:`moeprof.trace.writer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeprof.capture.hooks import MoeLayout, RoutingPoint, discover
+from moeprof.errors import CaptureError
+from moeprof.trace.manifest import Manifest
+from moeprof.trace.writer import TraceWriter
+
+DEFAULT_DOMAIN = "unlabelled"
+
+COUNTING_RULE = (
+    "rows per request per MoE layer = prompt tokens (padding excluded, step 0) + generated tokens fed "
+    "back to the model (one decode step each); generate() never feeds back its last generated token; "
+    "tokens fed after a request's EOS are padding and not recorded"
+)
+
+
+@dataclass
+class _Label:
+    request_id: int
+    domain: str
+    dataset: str | None
+    text_sha256: str | None
+
+
+@dataclass
+class _Request:
+    label: _Label
+    prompt_tokens: int = 0
+    decode_tokens: int = 0
+
+
+@dataclass
+class _Row:
+    """One row of the running batch: the request it serves and how far it has got."""
+
+    request: _Request
+    pos: int = 0
+    finished: bool = False
+
+
+@dataclass
+class _StepMeta:
+    batch_id: int
+    b: int
+    s: int
+    new_sequences: bool
+    labels: list[_Label] = field(default_factory=list)
+
+
+class StepSink:
+    """Per-forward-step slots, one per MoE layer, filled by the routing hooks on the device.
+
+    ``record`` is the whole per-layer cost: a dtype conversion into a slot. It never reads a value
+    back to the host. ``pack`` turns the filled slots into one contiguous byte tensor.
+    """
+
+    def __init__(self, num_layers: int, weights: bool) -> None:
+        self.num_layers = num_layers
+        self.weights = weights
+        self.ids: list[torch.Tensor | None] = [None] * num_layers
+        self.w: list[torch.Tensor | None] = [None] * num_layers
+        self.active = False
+
+    def reset(self) -> None:
+        self.ids = [None] * self.num_layers
+        self.w = [None] * self.num_layers
+        self.active = True
+
+    def record(self, ordinal: int, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
+        # int16: expert ids of format v1; the conversion also snapshots ids a model might reuse.
+        self.ids[ordinal] = ids.to(torch.int16)
+        if self.weights:
+            self.w[ordinal] = weights.to(torch.float32)
+
+    def missing(self) -> list[int]:
+        return [i for i, t in enumerate(self.ids) if t is None]
+
+    def pack(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One uint8 tensor: ids (L, n, k) int16 | weights (L, n, k) float32 | tokens (n,) int32 | valid (n,) int8."""
+        device = self.ids[0].device  # a model spread over devices (device_map) gathers on the first
+        parts = [torch.stack([t.to(device) for t in self.ids])]
+        if self.weights:
+            parts.append(torch.stack([t.to(device) for t in self.w]))
+        parts += [tokens.to(device), valid.to(device)]
+        return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
+
+
+class Recorder:
+    """A running capture. Made by :func:`capture`; use it as a context manager.
+
+    ``new_request(domain=..., dataset=..., text=...)`` labels the next batch row to start (call it
+    once per row, in row order, before ``generate``); rows without a label become requests with the
+    current default labels (:meth:`set_labels`). Request ids count up from 0 in the order requests
+    are labelled or started.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: MoeLayout,
+        writer: TraceWriter,
+        *,
+        domain: str | None,
+        dataset: str | None,
+        eos_token_id: Any,
+        weights: bool,
+        buffer_rows: int,
+    ) -> None:
+        self.model = model
+        self.layout = layout
+        self.writer = writer
+        self._default_domain = domain or DEFAULT_DOMAIN
+        self._default_dataset = dataset
+        self._eos = _eos_set(eos_token_id)
+        self._weights = weights
+        self._buffer_rows = max(1, int(buffer_rows))
+        self._top_k = layout.info.top_k
+        self._layers = np.asarray([p.layer for p in layout.points], dtype=np.int16)
+        self._sink = StepSink(len(layout.points), weights)
+        self._handles: list[Any] = []
+        self._next_request = 0
+        self._labels: list[_Label] = []
+        self._requests: dict[int, _Request] = {}
+        self._rows: list[_Row] | None = None
+        self._batch_step = 0
+        self._forwards = 0
+        self._meta: _StepMeta | None = None
+        self._tokens: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+        self._inflight: list[tuple[_StepMeta, torch.Tensor, Any]] = []
+        self._staged: list[dict[str, np.ndarray]] = []
+        self._staged_rows = 0
+        self.steps = 0
+        """Forward steps fully recorded (handed to the host side)."""
+        self.rows = 0
+        """Routing rows produced so far (staged or written)."""
+        self._closed = False
+
+    # -- public API ---------------------------------------------------------------------------------
+    @property
+    def out(self) -> Path:
+        return self.writer.out
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.writer.manifest
+
+    def new_request(self, *, domain: str | None = None, dataset: str | None = None, text: str | None = None) -> int:
+        """Label the next batch row to start; return its request id."""
+        label = self._label(domain, dataset, text)
+        self._labels.append(label)
+        return label.request_id
+
+    def set_labels(self, *, domain: str | None = None, dataset: str | None = None) -> None:
+        """Change the labels given to rows started without :meth:`new_request`."""
+        if domain is not None:
+            self._default_domain = domain
+        self._default_dataset = dataset
+
+    def flush(self) -> None:
+        """Write every finished step to disk now (the trace stays marked incomplete until close)."""
+        self._drain_inflight()
+        self._write_staged()
+        self._sync_requests()
+        self.writer.flush()
+
+    def start(self) -> "Recorder":
+        if self._handles:
+            return self
+        top_pre = self.model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)
+        top_post = self.model.register_forward_hook(self._on_forward_end, with_kwargs=True)
+        self._handles += [top_pre, top_post]
+        for ordinal, point in enumerate(self.layout.points):
+            self._handles.append(_attach(point, ordinal, self._sink))
+        return self
+
+    def close(self, complete: bool = True) -> Manifest:
+        """Remove the hooks, write every finished step and the final manifest."""
+        if self._closed:
+            return self.writer.manifest
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        try:
+            self._drain_inflight()
+            self._write_staged()
+            self._sync_requests()
+        except BaseException:
+            self.writer.close(complete=False)
+            raise
+        return self.writer.close(complete=complete)
+
+    def __enter__(self) -> "Recorder":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(complete=exc_type is None)
+
+    # -- top-level hooks ------------------------------------------------------------------------------
+    def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else embeds
+        if ref is None:
+            raise CaptureError("capture: the model was called without input_ids or inputs_embeds")
+        b, s = int(ref.shape[0]), int(ref.shape[1])
+        past = kwargs.get("past_key_values")
+        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            valid = torch.ones(b * s, dtype=torch.int8, device=ref.device)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            valid = mask[:, -s:].reshape(-1).to(torch.int8)
+        else:
+            raise CaptureError(
+                "capture: the model received a 4-D or per-layer attention mask (a compileable/static cache); "
+                "capture needs the 2-D padding mask of the default dynamic cache"
+            )
+        if input_ids is not None:
+            tokens = input_ids.reshape(-1).to(torch.int32)
+        else:
+            tokens = torch.full((b * s,), -1, dtype=torch.int32, device=ref.device)
+        new_sequences = past_len == 0
+        labels: list[_Label] = []
+        if new_sequences:
+            labels, self._labels = self._labels[:b], self._labels[b:]
+        self._meta = _StepMeta(batch_id=self._forwards, b=b, s=s, new_sequences=new_sequences, labels=labels)
+        self._forwards += 1
+        self._tokens, self._valid = tokens, valid
+        self._sink.reset()
+
+    def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        meta, sink = self._meta, self._sink
+        if meta is None or not sink.active:
+            return
+        sink.active = False
+        self._meta = None
+        missing = sink.missing()
+        if missing:
+            names = ", ".join(self.layout.points[i].path for i in missing[:3])
+            raise CaptureError(f"capture: MoE layer(s) {names} did not run in this forward pass")
+        shape = tuple(sink.ids[0].shape)
+        if shape != (meta.b * meta.s, self._top_k):
+            raise CaptureError(
+                f"capture: {self.layout.points[0].path} received ids of shape {shape}, expected "
+                f"({meta.b * meta.s}, {self._top_k}) for a batch of {meta.b} x {meta.s} tokens"
+            )
+        packed = sink.pack(self._tokens, self._valid)
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = packed, None
+        # Process the previous step now; this one's copy overlaps the next forward on CUDA.
+        self._drain_inflight(keep_last=False)
+        self._inflight.append((meta, host, event))
+        if event is None:
+            self._drain_inflight()
+
+    # -- host side --------------------------------------------------------------------------------------
+    def _drain_inflight(self, keep_last: bool = False) -> None:
+        while len(self._inflight) > (1 if keep_last else 0):
+            meta, host, event = self._inflight.pop(0)
+            if event is not None:
+                event.synchronize()
+            self._process(meta, host.numpy())
+
+    def _process(self, meta: _StepMeta, raw: np.ndarray) -> None:
+        L, n, k = len(self.layout.points), meta.b * meta.s, self._top_k
+        off = 0
+        ids = raw[off : off + L * n * k * 2].view(np.int16).reshape(L, n, k)
+        off += L * n * k * 2
+        weights = None
+        if self._weights:
+            weights = raw[off : off + L * n * k * 4].view(np.float32).reshape(L, n, k)
+            off += L * n * k * 4
+        tokens = raw[off : off + n * 4].view(np.int32)
+        off += n * 4
+        valid = raw[off : off + n].view(np.int8).astype(bool).reshape(meta.b, meta.s)
+
+        # Step 1: which requests the batch rows serve.
+        if meta.new_sequences:
+            self._start_batch(meta)
+        elif self._rows is None or len(self._rows) != meta.b:
+            have = "no running batch" if self._rows is None else f"a running batch of {len(self._rows)} rows"
+            raise CaptureError(
+                f"capture: a decode step of {meta.b} rows arrived with {have}; start capture before the "
+                "prefill and keep batch rows fixed for a sequence's lifetime (generate() does)"
+            )
+        else:
+            self._batch_step += 1
+        rows = self._rows
+        assert rows is not None
+
+        # Step 2: drop padding and tokens after a row's EOS; positions count kept tokens only.
+        alive = np.fromiter((not r.finished for r in rows), dtype=bool, count=meta.b)
+        keep = valid & alive[:, None]
+        kept_per_row = keep.sum(axis=1)
+        start = np.fromiter((r.pos for r in rows), dtype=np.int64, count=meta.b)
+        pos = start[:, None] + np.cumsum(keep, axis=1) - 1
+        tok2 = tokens.reshape(meta.b, meta.s)
+        for i, row in enumerate(rows):
+            row.pos += int(kept_per_row[i])
+            if meta.new_sequences:
+                row.request.prompt_tokens += int(kept_per_row[i])
+            else:
+                row.request.decode_tokens += int(kept_per_row[i])
+                if kept_per_row[i] and self._eos and int(tok2[i, -1]) in self._eos:
+                    row.finished = True
+
+        # Step 3: rows of the trace, layer-major.
+        idx = np.flatnonzero(keep.reshape(-1))
+        m = idx.size
+        if m == 0:
+            self.steps += 1
+            return
+        request_of_token = np.repeat(np.fromiter((r.request.label.request_id for r in rows), np.int64, meta.b), meta.s)
+        chunk = {
+            "request_id": np.tile(request_of_token[idx], L),
+            "step": np.int32(self._batch_step),
+            "phase": "prefill" if self._batch_step == 0 else "decode",
+            "pos": np.tile(pos.reshape(-1)[idx].astype(np.int32), L),
+            "layer": np.repeat(self._layers, m),
+            "experts": ids[:, idx, :].reshape(L * m, k),
+            "weights": None if weights is None else weights[:, idx, :].reshape(L * m, k),
+            "batch_id": np.int64(meta.batch_id),
+            "token_id": None if (tokens[idx] < 0).any() else np.tile(tokens[idx], L),
+        }
+        self._stage(chunk, L * m)
+        self.steps += 1
+
+    def _start_batch(self, meta: _StepMeta) -> None:
+        self._sync_requests()
+        self._batch_step = 0
+        labels = list(meta.labels)
+        while len(labels) < meta.b:
+            labels.append(self._label(None, None, None))
+        self._rows = []
+        for label in labels:
+            request = _Request(label)
+            self._requests[label.request_id] = request
+            self._rows.append(_Row(request))
+
+    def _label(self, domain: str | None, dataset: str | None, text: str | None) -> _Label:
+        label = _Label(
+            request_id=self._next_request,
+            domain=domain or self._default_domain,
+            dataset=dataset if dataset is not None else self._default_dataset,
+            text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else None,
+        )
+        self._next_request += 1
+        return label
+
+    def _stage(self, chunk: dict[str, Any], n: int) -> None:
+        self._staged.append(chunk)
+        self._staged_rows += n
+        self.rows += n
+        if self._staged_rows >= self._buffer_rows:
+            self._write_staged()
+
+    def _write_staged(self) -> None:
+        if not self._staged:
+            return
+        staged, self._staged, self._staged_rows = self._staged, [], 0
+        self._sync_requests()
+        for chunk in staged:
+            self.writer.write_routing(chunk)
+
+    def _sync_requests(self) -> None:
+        for rid, req in self._requests.items():
+            self.writer.set_request(
+                rid,
+                req.label.domain,
+                dataset=req.label.dataset,
+                prompt_tokens=req.prompt_tokens,
+                decode_tokens=req.decode_tokens,
+                text_sha256=req.label.text_sha256,
+            )
+
+
+def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
+    """Register the routing hook of one MoE layer; it only writes into ``sink``'s slot ``ordinal``."""
+    if point.kind == "experts_input":
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if sink.active:
+                ids, weights = point.read_inputs(args, kwargs)
+                sink.record(ordinal, ids, weights)
+
+        return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if sink.active:
+            ids, weights = point.read_output(output)
+            sink.record(ordinal, ids, weights)
+
+    return point.module.register_forward_hook(post_hook)
+
+
+def _eos_set(eos: Any) -> frozenset[int]:
+    if eos is None:
+        return frozenset()
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    if isinstance(eos, int):
+        return frozenset({eos})
+    return frozenset(int(e) for e in eos)
+
+
+def capture(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    domain: str | None = None,
+    dataset: str | None = None,
+    force: bool = False,
+    weights: bool = True,
+    eos_token_id: Any = "auto",
+    buffer_rows: int = 1 << 16,
+    shard_rows: int = 1 << 20,
+    settings: dict[str, Any] | None = None,
+) -> Recorder:
+    """Prepare to record the routing of ``model`` (a transformers v5 MoE model) into trace ``out``.
+
+    Use the result as a context manager around your own generation loop::
+
+        with capture(model, "traces/run1", domain="code") as rec:
+            model.generate(**inputs)
+
+    On leaving the block the trace is marked ``complete: true``; an exception or Ctrl-C inside it
+    leaves a valid trace marked ``complete: false`` with every forward step that finished.
+
+    Args:
+        domain, dataset: default labels of requests not labelled with ``rec.new_request``.
+        force: replace an existing trace at ``out``.
+        weights: also record the routing weights as applied (``(n, k)`` float32 per row).
+        eos_token_id: ids that end a request (tokens fed after one are padding); ``"auto"`` takes
+            ``model.generation_config.eos_token_id``; ``None`` records every fed token.
+        buffer_rows: rows staged on the host before they are handed to the writer.
+        shard_rows: rows per Parquet shard.
+        settings: extra entries for the manifest's ``capture`` section (the CLI records its options).
+
+    Raises:
+        CaptureError: the model has no MoE layers, or routing that cannot be read.
+        OutputExistsError: ``out`` exists and ``force`` is false.
+    """
+    layout = discover(model)
+    if isinstance(eos_token_id, str) and eos_token_id == "auto":
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None)
+    eos = sorted(_eos_set(eos_token_id))
+    capture_settings: dict[str, Any] = {
+        "tool": "moeprof.capture",
+        "hooks": layout.hooks_description(),
+        "counting": COUNTING_RULE,
+        "eos_token_id": eos,
+        "weights": weights,
+        "torch": torch.__version__,
+        "transformers": _transformers_version(),
+        "python": platform.python_version(),
+        "device": str(next((p.device for p in model.parameters()), "cpu")),
+    }
+    capture_settings.update(settings or {})
+    missing = {} if weights else {"weights": "capture ran with weights=False"}
+    writer = TraceWriter(
+        out,
+        model=layout.info,
+        source="hf",
+        capture=capture_settings,
+        missing=missing,
+        notes=list(layout.notes),
+        force=force,
+        shard_rows=shard_rows,
+    )
+    return Recorder(
+        model,
+        layout,
+        writer,
+        domain=domain,
+        dataset=dataset,
+        eos_token_id=eos_token_id,
+        weights=weights,
+        buffer_rows=buffer_rows,
+    )
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except ImportError:  # pragma: no cover - capture needs transformers only to load models
+        return None
