@@ -18,6 +18,9 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
+DEFAULT_TOKENS = 1 << 15
+"""Tokens of the sample used for co-activation: k*k transitions per token and layer pair add up fast."""
+
 
 def pair_counts(tokens: np.ndarray, num_experts: int) -> np.ndarray:
     """``(L, E, E)`` int64 symmetric co-selection counts within each layer (zero diagonal)."""
@@ -27,7 +30,7 @@ def pair_counts(tokens: np.ndarray, num_experts: int) -> np.ndarray:
     ia, ib = np.triu_indices(k, 1)
     for li in range(L):
         x = tokens[:, li]
-        x = x[(x >= 0).all(axis=1)].astype(np.int64)
+        x = x[(x >= 0).all(axis=1)].astype(np.int32)
         if x.size == 0:
             continue
         a, b = x[:, ia].ravel(), x[:, ib].ravel()
@@ -54,7 +57,7 @@ def transition_counts(tokens: np.ndarray, pairs: Sequence[tuple[int, int]], num_
     E = num_experts
     out = np.zeros((len(pairs), E, E), np.int64)
     for p, (i, j) in enumerate(pairs):
-        a, b = tokens[:, i].astype(np.int64), tokens[:, j].astype(np.int64)
+        a, b = tokens[:, i].astype(np.int32), tokens[:, j].astype(np.int32)
         ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
         a, b = a[ok], b[ok]
         if a.size == 0:

@@ -115,19 +115,22 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
     L, k = len(agg.selection.layers), agg.selection.top_k
     if len(s.hash) == 0:
         return np.full((0, L, k), -1, np.int16), np.zeros(0, bool)
-    order = np.lexsort((s.layer, s.token, s.hash))
-    h, tok, lay, ex = s.hash[order], s.token[order], s.layer[order], s.experts[order]
-    new = np.ones(len(tok), bool)
-    new[1:] = (tok[1:] != tok[:-1]) | (h[1:] != h[:-1])
-    tid = np.cumsum(new) - 1
-    T = min(int(tid[-1]) + 1, max_tokens)
+    # Step 1: one sort of the row keys gives each row its token; tokens are then few to order.
+    key = s.token ^ s.hash  # (hash, token) identify a token; rows of one token share both
+    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    order = np.lexsort((s.token[first], s.hash[first]))
+    T = min(uniq.size, max_tokens)
+    rank = np.empty(uniq.size, np.int64)
+    rank[order] = np.arange(uniq.size)
+    tid = rank[inv.reshape(-1)]
     keep = tid < T
-    tid, lay, ex = tid[keep], lay[keep], ex[keep]
+    tid, lay, ex = tid[keep], s.layer[keep], s.experts[keep]
+    # Step 2: scatter rows into (token, layer); a second row for one (token, layer) marks a duplicate.
     out = np.full((T, L, k), -1, np.int16)
     out[tid, lay] = ex
-    dup = np.zeros(T, bool)
-    same = (tid[1:] == tid[:-1]) & (lay[1:] == lay[:-1])
-    dup[tid[1:][same]] = True
+    cell = tid * L + lay
+    seen = np.bincount(cell, minlength=T * L)
+    dup = (seen.reshape(T, L) > 1).any(axis=1)
     return out, dup
 
 
@@ -150,17 +153,36 @@ def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batc
     return out
 
 
-def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int = BOOTSTRAP_REPS) -> tuple[float, float, float]:
-    """Quantile ``q`` of ``values (n, m)`` pooled, and its 95% bootstrap interval resampling the n rows."""
-    finite_rows = values[np.isfinite(values).all(axis=1)]
-    n = finite_rows.shape[0]
+def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int = BOOTSTRAP_REPS,
+               per_column: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantile ``q`` of ``values (n, m)`` and its 95% bootstrap interval, resampling the n rows (batches).
+
+    Pooled over the m columns (layers) by default, or one result per column with ``per_column``.
+    Rows holding a NaN (a batch where some layer has no load) are left out.
+    """
+    rows = values[np.isfinite(values).all(axis=1)]
+    n, m = rows.shape
+    shape = (m,) if per_column else ()
     if n == 0:
-        return math.nan, math.nan, math.nan
-    point = float(np.quantile(finite_rows, q))
+        nan = np.full(shape, np.nan)
+        return nan, nan, nan
     idx = rng.integers(0, n, size=(reps, n))
-    boot = np.quantile(finite_rows[idx].reshape(reps, -1), q, axis=1)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    return point, float(lo), float(hi)
+    if per_column:
+        point = np.quantile(rows, q, axis=0)
+        boot = np.quantile(rows[idx], q, axis=1)  # (reps, m)
+    else:
+        point = np.quantile(rows, q)
+        boot = np.quantile(rows[idx].reshape(reps, -1), q, axis=1)
+    lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
+    return point, lo, hi
+
+
+def straggler(counts: np.ndarray) -> np.ndarray:
+    """``max / mean`` of ``counts (..., E)``; NaN where there is no load (cheaper than :func:`imbalance`)."""
+    c = np.asarray(counts)
+    total = c.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, c.max(axis=-1) * c.shape[-1] / np.where(total > 0, total, 1), np.nan)
 
 
 def batch_imbalance(
@@ -180,21 +202,18 @@ def batch_imbalance(
         nb = counts.shape[0]
         row = {"batch_size": B, "batches": nb}
         if nb == 0:
-            pooled.append(row | {k: None for k in ("median", "median_lo", "median_hi", "p90", "p90_lo", "p90_hi", "mean_cv")})
+            pooled.append(row | {k: None for k in ("median", "median_lo", "median_hi", "p90", "p90_lo", "p90_hi")})
             continue
-        mm = imbalance(counts)
-        r = mm["max_over_mean"]  # (nb, L)
+        r = straggler(counts)  # (nb, L)
         med = _bootstrap(r, 0.5, rng)
         p90 = _bootstrap(r, 0.9, rng)
-        pooled.append(
-            row | dict(median=med[0], median_lo=med[1], median_hi=med[2], p90=p90[0], p90_lo=p90[1], p90_hi=p90[2],
-                       mean_cv=float(np.nanmean(mm["cv"])))
-        )
+        pooled.append(row | dict(median=float(med[0]), median_lo=float(med[1]), median_hi=float(med[2]),
+                                 p90=float(p90[0]), p90_lo=float(p90[1]), p90_hi=float(p90[2])))
+        lm = _bootstrap(r, 0.5, rng, per_column=True)
+        lp = _bootstrap(r, 0.9, rng, per_column=True)
         for li, layer in enumerate(layers):
-            col = r[:, li : li + 1]
-            lm, lp = _bootstrap(col, 0.5, rng), _bootstrap(col, 0.9, rng)
-            per_layer.append(dict(batch_size=B, layer=layer, batches=nb, median=lm[0], median_lo=lm[1],
-                                  median_hi=lm[2], p90=lp[0], p90_lo=lp[1], p90_hi=lp[2]))
+            per_layer.append(dict(batch_size=B, layer=layer, batches=nb, median=lm[0][li], median_lo=lm[1][li],
+                                  median_hi=lm[2][li], p90=lp[0][li], p90_lo=lp[1][li], p90_hi=lp[2][li]))
     schema = {"batch_size": pl.Int64, "batches": pl.Int64}
     pooled_df = pl.DataFrame(pooled, schema_overrides=schema)
     per_layer_df = pl.DataFrame(per_layer, schema_overrides=schema | {"layer": pl.Int16}) if per_layer else pl.DataFrame(
@@ -207,8 +226,9 @@ def batch_imbalance(
 def window_imbalance(windows: np.ndarray, layers: Sequence[int], seed: int) -> dict:
     """Straggler factor over the source's own count windows ``(W, L, E)`` (count-only traces)."""
     rng = np.random.default_rng(seed)
-    r = imbalance(windows)["max_over_mean"]
+    r = straggler(windows)
     med, p90 = _bootstrap(r, 0.5, rng), _bootstrap(r, 0.9, rng)
     routes = windows.sum(axis=(1, 2))
-    return dict(windows=int(windows.shape[0]), median=med[0], median_ci=[med[1], med[2]], p90=p90[0],
-                p90_ci=[p90[1], p90[2]], mean_token_routes_per_window=float(routes.mean()) if routes.size else 0.0)
+    return dict(windows=int(windows.shape[0]), median=float(med[0]), median_ci=[float(med[1]), float(med[2])],
+                p90=float(p90[0]), p90_ci=[float(p90[1]), float(p90[2])],
+                mean_token_routes_per_window=float(routes.mean()) if routes.size else 0.0)

@@ -133,6 +133,7 @@ def analyze_trace(
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     seed: int = 0,
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
+    coactivation_tokens: int = co.DEFAULT_TOKENS,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
@@ -193,7 +194,7 @@ def analyze_trace(
         moeprof_version=_own_version(),
         trace=_trace_info(trace, agg, sel, keep_l),
         selection=dict(layers=kept_layers, domains=sel.domains, batch_sizes=list(batch_sizes), seed=seed,
-                       sample_tokens=sample_tokens),
+                       sample_tokens=sample_tokens, coactivation_tokens=coactivation_tokens),
         notes=notes,
     )
     counts = agg.counts[:, :, keep_l]  # (R+1, 2, L, E)
@@ -251,7 +252,7 @@ def analyze_trace(
     s["prefill_decode"] = _prefill_decode(a, counts, caps, sel, kept_layers, seed)
 
     # Step 7: co-activation.
-    s["coactivation"] = _coactivation(a, tokens, dup, agg, caps, trace, kept_layers)
+    s["coactivation"] = _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens)
     return a
 
 
@@ -465,11 +466,12 @@ def _prefill_decode(a: Analysis, counts: np.ndarray, caps: dict, sel: Selection,
 
 
 def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None, agg: Aggregates, caps: dict,
-                  trace: Trace, layers: list[int]) -> dict[str, Any]:
+                  trace: Trace, layers: list[int], max_tokens: int) -> dict[str, Any]:
     if tokens is None:
         return unavailable(caps["per_token"])
     E, k = agg.selection.num_experts, agg.selection.top_k
-    exact = agg.sample_fraction >= 1.0 and tokens.shape[0] <= (agg.selection.sample_tokens or tokens.shape[0])
+    exact = agg.sample_fraction >= 1.0 and tokens.shape[0] <= max_tokens
+    tokens = tokens[:max_tokens]  # the sample is in random (hash) order: a prefix is a smaller sample
     out: dict[str, Any] = dict(available=True, tokens=int(tokens.shape[0]), whole_trace=bool(exact))
     if not exact:
         out["note"] = (f"counts over a seeded sample of {tokens.shape[0]:,} tokens of about "
@@ -497,7 +499,8 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
     to_counts = np.stack([loads[j] for _, j in steps])
     # If the next expert were independent of e, max_e' P(e'|e) would be the next layer's top share.
     baseline = to_counts.max(axis=1) / np.maximum(to_counts.sum(axis=1) / k, 1)
-    best = int(np.nanargmax(conc)) if np.isfinite(conc).any() else 0
+    excess = conc - baseline
+    best = int(np.nanargmax(excess)) if np.isfinite(excess).any() else 0
     a.arrays.update(transition_cond=cond[best], transition_pair=(layers[steps[best][0]], layers[steps[best][1]]),
                     transition_concentration=[(layers[i], layers[j], float(c), float(b))
                                               for (i, j), c, b in zip(steps, conc, baseline)])
@@ -507,8 +510,8 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
         uniform_baseline=k / E,
         independent_baseline_mean=_finite(float(np.mean(baseline))),
         concentration_mean=_finite(float(np.nanmean(conc))),
-        most_concentrated=dict(layer=layers[steps[best][0]], next_layer=layers[steps[best][1]],
-                               concentration=_finite(conc[best])),
+        most_above_baseline=dict(layer=layers[steps[best][0]], next_layer=layers[steps[best][1]],
+                                 concentration=_finite(conc[best]), independent_baseline=_finite(baseline[best])),
         definition=("P(e'|e) = tokens routed to e then e' / tokens routed to e; concentration = load-weighted mean of "
                     "max_e' P(e'|e); independent baseline = the next layer's largest share of tokens (what "
                     "concentration would be if the next expert did not depend on e)"),

@@ -161,10 +161,10 @@ def _coactivation(c: dict[str, Any], con: Console) -> None:
                   + ", ".join(f"L{r['layer']} {r['expert_a']}+{r['expert_b']} ×{r['lift']:.2f}" for r in top))
     t = c["transitions"]
     if t.get("available"):
-        mc = t["most_concentrated"]
+        mc = t["most_above_baseline"]
         con.print(f"  next-layer expert concentration (mean max P(e'|e)): {_f(t['concentration_mean'])} "
                   f"vs {_f(t['independent_baseline_mean'])} if independent of the previous expert, "
-                  f"{_f(t['uniform_baseline'], 3)} for uniform routing; most concentrated "
-                  f"{mc['layer']}→{mc['next_layer']}: {_f(mc['concentration'])}")
+                  f"{_f(t['uniform_baseline'], 3)} for uniform routing; most above baseline "
+                  f"{mc['layer']}→{mc['next_layer']}: {_f(mc['concentration'])} vs {_f(mc['independent_baseline'])}")
     else:
         con.print(f"  transitions: [yellow]not available[/]: {t['reason']}")

@@ -107,8 +107,8 @@ def domain_js(analysis: Any, out: Path) -> list[Path]:
     names = analysis.arrays["domains"]
     layers = analysis.arrays["layers"]
     show = [None] + [layers[i] for i in np.unique(np.linspace(0, len(layers) - 1, min(len(layers), 7)).round().astype(int))]
-    cols = min(4, len(show))
-    rows = math.ceil(len(show) / cols)
+    rows = math.ceil(len(show) / 4)
+    cols = math.ceil(len(show) / rows)
     D = len(names)
     cell = max(2.6, 0.45 * D + 1.2)
     fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.6), squeeze=False)
@@ -187,7 +187,7 @@ def prefill_decode(analysis: Any, out: Path) -> list[Path]:
     ax.set_ylim(min(-0.05, float(np.nanmin(df.select([c for c, *_ in series]).to_numpy())) - 0.05), 1.02)
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_title("Prefill → decode: does the prompt predict the answer's experts?")
-    ax.legend(fontsize=8, loc="lower left", ncol=2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
     return _save(fig, out, "prefill_decode")
 
@@ -202,7 +202,7 @@ def transitions(analysis: Any, out: Path) -> list[Path]:
                    interpolation="nearest", aspect="auto")
     ax.set_xlabel(f"expert e' in layer {l1}")
     ax.set_ylabel(f"expert e in layer {l0}")
-    ax.set_title(f"P(e' | e): layer {l0} → {l1} (most concentrated pair)")
+    ax.set_title(f"P(e' | e): layer {l0} → {l1} (pair most above its baseline)")
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     cb.set_label(f"P(token goes to e' | it went to e); uniform = {k / E:.3f}")
     x = np.arange(len(conc))

@@ -1,0 +1,196 @@
+"""Benchmark `moeprof analyze` on a large synthetic trace of DeepSeek-V3 shape.
+
+    python bench/analyze_bench.py --rows 100_000_000          # the figure quoted in the README
+    python bench/analyze_bench.py --rows 10_000_000 --compare-polars
+
+Generates (once, cached under bench/out/) a trace with 58 MoE layers (3..60), 256 experts, top-8 and
+realistic skew: per layer a Zipf(1.1) popularity, per domain a mixture with its own Zipf popularity,
+per request a window of the domain's pattern pool (request signal). Generation is cheap: each row's
+top-8 is drawn from a precomputed pool of Gumbel-top-k patterns per domain x layer.
+
+Then, each in a fresh subprocess (so peak RSS is its own):
+- the floor: a bare polars streaming scan that reads the columns analyze reads, once;
+- analyze: the full `moeprof analyze` (every statistic, tables and plots written to bench/out/);
+- optionally the same counts with a polars explode + group_by, to compare with numpy bincount.
+Prints rows/s, wall time, peak RSS and analyze / floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+LAYERS = list(range(3, 61))  # DeepSeek-V3: layers 0-2 dense, 3-60 MoE
+E, K = 256, 8
+DOMAINS = ("code", "math", "chat", "general")
+POOL = 4096  # top-k patterns per domain x layer
+WINDOW = 512  # patterns a request draws from: its own slice of the pool (request signal)
+
+
+def _zipf(rng: np.random.Generator, skew: float) -> np.ndarray:
+    w = 1.0 / np.arange(1, E + 1) ** skew
+    p = np.empty(E)
+    p[rng.permutation(E)] = w
+    return p / p.sum()
+
+
+def _pool(rng: np.random.Generator) -> np.ndarray:
+    """``(D, L, POOL, K)`` int16 top-k patterns drawn by Gumbel-top-k from each domain x layer popularity."""
+    out = np.empty((len(DOMAINS), len(LAYERS), POOL, K), np.int16)
+    glob = [_zipf(rng, 1.1) for _ in LAYERS]
+    for d in range(len(DOMAINS)):
+        for li in range(len(LAYERS)):
+            p = 0.5 * glob[li] + 0.5 * _zipf(rng, 1.1)
+            scores = np.log(p)[None, :] + rng.gumbel(size=(POOL, E))
+            top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+            out[d, li] = np.take_along_axis(top, order, axis=1)
+            # sort the pool by its first expert so a request's window of patterns shares experts
+        out[d] = np.take_along_axis(out[d], np.argsort(out[d][:, :, 0], axis=1, kind="stable")[:, :, None], axis=1)
+    return out
+
+
+def generate(path: Path, rows: int, seed: int = 0) -> None:
+    from moeprof.trace import ModelInfo, TraceWriter
+    from moeprof.trace.writer import phase_array
+    from moeprof.trace.schema import routing_schema
+
+    rng = np.random.default_rng(seed)
+    pool = _pool(rng)
+    model = ModelInfo(name="synthetic-deepseek-v3-shape", architecture="DeepseekV3ForCausalLM", num_experts=E,
+                      top_k=K, moe_layers=LAYERS, num_layers=61, dense_layers=[0, 1, 2], num_shared_experts=1,
+                      hidden_size=7168, dtype="bfloat16")
+    schema = routing_schema(K)
+    w = TraceWriter(path, model=model, source="synthetic", force=True, shard_rows=1 << 21,
+                    capture=dict(generator="bench/analyze_bench.py", rows=rows, seed=seed),
+                    notes=["benchmark trace: rows drawn from pools of top-k patterns per domain x layer"])
+    written, rid, batch = 0, 0, 0
+    L = len(LAYERS)
+    while written < rows:
+        d = rid % len(DOMAINS)
+        P, D = int(rng.integers(200, 1201)), int(rng.integers(50, 401))
+        T = P + D
+        if written + T * L > rows:
+            T = max(1, (rows - written) // L)
+            P, D = min(P, T), T - min(P, T)
+        w.set_request(rid, DOMAINS[d], dataset="bench", prompt_tokens=P, decode_tokens=D)
+        start = int(rng.integers(0, POOL - WINDOW))
+        step = np.concatenate([np.zeros(P, np.int32), np.arange(1, D + 1, dtype=np.int32)])
+        bid = np.concatenate([np.full(P, batch, np.int64), batch + np.arange(1, D + 1, dtype=np.int64)])
+        phase = phase_array(np.tile((step > 0).astype(np.int8), L), T * L)
+        pick = start + rng.integers(0, WINDOW, size=(L, T))
+        experts = pool[d, np.arange(L)[:, None], pick]  # (L, T, K)
+        table = pa.Table.from_arrays(
+            [
+                pa.array(np.full(T * L, rid, np.int64)),
+                pa.array(np.tile(step, L)),
+                phase,
+                pa.array(np.tile(np.arange(T, dtype=np.int32), L)),
+                pa.array(np.repeat(np.asarray(LAYERS, np.int16), T)),
+                pa.FixedSizeListArray.from_arrays(pa.array(experts.reshape(-1)), K),
+                pa.nulls(T * L, schema.field("weights").type),
+                pa.array(np.tile(bid, L)),
+                pa.nulls(T * L, pa.int32()),
+            ],
+            schema=schema,
+        )
+        w.write_routing(table)
+        written += T * L
+        rid += 1
+        batch += D + 1
+    w.close()
+
+
+_FLOOR = """
+import sys, time, resource, json
+import polars as pl
+from moeprof.trace import Trace
+t = Trace.open(sys.argv[1])
+t0 = time.perf_counter()
+cols = ["request_id", "step", "phase", "pos", "layer", "experts", "batch_id"]
+r = t.routing(cols).select(
+    pl.col("request_id").max(), pl.col("step").max(), pl.col("phase").to_physical().max(), pl.col("pos").max(),
+    pl.col("layer").max(), pl.col("experts").arr.max().max(), pl.col("batch_id").max(),
+).collect(engine="streaming")
+dt = time.perf_counter() - t0
+print(json.dumps(dict(seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+"""
+
+_ANALYZE = """
+import sys, time, resource, json
+from moeprof.analysis.run import analyze
+t0 = time.perf_counter()
+a = analyze(sys.argv[1], out=sys.argv[2], force=True)
+dt = time.perf_counter() - t0
+print(json.dumps(dict(seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      tokens=a.summary["trace"]["tokens"], requests=a.summary["trace"]["requests"])))
+"""
+
+_POLARS_COUNTS = """
+import sys, time, resource, json
+import polars as pl
+from moeprof.trace import Trace
+t = Trace.open(sys.argv[1])
+t0 = time.perf_counter()
+r = (t.routing(["request_id", "phase", "layer", "experts"]).with_columns(pl.col("experts").arr.to_list())
+     .explode("experts").group_by(["request_id", "phase", "layer", "experts"]).len().collect(engine="streaming"))
+dt = time.perf_counter() - t0
+print(json.dumps(dict(seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, groups=r.height)))
+"""
+
+
+def _child(code: str, *args: str) -> dict:
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(res.stderr)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000_000, help="routing rows (default 1e8)")
+    ap.add_argument("--compare-polars", action="store_true", help="also time the counts as a polars group_by")
+    ap.add_argument("--regenerate", action="store_true")
+    args = ap.parse_args()
+    trace = OUT / f"trace-{args.rows}"
+    manifest = trace / "manifest.json"
+    cached = manifest.exists() and json.loads(manifest.read_text()).get("complete")
+    if args.regenerate or not cached:
+        t0 = time.perf_counter()
+        generate(trace, args.rows)
+        print(f"generated {trace} in {time.perf_counter() - t0:.1f} s", flush=True)
+    from moeprof.trace import Trace
+
+    t = Trace.open(trace)
+    rows = t.num_routing_rows
+    size = t.size_bytes
+    for p in t.shard_paths("routing"):  # warm the page cache so both runs read from memory alike
+        p.read_bytes()
+    floor = _child(_FLOOR, str(trace))
+    result = _child(_ANALYZE, str(trace), str(OUT / f"analysis-{args.rows}"))
+    gib = 1 << 30
+    print(f"trace: {rows:,} routing rows, {result['tokens']:,} tokens, {result['requests']:,} requests, "
+          f"{size / gib:.2f} GiB on disk, 58 MoE layers x 256 experts, top-8")
+    print(f"floor (polars streaming scan of the same columns): {floor['seconds']:.2f} s, "
+          f"{rows / floor['seconds'] / 1e6:.1f} M rows/s, peak RSS {floor['peak_rss'] / gib:.2f} GiB")
+    print(f"analyze (every statistic, tables, plots):          {result['seconds']:.2f} s, "
+          f"{rows / result['seconds'] / 1e6:.1f} M rows/s, peak RSS {result['peak_rss'] / gib:.2f} GiB")
+    print(f"analyze / floor: {result['seconds'] / floor['seconds']:.2f}x")
+    if args.compare_polars:
+        pc = _child(_POLARS_COUNTS, str(trace))
+        print(f"counts only, polars explode + group_by:            {pc['seconds']:.2f} s, "
+              f"{rows / pc['seconds'] / 1e6:.1f} M rows/s, peak RSS {pc['peak_rss'] / gib:.2f} GiB "
+              f"({pc['groups']:,} groups)")
+
+
+if __name__ == "__main__":
+    main()
