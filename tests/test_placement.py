@@ -261,3 +261,22 @@ def test_cli_errors(cli, trace, tmp_path):
     assert r.stderr.strip() == "Error: give either --placement FILE or --compare (with --nodes and --gpus-per-node)"
     r = cli("place", trace, "-n", "2", "-g", "2", "--policy", "eplb", "--export", "vllm", "--out", tmp_path / "x.json")
     assert r.stderr.strip() == "Error: unknown export format 'vllm'; choose one of sglang, trtllm, deepseek"
+
+
+def test_place_help_lists_the_registry(cli):
+    r = cli("place", "--help")
+    assert r.exit_code == 0
+    assert all(name in r.stdout for name in POLICIES) and "sglang, trtllm, deepseek" in r.stdout
+
+
+def test_prefill_grouping_needs_prefill_rows(tmp_path):
+    from moeprof.trace import ModelInfo, TraceWriter
+
+    out = tmp_path / "decode-only"
+    with TraceWriter(out, model=ModelInfo(name="m", num_experts=4, top_k=1, moe_layers=[0]), source="hf") as w:
+        for r in range(4):
+            w.set_request(r, "x", prompt_tokens=1, decode_tokens=1)
+            w.write_routing(dict(request_id=r, step=1, phase="decode", pos=1, layer=0, experts=[[r]]))
+    d = load_routing(Trace.open(out))
+    with pytest.raises(PlacementError, match="--grouping prefill needs prefill routing rows"):
+        fit_policy(d, np.array([True, True, True, False]), build_topology(4, 2, 1), "eplb", grouping="prefill")

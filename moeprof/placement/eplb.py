@@ -41,14 +41,15 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     rank = np.full((rows, n), -1, dtype=np.int64)
     order = np.argsort(-weight, axis=1, kind="stable")
     for i in range(rows):
-        load = np.zeros(num_packs)
-        count = np.zeros(num_packs, dtype=np.int64)
-        for item in order[i]:
-            # full packs are excluded by giving them infinite load
-            j = int(np.argmin(np.where(count < per_pack, load, np.inf)))
+        # plain lists: a handful of packs is faster to scan in Python than through numpy calls
+        load = [0.0] * num_packs
+        count = [0] * num_packs
+        w = weight[i].tolist()
+        for item in order[i].tolist():
+            j = min((p for p in range(num_packs) if count[p] < per_pack), key=load.__getitem__)
             pack[i, item] = j
             rank[i, item] = count[j]
-            load[j] += weight[i, item]
+            load[j] += w[item]
             count[j] += 1
     return pack, rank
 

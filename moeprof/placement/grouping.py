@@ -118,18 +118,25 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 30) -> tuple[np.ndarra
     """
     if len(x) == 0:
         raise PlacementError("no requests to cluster")
-    k = max(1, min(k, len(np.unique(x, axis=0))))
+    k = max(1, min(k, len(x)))
     rng = np.random.default_rng(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an empty cluster is reseeded; not the user's concern
-        centroids, labels = kmeans2(x.astype(np.float64), k, iter=iters, minit="++", seed=rng, missing="warn")
+        centroids, labels = kmeans2(x.astype(np.float64), k, iter=iters, minit="++", seed=rng, missing="warn",
+                                   check_finite=False)
     return centroids, labels
+
+
+def one_hot(index: np.ndarray, n: int) -> np.ndarray:
+    """``[len(index), n]`` float32 indicator matrix (sums by group become one matrix product)."""
+    out = np.zeros((len(index), n), dtype=np.float32)
+    out[np.arange(len(index)), index] = 1.0
+    return out
 
 
 def node_centroids(sig: np.ndarray, node: np.ndarray, nodes: int) -> np.ndarray:
     """``[N, D]`` unit mean signature of each node's requests (a zero row for a node with none)."""
-    cent = np.zeros((nodes, sig.shape[1]), dtype=np.float32)
-    np.add.at(cent, node, sig)
+    cent = one_hot(node, nodes).T @ sig
     norm = np.linalg.norm(cent, axis=1, keepdims=True)
     return cent / np.where(norm > 0, norm, 1.0)
 

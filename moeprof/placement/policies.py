@@ -31,7 +31,7 @@ import numpy as np
 from moeprof.errors import PlacementError
 from moeprof.placement import eplb as _eplb
 from moeprof.placement.data import signatures
-from moeprof.placement.grouping import GroupingModel, balanced_assign, fit_grouping, kmeans, node_centroids
+from moeprof.placement.grouping import GroupingModel, balanced_assign, fit_grouping, kmeans, node_centroids, one_hot
 from moeprof.placement.simulate import expected_slot_load, gpu_max_mean, source_gpus
 from moeprof.placement.topology import Topology
 
@@ -106,12 +106,13 @@ def eplb(fit: FitInput, num_groups: int = 1) -> PolicyResult:
 
 
 # -- helpers shared by the grouping-aware policies ---------------------------------------------------
-def _pack_node(items: list[int], item_load: np.ndarray, topo: Topology) -> np.ndarray:
-    """Pack a node's ``G·S`` expert copies onto its G GPUs (balanced, S each); return them GPU-major."""
+def _pack_node(items, item_load: np.ndarray, topo: Topology) -> np.ndarray:
+    """Pack a node's ``G·S`` expert copies (``items``, one per row) onto its G GPUs (balanced, S each);
+    return them GPU-major."""
     G, S = topo.gpus_per_node, topo.slots_per_gpu
     items_arr = np.asarray(items)
-    pack, rank = _eplb.balanced_packing(item_load[None, :], G)
-    out = np.empty(G * S, dtype=np.int64)
+    pack, rank = _eplb.balanced_packing(np.asarray(item_load, dtype=np.float64)[None, :], G)
+    out = np.empty((G * S,) + items_arr.shape[1:], dtype=items_arr.dtype)
     out[pack[0] * S + rank[0]] = items_arr
     return out
 
@@ -180,9 +181,9 @@ def kmeans_policy(fit: FitInput, clusters: int | None = None) -> PolicyResult:
     L = fit.load.shape[1]
     slots = t.slots_per_node * per_group
     phy2log = np.empty((L, t.num_slots), dtype=np.int64)
+    use_all = _group_sum(fit.load, label, K)  # [K, L, E]
     for layer in range(L):
-        use = np.zeros((K, t.num_experts))
-        np.add.at(use, label, fit.load[:, layer, :])
+        use = use_all[:, layer, :]
         w = use.sum(0)
         groups, _ = _group_greedy(use, w, slots, None)
         row = []
@@ -201,10 +202,13 @@ def kmeans_policy(fit: FitInput, clusters: int | None = None) -> PolicyResult:
 # -- ours: locality ------------------------------------------------------------------------------------
 def _source_counts(load: np.ndarray, node: np.ndarray, topo: Topology) -> np.ndarray:
     """``[NG, L, E]`` token-routes by source GPU."""
-    src = source_gpus(node, topo)
-    out = np.zeros((topo.num_gpus,) + load.shape[1:])
-    np.add.at(out, src, load)
-    return out
+    return _group_sum(load, source_gpus(node, topo), topo.num_gpus)
+
+
+def _group_sum(load: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
+    """``[n, L, E]`` sums of ``load[R, L, E]`` over the requests of each group."""
+    flat = load.reshape(load.shape[0], -1).astype(np.float64)
+    return (one_hot(group, n).T.astype(np.float64) @ flat).reshape((n,) + load.shape[1:])
 
 
 def _copy_loads(members: list[list[int]], Wn: np.ndarray) -> list[np.ndarray]:
@@ -251,8 +255,9 @@ def _locality_layer(Wn: np.ndarray, topo: Topology, gpu_cap: float, replicate: b
     for h in range(N):
         members[h] = _fill_spares(members[h], C, Wn[h] + w / N)
     per_copy = _copy_loads(members, Wn)
-    row = np.concatenate([_pack_node(members[h], per_copy[h], topo) for h in range(N)])
-    slot_load = np.concatenate([_pack_node(per_copy[h], per_copy[h], topo) for h in range(N)])
+    packed = [_pack_node(np.stack([members[h], per_copy[h]], axis=1), per_copy[h], topo) for h in range(N)]
+    row = np.concatenate([p[:, 0] for p in packed]).astype(np.int64)
+    slot_load = np.concatenate([p[:, 1] for p in packed])
     return _repair(row, slot_load, Wn, topo, gpu_cap)
 
 
@@ -341,8 +346,7 @@ def locality(
     best: tuple[float, np.ndarray, np.ndarray, GroupingModel] | None = None
     history = []
     for _ in range(max(1, iterations)):
-        Wn = np.zeros((N, L, E))
-        np.add.at(Wn, node, fit.load)
+        Wn = _group_sum(fit.load, node, N)
         phy2log = np.stack([_locality_layer(Wn[:, layer], t, gpu_cap[layer], replicate) for layer in range(L)])
         holds = np.zeros((N, L, E), dtype=bool)
         node_of_slot = t.node_of_slot()

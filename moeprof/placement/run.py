@@ -210,7 +210,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(topology=self.topology, split=self.split, rows=self.rows, notes=self.notes)
+        return _jsonable(dict(topology=self.topology, split=self.split, rows=self.rows, notes=self.notes))
 
 
 COMPARE_RUNS: tuple[tuple[str, str | None], ...] = (
