@@ -108,3 +108,22 @@ def test_not_an_input_is_exit_2(cli, tmp_path):
     r = cli("check", tmp_path, "--max-imbalance", "3")
     assert r.exit_code == 2
     assert _flat(r.stderr).startswith(_flat(f"Error: {tmp_path}: not a trace, an analyze output (summary.json)"))
+
+
+def test_summary_of_another_format_is_exit_2(cli, hand, tmp_path):
+    _, analysis = hand
+    doc = json.loads((analysis / "summary.json").read_text())
+    doc["summary_format"] = "9.0"
+    bad = tmp_path / "summary.json"
+    bad.write_text(json.dumps(doc))
+    r = cli("check", bad, "--max-imbalance", "3")
+    assert r.exit_code == 2
+    assert _flat(r.stderr) == _flat(
+        f"Error: {bad}: summary format 9.0, this moeprof reads format 1.0; re-run `moeprof analyze` with this version"
+    )
+    doc["summary_format"] = "1.0"
+    del doc["imbalance"]["per_layer"]
+    bad.write_text(json.dumps(doc))
+    r = cli("check", bad, "--max-imbalance", "3")
+    assert r.exit_code == 2
+    assert _flat(r.stderr).startswith(_flat(f"Error: {bad}: not a valid analyze summary at imbalance:"))

@@ -39,7 +39,7 @@ def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None) -> In
         out = analysis_dir or Path(tempfile.mkdtemp(prefix="moeprof-report-"))
         run_analysis(inputs.trace_path, out)
         inputs.summary_path = out / view.SUMMARY
-        inputs.summary = view.read_json(inputs.summary_path, "analyze summary")
+        inputs.summary = view.read_summary(inputs.summary_path)
         inputs.figure_dirs.insert(0, out)
     return inputs
 
@@ -310,11 +310,13 @@ def _coactivation(inputs: Inputs) -> Section:
     trans = node.get("transitions") or {}
     parts = []
     if trans.get("available"):
-        mc = trans["most_concentrated"]
+        mc = trans.get("most_above_baseline") or trans["most_concentrated"]
+        base = mc.get("independent_baseline")
         parts.append(
-            f"layer {mc['layer']} → {mc['next_layer']} is the most predictable step: a token's expert there fixes its "
-            f"likeliest next expert with probability {mc['concentration']:.2f} on average (uniform: "
-            f"{trans['uniform_baseline']:.2f})"
+            f"layer {mc['layer']} → {mc['next_layer']} is the most predictable step: a token's expert in layer "
+            f"{mc['layer']} points to its likeliest next expert with probability {mc['concentration']:.2f} on average"
+            + (f", against {base:.2f} if the layers routed independently" if base is not None else "")
+            + f" (uniform: {trans['uniform_baseline']:.2f})"
         )
     if pairs:
         p = pairs[0]
@@ -333,9 +335,11 @@ def _coactivation(inputs: Inputs) -> Section:
     tables = []
     if trans.get("available"):
         tables.append(Table(
-            ["layer", "next layer", "concentration"],
-            [[str(r["layer"]), str(r["next_layer"]), fmt(r["concentration"], 3)] for r in trans["per_pair"]],
-            caption="Load-weighted mean of max over e' of P(e' | e), between consecutive MoE layers "
+            ["layer", "next layer", "concentration", "if independent"],
+            [[str(r["layer"]), str(r["next_layer"]), fmt(r["concentration"], 3), fmt(r.get("independent_baseline"), 3)]
+             for r in trans["per_pair"]],
+            caption="Load-weighted mean over e of max over e' of P(e' | e), between consecutive MoE layers; "
+                    "'if independent' is the next layer's largest share of tokens "
                     f"(uniform routing: {trans['uniform_baseline']:.3f})"))
     if pairs:
         tables.append(Table(

@@ -64,6 +64,31 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise UsageError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); is it a moeprof {what}?") from None
 
 
+def read_summary(path: Path) -> dict[str, Any]:
+    """An analyze ``summary.json``, checked against its format version and JSON Schema."""
+    from moeprof.analysis.run import SUMMARY_FORMAT
+
+    doc = read_json(path, "analyze summary")
+    found = str(doc.get("summary_format", "?"))
+    if found.split(".")[0] != SUMMARY_FORMAT.split(".")[0]:
+        raise UsageError(
+            f"{path}: summary format {found}, this moeprof reads format {SUMMARY_FORMAT}; "
+            "re-run `moeprof analyze` with this version"
+        )
+    try:
+        import jsonschema
+        from importlib.resources import files
+
+        schema = json.loads(files("moeprof.schemas").joinpath("summary.schema.json").read_text())
+        jsonschema.validate(doc, schema)
+    except FileNotFoundError:
+        pass
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(x) for x in exc.absolute_path) or "(top level)"
+        raise UsageError(f"{path}: not a valid analyze summary at {where}: {exc.message}") from None
+    return doc
+
+
 def classify(path: Path) -> str | None:
     """``trace``, ``summary``, ``compare``, ``placement`` or ``None`` for a path that is none of these."""
     if path.is_dir():
@@ -139,7 +164,7 @@ def discover(paths: list[Path]) -> Inputs:
         inputs.trace_path = found["trace"][0]
     if found["summary"]:
         inputs.summary_path = found["summary"][0]
-        inputs.summary = read_json(inputs.summary_path, "analyze summary")
+        inputs.summary = read_summary(inputs.summary_path)
     if found["compare"]:
         inputs.compare_path = found["compare"][0]
         inputs.compare = read_json(inputs.compare_path, "simulate --compare result")
@@ -241,7 +266,7 @@ def expert_counts(path: Path) -> tuple[list[int], "np.ndarray", int]:
     summary_path = path / SUMMARY if path.is_dir() else path
     if not summary_path.exists():
         raise UsageError(f"{path}: neither a trace (manifest.json) nor an analyze output ({SUMMARY})")
-    inputs = Inputs(summary=read_json(summary_path, "analyze summary"), summary_path=summary_path)
+    inputs = Inputs(summary=read_summary(summary_path), summary_path=summary_path)
     loads = table(inputs, "expert_loads")
     if loads is None:
         raise UsageError(
