@@ -208,7 +208,7 @@ def _imbalance(inputs: Inputs) -> Section:
         ]
         tables.append(Table(["batch size", "batches", "median", "95% CI", "p90", "95% CI"], brows,
                             caption="Busiest expert / mean over batches of B tokens, all layers pooled. "
-                            + str(bnode.get("method", ""))))
+                            + _sentence(str(bnode.get("method", "")))))
     figures = _figures(inputs, [
         ("load_heatmap", "Load per expert and layer (multiple of the layer mean)"),
         ("imbalance_vs_batch", "Busiest expert / mean expert over batches of B tokens (median, p90)"),
@@ -355,6 +355,11 @@ def _coactivation(inputs: Inputs) -> Section:
     if trans.get("available") is False:
         sec.notes.append(f"Transitions not available: {trans.get('reason')}.")
     return sec
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return (text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")) if text else ""
 
 
 def _predicts(r: float) -> str:
