@@ -90,7 +90,10 @@ def render_check(result: Any, con: Console) -> None:
         )
         worst = "-"
         if o.worst is not None:
-            worst = (f"{o.worst.value:,.0f}" if abs(o.worst.value) >= 1e4 else f"{o.worst.value:.4g}") + (f" (layer {o.worst.layer})" if o.worst.layer is not None else "")
+            v = o.worst.value
+            worst = f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+            if o.worst.layer is not None:
+                worst += f" (layer {o.worst.layer})"
         t.add_row("[green]ok[/]" if o.ok else "[red]FAIL[/]", o.rule.label(), worst, limit, o.rule.origin)
     con.print(t)
     failures = result.failures
