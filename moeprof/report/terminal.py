@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def human_bytes(n: float | None) -> str:
@@ -76,3 +77,57 @@ def _ranges(xs: list[int]) -> str:
         prev = x
     out.append(f"{start}-{prev}" if start != prev else f"{start}")
     return ", ".join(out)
+
+
+def render_check(result: Any, con: Console) -> None:
+    """Print a :class:`moeprof.report.rules.CheckResult`: one row per rule, then every failure."""
+    t = Table(title=None, show_lines=False)
+    for col, justify in (("", "left"), ("rule", "left"), ("worst", "right"), ("limit", "right"), ("from", "left")):
+        t.add_column(col, justify=justify)
+    for o in result.outcomes:
+        limit = " ".join(
+            f"{side} {value:g}" for side, value in (("min", o.rule.min), ("max", o.rule.max)) if value is not None
+        )
+        worst = "-"
+        if o.worst is not None:
+            v = o.worst.value
+            worst = f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+            if o.worst.layer is not None:
+                worst += f" (layer {o.worst.layer})"
+        t.add_row("[green]ok[/]" if o.ok else "[red]FAIL[/]", o.rule.label(), worst, limit, o.rule.origin)
+    con.print(t)
+    failures = result.failures
+    if not failures:
+        con.print(f"All {len(result.outcomes)} rules hold.", highlight=False)
+        return
+    failed_rules = sum(not o.ok for o in result.outcomes)
+    con.print(f"{failed_rules} of {len(result.outcomes)} rules failed:", style="red", highlight=False)
+    for f in failures:
+        con.print(Text("  " + f.message()))
+
+
+def render_diff(result: Any, con: Console, *, max_js: float | None = None) -> None:
+    """Print a :class:`moeprof.report.diff.DiffResult` as one row per MoE layer."""
+    con.print(f"[bold]A[/] {result.a}\n[bold]B[/] {result.b}", highlight=False)
+    t = Table()
+    for col in ("layer", "JS A→B", "imbalance A", "imbalance B", "change", "hot appeared", "hot vanished"):
+        t.add_column(col, justify="left" if col.startswith("hot") else "right")
+    for d in result.layers:
+        js = f"{d.js:.4f}"
+        if max_js is not None and d.js > max_js:
+            js = f"[red]{js}[/]"
+        t.add_row(
+            str(d.layer), js, f"{d.imbalance_a:.2f}×", f"{d.imbalance_b:.2f}×", f"{d.imbalance_change:+.2f}",
+            ", ".join(map(str, d.hot_appeared)) or "-", ", ".join(map(str, d.hot_vanished)) or "-",
+        )
+    con.print(t)
+    if result.only_a or result.only_b:
+        con.print(f"MoE layers only in A: {result.only_a or '-'}; only in B: {result.only_b or '-'}", highlight=False)
+    con.print(result.finding(), highlight=False)
+    if max_js is not None:
+        over = [d for d in result.layers if d.js > max_js]
+        if over:
+            con.print(Text(f"{len(over)} {'layer exceeds' if len(over) == 1 else 'layers exceed'} --max-js {max_js:g}: "
+                           + ", ".join(f"layer {d.layer} ({d.js:.4f})" for d in over), style="red"))
+        else:
+            con.print(f"Every layer is within --max-js {max_js:g}.", highlight=False)
