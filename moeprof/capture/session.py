@@ -41,6 +41,7 @@ from torch import nn
 from moeprof.capture.hooks import MoeLayout, RoutingPoint, discover
 from moeprof.errors import CaptureError
 from moeprof.trace.manifest import Manifest
+from moeprof.trace.schema import PHASES
 from moeprof.trace.writer import TraceWriter
 
 DEFAULT_DOMAIN = "unlabelled"
@@ -105,10 +106,11 @@ class StepSink:
         self.active = True
 
     def record(self, ordinal: int, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
-        # int16: expert ids of format v1; the conversion also snapshots ids a model might reuse.
-        self.ids[ordinal] = ids.to(torch.int16)
+        # Only a reference: no kernel, no sync. The tensors stay valid until ``pack`` runs at the end
+        # of the same forward (also under CUDA-graph replay, whose outputs live until the next replay).
+        self.ids[ordinal] = ids
         if self.weights:
-            self.w[ordinal] = weights.to(torch.float32)
+            self.w[ordinal] = weights
 
     def missing(self) -> list[int]:
         return [i for i, t in enumerate(self.ids) if t is None]
@@ -116,9 +118,10 @@ class StepSink:
     def pack(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One uint8 tensor: ids (L, n, k) int16 | weights (L, n, k) float32 | tokens (n,) int32 | valid (n,) int8."""
         device = self.ids[0].device  # a model spread over devices (device_map) gathers on the first
-        parts = [torch.stack([t.to(device) for t in self.ids])]
+        # int16: expert ids of format v1 (one conversion for all layers, after the stack).
+        parts = [torch.stack([t.to(device) for t in self.ids]).to(torch.int16)]
         if self.weights:
-            parts.append(torch.stack([t.to(device) for t in self.w]))
+            parts.append(torch.stack([t.to(device) for t in self.w]).to(torch.float32))
         parts += [tokens.to(device), valid.to(device)]
         return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
 
@@ -165,7 +168,8 @@ class Recorder:
         self._meta: _StepMeta | None = None
         self._tokens: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
-        self._inflight: list[tuple[_StepMeta, torch.Tensor, Any]] = []
+        self._pipe = _HostPipe(self._process)
+        self._batch_running = False
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
         self.steps = 0
@@ -197,7 +201,7 @@ class Recorder:
 
     def flush(self) -> None:
         """Write every finished step to disk now (the trace stays marked incomplete until close)."""
-        self._drain_inflight()
+        self._pipe.drain()
         self._write_staged()
         self._sync_requests()
         self.writer.flush()
@@ -226,7 +230,7 @@ class Recorder:
         self._handles.clear()
         self._restore_compile_settings()
         try:
-            self._drain_inflight()
+            self._pipe.close()
             self._write_staged()
             self._sync_requests()
         except BaseException:
@@ -286,6 +290,8 @@ class Recorder:
         labels: list[_Label] = []
         if new_sequences:
             labels, self._labels = self._labels[:b], self._labels[b:]
+            labels += [self._label(None, None, None) for _ in range(b - len(labels))]
+            self._batch_running = True
         self._meta = _StepMeta(batch_id=self._forwards, b=b, s=s, new_sequences=new_sequences, labels=labels)
         self._forwards += 1
         self._tokens, self._valid = tokens, valid
@@ -302,7 +308,7 @@ class Recorder:
             return True
         length = past.get_seq_length()
         if isinstance(length, torch.Tensor):
-            if s == 1 and self._rows is not None:
+            if s == 1 and self._batch_running:
                 return False
             length = int(length)
         return length == 0
@@ -323,27 +329,9 @@ class Recorder:
                 f"capture: {self.layout.points[0].path} received ids of shape {shape}, expected "
                 f"({meta.b * meta.s}, {self._top_k}) for a batch of {meta.b} x {meta.s} tokens"
             )
-        packed = sink.pack(self._tokens, self._valid)
-        if packed.is_cuda:
-            host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = packed, None
-        # Process the previous step now; this one's copy overlaps the next forward on CUDA.
-        self._drain_inflight(keep_last=False)
-        self._inflight.append((meta, host, event))
-        if event is None:
-            self._drain_inflight()
+        self._pipe.submit(meta, sink.pack(self._tokens, self._valid))
 
-    # -- host side --------------------------------------------------------------------------------------
-    def _drain_inflight(self, keep_last: bool = False) -> None:
-        while len(self._inflight) > (1 if keep_last else 0):
-            meta, host, event = self._inflight.pop(0)
-            if event is not None:
-                event.synchronize()
-            self._process(meta, host.numpy())
+    # -- host side (the pipe's worker thread) -----------------------------------------------------------
 
     def _process(self, meta: _StepMeta, raw: np.ndarray) -> None:
         L, n, k = len(self.layout.points), meta.b * meta.s, self._top_k
@@ -412,11 +400,8 @@ class Recorder:
     def _start_batch(self, meta: _StepMeta) -> None:
         self._sync_requests()
         self._batch_step = 0
-        labels = list(meta.labels)
-        while len(labels) < meta.b:
-            labels.append(self._label(None, None, None))
         self._rows = []
-        for label in labels:
+        for label in meta.labels:
             request = _Request(label)
             self._requests[label.request_id] = request
             self._rows.append(_Row(request))
@@ -441,10 +426,11 @@ class Recorder:
     def _write_staged(self) -> None:
         if not self._staged:
             return
-        staged, self._staged, self._staged_rows = self._staged, [], 0
+        staged, rows = self._staged, self._staged_rows
+        self._staged, self._staged_rows = [], 0
         self._sync_requests()
-        for chunk in staged:
-            self.writer.write_routing(chunk)
+        # One Arrow conversion per hand-off instead of one per forward step.
+        self.writer.write_routing(_concat_chunks(staged, rows))
 
     def _sync_requests(self) -> None:
         for rid, req in self._requests.items():
@@ -456,6 +442,88 @@ class Recorder:
                 decode_tokens=req.decode_tokens,
                 text_sha256=req.label.text_sha256,
             )
+
+
+def _concat_chunks(chunks: list[dict[str, Any]], rows: int) -> dict[str, Any]:
+    """Join staged step chunks (columns, scalars broadcast per chunk) into one chunk of ``rows`` rows."""
+    if len(chunks) == 1:
+        return chunks[0]
+    sizes = [len(c["experts"]) for c in chunks]
+    out: dict[str, Any] = {}
+    for key in chunks[0]:
+        values = [c[key] for c in chunks]
+        if key == "phase":
+            values = [np.int8(PHASES.index(v)) if isinstance(v, str) else v for v in values]
+        if any(v is None for v in values):
+            # weights are all or nothing; token ids are absent for steps fed embeddings, and a
+            # chunk mixing both kinds of step keeps none of them rather than invent any.
+            out[key] = None
+            continue
+        parts = [np.broadcast_to(v, (n,) + np.shape(v)[1:]) if np.ndim(v) == 0 else v for v, n in zip(values, sizes)]
+        out[key] = np.concatenate(parts)
+    assert len(out["experts"]) == rows
+    return out
+
+
+class _HostPipe:
+    """Moves each packed step to the host and hands it, in order, to ``process``, one step late.
+
+    The forward's thread launches one asynchronous device-to-host copy into a reused pinned buffer
+    and records an event. The step is processed when the next one is submitted, so its copy
+    overlaps the next forward and waiting on its event costs nothing in steady state. Processing
+    stays in the forward's thread on purpose: a worker thread would contend for the GIL with the
+    thread that launches kernels and slow it down more than the work it takes over (measured).
+    On CPU the packed tensor itself is handed over, through the same path.
+    """
+
+    def __init__(self, process: Any, max_free: int = 8) -> None:
+        self._process = process
+        self._pending: list[tuple[Any, torch.Tensor, int, Any]] = []
+        self._free: list[torch.Tensor] = []
+        self._max_free = max_free
+
+    def submit(self, meta: Any, packed: torch.Tensor) -> None:
+        n = packed.numel()
+        if packed.is_cuda:
+            host = self._pinned(n)
+            host[:n].copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = packed, None
+        self._pending.append((meta, host, n, event))
+        self._run(keep=1 if event is not None else 0)
+
+    def drain(self) -> None:
+        """Process every submitted step now."""
+        self._run(keep=0)
+
+    close = drain
+
+    def _run(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            meta, host, n, event = self._pending.pop(0)
+            try:
+                if event is not None:
+                    event.synchronize()
+                self._process(meta, host[:n].numpy())
+            finally:
+                self._release(host)
+
+    def _pinned(self, n: int) -> torch.Tensor:
+        # Allocating pinned memory can synchronise the device: reuse buffers, rounded to powers of 2.
+        fits = [b for b in self._free if b.numel() >= n]
+        if fits:
+            buf = min(fits, key=torch.Tensor.numel)
+            self._free.remove(buf)
+            return buf
+        return torch.empty(1 << max(12, (n - 1).bit_length()), dtype=torch.uint8, pin_memory=True)
+
+    def _release(self, buf: torch.Tensor) -> None:
+        if buf.is_pinned():
+            self._free.append(buf)
+            if len(self._free) > self._max_free:
+                self._free.remove(min(self._free, key=torch.Tensor.numel))
 
 
 def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
