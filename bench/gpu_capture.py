@@ -61,13 +61,14 @@ def deepseek_config(layers: int):
     )
 
 
-def build(name: str, layers: int):
+def build(name: str, layers: int, experts_implementation: str | None):
     from transformers import AutoModelForCausalLM
 
     cfg = qwen3_config(layers) if name == "qwen3" else deepseek_config(layers)
     torch.manual_seed(0)
+    extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, **extra)
     model.eval()
     # Routers of random models: give them a realistic spread so top-k is not a tie-break.
     for n, p in model.named_parameters():
@@ -149,6 +150,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--mode", choices=["eager", "compiled"], default="eager")
+    ap.add_argument(
+        "--experts-implementation", default=None,
+        help="transformers experts kernel (eager, batched_mm, grouped_mm); default: transformers' choice, "
+        "grouped_mm for deepseek (batched_mm gathers weights per token and runs out of memory at its size)",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_capture-MODEL-MODE.json)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -156,7 +162,8 @@ def main() -> None:
     import transformers
 
     t0 = time.perf_counter()
-    model = build(args.model, args.layers)
+    impl = args.experts_implementation or ("grouped_mm" if args.model == "deepseek" else None)
+    model = build(args.model, args.layers, impl)
     build_s = time.perf_counter() - t0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +186,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "model_build_seconds": build_s,
+        "experts_implementation": getattr(model.config, "_experts_implementation", impl),
         "parameters": sum(p.numel() for p in model.parameters()),
         "results": results,
     }
