@@ -69,6 +69,8 @@ def build(name: str, layers: int, experts_implementation: str | None):
     extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, **extra)
+    if experts_implementation and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(experts_implementation)
     model.eval()
     # Routers of random models: give them a realistic spread so top-k is not a tie-break.
     for n, p in model.named_parameters():
