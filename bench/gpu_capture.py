@@ -66,9 +66,10 @@ def build(name: str, layers: int, experts_implementation: str | None):
 
     cfg = qwen3_config(layers) if name == "qwen3" else deepseek_config(layers)
     torch.manual_seed(0)
-    extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    if experts_implementation:
+        cfg._experts_implementation = experts_implementation
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, **extra)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     if experts_implementation and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(experts_implementation)
     model.eval()

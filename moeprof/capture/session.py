@@ -101,8 +101,10 @@ class StepSink:
         self.active = False
 
     def reset(self) -> None:
-        self.ids = [None] * self.num_layers
-        self.w = [None] * self.num_layers
+        # In place: compiled code guards on these lists, so they must stay the same objects.
+        for i in range(self.num_layers):
+            self.ids[i] = None
+            self.w[i] = None
         self.active = True
 
     def record(self, ordinal: int, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
