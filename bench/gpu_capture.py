@@ -70,8 +70,14 @@ def build(name: str, layers: int, experts_implementation: str | None):
         cfg._experts_implementation = experts_implementation
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    if experts_implementation and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(experts_implementation)
+    if experts_implementation:
+        if hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation(experts_implementation)
+        for module in model.modules():  # older transformers: every experts module reads its config
+            cfg_m = getattr(module, "config", None)
+            if cfg_m is not None and hasattr(cfg_m, "_experts_implementation"):
+                cfg_m._experts_implementation = experts_implementation
+    print(f"experts implementation: {getattr(model.config, '_experts_implementation', None)}", flush=True)
     model.eval()
     # Routers of random models: give them a realistic spread so top-k is not a tie-break.
     for n, p in model.named_parameters():

@@ -47,6 +47,21 @@ def main() -> None:
                 with moeprof.capture(model, Path(tmp) / "t", eos_token_id=None):
                     generate_once(model, inputs, args.new_tokens, True)
         print(f"{arm}: {time.perf_counter() - t:.2f} s", counters_snapshot(), flush=True)
+    # Where does a compiled decode step spend its time, with and without capture?
+    from torch.profiler import ProfilerActivity, profile
+
+    for arm in ("plain", "capture"):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            if arm == "plain":
+                generate_once(model, inputs, 8, True)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    with moeprof.capture(model, Path(tmp) / "t", eos_token_id=None):
+                        generate_once(model, inputs, 8, True)
+        print(f"== {arm}: top CPU self time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+        print(f"== {arm}: top CUDA self time")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=60))
 
 
 if __name__ == "__main__":
