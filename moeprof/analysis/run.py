@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import polars as pl
 
+from moeprof.text import format_ranges
 from moeprof.analysis import coactivation as co
 from moeprof.analysis import domain as dom
 from moeprof.analysis import load
@@ -41,20 +42,6 @@ class Analysis:
 
 def unavailable(reason: str) -> dict[str, Any]:
     return {"available": False, "reason": reason}
-
-
-def _ranges(xs: Sequence[int]) -> str:
-    xs = sorted(xs)
-    if not xs:
-        return "none"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:]:
-        if x != prev + 1:
-            out.append(f"{start}-{prev}" if start != prev else f"{start}")
-            start = x
-        prev = x
-    out.append(f"{start}-{prev}" if start != prev else f"{start}")
-    return ", ".join(out)
 
 
 def _finite(x: Any) -> Any:
@@ -84,7 +71,7 @@ def build_selection(trace: Trace, layers: Sequence[int] | None, domains: Sequenc
             raise UsageError(
                 f"--layers: {', '.join(map(str, unknown))} "
                 f"{'is not a MoE layer' if len(unknown) == 1 else 'are not MoE layers'} of this model "
-                f"(MoE layers: {_ranges(moe)})"
+                f"(MoE layers: {format_ranges(moe)})"
             )
         chosen = sorted(set(layers))
     else:
@@ -167,7 +154,7 @@ def analyze_trace(
         raise AnalysisError(f"{trace.path}: the trace holds no routing rows and no count tables; nothing to analyze")
     if agg.rows == 0 or agg.total().sum() == 0:
         what = f"domains {', '.join(sel.domains)}" if domains is not None else "the trace"
-        raise AnalysisError(f"{trace.path}: no routing in the selected layers ({_ranges(sel.layers)}) of {what}")
+        raise AnalysisError(f"{trace.path}: no routing in the selected layers ({format_ranges(sel.layers)}) of {what}")
     # Step 2: layers without tokens: an error if asked for by name, otherwise left out with a note.
     routes = agg.total().sum(axis=1)
     empty = [sel.layers[i] for i in np.flatnonzero(routes == 0)]
@@ -176,9 +163,9 @@ def analyze_trace(
             have = [sel.layers[i] for i in np.flatnonzero(routes > 0)]
             raise AnalysisError(
                 f"--layers: layer {', '.join(map(str, empty))} has no routed tokens in {trace.path} "
-                f"(layers with tokens: {_ranges(have)})"
+                f"(layers with tokens: {format_ranges(have)})"
             )
-        notes.append(f"MoE layers {_ranges(empty)} have no routed tokens in this trace and are left out")
+        notes.append(f"MoE layers {format_ranges(empty)} have no routed tokens in this trace and are left out")
     keep_l = np.flatnonzero(routes > 0)
     kept_layers = [sel.layers[i] for i in keep_l]
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from moeprof.text import format_ranges
 from moeprof import __version__
 from moeprof.report import view
 from moeprof.report.document import Figure, Report, Section, Table, fmt
@@ -140,7 +141,7 @@ def _model(inputs: Inputs) -> Section:
     )
     rows = [
         ["model", str(m.get("name", "?"))],
-        ["MoE layers", f"{len(moe)} ({_ranges(moe)})" + (f"; analysed: {_ranges(analysed)}" if analysed != moe else "")],
+        ["MoE layers", f"{len(moe)} ({format_ranges(moe)})" + (f"; analysed: {format_ranges(analysed)}" if analysed != moe else "")],
         ["experts", f"{m.get('num_experts', '?')} routed, top-{m.get('top_k', '?')}"],
         ["trace", f"{t.get('path', '?')} (source {t.get('source', '?')}"
          + (")" if t.get("complete", True) else ", capture interrupted: incomplete)")],
@@ -446,10 +447,6 @@ def _single_placement(inputs: Inputs) -> Section:
     return Section("placement", "", finding=finding, tables=[Table(["", ""], rows, numeric=[False, True], header=False)])
 
 
-def _ranges(xs: list[int]) -> str:
-    from moeprof.report.terminal import _ranges as ranges
-
-    return ranges(xs)
 
 
 # -- writing ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeprof.text import format_ranges
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -32,8 +33,8 @@ def render_trace_summary(info: dict[str, Any], con: Console) -> None:
     t.add_row(
         "layers",
         f"{m.get('num_layers') or '?'} total, {len(moe)} MoE"
-        + (f" ({_ranges(moe)})" if moe else "")
-        + (f", dense: {_ranges(m['dense_layers'])}" if m.get("dense_layers") else ""),
+        + (f" ({format_ranges(moe)})" if moe else "")
+        + (f", dense: {format_ranges(m['dense_layers'])}" if m.get("dense_layers") else ""),
     )
     t.add_row(
         "experts",
@@ -62,21 +63,6 @@ def render_trace_summary(info: dict[str, Any], con: Console) -> None:
     for note in info.get("notes", []):
         t.add_row("note", note)
     con.print(t)
-
-
-def _ranges(xs: list[int]) -> str:
-    """``[0,1,2,5,6]`` -> ``"0-2, 5-6"``."""
-    if not xs:
-        return ""
-    xs = sorted(xs)
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:]:
-        if x != prev + 1:
-            out.append(f"{start}-{prev}" if start != prev else f"{start}")
-            start = x
-        prev = x
-    out.append(f"{start}-{prev}" if start != prev else f"{start}")
-    return ", ".join(out)
 
 
 def render_check(result: Any, con: Console) -> None:
