@@ -69,15 +69,6 @@ class _Request:
 
 
 @dataclass
-class _Row:
-    """One row of the running batch: the request it serves and how far it has got."""
-
-    request: _Request
-    pos: int = 0
-    finished: bool = False
-
-
-@dataclass
 class _StepMeta:
     batch_id: int
     b: int
@@ -164,7 +155,11 @@ class Recorder:
         self._next_request = 0
         self._labels: list[_Label] = []
         self._requests: dict[int, _Request] = {}
-        self._rows: list[_Row] | None = None
+        # The running batch, one entry per batch row, as arrays (no per-row Python in a step).
+        self._batch: list[_Request] | None = None
+        self._rid = self._pos = self._prompt = self._decode = np.zeros(0, np.int64)
+        self._finished = np.zeros(0, bool)
+        self._eos_ids = np.fromiter(sorted(self._eos), np.int64)
         self._batch_step = 0
         self._forwards = 0
         self._meta: _StepMeta | None = None
@@ -351,32 +346,27 @@ class Recorder:
         # Step 1: which requests the batch rows serve.
         if meta.new_sequences:
             self._start_batch(meta)
-        elif self._rows is None or len(self._rows) != meta.b:
-            have = "no running batch" if self._rows is None else f"a running batch of {len(self._rows)} rows"
+        elif self._batch is None or len(self._batch) != meta.b:
+            have = "no running batch" if self._batch is None else f"a running batch of {len(self._batch)} rows"
             raise CaptureError(
                 f"capture: a decode step of {meta.b} rows arrived with {have}; start capture before the "
                 "prefill and keep batch rows fixed for a sequence's lifetime (generate() does)"
             )
         else:
             self._batch_step += 1
-        rows = self._rows
-        assert rows is not None
 
         # Step 2: drop padding and tokens after a row's EOS; positions count kept tokens only.
-        alive = np.fromiter((not r.finished for r in rows), dtype=bool, count=meta.b)
-        keep = valid & alive[:, None]
-        kept_per_row = keep.sum(axis=1)
-        start = np.fromiter((r.pos for r in rows), dtype=np.int64, count=meta.b)
-        pos = start[:, None] + np.cumsum(keep, axis=1) - 1
-        tok2 = tokens.reshape(meta.b, meta.s)
-        for i, row in enumerate(rows):
-            row.pos += int(kept_per_row[i])
-            if meta.new_sequences:
-                row.request.prompt_tokens += int(kept_per_row[i])
-            else:
-                row.request.decode_tokens += int(kept_per_row[i])
-                if kept_per_row[i] and self._eos and int(tok2[i, -1]) in self._eos:
-                    row.finished = True
+        keep = valid & ~self._finished[:, None]
+        kept = keep.sum(axis=1)
+        pos = self._pos[:, None] + np.cumsum(keep, axis=1) - 1
+        self._pos += kept
+        if meta.new_sequences:
+            self._prompt += kept
+        else:
+            self._decode += kept
+            if self._eos_ids.size:
+                last = tokens.reshape(meta.b, meta.s)[:, -1]
+                self._finished |= (kept > 0) & np.isin(last, self._eos_ids)
 
         # Step 3: rows of the trace, layer-major.
         idx = np.flatnonzero(keep.reshape(-1))
@@ -384,7 +374,7 @@ class Recorder:
         if m == 0:
             self.steps += 1
             return
-        request_of_token = np.repeat(np.fromiter((r.request.label.request_id for r in rows), np.int64, meta.b), meta.s)
+        request_of_token = np.repeat(self._rid, meta.s)
         chunk = {
             "request_id": np.tile(request_of_token[idx], L),
             "step": np.int32(self._batch_step),
@@ -402,11 +392,13 @@ class Recorder:
     def _start_batch(self, meta: _StepMeta) -> None:
         self._sync_requests()
         self._batch_step = 0
-        self._rows = []
-        for label in meta.labels:
-            request = _Request(label)
-            self._requests[label.request_id] = request
-            self._rows.append(_Row(request))
+        self._batch = [_Request(label) for label in meta.labels]
+        for request in self._batch:
+            self._requests[request.label.request_id] = request
+        b = len(self._batch)
+        self._rid = np.fromiter((r.label.request_id for r in self._batch), np.int64, b)
+        self._pos, self._prompt, self._decode = (np.zeros(b, np.int64) for _ in range(3))
+        self._finished = np.zeros(b, bool)
 
     def _label(self, domain: str | None, dataset: str | None, text: str | None) -> _Label:
         label = _Label(
@@ -435,6 +427,8 @@ class Recorder:
         self.writer.write_routing(_concat_chunks(staged, rows))
 
     def _sync_requests(self) -> None:
+        for i, request in enumerate(self._batch or ()):
+            request.prompt_tokens, request.decode_tokens = int(self._prompt[i]), int(self._decode[i])
         for rid, req in self._requests.items():
             self.writer.set_request(
                 rid,
