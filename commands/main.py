@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.text import Text
 
@@ -71,14 +70,26 @@ _register()
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
-    """(Exit, ClickException, Abort) classes of click and of the copy newer typer releases vendor."""
-    exits = {click.exceptions.Exit, typer.Exit}
-    errors = {click.ClickException}
-    aborts = {click.exceptions.Abort, typer.Abort}
+    """(Exit, ClickException, Abort) classes of whichever click typer runs on.
+
+    typer >= 0.20 vendors its own copy of click (``typer._click``) and does not install click;
+    older releases use the click package.
+    """
+    exits: set[type] = {typer.Exit}
+    errors: set[type] = set()
+    aborts: set[type] = {typer.Abort}
     try:
-        from typer._click import exceptions as vendored  # typer >= 0.20 ships its own click
+        from typer._click import exceptions as vendored
 
         errors.add(vendored.ClickException)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        exits.add(click.exceptions.Exit)
+        errors.add(click.ClickException)
+        aborts.add(click.exceptions.Abort)
     except ImportError:
         pass
     return tuple(exits), tuple(errors), tuple(aborts)
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=argv, prog_name="moeprof", standalone_mode=False)
     except MoeprofError as exc:
-        err_console().print(Text(f"Error: {exc}", style="red"))
+        err_console().print(Text(f"Error: {exc}", style="red"), soft_wrap=True)
         return exc.exit_code
     except _EXIT as exc:
         return exc.exit_code

@@ -35,3 +35,31 @@ def test_unknown_command_is_a_usage_error(cli):
     r = cli("frobnicate")
     assert r.exit_code == 2
     assert "No such command" in r.stderr
+
+
+def test_analysis_commands_need_no_torch_and_capture_says_how_to_get_it(tmp_path):
+    """An analysis-only install has no torch or transformers: every other command still works."""
+    import os
+    import subprocess
+    import sys
+
+    from moeprof.synthetic import generate_trace
+
+    trace = tmp_path / "t"
+    generate_trace(trace, num_requests=8, num_layers=2, num_experts=8, top_k=2, seed=1)
+    # Stand-ins that fail to import, first on the path: as if neither package were installed.
+    fake = tmp_path / "site"
+    for name in ("torch", "transformers"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\")\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), *sys.path]))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "moeprof", *map(str, args)], capture_output=True, text=True, env=env)
+
+    r = run("analyze", trace, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    r = run("capture", "--out", tmp_path / "cap")
+    assert r.returncode == 2
+    assert "capture needs torch and transformers" in r.stderr and "Traceback" not in r.stderr
+    assert "pip install 'moeprof[capture]'" in r.stderr.replace("\n", " ")

@@ -12,6 +12,8 @@ built-in workload, stand in, and the summary says so.
 
 from __future__ import annotations
 
+import importlib
+
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -162,6 +164,22 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
+def require_capture_extra() -> None:
+    """Raise :class:`CaptureError` saying how to install torch and transformers if either is missing."""
+    missing = []
+    for name in ("torch", "transformers"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise CaptureError(
+            f"capture needs {' and '.join(missing)}, which this installation lacks: "
+            "pip install 'moeprof[capture]' (on a CPU-only machine run `pip install torch==2.13.0` first "
+            "to get the CPU wheel); analyze, place, report and the other commands work without them"
+        )
+
+
 def run_capture(
     out: str | Path,
     *,
@@ -179,6 +197,7 @@ def run_capture(
 
     ``progress(done, total)`` is called after each batch with the number of requests done.
     """
+    require_capture_extra()
     import torch
 
     from moeprof.capture.session import capture
