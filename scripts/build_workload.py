@@ -33,7 +33,8 @@ import workload_sources as src  # noqa: E402
 
 DOMAINS = ("code", "math", "chat", "general")
 MIN_CHARS = 130
-MAX_CHARS = 700
+MAX_CHARS = 600
+CODE_MAX_CHARS = 500  # code packs fewer characters into a token (indentation, symbols)
 MATH_TEMPLATE = "Solve this {category} problem step by step.\n\n{problem}\n\nSolution:"
 
 
@@ -41,7 +42,7 @@ def code_candidates() -> list[dict]:
     """HumanEval prompts (signature + docstring) short enough to keep whole."""
     out = []
     for sid, task in src.humaneval():
-        if len(task["prompt"]) <= MAX_CHARS:
+        if len(task["prompt"]) <= CODE_MAX_CHARS:
             out.append({"id": f"HumanEval/{sid}", "domain": "code", "dataset": "HumanEval", "text": task["prompt"]})
     return out
 
@@ -63,7 +64,7 @@ def _looks_like_code(text: str) -> bool:
 
 
 def chat_candidates() -> list[dict]:
-    """First user turns of ShareGPT conversations: English, prose (not code), whole, 130–700 chars."""
+    """First user turns of ShareGPT conversations: English, prose (not code), whole, 130–600 chars."""
     out = []
     seen = set()
     for sid, messages in src.sharegpt():
@@ -83,7 +84,7 @@ def chat_candidates() -> list[dict]:
 
 
 def general_candidates() -> list[dict]:
-    """Lee news articles, cut to their leading whole sentences (≤ 700 chars)."""
+    """Lee news articles, cut to their leading whole sentences (≤ 600 chars)."""
     out = []
     for sid, article in src.lee_news():
         text = src.trim_sentences(article, MAX_CHARS)
