@@ -90,7 +90,8 @@ def collect(corpora_dir: Path, prompts: Path, chat_chars: int, seed: int) -> tup
     exclude = held_out_ids(prompts)
     train = {d: [] for d in DOMAINS}
     val = {d: [] for d in DOMAINS}
-    prov = {"corpora": {}, "packages": {}, "held_out_prompt_ids": len(exclude)}
+    prov = {"corpora": {}, "packages": {}, "held_out_prompt_ids": len(exclude),
+            "prompts_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest()}
 
     # Step 1a: the OLMoE corpora, split by lines (the tail is validation).
     for domain, names in CORPORA.items():
