@@ -6,11 +6,13 @@ Usage:
 
 Prints two things, per domain (code, math, chat, general):
 
-1. Language-model loss vs a unigram baseline on held-out text: mean next-token cross-entropy (nats)
-   of the model, and the entropy of the text's own unigram distribution (the best any unigram model
-   can do on that very text, so a hard baseline). Held-out text: the workload prompts
-   (sample_data/prompts.jsonl, excluded from training; chat prompts rendered with the chat template)
-   and, with --corpora-dir, the 5% validation tail of every training source.
+1. Language-model loss vs unigram baselines on held-out text, in nats per token: the model's mean
+   next-token cross-entropy; the cross-entropy of the domain's unigram model fitted on the training
+   split (add-one smoothing; counts shipped in tiny-moe/unigram_counts.npz), the usual baseline; and
+   the entropy of the held-out text's own unigram distribution (the best any unigram model could do on
+   that very text, an optimistic baseline that small samples flatter further). Held-out text: the
+   workload prompts (sample_data/prompts.jsonl, excluded from training; chat prompts rendered with the
+   chat template) and, with --corpora-dir, the 5% validation tail of every training source.
 2. Domain specialisation of the router: for each MoE layer, p(d, l) = share of the workload's prompt
    tokens' top-k routes that go to each expert (the "expert popularity"); Jensen-Shannon divergence
    (base 2, in [0, 1]) between every pair of domains; the mean over pairs and layers. Compared with
@@ -44,6 +46,12 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     _, counts = np.unique(tokens, return_counts=True)
     p = counts / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def unigram_cross_entropy(counts: np.ndarray, tokens: np.ndarray) -> float:
+    """Cross-entropy (nats/token) on `tokens` of the unigram model with add-one smoothed `counts` (V,)."""
+    probs = (counts + 1.0) / (counts.sum() + len(counts))
+    return float(-np.mean(np.log(probs[tokens])))
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
@@ -114,6 +122,7 @@ def prompt_pass(model, tokenizer, texts: list[str], batch_size: int = 16) -> dic
     routes = np.zeros((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)
     nll = 0.0
     targets = []
+    texts = sorted(texts, key=len)  # similar lengths share a batch: less padding; the sums do not change
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -173,11 +182,14 @@ def evaluate(model_dir: Path = DEFAULT_MODEL, prompts: Path = DEFAULT_PROMPTS, p
     torch.manual_seed(0)
     model, tokenizer = load(model_dir)
     texts = prompt_texts(prompts, tokenizer, per_domain)
+    with np.load(model_dir / "unigram_counts.npz") as npz:
+        train_counts = {d: npz[d] for d in DOMAINS}
     loss, popularity = {}, {}
     for d in DOMAINS:
         r = prompt_pass(model, tokenizer, texts[d])
-        loss[d] = {"model": r["nll"] / len(r["targets"]), "unigram": unigram_entropy(r["targets"]),
-                   "tokens": int(len(r["targets"]))}
+        loss[d] = {"model": r["nll"] / len(r["targets"]),
+                   "unigram_train": unigram_cross_entropy(train_counts[d], r["targets"]),
+                   "unigram_oracle": unigram_entropy(r["targets"]), "tokens": int(len(r["targets"]))}
         popularity[d] = r["routes"]
     js, js_layers = mean_pairwise_js(popularity)
     controls = []
@@ -208,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     result = evaluate(args.model, args.prompts, args.per_domain, args.control_seeds)
 
+    header = f"  {'domain':8} {'tokens':>7} {'model':>7} {'unigram(train)':>15} {'unigram(oracle)':>16} {'model/unigram(train)':>21}"
     print(f"Held-out workload prompts ({args.prompts}), next-token loss in nats/token:")
-    print(f"  {'domain':8} {'tokens':>7} {'model':>7} {'unigram':>8} {'model/unigram':>14}")
+    print(header)
     for d, r in result["loss"].items():
-        print(f"  {d:8} {r['tokens']:7d} {r['model']:7.3f} {r['unigram']:8.3f} {r['model'] / r['unigram']:14.2f}")
+        print(f"  {d:8} {r['tokens']:7d} {r['model']:7.3f} {r['unigram_train']:15.3f} {r['unigram_oracle']:16.3f} "
+              f"{r['model'] / r['unigram_train']:21.2f}")
 
     if args.corpora_dir is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -219,16 +233,16 @@ def main(argv: list[str] | None = None) -> int:
 
         model, tokenizer = load(args.model)
         train_docs, val_docs, _ = collect(args.corpora_dir, args.prompts, 2_000_000, 0)
-        print("Validation split of the training sources (last 5%), nats/token:")
-        print(f"  {'domain':8} {'tokens':>7} {'model':>7} {'unigram':>8} {'unigram(train)':>15}")
+        print("Validation split of the training sources (last 5%, first 32 windows of 256 tokens), nats/token:")
+        print(header)
         for d in DOMAINS:
             loss, targets = stream_loss(model, encode_stream(tokenizer, val_docs[d]))
-            # A unigram model fitted on the training split (add-one smoothing): the usual baseline.
-            counts = np.bincount(encode_stream(tokenizer, train_docs[d]), minlength=len(tokenizer)) + 1
-            train_unigram = float(-np.mean(np.log(counts[targets] / counts.sum())))
-            result.setdefault("validation", {})[d] = {"model": loss, "unigram": unigram_entropy(targets),
-                                                      "unigram_train": train_unigram, "tokens": int(len(targets))}
-            print(f"  {d:8} {len(targets):7d} {loss:7.3f} {unigram_entropy(targets):8.3f} {train_unigram:15.3f}")
+            counts = np.bincount(encode_stream(tokenizer, train_docs[d]), minlength=len(tokenizer))
+            r = {"model": loss, "unigram_train": unigram_cross_entropy(counts, targets),
+                 "unigram_oracle": unigram_entropy(targets), "tokens": int(len(targets))}
+            result.setdefault("validation", {})[d] = r
+            print(f"  {d:8} {r['tokens']:7d} {r['model']:7.3f} {r['unigram_train']:15.3f} {r['unigram_oracle']:16.3f} "
+                  f"{r['model'] / r['unigram_train']:21.2f}")
 
     print("Domain specialisation: mean pairwise Jensen-Shannon divergence (base 2) of expert popularity")
     print(f"  trained router:        {result['js_trained']:.4f}  per layer "

@@ -22,8 +22,9 @@ What it does, in order:
 3. Model: Qwen3MoeForCausalLM (4 layers, hidden 192, 32 experts, top-4, tied embeddings), trained with
    the load-balancing auxiliary loss (output_router_logits=True, router_aux_loss_coef=0.01); each batch
    holds the same number of sequences from every domain; AdamW, warmup then cosine decay.
-4. Save: bf16 safetensors (loads in float32 on CPU), tokenizer, generation config, provenance.json and
-   TRAINING.md (command, seed, data provenance, steps, final losses).
+4. Save: bf16 safetensors (loads in float32 on CPU), tokenizer, generation config, provenance.json,
+   TRAINING.md (command, seed, data provenance, steps, final losses) and unigram_counts.npz (per-domain
+   token counts of the training split, for the unigram baseline of evaluate_tiny_moe.py).
 
 Seeded: the same command on the same machine and library versions reproduces the weights.
 """
@@ -173,6 +174,12 @@ def encode_stream(tokenizer, docs: list[str]) -> np.ndarray:
     return np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=np.int32)
 
 
+def save_unigram_counts(out: Path, train_streams: dict, vocab_size: int) -> None:
+    """Per-domain token counts of the training split: the unigram baseline evaluate_tiny_moe.py compares to."""
+    np.savez_compressed(out / "unigram_counts.npz",
+                        **{d: np.bincount(train_streams[d], minlength=vocab_size).astype(np.int64) for d in DOMAINS})
+
+
 # --------------------------------------------------------------------------------------------- model
 
 def make_config(vocab_size: int, tokenizer, args):
@@ -274,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     prov["tokens"] = {"train": {d: int(len(train_streams[d])) for d in DOMAINS},
                       "validation": {d: int(len(val_streams[d])) for d in DOMAINS}}
     print(f"[tokenizer] {time.time() - t0:.0f}s vocab {len(tokenizer)} tokens {prov['tokens']}", flush=True)
+    save_unigram_counts(args.out, train_streams, len(tokenizer))
 
     # Step 3: model and training loop.
     config = make_config(len(tokenizer), tokenizer, args)
