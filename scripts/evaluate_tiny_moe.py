@@ -17,7 +17,8 @@ Prints two things, per domain (code, math, chat, general):
    tokens' top-k routes that go to each expert (the "expert popularity"); Jensen-Shannon divergence
    (base 2, in [0, 1]) between every pair of domains; the mean over pairs and layers. Compared with
    the same model whose router weights are re-initialised (normal, std = initializer_range, as
-   transformers initialises them), mean over --control-seeds seeds.
+   transformers initialises them), mean over --control-seeds seeds, and with the JS between the
+   even and odd halves of each domain's prompts (what sampling noise alone gives).
 
 No moeprof capture is used: routes come straight from the model's output_router_logits.
 """
@@ -155,21 +156,27 @@ def reinit_router(model, seed: int):
     return clone
 
 
-def stream_loss(model, tokens: np.ndarray, seq_len: int = 256, max_windows: int = 32) -> tuple[float, np.ndarray]:
-    """Mean next-token loss over consecutive windows of a token stream; also the predicted targets."""
+def stream_pass(model, tokens: np.ndarray, seq_len: int = 256, max_windows: int = 32) -> dict:
+    """Consecutive windows of a token stream: {"loss": mean next-token loss, "targets", "routes": (L, E)}."""
     import torch
 
+    cfg = model.config
     x = torch.from_numpy(tokens.astype(np.int64))
     n = min(max_windows, (len(x) - 1) // seq_len)
     inputs = x[: n * seq_len].view(n, seq_len)
     labels = x[1: n * seq_len + 1].view(n, seq_len)
     total = 0.0
+    routes = np.zeros((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)
     with torch.no_grad():
         for i in range(0, n, 8):
-            logits = model(input_ids=inputs[i:i + 8]).logits.float()
+            out = model(input_ids=inputs[i:i + 8], output_router_logits=True)
+            logits = out.logits.float()
             total += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), labels[i:i + 8].reshape(-1), reduction="sum").item()
-    return total / (n * seq_len), labels.reshape(-1).numpy()
+            for layer, rl in enumerate(out.router_logits):
+                top = torch.topk(rl.float(), cfg.num_experts_per_tok, dim=-1).indices
+                routes[layer] += np.bincount(top.reshape(-1).numpy(), minlength=cfg.num_experts)
+    return {"loss": total / (n * seq_len), "targets": labels.reshape(-1).numpy(), "routes": routes}
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -184,13 +191,16 @@ def evaluate(model_dir: Path = DEFAULT_MODEL, prompts: Path = DEFAULT_PROMPTS, p
     texts = prompt_texts(prompts, tokenizer, per_domain)
     with np.load(model_dir / "unigram_counts.npz") as npz:
         train_counts = {d: npz[d] for d in DOMAINS}
-    loss, popularity = {}, {}
+    loss, popularity, within = {}, {}, []
     for d in DOMAINS:
-        r = prompt_pass(model, tokenizer, texts[d])
-        loss[d] = {"model": r["nll"] / len(r["targets"]),
-                   "unigram_train": unigram_cross_entropy(train_counts[d], r["targets"]),
-                   "unigram_oracle": unigram_entropy(r["targets"]), "tokens": int(len(r["targets"]))}
-        popularity[d] = r["routes"]
+        # Two halves (even/odd prompts) give both the domain's totals and a sampling-noise floor.
+        halves = [prompt_pass(model, tokenizer, texts[d][h::2]) for h in (0, 1)]
+        targets = np.concatenate([h["targets"] for h in halves])
+        loss[d] = {"model": sum(h["nll"] for h in halves) / len(targets),
+                   "unigram_train": unigram_cross_entropy(train_counts[d], targets),
+                   "unigram_oracle": unigram_entropy(targets), "tokens": int(len(targets))}
+        popularity[d] = halves[0]["routes"] + halves[1]["routes"]
+        within.append(mean_pairwise_js({"even": halves[0]["routes"], "odd": halves[1]["routes"]})[0])
     js, js_layers = mean_pairwise_js(popularity)
     controls = []
     for seed in range(control_seeds):
@@ -199,6 +209,7 @@ def evaluate(model_dir: Path = DEFAULT_MODEL, prompts: Path = DEFAULT_PROMPTS, p
         controls.append(mean_pairwise_js(control_pop)[0])
     return {
         "loss": loss, "js_trained": js, "js_trained_per_layer": js_layers.tolist(),
+        "js_within_domain": float(np.mean(within)),
         "js_reinit_router": float(np.mean(controls)), "js_reinit_router_seeds": controls,
         "popularity": {d: p.tolist() for d, p in popularity.items()},
     }
@@ -235,18 +246,28 @@ def main(argv: list[str] | None = None) -> int:
         train_docs, val_docs, _ = collect(args.corpora_dir, args.prompts, 2_000_000, 0)
         print("Validation split of the training sources (last 5%, first 32 windows of 256 tokens), nats/token:")
         print(header)
+        val_streams = {d: encode_stream(tokenizer, val_docs[d]) for d in DOMAINS}
         for d in DOMAINS:
-            loss, targets = stream_loss(model, encode_stream(tokenizer, val_docs[d]))
+            sp = stream_pass(model, val_streams[d])
+            targets = sp["targets"]
             counts = np.bincount(encode_stream(tokenizer, train_docs[d]), minlength=len(tokenizer))
-            r = {"model": loss, "unigram_train": unigram_cross_entropy(counts, targets),
+            r = {"model": sp["loss"], "unigram_train": unigram_cross_entropy(counts, targets),
                  "unigram_oracle": unigram_entropy(targets), "tokens": int(len(targets))}
             result.setdefault("validation", {})[d] = r
             print(f"  {d:8} {r['tokens']:7d} {r['model']:7.3f} {r['unigram_train']:15.3f} {r['unigram_oracle']:16.3f} "
                   f"{r['model'] / r['unigram_train']:21.2f}")
+        js_val = mean_pairwise_js({d: stream_pass(model, val_streams[d])["routes"] for d in DOMAINS})[0]
+        clones = [reinit_router(model, seed) for seed in range(args.control_seeds)]
+        js_val_control = float(np.mean([
+            mean_pairwise_js({d: stream_pass(clone, val_streams[d])["routes"] for d in DOMAINS})[0] for clone in clones]))
+        result["validation_js"] = {"trained": js_val, "reinit_router": js_val_control}
+        print(f"  expert-popularity JS between domains on this split: trained {js_val:.4f}, "
+              f"re-initialised router {js_val_control:.4f}")
 
     print("Domain specialisation: mean pairwise Jensen-Shannon divergence (base 2) of expert popularity")
     print(f"  trained router:        {result['js_trained']:.4f}  per layer "
           + " ".join(f"{v:.4f}" for v in result["js_trained_per_layer"]))
+    print(f"  between two halves of the same domain (sampling-noise floor), trained router: {result['js_within_domain']:.4f}")
     print(f"  re-initialised router: {result['js_reinit_router']:.4f}  (seeds: "
           + " ".join(f"{v:.4f}" for v in result["js_reinit_router_seeds"]) + ")")
     print(f"  ratio: {result['js_trained'] / result['js_reinit_router']:.1f}x")

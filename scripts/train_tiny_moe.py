@@ -15,12 +15,14 @@ What it does, in order:
    - general: b3g.txt + c4.txt + wikipedia.txt + Lee news articles not in the workload
    The corpora files are the OLMoE routing-analysis texts (allenai/OLMoE, Apache-2.0); they are read
    from --corpora-dir and never copied into the project; their sha256 go into provenance.json. Every
-   workload prompt's source id (sample_data/prompts.jsonl) is excluded, so the prompts stay held out.
+   workload prompt's source id (sample_data/prompts.jsonl) is excluded, and so is every package
+   document that contains a prompt's opening (near-duplicates under other ids), so the prompts stay
+   held out.
    The last 5% (by lines / records) of each domain's sources is a validation split never trained on.
 2. Tokenizer: byte-level BPE (`tokenizers`), trained on the training split only, saved as a
    transformers fast tokenizer with a small chat template.
 3. Model: Qwen3MoeForCausalLM (4 layers, hidden 192, 32 experts, top-4, tied embeddings), trained with
-   the load-balancing auxiliary loss (output_router_logits=True, router_aux_loss_coef=0.01); each batch
+   the load-balancing auxiliary loss (output_router_logits=True, router_aux_loss_coef=0.05); each batch
    holds the same number of sequences from every domain; AdamW, warmup then cosine decay.
 4. Save: bf16 safetensors (loads in float32 on CPU), tokenizer, generation config, provenance.json,
    TRAINING.md (command, seed, data provenance, steps, final losses) and unigram_counts.npz (per-domain
@@ -86,9 +88,31 @@ def held_out_ids(prompts: Path) -> set[str]:
     return ids
 
 
+def held_out_openings(prompts: Path, size: int = 80) -> list[str]:
+    """The first `size` characters of every prompt's own text (math: the problem, not the template).
+
+    Some sources repeat text under other ids (CHAMP problem variants, Lee articles that appear in both
+    of its files), so package documents that contain any of these are dropped too.
+    """
+    out = []
+    for line in prompts.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            text = rec["messages"][0]["content"] if "messages" in rec else rec["text"]
+            if rec["domain"] == "math":
+                text = text.split("\n\n")[1]
+            out.append(text.strip()[:size])
+    return out
+
+
 def collect(corpora_dir: Path, prompts: Path, chat_chars: int, seed: int) -> tuple[dict, dict, dict]:
     """Documents per domain: ({domain: [train docs]}, {domain: [val docs]}, provenance)."""
     exclude = held_out_ids(prompts)
+    openings = held_out_openings(prompts)
+
+    def overlaps(doc: str) -> bool:
+        return any(o in doc for o in openings)
+
     train = {d: [] for d in DOMAINS}
     val = {d: [] for d in DOMAINS}
     prov = {"corpora": {}, "packages": {}, "held_out_prompt_ids": len(exclude),
@@ -106,6 +130,7 @@ def collect(corpora_dir: Path, prompts: Path, chat_chars: int, seed: int) -> tup
             prov["corpora"][name] = {"domain": domain, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
     # Step 1b: the workload's source packages, minus every prompt of the workload.
+    dropped = 0
     code_docs = [t["prompt"] + t["canonical_solution"] for sid, t in src.humaneval() if f"HumanEval/{sid}" not in exclude]
     math_docs = [
         MATH_TEMPLATE.format(category=p["category"].lower().replace("_", " "), problem=p["text"])
@@ -113,6 +138,9 @@ def collect(corpora_dir: Path, prompts: Path, chat_chars: int, seed: int) -> tup
         for sid, p in src.champ() if f"CHAMP/{sid}" not in exclude
     ]
     news_docs = [text for sid, text in src.lee_news() if f"Lee-news/{sid}" not in exclude]
+    before = len(code_docs) + len(math_docs) + len(news_docs)
+    code_docs, math_docs, news_docs = ([d for d in docs if not overlaps(d)] for docs in (code_docs, math_docs, news_docs))
+    dropped += before - len(code_docs) - len(math_docs) - len(news_docs)
     chats = []
     for sid, messages in src.sharegpt():
         if f"ShareGPT-V3/{src.sharegpt_base_id(sid)}" in exclude or not messages:
@@ -125,6 +153,9 @@ def collect(corpora_dir: Path, prompts: Path, chat_chars: int, seed: int) -> tup
     for text in chats:
         if size >= chat_chars:
             break
+        if overlaps(text):
+            dropped += 1
+            continue
         kept.append(text)
         size += len(text)
     for domain, docs in (("code", code_docs), ("math", math_docs + src.champ_concepts()),
@@ -137,6 +168,7 @@ def collect(corpora_dir: Path, prompts: Path, chat_chars: int, seed: int) -> tup
     prov["documents"] = {
         "humaneval_train_problems": len(code_docs), "champ_train_problems": len(math_docs),
         "lee_news_train_articles": len(news_docs), "sharegpt_conversations": len(kept),
+        "dropped_for_containing_a_prompt": dropped,
     }
     return train, val, prov
 
@@ -189,7 +221,7 @@ def make_config(vocab_size: int, tokenizer, args):
         vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
         moe_intermediate_size=args.expert_hidden, num_experts=args.experts, num_experts_per_tok=args.top_k,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=not args.raw_topk_weights, decoder_sparse_step=1, mlp_only_layers=[],
         output_router_logits=True, router_aux_loss_coef=args.aux_coef,
         tie_word_embeddings=True, max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -249,15 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--expert-hidden", type=int, default=96)
-    p.add_argument("--aux-coef", type=float, default=0.01)
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--per-domain", type=int, default=4, help="sequences per domain in each batch")
+    p.add_argument("--aux-coef", type=float, default=0.05)
+    p.add_argument("--raw-topk-weights", action="store_true",
+                   help="weight experts by their softmax probability over all experts (OLMoE) instead of "
+                        "renormalising the top-k (norm_topk_prob)")
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--per-domain", type=int, default=2, help="sequences per domain in each batch")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--chat-chars", type=int, default=2_000_000, help="characters of ShareGPT text to train on")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core CPU")
+    p.add_argument("--eval-every", type=int, default=300)
     args = p.parse_args(argv)
 
     from transformers import GenerationConfig, Qwen3MoeForCausalLM
@@ -379,7 +414,7 @@ Wall time: {prov['train_seconds']} s training, {prov['total_seconds']} s in all.
 
 {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} attention heads
 ({config.num_key_value_heads} KV heads, head dim {config.head_dim}), {config.num_experts} experts per layer
-(expert hidden {config.moe_intermediate_size}), top-{config.num_experts_per_tok} routing with renormalised
+(expert hidden {config.moe_intermediate_size}), top-{config.num_experts_per_tok} routing with {"renormalised top-k" if config.norm_topk_prob else "softmax (not renormalised)"}
 weights, no shared expert, tied embeddings, vocabulary {config.vocab_size} (byte-level BPE trained on the
 training split). {prov['parameters']:,} parameters.
 
@@ -395,7 +430,8 @@ Wikipedia from the public allenai/OLMoE repository (Apache-2.0), commit
 
 Packages (their data files): {packages}. Documents used:
 {json.dumps(prov['documents'])}. The {prov['held_out_prompt_ids']} workload prompts of
-`sample_data/prompts.jsonl` are excluded (ShareGPT by whole chat), and the last 5% of every source is a
+`sample_data/prompts.jsonl` are excluded (ShareGPT by whole chat; package documents containing a
+prompt's first 80 characters too), and the last 5% of every source is a
 validation split never trained on. Tokens (train / validation): {json.dumps(prov['tokens'])}.
 
 ## Losses (nats per token)
