@@ -8,10 +8,19 @@ from typing import Annotated
 import typer
 
 from moeprof.commands.options import Force
-from moeprof.errors import OutputExistsError
+from moeprof.errors import OutputExistsError, UsageError
 from moeprof.report.console import console
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Directory for everything the demo writes.")]
+
+
+def _rules() -> Path:
+    from moeprof.sample_data import path
+
+    rules = path("rules.toml")
+    if rules is None:  # pragma: no cover - shipped with the package
+        raise UsageError("the shipped sample_data/rules.toml is missing; reinstall moeprof")
+    return rules
 
 
 def _steps(out: Path, limit: int | None) -> list[tuple[str, list[str]]]:
@@ -28,7 +37,7 @@ def _steps(out: Path, limit: int | None) -> list[tuple[str, list[str]]]:
          ["place", trace, "--nodes", "2", "--gpus-per-node", "4", "--policy", "locality",
           "--grouping", "prefill", "--out", placement / "placement.json", "--export", "sglang"]),
         ("Write the report", ["report", analysis, placement, "--out", out / "report"]),
-        ("Gate on thresholds", ["check", analysis / "summary.json", "--max-imbalance", "1000"]),
+        ("Gate on thresholds", ["check", analysis, placement, "--rules", _rules()]),
     ]
 
 

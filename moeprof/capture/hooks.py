@@ -24,6 +24,8 @@ a routing point are dense layers. Nothing in this module synchronises with the d
 
 from __future__ import annotations
 
+import os
+
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -290,8 +292,10 @@ def _check_uniform(points: list[RoutingPoint], name: str) -> None:
 
 
 def _model_name(model: nn.Module, config: Any) -> str:
-    path = getattr(config, "_name_or_path", "") if config is not None else ""
-    return str(path) or type(model).__name__
+    path = str(getattr(config, "_name_or_path", "") or "") if config is not None else ""
+    if path and (os.path.isabs(path) or path.startswith(".")):
+        return os.path.basename(os.path.normpath(path))  # a local directory: its name, not where it sits
+    return path or type(model).__name__
 
 
 def _architecture(model: nn.Module, config: Any) -> str:

@@ -16,7 +16,6 @@ import importlib
 
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,12 +63,9 @@ class CaptureSummary:
 
 def sample_path(name: str) -> Path | None:
     """A file or directory of the shipped ``moeprof/sample_data``, or None when it is not there."""
-    try:
-        root = resources.files("moeprof.sample_data")
-    except ModuleNotFoundError:  # pragma: no cover - always shipped with the package
-        return None
-    path = Path(str(root / name))
-    return path if path.exists() else None
+    from moeprof.sample_data import path
+
+    return path(name)
 
 
 def resolve_model(model: str | None, device: str, dtype: str) -> tuple[Any, Any, str, list[str]]:
