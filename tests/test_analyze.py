@@ -358,3 +358,11 @@ def test_library_errors_are_typed(hand, tmp_path):
     empty.close()
     with pytest.raises(AnalysisError, match="no routing rows and no count tables"):
         analyze_trace(tmp_path / "e")
+
+
+def test_average_ranks_match_scipy_with_ties():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4, size=(5, 3, 16))  # many ties, as in expert counts
+    assert np.array_equal(ph.average_ranks(x), rankdata(-x, axis=-1).astype(np.float32))

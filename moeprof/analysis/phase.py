@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
-from scipy.stats import rankdata
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -37,16 +36,53 @@ def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman rank correlation along the last axis (average ranks for ties)."""
-    return pearson(rankdata(x, axis=-1), rankdata(y, axis=-1))
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def order_desc(a: np.ndarray) -> np.ndarray:
+    """Experts from most to least loaded along the last axis; ties in order of expert id (stable)."""
+    return np.argsort(-np.asarray(a), axis=-1, kind="stable")
+
+
+def average_ranks(a: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """``float32`` ranks along the last axis, 1 = most loaded, ties sharing their mean rank.
+
+    Ranking from the top rather than the bottom reverses every rank the same way, which leaves a
+    Pearson correlation of ranks (Spearman) unchanged. ``order`` is :func:`order_desc` of ``a`` if
+    already computed (one sort then serves ranks and top-m alike).
+    """
+    a = np.asarray(a)
+    shape, E = a.shape, a.shape[-1]
+    flat = a.reshape(-1, E)
+    order = (order_desc(a) if order is None else order).reshape(-1, E)
+    n = flat.shape[0]
+    if n == 0 or E == 0:
+        return np.zeros(shape, np.float32)
+    sorted_vals = np.take_along_axis(flat, order, axis=1)
+    new_group = np.ones(sorted_vals.shape, bool)
+    new_group[:, 1:] = sorted_vals[:, 1:] != sorted_vals[:, :-1]
+    group = np.cumsum(new_group, axis=1) - 1 + (np.arange(n) * E)[:, None]  # global group ids
+    size = np.bincount(group.ravel(), minlength=n * E)
+    start = np.cumsum(size) - size - (np.arange(n * E) // E) * E  # group's first position in its row
+    mean_rank = (start + (size - 1) / 2.0 + 1.0).astype(np.float32)
+    ranks = np.empty(flat.shape, np.float32)
+    np.put_along_axis(ranks, order, mean_rank[group], axis=1)
+    return ranks.reshape(shape)
 
 
 def recall_at(x: np.ndarray, y: np.ndarray, m: int) -> np.ndarray:
     """``(...)`` share of y's top-m experts that are among x's top-m; NaN where x or y has no load."""
-    top_x = np.argsort(-np.asarray(x, np.float64), axis=-1, kind="stable")[..., :m]
-    top_y = np.argsort(-np.asarray(y, np.float64), axis=-1, kind="stable")[..., :m]
+    return _recall(order_desc(x)[..., :m], order_desc(y)[..., :m], _empty(x) | _empty(y))
+
+
+def _recall(top_x: np.ndarray, top_y: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    m = top_x.shape[-1]
     hit = (top_y[..., :, None] == top_x[..., None, :]).any(axis=-1).sum(axis=-1) / m
-    empty = (np.asarray(x).sum(axis=-1) == 0) | (np.asarray(y).sum(axis=-1) == 0)
     return np.where(empty, np.nan, hit)
+
+
+def _empty(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).sum(axis=-1) == 0
 
 
 def control_partners(request_domain: np.ndarray, same: bool, seed: int) -> np.ndarray:
@@ -93,7 +129,20 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
     spearman.
     """
     R, L, E = prefill.shape
-    own_p, own_s = _blocked(pearson, prefill, decode), _blocked(spearman, prefill, decode)
+    # Step 1: one stable sort per count vector gives its average ranks (Spearman) and its top-m
+    # experts (recall), reused by the own-request and both control comparisons.
+    m_max = max(recall_m, default=0)
+    rank_x, rank_y = np.empty((R, L, E), np.float32), np.empty((R, L, E), np.float32)
+    top_x, top_y = np.empty((R, L, m_max), np.int64), np.empty((R, L, m_max), np.int64)
+    for i in range(0, R, 128):
+        for counts, ranks, top in ((prefill, rank_x, top_x), (decode, rank_y, top_y)):
+            block = counts[i : i + 128]
+            order = order_desc(block)
+            ranks[i : i + 128] = average_ranks(block, order)
+            top[i : i + 128] = order[..., :m_max]
+    # Step 2: correlations of request r's prefill with a decode vector: its own, then the controls'.
+    own_p = _blocked(pearson, prefill, decode)
+    own_s = _blocked(pearson, rank_x, rank_y)
     cols: dict[str, object] = {"layer": pl.Series(list(layers), dtype=pl.Int16)}
     cols["pearson"], n = _mean_over_requests(own_p)
     cols["spearman"], _ = _mean_over_requests(own_s)
@@ -111,11 +160,12 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
             for i in range(0, idx.size, 128):
                 b = idx[i : i + 128]
                 p[b] = pearson(prefill[b], decode[partner[b]])
-                s[b] = spearman(prefill[b], decode[partner[b]])
+                s[b] = pearson(rank_x[b], rank_y[partner[b]])
         cols[f"{name}_pearson"], _ = _mean_over_requests(p)
         cols[f"{name}_spearman"], _ = _mean_over_requests(s)
+    empty = _empty(prefill) | _empty(decode)
     for m in recall_m:
-        cols[f"recall_at_{m}"], _ = _mean_over_requests(_blocked(lambda a, b: recall_at(a, b, m), prefill, decode))
+        cols[f"recall_at_{m}"], _ = _mean_over_requests(_recall(top_x[..., :m], top_y[..., :m], empty))
     per_layer = pl.DataFrame(cols)
     per_request = pl.DataFrame(
         {

@@ -7,6 +7,8 @@ is reported as ``{"available": false, "reason": ...}``, never as zero and never 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import json
 import math
 import shutil
@@ -196,23 +198,30 @@ def analyze_trace(
     a.tables["expert_loads"] = load.expert_loads(agg_k)
     s["imbalance"] = _imbalance_summary(per_layer, total)
 
-    # Step 4: imbalance over batches of B tokens.
-    tokens = dup = None
-    if not agg.per_token:
-        s["batch_imbalance"] = unavailable(caps["per_token"])
-        if agg.windows is not None and agg.windows.shape[0] > 1:
-            s["batch_imbalance"]["source_windows"] = load.window_imbalance(agg.windows[:, keep_l], kept_layers, seed)
-    else:
+    # Steps 4-6 are independent (numpy releases the GIL in their sorts and sums): run them at once.
+    def batch_step() -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+        # Step 4: imbalance over batches of B tokens.
+        if not agg.per_token:
+            out = unavailable(caps["per_token"])
+            if agg.windows is not None and agg.windows.shape[0] > 1:
+                out["source_windows"] = load.window_imbalance(agg.windows[:, keep_l], kept_layers, seed)
+            return None, None, out
         tokens, dup = load.token_matrix(agg, sample_tokens if sample_tokens > 0 else 1 << 62)
         tokens = tokens[:, keep_l]
         if dup.any():
             why = caps["positions"] or "several routing rows share one (request, step, pos) in a layer"
-            s["batch_imbalance"] = unavailable(f"tokens cannot be told apart: {why}")
-        else:
-            pooled, by_layer = load.batch_imbalance(tokens, batch_sizes, E, kept_layers, seed)
-            a.tables["batch_imbalance"] = by_layer
-            a.tables["batch_imbalance_pooled"] = pooled
-            s["batch_imbalance"] = _batch_summary(pooled, agg, tokens.shape[0])
+            return tokens, dup, unavailable(f"tokens cannot be told apart: {why}")
+        pooled, by_layer = load.batch_imbalance(tokens, batch_sizes, E, kept_layers, seed)
+        a.tables["batch_imbalance"] = by_layer
+        a.tables["batch_imbalance_pooled"] = pooled
+        return tokens, dup, _batch_summary(pooled, agg, tokens.shape[0])
+
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="moeprof-stats")
+    with pool:
+        batch_job = pool.submit(batch_step)
+        class_job = pool.submit(_classification, a, agg, counts, caps, sel, kept_layers, seed)
+        phase_job = pool.submit(_prefill_decode, a, counts, caps, sel, kept_layers, seed)
+        tokens, dup, s["batch_imbalance"] = batch_job.result()
 
     # Step 5: domain shift and classification.
     by_domain = agg.by_domain()[:, :, keep_l]  # (D, 2, L, E)
@@ -233,10 +242,10 @@ def analyze_trace(
         a.tables["domain_shift"] = shift
         a.tables["domain_experts"] = experts
         s["domain_shift"] = _shift_summary(shift, experts, names)
-    s["classification"] = _classification(a, agg, counts, caps, sel, kept_layers, seed)
+    s["classification"] = class_job.result()
 
     # Step 6: prefill -> decode.
-    s["prefill_decode"] = _prefill_decode(a, counts, caps, sel, kept_layers, seed)
+    s["prefill_decode"] = phase_job.result()
 
     # Step 7: co-activation.
     s["coactivation"] = _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens)
