@@ -114,32 +114,21 @@ class JsonlImporter(Importer):
         buf = _Buffer()
         unit_key: Any = object()
         self._data_seen = False
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                progress(len(raw))
-                if not raw.strip():
-                    continue
-                try:
-                    obj = _json_loads(raw)
-                except ValueError as exc:
-                    raise bad(path, f"line {lineno}", "not valid JSON (the file is cut off here, or not a "
-                              "JSONL routing log)") from None
-                if not isinstance(obj, dict):
-                    raise bad(path, f"line {lineno}", "expected a JSON object per line")
-                if buf.first_line is None and self._meta_allowed(lineno, buf) and _is_meta(obj, names):
-                    self._read_meta(obj, path, lineno)
-                    continue
-                for f in REQUIRED:
-                    if names[f] not in obj:
-                        raise bad(path, f"line {lineno}", f"field {names[f]!r} is missing"
-                                  + (f" (use --field {f}=NAME if it has another name)" if names[f] == f else ""))
-                key = obj[names["req_id"]]
-                if isinstance(key, float) and key.is_integer():
-                    key = int(key)
-                if key != unit_key or buf.rows >= self.options.chunk_rows:
-                    yield from self._flush(buf, path, unit_key)
-                    unit_key = key
-                self._add(buf, obj, key, path, lineno)
+        for lineno, obj in json_records(path, progress, "JSONL routing log"):
+            if buf.first_line is None and self._meta_allowed(lineno, buf) and _is_meta(obj, names):
+                self._read_meta(obj, path, lineno)
+                continue
+            for f in REQUIRED:
+                if names[f] not in obj:
+                    raise bad(path, f"line {lineno}", f"field {names[f]!r} is missing"
+                              + (f" (use --field {f}=NAME if it has another name)" if names[f] == f else ""))
+            key = obj[names["req_id"]]
+            if isinstance(key, float) and key.is_integer():
+                key = int(key)
+            if key != unit_key or buf.rows >= self.options.chunk_rows:
+                yield from self._flush(buf, path, unit_key)
+                unit_key = key
+            self._add(buf, obj, key, path, lineno)
         yield from self._flush(buf, path, unit_key)
         self._finish_missing()
 
@@ -364,6 +353,22 @@ def _json_lines(head: bytes, n: int) -> list[Any]:
         if len(out) >= n:
             break
     return out
+
+
+def json_records(path: Path, progress: Callable[[int], None], what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank line of a JSONL file; a bad line names ``path:line``."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            progress(len(raw))
+            if not raw.strip():
+                continue
+            try:
+                obj = _json_loads(raw)
+            except ValueError:
+                raise bad(path, f"line {lineno}", f"not valid JSON (the file is cut off here, or not a {what})") from None
+            if not isinstance(obj, dict):
+                raise bad(path, f"line {lineno}", "expected a JSON object per line")
+            yield lineno, obj
 
 
 def _first_json_line(head: bytes) -> Any:

@@ -41,24 +41,13 @@ from moeprof.capture.importers.base import (
     bad,
     identical_routing,
 )
-from moeprof.capture.importers.jsonl import _first_json_line, _json_loads
+from moeprof.capture.importers.jsonl import _first_json_line, json_records
 
 _NO_PHASE = "Megatron's router trace does not say whether a step was prefill or decode (or training)"
 
 
 def _records(path: Path, progress: Callable[[int], None]) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            progress(len(raw))
-            if not raw.strip():
-                continue
-            try:
-                obj = _json_loads(raw)
-            except ValueError as exc:
-                raise bad(path, f"line {lineno}", "not valid JSON (the file is cut off here, or not a JSONL log)") from None
-            if not isinstance(obj, dict):
-                raise bad(path, f"line {lineno}", "expected a JSON object per line")
-            yield lineno, obj
+    return json_records(path, progress, "JSONL log")
 
 
 class MegatronRouterTraceImporter(Importer):
