@@ -102,11 +102,14 @@ def control_partners(request_domain: np.ndarray, same: bool, seed: int) -> np.nd
     return out
 
 
-def _blocked(fn, x: np.ndarray, y: np.ndarray, block: int = 128) -> np.ndarray:
-    """``fn(x, y)`` over blocks of requests, so temporaries stay small whatever the request count."""
-    if x.shape[0] == 0:
-        return np.zeros(x.shape[:-1])
-    return np.concatenate([fn(x[i : i + block], y[i : i + block]) for i in range(0, x.shape[0], block)])
+def _unit(a: np.ndarray) -> np.ndarray:
+    """``float32`` vectors along the last axis centred and scaled to unit length; NaN where constant,
+    so that the dot product of two is their Pearson correlation (NaN when either is constant)."""
+    a = np.asarray(a, np.float64)
+    c = a - a.mean(axis=-1, keepdims=True)
+    norm = np.sqrt((c * c).sum(axis=-1, keepdims=True))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (c / np.where(norm > 0, norm, np.nan)).astype(np.float32)
 
 
 def _mean_over_requests(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,19 +133,25 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
     """
     R, L, E = prefill.shape
     # Step 1: one stable sort per count vector gives its average ranks (Spearman) and its top-m
-    # experts (recall), reused by the own-request and both control comparisons.
+    # experts (recall); centring and scaling each vector (and each rank vector) once to unit length
+    # turns every Pearson correlation below, own request or control, into one dot product.
     m_max = max(recall_m, default=0)
-    rank_x, rank_y = np.empty((R, L, E), np.float32), np.empty((R, L, E), np.float32)
+    zx, zy = np.empty((R, L, E), np.float32), np.empty((R, L, E), np.float32)
+    zrx, zry = np.empty((R, L, E), np.float32), np.empty((R, L, E), np.float32)
     top_x, top_y = np.empty((R, L, m_max), np.int64), np.empty((R, L, m_max), np.int64)
     for i in range(0, R, 128):
-        for counts, ranks, top in ((prefill, rank_x, top_x), (decode, rank_y, top_y)):
+        for counts, z, zr, top in ((prefill, zx, zrx, top_x), (decode, zy, zry, top_y)):
             block = counts[i : i + 128]
             order = order_desc(block)
-            ranks[i : i + 128] = average_ranks(block, order)
+            z[i : i + 128] = _unit(block)
+            zr[i : i + 128] = _unit(average_ranks(block, order))
             top[i : i + 128] = order[..., :m_max]
+
+    def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.clip(np.einsum("rle,rle->rl", a, b, dtype=np.float64), -1.0, 1.0)
+
     # Step 2: correlations of request r's prefill with a decode vector: its own, then the controls'.
-    own_p = _blocked(pearson, prefill, decode)
-    own_s = _blocked(pearson, rank_x, rank_y)
+    own_p, own_s = corr(zx, zy), corr(zrx, zry)
     cols: dict[str, object] = {"layer": pl.Series(list(layers), dtype=pl.Int16)}
     cols["pearson"], n = _mean_over_requests(own_p)
     cols["spearman"], _ = _mean_over_requests(own_s)
@@ -159,8 +168,8 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
             idx = np.flatnonzero(has)
             for i in range(0, idx.size, 128):
                 b = idx[i : i + 128]
-                p[b] = pearson(prefill[b], decode[partner[b]])
-                s[b] = pearson(rank_x[b], rank_y[partner[b]])
+                p[b] = corr(zx[b], zy[partner[b]])
+                s[b] = corr(zrx[b], zry[partner[b]])
         cols[f"{name}_pearson"], _ = _mean_over_requests(p)
         cols[f"{name}_spearman"], _ = _mean_over_requests(s)
     empty = _empty(prefill) | _empty(decode)
