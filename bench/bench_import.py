@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeprof.capture.importers import ImportOptions, import_trace
+from moeprof.importers import ImportOptions, import_trace
 
 
 def write_jsonl(path: Path, rows: int, k: int, experts: int, seed: int = 0) -> None:

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeprof.capture.importers import FORMATS, ImportOptions, import_trace
-from moeprof.capture.importers.jsonl import parse_field_map
+from moeprof.importers import FORMATS, ImportOptions, import_trace
+from moeprof.importers.jsonl import parse_field_map
 from moeprof.commands.options import Force, JsonFlag, OutDir
 from moeprof.report.console import console, progress_bar
 

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 import import_fixtures as fx
-from moeprof.capture.importers import FORMATS, ImportOptions, detect, export_jsonl, import_trace
+from moeprof.importers import FORMATS, ImportOptions, detect, export_jsonl, import_trace
 from moeprof.trace.reader import Trace
 
 
@@ -27,7 +27,7 @@ def loads(trace_dir):
 def test_importing_the_package_does_not_import_torch():
     import subprocess
 
-    code = "import sys, moeprof.capture.importers as m; m.registry(); print('torch' in sys.modules)"
+    code = "import sys, moeprof.importers as m; m.registry(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -85,7 +85,7 @@ def test_sglang_per_token_row_by_row(tmp_path):
 
 
 def fx_warm() -> str:
-    from moeprof.capture.importers.base import WARMUP_IDENTICAL
+    from moeprof.importers.base import WARMUP_IDENTICAL
 
     return WARMUP_IDENTICAL
 
@@ -195,7 +195,7 @@ def test_hook_jsonl_warmup_detection(tmp_path):
         (0, 0, "prefill", 1, 0, [5, 1], [0.75, 0.25]), (0, 0, "prefill", 1, 1, [5, 2], [0.75, 0.25]),
         (0, 1, "decode", 2, 0, [7, 2], [0.75, 0.25]), (0, 1, "decode", 2, 1, [7, 3], [0.75, 0.25]),
     ]
-    from moeprof.capture.importers.base import WARMUP_IDENTICAL, WARMUP_NO_REQUEST
+    from moeprof.importers.base import WARMUP_IDENTICAL, WARMUP_NO_REQUEST
 
     assert rep.warmup == {WARMUP_NO_REQUEST: 2, WARMUP_IDENTICAL: 8}
     m = Trace.open(tmp_path / "t").manifest

@@ -1,5 +1,6 @@
-"""Capture routing from running models (``session``, ``hooks``, ``workload``, ``run``) and import it
-from engines (``importers``). Importing this package needs no torch; its modules that hook models do.
+"""Capture routing from running models (``session``, ``hooks``, ``workload``, ``run``); files that
+engines wrote are read by the sibling package :mod:`moeprof.importers`. Importing this package needs
+no torch; its modules that hook models do.
 """
 
 from __future__ import annotations

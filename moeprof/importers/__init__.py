@@ -5,7 +5,7 @@ through :func:`import_trace`. :func:`detect` names the format from the file's ow
 (magic bytes, JSON keys, CSV header), never from its name alone. Importing this package does not
 import torch: only the SGLang importer needs it, and only when it reads a file.
 
-    >>> from moeprof.capture.importers import import_trace, ImportOptions
+    >>> from moeprof.importers import import_trace, ImportOptions
     >>> import_trace("auto", ["expert_distribution_recorder_1.pt"], "trace/")   # doctest: +SKIP
 """
 
@@ -14,17 +14,17 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from moeprof.capture.importers.base import ImportOptions, Importer
+from moeprof.importers.base import ImportOptions, Importer
 from moeprof.errors import ImportFormatError
 
 # Name -> "module:Class", in the order detect() tries them (most specific first).
 _REGISTRY = {
-    "sglang": "moeprof.capture.importers.sglang:SGLangImporter",
-    "vllm": "moeprof.capture.importers.vllm:VLLMImporter",
-    "megatron": "moeprof.capture.importers.megatron:MegatronRouterTraceImporter",
-    "megatron-tpe": "moeprof.capture.importers.megatron:MegatronTokensPerExpertImporter",
-    "jsonl": "moeprof.capture.importers.jsonl:JsonlImporter",
-    "counts": "moeprof.capture.importers.counts:CountsImporter",
+    "sglang": "moeprof.importers.sglang:SGLangImporter",
+    "vllm": "moeprof.importers.vllm:VLLMImporter",
+    "megatron": "moeprof.importers.megatron:MegatronRouterTraceImporter",
+    "megatron-tpe": "moeprof.importers.megatron:MegatronTokensPerExpertImporter",
+    "jsonl": "moeprof.importers.jsonl:JsonlImporter",
+    "counts": "moeprof.importers.counts:CountsImporter",
 }
 
 FORMATS = tuple(_REGISTRY)
@@ -60,15 +60,15 @@ def detect(path: str | Path) -> str:
 
 
 def import_trace(*args, **kwargs):
-    """See :func:`moeprof.capture.importers.run.import_trace`."""
-    from moeprof.capture.importers.run import import_trace as _run
+    """See :func:`moeprof.importers.run.import_trace`."""
+    from moeprof.importers.run import import_trace as _run
 
     return _run(*args, **kwargs)
 
 
 def export_jsonl(trace, path):
-    """See :func:`moeprof.capture.importers.jsonl.export_jsonl`."""
-    from moeprof.capture.importers.jsonl import export_jsonl as _export
+    """See :func:`moeprof.importers.jsonl.export_jsonl`."""
+    from moeprof.importers.jsonl import export_jsonl as _export
 
     return _export(trace, path)
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from moeprof.capture.importers.base import (
+from moeprof.importers.base import (
     PREFILL,
     WARMUP_IDENTICAL,
     Importer,
@@ -41,7 +41,7 @@ from moeprof.capture.importers.base import (
     bad,
     identical_routing,
 )
-from moeprof.capture.importers.jsonl import _first_json_line, json_records
+from moeprof.importers.jsonl import _first_json_line, json_records
 
 _NO_PHASE = "Megatron's router trace does not say whether a step was prefill or decode (or training)"
 

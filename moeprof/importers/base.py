@@ -1,7 +1,7 @@
 """What every importer shares: options, the chunks it yields, and warm-up rules.
 
 An importer reads one engine's dump and yields :class:`RoutingChunk` (per-token rows) or
-:class:`LoadsChunk` (counts) a bounded piece at a time; :func:`moeprof.capture.importers.run.import_trace`
+:class:`LoadsChunk` (counts) a bounded piece at a time; :func:`moeprof.importers.run.import_trace`
 validates the chunks, drops warm-up when asked, and hands them to a :class:`~moeprof.trace.writer.TraceWriter`.
 An importer never guesses: whatever its source does not record goes into ``missing`` with the reason.
 

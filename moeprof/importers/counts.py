@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeprof.capture.importers.base import Importer, LoadsChunk, bad, phase_code
+from moeprof.importers.base import Importer, LoadsChunk, bad, phase_code
 from moeprof.trace.schema import PHASES
 
 REQUIRED = ("layer", "expert", "count")

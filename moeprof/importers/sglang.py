@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from moeprof.capture.importers.base import (
+from moeprof.importers.base import (
     DECODE,
     PREFILL,
     WARMUP_IDENTICAL,

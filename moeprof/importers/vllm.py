@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from moeprof.capture.importers.base import (
+from moeprof.importers.base import (
     DECODE,
     PREFILL,
     WARMUP_IDENTICAL,
@@ -45,7 +45,7 @@ from moeprof.capture.importers.base import (
     bad,
     identical_routing,
 )
-from moeprof.capture.importers.jsonl import _first_json_line, _json_loads
+from moeprof.importers.jsonl import _first_json_line, _json_loads
 
 
 def _has_routing(obj: Any) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from moeprof.capture.importers.base import (
+from moeprof.importers.base import (
     DECODE,
     PREFILL,
     WARMUP_IDENTICAL,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from moeprof.capture.importers.base import (
+from moeprof.importers.base import (
     DECODE,
     PREFILL,
     ImportOptions,
@@ -129,7 +129,7 @@ class _Requests:
 
 
 def _importer_classes() -> dict[str, type[Importer]]:
-    from moeprof.capture.importers import registry
+    from moeprof.importers import registry
 
     return registry()
 
@@ -145,7 +145,7 @@ def import_trace(
 
     ``progress(n)`` is called with the number of source bytes consumed since the last call.
     """
-    from moeprof.capture.importers import detect
+    from moeprof.importers import detect
 
     options = options or ImportOptions()
     paths = [Path(s) for s in sources]
