@@ -165,11 +165,13 @@ class Recorder:
         self._keyed: dict[str, _Label] = {}
         self._requests: dict[int, _Request] = {}
         self._by_key: dict[str, _Request] = {}  # continuous batching: the engine's request id -> request
+        self._dirty: set[int] = set()  # requests whose counts changed since the writer last saw them
         # The running batch, one entry per batch row, as arrays (no per-row Python in a step).
         self._batch: list[_Request] | None = None
         self._rid = self._pos = self._prompt = self._decode = np.zeros(0, np.int64)
         self._finished = np.zeros(0, bool)
-        self._last_position = np.zeros(0, np.int64)  # position_ids of each row's last token so far
+        # position_ids of each row's last token so far; None when a step came without them
+        self._last_position: np.ndarray | None = None
         self._eos_ids = np.fromiter(sorted(self._eos), np.int64)
         self._batch_step = 0
         self._forwards = 0
@@ -420,8 +422,12 @@ class Recorder:
             self._process_packed(meta, ids, weights, tokens, positions)
             return
 
-        # Step 1: which requests the batch rows serve.
+        # Step 1: which requests the batch rows serve (checked against position_ids first: a step
+        # that cannot be placed starts no request).
+        given = positions.reshape(meta.b, meta.s) if positions is not None else None
         if meta.new_sequences:
+            if given is not None:
+                self._check_positions(meta, given, valid, valid)
             self._start_batch(meta)
         elif self._batch is None or len(self._batch) != meta.b:
             have = "no running batch" if self._batch is None else f"a running batch of {len(self._batch)} rows"
@@ -436,8 +442,10 @@ class Recorder:
         keep = valid & ~self._finished[:, None]
         kept = keep.sum(axis=1)
         pos = self._pos[:, None] + np.cumsum(keep, axis=1) - 1
-        if positions is not None:
-            self._check_positions(meta, positions.reshape(meta.b, meta.s), keep, valid)
+        if given is not None and not meta.new_sequences:
+            self._check_positions(meta, given, keep, valid)
+        elif given is None:
+            self._last_position = None
         self._pos += kept
         if meta.new_sequences:
             self._prompt += kept
@@ -499,7 +507,7 @@ class Recorder:
                     f"sequence (transformers {version}). moeprof does not record steps it cannot place; if "
                     "this transformers version passes the cache under a new name, please report it"
                 )
-        elif rows.size:
+        elif rows.size and self._last_position is not None and len(self._last_position) == len(given):
             ok = given[rows, 0] == self._last_position[rows] + 1
             if not ok.all():
                 i = int(np.argmin(ok))
@@ -558,6 +566,7 @@ class Recorder:
         decode = expected >= prompt
         ends = np.cumsum(plan.query)
         for i, request in enumerate(requests):
+            self._dirty.add(request.label.request_id)
             sl = slice(int(ends[i] - plan.query[i]), int(ends[i]))
             kept = keep[sl]
             request.prompt_tokens += int((kept & ~decode[sl]).sum())
@@ -639,9 +648,14 @@ class Recorder:
         self.writer.write_routing(_concat_chunks(staged, rows))
 
     def _sync_requests(self) -> None:
+        # Only what changed: the running batch and the requests continuous batching touched (a
+        # workload of many batches would otherwise cost O(requests) per hand-off).
         for i, request in enumerate(self._batch or ()):
             request.prompt_tokens, request.decode_tokens = int(self._prompt[i]), int(self._decode[i])
-        for rid, req in self._requests.items():
+            self._dirty.add(request.label.request_id)
+        dirty, self._dirty = self._dirty, set()
+        for rid in sorted(dirty):
+            req = self._requests[rid]
             self.writer.set_request(
                 rid,
                 req.label.domain,
