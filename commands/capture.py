@@ -72,14 +72,10 @@ def capture(
     """
     from moeprof.capture.run import run_capture
 
-    import time
-
-    started = time.monotonic()
     with progress_bar(transient=True) as bar:
         task = bar.add_task("capturing", total=None)
 
-        def progress(done: int, total: int, rows: int, tokens: int) -> None:
-            rate = tokens / max(time.monotonic() - started, 1e-9)
+        def progress(done: int, total: int, rows: int, rate: float) -> None:
             bar.update(task, completed=done, total=total, description=f"capturing ({rate:,.0f} tokens/s, {rows:,} rows)")
 
         summary = run_capture(

@@ -190,7 +190,7 @@ def run_capture(
     limit: int | None = None,
     batching: str = "static",
     threads: int | None = None,
-    progress: Callable[[int, int, int, int], None] | None = None,
+    progress: Callable[[int, int, int, float], None] | None = None,
 ) -> CaptureSummary:
     """Capture the routing of ``generate()`` over a workload into trace ``out``.
 
@@ -203,8 +203,8 @@ def run_capture(
     on a machine shared with other jobs, spinning OpenMP threads on every core made the tiny
     model's generate() 20-40x slower (measured on 2 cores: 1.0 s with 1 thread, 20-40 s with 2).
 
-    ``progress(done, total, rows, tokens)`` is called as requests finish: requests done, requests
-    in all, routing rows and tokens recorded so far.
+    ``progress(done, total, rows, tokens_per_second)`` is called as requests finish: requests done,
+    requests in all, routing rows so far and the tokens recorded per second of capture.
     """
     require_capture_extra()
     import torch
@@ -259,8 +259,8 @@ def run_capture(
 
             def report(done: int) -> None:
                 if progress is not None:
-                    tokens = sum(r.prompt_tokens + r.decode_tokens for r in rec._requests.values())
-                    progress(done, len(workload), rec.rows, tokens)
+                    tokens = rec.rows // max(1, len(rec.layout.points))  # one row per token per MoE layer
+                    progress(done, len(workload), rec.rows, tokens / max(time.perf_counter() - started, 1e-9))
 
             if batching == "continuous":
                 _continuous(lm, tokenizer, rec, workload, texts, batch_size, max_new_tokens, pad_id, report)
@@ -283,10 +283,9 @@ def run_capture(
                     report(start + len(batch))
     except KeyboardInterrupt:
         m = rec.manifest
-        finished = sum(1 for r in rec._requests.values() if r.decode_tokens)
         raise CaptureInterrupted(
             f"interrupted: kept {rec.rows:,} routing rows of {rec.steps:,} forward steps "
-            f"({len(rec._requests):,} requests started, {finished:,} of them decoding) in {out}, marked "
+            f"({len(rec._requests):,} requests) in {out}, marked "
             f"incomplete ({len([s for s in m.shards if s.kind == 'routing'])} shards); "
             f"`moeprof inspect {out}` shows it, and analyze reads it as it is"
         ) from None
