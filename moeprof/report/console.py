@@ -77,9 +77,11 @@ class LogProgress:
     def __enter__(self) -> "LogProgress":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            return  # the error says what happened; a last progress line would only bury it
         for task_id, task in self._tasks.items():
-            if task["printed"] != (task["completed"], task["description"]):
+            if task["completed"] and task["printed"] != (task["completed"], task["description"]):
                 self._print(task_id)
 
     def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
