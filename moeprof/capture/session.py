@@ -114,15 +114,15 @@ class StepSink:
     def missing(self) -> list[int]:
         return [i for i, t in enumerate(self.ids) if t is None]
 
-    def pack(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def pack(self, tokens: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
         """One uint8 tensor: ids (L, n, k) int16 | weights (L, n, k) float32 | tokens (n,) int32 |
-        positions (n,) int32 | valid (n,) int8."""
+        positions (n,) int32 (when given) | valid (n,) int8."""
         device = self.ids[0].device  # a model spread over devices (device_map) gathers on the first
         # int16: expert ids of format v1 (one conversion for all layers, after the stack).
         parts = [torch.stack([t.to(device) for t in self.ids]).to(torch.int16)]
         if self.weights:
             parts.append(torch.stack([t.to(device) for t in self.w]).to(torch.float32))
-        parts += [tokens.to(device), positions.to(device), valid.to(device)]
+        parts += [tokens.to(device)] + ([positions.to(device)] if positions is not None else []) + [valid.to(device)]
         return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
 
 
@@ -176,9 +176,7 @@ class Recorder:
         self._batch_step = 0
         self._forwards = 0
         self._meta: _StepMeta | None = None
-        self._tokens: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None
+        self._inputs: tuple | None = None  # (input_ids, position_ids, attention_mask, device) of the step
         self._tap = PlanTap()
         self._flush_seconds = float(flush_seconds)
         self._last_handoff = time.monotonic()
@@ -318,32 +316,31 @@ class Recorder:
         if ref is None:
             raise CaptureError("capture: the model was called without input_ids or inputs_embeds")
         b, s = int(ref.shape[0]), int(ref.shape[1])
-        if input_ids is not None:
-            tokens = input_ids.reshape(-1).to(torch.int32)
-        else:
-            tokens = torch.full((b * s,), -1, dtype=torch.int32, device=ref.device)
-        positions = _positions(kwargs.get("position_ids"), b, s)
+        # Only references and host-side decisions here: this runs before the forward's kernels are
+        # launched (before the CUDA graph is replayed), so any kernel launched here delays the whole
+        # step. The conversions run in _on_forward_end, after the launch, overlapping the GPU.
+        position_ids = kwargs.get("position_ids")
+        has_positions = isinstance(position_ids, torch.Tensor) and tuple(position_ids.shape) in {(b, s), (1, s)}
+        mask: Any = None
         if is_packed_forward(kwargs):
             meta = self._packed_step(b, s)
             if meta is None:  # the engine's warm-up pass: fake requests, nothing to record
                 self._meta = None
                 return
-            valid = torch.ones(b * s, dtype=torch.int8, device=ref.device)
         else:
             cache_name, cache = _find_cache(kwargs)
             new_sequences = self._starts_new_sequences(cache, s)
-            valid = _token_validity(kwargs.get("attention_mask"), b, s, new_sequences, ref.device)
+            mask = kwargs.get("attention_mask")
             labels: list[_Label] = []
             if new_sequences:
                 labels, self._labels = self._labels[:b], self._labels[b:]
                 labels += [self._label(None, None, None) for _ in range(b - len(labels))]
                 self._batch_running = True
             meta = _StepMeta(self._forwards, b, s, new_sequences, labels, cache=cache_name)
-        meta.positions = positions is not None
+        meta.positions = has_positions
         self._meta = meta
         self._forwards += 1
-        self._tokens, self._valid = tokens, valid
-        self._positions = positions if positions is not None else torch.full_like(tokens, -1)
+        self._inputs = (input_ids, position_ids if has_positions else None, mask, ref.device)
         self._sink.reset()
 
     def _packed_step(self, b: int, s: int) -> _StepMeta | None:
@@ -377,6 +374,8 @@ class Recorder:
         """
         if past is None or not hasattr(past, "get_seq_length"):
             return True
+        if s == 1 and self._batch_running and getattr(past, "is_compileable", False):
+            return False  # a static cache's length is a device value: reading it would launch and sync
         length = past.get_seq_length()
         if isinstance(length, torch.Tensor):
             if s == 1 and self._batch_running:
@@ -400,7 +399,19 @@ class Recorder:
                 f"capture: {self.layout.points[0].path} received ids of shape {shape}, expected "
                 f"({meta.b * meta.s}, {self._top_k}) for a batch of {meta.b} x {meta.s} tokens"
             )
-        self._pipe.submit(meta, sink.pack(self._tokens, self._positions, self._valid))
+        input_ids, position_ids, mask, device = self._inputs
+        self._inputs = None
+        n = meta.b * meta.s
+        if input_ids is not None:
+            tokens = input_ids.reshape(-1).to(torch.int32)
+        else:
+            tokens = torch.full((n,), -1, dtype=torch.int32, device=device)
+        positions = _positions(position_ids, meta.b, meta.s) if position_ids is not None else None
+        if meta.plan is not None:
+            valid = torch.ones(n, dtype=torch.int8, device=device)
+        else:
+            valid = _token_validity(mask, meta.b, meta.s, meta.new_sequences, device)
+        self._pipe.submit(meta, sink.pack(tokens, positions, valid))
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
 
@@ -415,8 +426,10 @@ class Recorder:
             off += L * n * k * 4
         tokens = raw[off : off + n * 4].view(np.int32)
         off += n * 4
-        positions = raw[off : off + n * 4].view(np.int32) if meta.positions else None
-        off += n * 4
+        positions = None
+        if meta.positions:
+            positions = raw[off : off + n * 4].view(np.int32)
+            off += n * 4
         valid = raw[off : off + n].view(np.int8).astype(bool).reshape(meta.b, meta.s)
         if meta.plan is not None:
             self._process_packed(meta, ids, weights, tokens, positions)
