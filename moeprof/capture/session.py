@@ -475,18 +475,9 @@ class Recorder:
             self.steps += 1
             return
         request_of_token = np.repeat(self._rid, meta.s)
-        chunk = {
-            "request_id": np.tile(request_of_token[idx], L),
-            "step": np.int32(self._batch_step),
-            "phase": "prefill" if self._batch_step == 0 else "decode",
-            "pos": np.tile(pos.reshape(-1)[idx].astype(np.int32), L),
-            "layer": np.repeat(self._layers, m),
-            "experts": ids[:, idx, :].reshape(L * m, k),
-            "weights": None if weights is None else weights[:, idx, :].reshape(L * m, k),
-            "batch_id": np.int64(meta.batch_id),
-            "token_id": None if (tokens[idx] < 0).any() else np.tile(tokens[idx], L),
-        }
-        self._stage(chunk, L * m)
+        step = np.int32(self._batch_step)
+        phase = "prefill" if self._batch_step == 0 else "decode"
+        self._stage_rows(meta, idx, ids, weights, tokens, request_of_token[idx], step, phase, pos.reshape(-1)[idx])
         self.steps += 1
 
     def _check_positions(self, meta: _StepMeta, given: np.ndarray, keep: np.ndarray, valid: np.ndarray) -> None:
@@ -548,7 +539,6 @@ class Recorder:
         """
         plan = meta.plan
         assert plan is not None
-        L, k = ids.shape[0], ids.shape[2]
         q = plan.tokens
         start = np.repeat(np.cumsum(plan.query) - plan.query, plan.query)
         expected = np.repeat(plan.past, plan.query) + np.arange(q) - start
@@ -592,11 +582,21 @@ class Recorder:
             return
         rids = np.repeat(np.fromiter((r.label.request_id for r in requests), np.int64, len(requests)), plan.query)
         step = np.where(decode, expected - prompt + 1, 0).astype(np.int32)
+        self._stage_rows(meta, idx, ids, weights, tokens, rids[idx], step[idx], decode[idx].astype(np.int8), expected[idx])
+
+    def _stage_rows(self, meta, idx, ids, weights, tokens, request_id, step, phase, pos) -> None:
+        """Stage the rows of the kept tokens ``idx`` of one step, layer-major. ``request_id``, ``pos``
+        and (unless scalars) ``step`` and ``phase`` are per kept token; ``ids`` is ``(L, n, k)``."""
+        L, k, m = ids.shape[0], ids.shape[2], idx.size
+
+        def per_row(x: Any) -> Any:
+            return x if np.ndim(x) == 0 or isinstance(x, str) else np.tile(x, L)
+
         chunk = {
-            "request_id": np.tile(rids[idx], L),
-            "step": np.tile(step[idx], L),
-            "phase": np.tile(decode[idx].astype(np.int8), L),
-            "pos": np.tile(expected[idx].astype(np.int32), L),
+            "request_id": np.tile(request_id, L),
+            "step": per_row(step),
+            "phase": per_row(phase),
+            "pos": np.tile(np.asarray(pos, np.int32), L),
             "layer": np.repeat(self._layers, m),
             "experts": ids[:, idx, :].reshape(L * m, k),
             "weights": None if weights is None else weights[:, idx, :].reshape(L * m, k),
