@@ -22,8 +22,8 @@ Worked example (``tests/test_latency.py``): hidden 1024, inter 512, 2-byte activ
 one layer, one GPU sends 4 hops over the network and 2 over NVLink and receives nothing; GPU 0 serves
 8 token-routes on 2 experts. Inter 50 GB/s, intra 450 GB/s, 1000 TFLOP/s, 3350 GB/s:
 ``t_dispatch = max(4·2048/50e9, 2·2048/450e9) = 163.84 ns``; compute: FLOPs 8·6·1024·512 = 25.2 M
-(25.2 ns), bytes 2·3·1024·512·2 + 8·2·2048 = 6.32 MB (1.886 µs): ``t_compute = 1.886 µs``;
-``t_layer = 2·0.16384 + 1.886 = 2.214 µs``.
+(25.2 ns), bytes 2·3·1024·512·2 + 8·2·2048 = 6.32 MB (1.888 µs): ``t_compute = 1.888 µs``;
+``t_layer = 2·0.16384 + 1.888 = 2.216 µs``.
 
 Presets are the vendors' nominal peaks (per GPU, per direction); measured all-to-all bandwidth is
 lower (DeepEP reports about 150 GB/s over NVLink and 40-60 GB/s over 400 Gb/s RDMA), so pass the

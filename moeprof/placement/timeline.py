@@ -494,7 +494,8 @@ def verdict(rows: list[dict[str, Any]], best_i: int, topo: Topology) -> str:
                 if runner else "")
         return (f"On this trace and {where}, the engine default (linear, no EPLB) gives the lowest predicted "
                 f"MoE time per decode step, {base['us_per_step']:.4g} µs{tail}.")
-    mig = (f", counting {best['rebalances']} rebalance{'s' if best['rebalances'] != 1 else ''} that move "
+    n = best["rebalances"]
+    mig = (f", counting {n} rebalance{'s that move' if n != 1 else ' that moves'} "
            f"{best['experts_moved']} experts ({_human(best['migration_bytes'])}, "
            f"{best['migration_us_per_step']:.3g} µs per step)" if best["rebalances"] else "")
     return (f"On this trace and {where}, {best['key']} gives the lowest predicted MoE time per decode step: "
