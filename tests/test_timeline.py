@@ -231,7 +231,7 @@ def test_cli_timeline(cli, tmp_path):
     d = json.loads((out / "timeline.json").read_text())
     assert d["best"] == "eplb · every 10"
     r = cli("simulate", trace, "--timeline", "-n", "1", "-g", "2", "--out", out)
-    assert r.exit_code == 2 and "exists; pass --force" in r.stderr
+    assert r.exit_code == 2 and "already holds a timeline; pass --force" in r.stderr
 
 
 def test_cli_timeline_needs_the_expert_size(cli, tmp_path):

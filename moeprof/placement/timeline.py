@@ -509,3 +509,26 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def check_timeline_out(out: str | Path, force: bool) -> Path:
+    """Refuse to replace an earlier timeline in ``out`` unless ``force``; nothing is written here."""
+    from moeprof.errors import OutputExistsError
+
+    out = Path(out)
+    if out.exists() and any(out.glob("timeline.*")) and not force:
+        raise OutputExistsError(f"{out} already holds a timeline; pass --force to replace it")
+    return out
+
+
+def write_timeline(d: dict[str, Any], out: str | Path, *, force: bool = False) -> Path:
+    """Write ``timeline.json`` into the directory ``out`` (atomically)."""
+    from moeprof.placement.plan import _jsonable
+
+    out = check_timeline_out(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "timeline.json"
+    tmp = out / "timeline.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(d), indent=1) + "\n")
+    tmp.replace(path)
+    return path
