@@ -86,11 +86,15 @@ def test_flip_periodic_rebalancing_wins_by_the_computed_margin(flip):
     rows = {r["key"]: r for r in flip["rows"]}
     mig = rows["eplb · every 10"]["migration_seconds"]
     static_us = 3.0 * ROUTE_S * 1e6
-    every_us = ((4 * T + 4 * N) / (2 * T) * ROUTE_S + mig / (2 * T)) * 1e6
+    # migrations at their steady-state rate: the mean rebalance (2T/N - 1 of them) every N passes
+    every_us = ((4 * T + 4 * N) / (2 * T) * ROUTE_S + mig / (2 * T // N - 1) / N) * 1e6
     assert rows["linear · static"]["us_per_step"] == pytest.approx(static_us, rel=1e-6)
     assert rows["eplb · every 10"]["us_per_step"] == pytest.approx(every_us, rel=1e-6)
     assert rows["eplb · every 10"]["vs_default"]["step_time"] == pytest.approx(every_us / static_us - 1, rel=1e-5)
     assert rows["eplb · once after 10"]["us_per_step"] > static_us  # the static profile loses after the flip
+    assert rows["eplb · once after 10"]["migration_us_per_step"] == 0.0
+    # two experts move, one onto each GPU, in parallel: one expert's bytes over the link
+    assert rows["eplb · once after 10"]["migration_one_time_s"] == pytest.approx(3 * 1024 * 512 * 2 / 1e15)
     assert flip["best"] == "eplb · every 10"
     assert flip["verdict"].startswith("On this trace and 1 × 2 GPUs, eplb · every 10 gives the lowest")
     assert "-22.2%" in flip["verdict"] and "2 rebalances" not in flip["verdict"]

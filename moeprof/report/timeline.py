@@ -29,7 +29,8 @@ def render_timeline(d: dict[str, Any], con: Console, files: list[str] | None = N
     con.print(f"time order: {d['time_order']}", style="dim")
     con.print(f"expert: hidden {ex['hidden']} × moe intermediate {ex['inter']}, {ex['weight_bytes']}-byte weights = "
               f"{human_bytes(ex['expert_bytes'])} per expert; {ex['act_bytes']}-byte activations", style="dim")
-    t = Table(title="predicted MoE time per decode step (all MoE layers), schedules replayed in time order",
+    t = Table(title="predicted MoE time per decode step (all MoE layers), schedules replayed in time order; "
+                    "migrations at their steady-state rate (a one-time migration is shown, not amortised)",
               title_justify="left")
     for col in ("policy · schedule", "µs/step", "vs\ndefault", "comm\nshare", "µs per\nlayer", "busiest GPU\nmax/mean",
                 "cross-node\nB/token", "vs\ndefault", "rebal-\nances", "experts\nmoved", "weights\nmoved",
@@ -40,7 +41,7 @@ def render_timeline(d: dict[str, Any], con: Console, files: list[str] | None = N
         t.add_row(r["key"], f"{r['us_per_step']:.4g}", f"{v['step_time']:+.1%}", f"{r['comm_share']:.1%}",
                   f"{r['moe_layer_us']:.4g}", f"{r['load_max_mean']:.2f}", f"{r['cross_node_bytes_per_token']:,.0f}",
                   f"{v['cross_node_bytes']:+.1%}", str(r["rebalances"]), f"{r['experts_moved']:,}",
-                  human_bytes(r["migration_bytes"]), f"{r['migration_us_per_step']:.3g}",
+                  human_bytes(r["migration_bytes"]), _migration(r),
                   style="bold" if r["key"] == d["best"] else None)
     con.print(t)
     render_windows(d, con)
@@ -50,6 +51,12 @@ def render_timeline(d: dict[str, Any], con: Console, files: list[str] | None = N
         con.print(f"note: {n}", style="yellow")
     for f in files or []:
         con.print(f"wrote {f}")
+
+
+def _migration(r: dict[str, Any]) -> str:
+    if r.get("migration_one_time_s"):
+        return f"once: {r['migration_one_time_s']:.3g} s"
+    return f"{r['migration_us_per_step']:.3g}"
 
 
 def render_windows(d: dict[str, Any], con: Console) -> None:
