@@ -261,3 +261,19 @@ def test_sample_trace_timeline():
     mat = np.asarray(d["traffic_matrices"][base["key"]])
     assert mat.shape == (8, 8)
     assert mat.sum() == pytest.approx(base["cross_node_bytes_per_token"] + base["intra_node_bytes_per_token"])
+
+
+def test_report_shows_the_timeline_and_its_verdict(cli, tmp_path):
+    trace = _flip_trace(tmp_path / "trace")
+    out = tmp_path / "tl"
+    assert cli("simulate", trace, "--timeline", "-n", "1", "-g", "2", "--rebalance-every", "10",
+               "--moe-intermediate-size", "512", "--out", out).exit_code == 0
+    r = cli("report", out, "-o", tmp_path / "report")
+    assert r.exit_code == 0, r.stderr
+    md = (tmp_path / "report" / "summary.md").read_text()
+    verdict = json.loads((out / "timeline.json").read_text())["verdict"]
+    assert "### Placement over time" in md and verdict in md
+    assert "| eplb · every 10 |" in md
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "Load, cross-node traffic and predicted step time over time" in html
+    assert "Rank × rank traffic, bytes per token" in html
