@@ -99,7 +99,7 @@ def schedules(passes: int, every: list[int] | None, window: int | None, engines:
     if engines:
         for name, (n, w, first) in ENGINE_SCHEDULES.items():
             if first < passes:
-                out.append(Schedule(f"{name} (every {n}, window {w})", n, w, first))
+                out.append(Schedule(f"{name} (every {n}" + (f", w {w})" if w != n else ")"), n, w, first))
     return out
 
 

@@ -29,19 +29,17 @@ def render_timeline(d: dict[str, Any], con: Console, files: list[str] | None = N
     con.print(f"time order: {d['time_order']}", style="dim")
     con.print(f"expert: hidden {ex['hidden']} × moe intermediate {ex['inter']}, {ex['weight_bytes']}-byte weights = "
               f"{human_bytes(ex['expert_bytes'])} per expert; {ex['act_bytes']}-byte activations", style="dim")
-    t = Table(title="predicted MoE time per decode step (all MoE layers), schedules replayed in time order; "
-                    "migrations at their steady-state rate (a one-time migration is shown, not amortised)",
-              title_justify="left")
-    for col in ("policy · schedule", "µs/step", "vs\ndefault", "comm\nshare", "µs per\nlayer", "busiest GPU\nmax/mean",
-                "cross-node\nB/token", "vs\ndefault", "rebal-\nances", "experts\nmoved", "weights\nmoved",
-                "migration\nµs/step"):
-        t.add_column(col, justify="left" if col.startswith("policy") else "right", no_wrap=True)
+    t = Table(title="predicted MoE time per decode step (all MoE layers); migrations at their steady-state rate, "
+                    "a one-time migration shown apart", title_justify="left")
+    for col in ("policy · schedule", "µs/step", "vs\ndefault", "comm\nshare", "busiest GPU\nmax/mean",
+                "cross-node\nB/token", "rebal-\nances", "weights\nmoved", "migration\nper step"):
+        t.add_column(col, justify="left" if col.startswith("policy") else "right", no_wrap=True,
+                     min_width=13 if col.startswith("migration") else None)
     for r in d["rows"]:
         v = r["vs_default"]
         t.add_row(r["key"], f"{r['us_per_step']:.4g}", f"{v['step_time']:+.1%}", f"{r['comm_share']:.1%}",
-                  f"{r['moe_layer_us']:.4g}", f"{r['load_max_mean']:.2f}", f"{r['cross_node_bytes_per_token']:,.0f}",
-                  f"{v['cross_node_bytes']:+.1%}", str(r["rebalances"]), f"{r['experts_moved']:,}",
-                  human_bytes(r["migration_bytes"]), _migration(r),
+                  f"{r['load_max_mean']:.2f}", f"{r['cross_node_bytes_per_token']:,.0f}",
+                  str(r["rebalances"]), human_bytes(r["migration_bytes"]), _migration(r),
                   style="bold" if r["key"] == d["best"] else None)
     con.print(t)
     render_windows(d, con)
@@ -55,27 +53,32 @@ def render_timeline(d: dict[str, Any], con: Console, files: list[str] | None = N
 
 def _migration(r: dict[str, Any]) -> str:
     if r.get("migration_one_time_s"):
-        return f"once: {r['migration_one_time_s']:.3g} s"
-    return f"{r['migration_us_per_step']:.3g}"
+        return f"once {human_seconds(r['migration_one_time_s'])}"
+    return human_seconds(r["migration_us_per_step"] * 1e-6) if r["migration_us_per_step"] else "-"
+
+
+def human_seconds(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s * 1e9:.3g} ns"
 
 
 def render_windows(d: dict[str, Any], con: Console) -> None:
-    """Per window: the default's and the winner's busiest GPU, cross-node bytes and step time."""
-    rows = [d["rows"][0]] + [r for r in d["rows"] if r["key"] == d["best"] and r is not d["rows"][0]]
-    t = Table(title=f"per window of {d['report_every']} passes: busiest GPU (token-routes per layer), "
-                    "cross-node bytes, µs per step", title_justify="left")
-    t.add_column("passes", justify="right")
-    for r in rows:
-        for c in ("busiest", "cross-node", "µs/step"):
-            t.add_column(f"{r['key']}\n{c}", justify="right")
-    t.add_column("weights moved", justify="right")
-    for i, w in enumerate(rows[0]["windows"]):
-        cells = [f"{w['start']}-{w['end'] - 1}"]
-        for r in rows:
-            x = r["windows"][i]
-            cells += [f"{x['busiest_load']:.2f}", human_bytes(x["cross_node_bytes"]), f"{x['moe_us_per_step']:.4g}"]
-        cells.append(human_bytes(rows[-1]["windows"][i]["migration_bytes"]) if rows[-1]["windows"][i]["migration_bytes"] else "")
-        t.add_row(*cells)
+    """Per window: the default's and the winner's (or runner-up's) busiest GPU, cross-node bytes, step time."""
+    base = d["rows"][0]
+    other = min(d["rows"][1:], key=lambda r: r["us_per_step"], default=None)
+    if other is None:
+        return
+    t = Table(title=f"per window of {d['report_every']} passes: {base['key']} → {other['key']} (step time without "
+                    "migration)", title_justify="left")
+    for col in ("passes", "busiest GPU\n(routes/layer)", "cross-node\nbytes", "µs/step", "weights\nmoved"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for a, b in zip(base["windows"], other["windows"]):
+        t.add_row(f"{a['start']}-{a['end'] - 1}", f"{a['busiest_load']:.2f} → {b['busiest_load']:.2f}",
+                  f"{human_bytes(a['cross_node_bytes'])} → {human_bytes(b['cross_node_bytes'])}",
+                  f"{a['moe_us_per_step']:.4g} → {b['moe_us_per_step']:.4g}",
+                  human_bytes(b["migration_bytes"]) if b["migration_bytes"] else "")
     con.print(t)
 
 
