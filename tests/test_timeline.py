@@ -13,7 +13,8 @@ from moeprof.errors import PlacementError, UsageError
 from moeprof.placement.data import TokenRows, load_routing
 from moeprof.placement.latency import Hardware
 from moeprof.placement.simulate import SimConfig, simulate
-from moeprof.placement.timeline import migration, pass_of_rows, timeline
+from moeprof.placement.replay import migration, pass_of_rows
+from moeprof.placement.timeline import timeline
 from moeprof.placement.topology import Topology
 from moeprof.placement.traffic import (
     choose_slots,
