@@ -78,11 +78,11 @@ def table(d: dict) -> str:
     for r in d["rows"]:
         v = r["vs_default"]
         lines.append(
-            f"| {r['key']} | {r['us_per_step']:.1f} | {v['step_time']:+.1%} | {r['comm_share']:.1%} | "
+            f"| {r['key']} | {r['us_per_step']:.4g} | {v['step_time']:+.1%} | {r['comm_share']:.1%} | "
             f"{r['cross_node_bytes_per_token']:,.0f} | {v['cross_node_bytes']:+.1%} | {r['load_max_mean']:.2f} | "
-            f"{r['rebalances']} | {r['migration_bytes'] / 2**30:.2f} GiB | "
-            + (f"once: {r['migration_one_time_s']:.2f} s |" if r["migration_one_time_s"] else
-               f"{r['migration_us_per_step']:.1f} |"))
+            f"{r['rebalances']} | {r['migration_bytes'] / 2**30:.3g} GiB | "
+            + (f"once: {r['migration_one_time_s']:.3g} s |" if r["migration_one_time_s"] else
+               f"{r['migration_us_per_step']:.3g} |"))
     lines += ["", f"verdict: {d['verdict']}"]
     return "\n".join(lines)
 
