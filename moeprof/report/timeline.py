@@ -31,7 +31,7 @@ def render_timeline(d: dict[str, Any], con: Console, files: list[str] | None = N
               f"{human_bytes(ex['expert_bytes'])} per expert; {ex['act_bytes']}-byte activations", style="dim")
     t = Table(title="predicted MoE time per decode step (all MoE layers); migrations at their steady-state rate, "
                     "a one-time migration shown apart", title_justify="left")
-    for col in ("policy · schedule", "µs/step", "vs\ndefault", "comm\nshare", "busiest GPU\nmax/mean",
+    for col in ("policy · schedule", "µs/step", "vs\ndefault", "comm\nshare", "busiest\nmax/mean",
                 "cross-node\nB/token", "rebal-\nances", "weights\nmoved", "migration\nper step"):
         t.add_column(col, justify="left" if col.startswith("policy") else "right", no_wrap=True,
                      min_width=13 if col.startswith("migration") else None)
