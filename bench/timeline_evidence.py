@@ -64,6 +64,11 @@ def convert_llama4(src: Path, out: Path) -> Path:
     return out
 
 
+def g(x: float) -> str:
+    """Thousands with separators, small numbers with four significant digits."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
 def table(d: dict) -> str:
     t = d["topology"]
     lines = [
@@ -78,11 +83,11 @@ def table(d: dict) -> str:
     for r in d["rows"]:
         v = r["vs_default"]
         lines.append(
-            f"| {r['key']} | {r['us_per_step']:.4g} | {v['step_time']:+.1%} | {r['comm_share']:.1%} | "
+            f"| {r['key']} | {g(r['us_per_step'])} | {v['step_time']:+.1%} | {r['comm_share']:.1%} | "
             f"{r['cross_node_bytes_per_token']:,.0f} | {v['cross_node_bytes']:+.1%} | {r['load_max_mean']:.2f} | "
-            f"{r['rebalances']} | {r['migration_bytes'] / 2**30:.3g} GiB | "
+            f"{r['rebalances']} | {g(r['migration_bytes'] / 2**30)} GiB | "
             + (f"once: {r['migration_one_time_s']:.3g} s |" if r["migration_one_time_s"] else
-               f"{r['migration_us_per_step']:.3g} |"))
+               f"{g(r['migration_us_per_step'])} |"))
     lines += ["", f"verdict: {d['verdict']}"]
     return "\n".join(lines)
 
