@@ -278,3 +278,40 @@ def test_report_shows_the_timeline_and_its_verdict(cli, tmp_path):
     html = (tmp_path / "report" / "index.html").read_text()
     assert "Load, cross-node traffic and predicted step time over time" in html
     assert "Rank × rank traffic, bytes per token" in html
+
+
+@pytest.mark.skipif(not (REALDATA / "llama4_maverick_mmlu" / "routing.csv.gz").is_file(),
+                    reason="../shared/realdata/llama4_maverick_mmlu is not here")
+def test_llama4_maverick_timeline(tmp_path):
+    """40 requests of the real Llama-4-Maverick trace (SGLang, top-1 of 128, 24 MoE layers), converted
+    with moeprof's writer, replayed on 2 × 8 GPUs at Maverick's dimensions."""
+    import polars as pl
+
+    df = pl.read_csv(REALDATA / "llama4_maverick_mmlu" / "routing.csv.gz",
+                     schema_overrides={"expert_ids": pl.String, "decode_step": pl.Int64, "token_idx": pl.Int64})
+    df = df.filter(pl.col("request_id") < 40).with_columns(
+        pl.when(pl.col("phase") == "prefill").then(0).otherwise(pl.col("decode_step") + 1).alias("step"),
+        pl.col("expert_ids").str.split(" ").list.first().cast(pl.Int64).alias("expert"))
+    layers = sorted(df["layer"].unique().to_list())
+    assert layers == list(range(1, 48, 2))
+    model = ModelInfo(name="Llama-4-Maverick", num_experts=128, top_k=1, moe_layers=layers, hidden_size=5120,
+                      dtype="bfloat16")
+    with TraceWriter(tmp_path / "t", model=model, source="jsonl") as w:
+        for r, dom in df.select("request_id", "domain").unique().iter_rows():
+            w.set_request(r, dom)
+        w.write_routing(dict(request_id=df["request_id"].to_numpy(), step=df["step"].to_numpy(),
+                             phase=(df["phase"] == "decode").to_numpy().astype(np.int8), pos=df["token_idx"].to_numpy(),
+                             layer=df["layer"].to_numpy(), experts=df["expert"].to_numpy()[:, None]))
+    d = timeline(tmp_path / "t", nodes=2, gpus_per_node=8, hw=Hardware(), policies=["linear", "eplb"], every=[40],
+                 concurrency=16, moe_intermediate_size=8192)
+    assert "no batch_id" in d["time_order"] and d["tokens"] == 40 * 128
+    expert_bytes = 3 * 5120 * 8192 * 2
+    for r in d["rows"]:
+        assert r["migration_bytes"] == r["experts_moved"] * expert_bytes
+        assert r["experts_moved"] <= r["rebalances"] * 24 * 128
+    base = d["rows"][0]
+    mat = np.asarray(d["traffic_matrices"][base["key"]])
+    assert mat.sum() == pytest.approx(base["cross_node_bytes_per_token"] + base["intra_node_bytes_per_token"])
+    # top-1 decode of 16 requests: reading the active experts' weights dominates the step
+    assert base["comm_share"] < 0.05
+    assert d["verdict"].startswith("On this trace and 2 × 8 GPUs")
