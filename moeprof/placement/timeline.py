@@ -42,7 +42,8 @@ def expert_shape(trace: Trace, data: RoutingData, *, hidden_size: int | None, dt
                     except (OSError, json.JSONDecodeError):
                         inter = None
                     if inter:
-                        notes.append(f"moe_intermediate_size {inter} from {cfg_file}")
+                        shown = cfg_file.relative_to(Path.cwd()) if cfg_file.is_relative_to(Path.cwd()) else cfg_file
+                        notes.append(f"moe_intermediate_size {inter} from {shown}")
                         break
     if inter is None:
         raise UsageError(
