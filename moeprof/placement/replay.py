@@ -215,7 +215,10 @@ def _fit(rp: Replay, policy: str, lo: int, hi: int, src: np.ndarray,
 def migration(old: np.ndarray, new: np.ndarray, topo: Topology, expert_bytes: int) -> dict[str, Any]:
     """Weights moved from placement ``old[L, P]`` to ``new[L, P]``: per slot whose expert changes
     and whose GPU held no copy of the new expert, one expert's bytes, over NVLink from a GPU of the
-    same node that held it, else over the network. Returns counts, bytes and per-GPU received bytes."""
+    same node that held it, else over the network. Returns counts, bytes and per-GPU received bytes.
+
+    A copy that stays on its GPU moves nothing, as in vLLM, whose default policy receives the old
+    ``physical_to_logical_map`` to keep such experts in place (``preserve_intragpu_slots``)."""
     L, P = old.shape
     S, G, NG, E = topo.slots_per_gpu, topo.gpus_per_node, topo.num_gpus, topo.num_experts
     gpu_of = np.arange(P) // S
