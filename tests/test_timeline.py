@@ -315,3 +315,21 @@ def test_llama4_maverick_timeline(tmp_path):
     # top-1 decode of 16 requests: reading the active experts' weights dominates the step
     assert base["comm_share"] < 0.05
     assert d["verdict"].startswith("On this trace and 2 × 8 GPUs")
+
+
+def test_cli_rank_cost_is_checked_before_anything_is_written(cli, tmp_path):
+    trace = _flip_trace(tmp_path / "trace")
+    cost = tmp_path / "topology.json"
+    cost.write_text(json.dumps({"rank_cost_matrix": [[0, 1, 1], [1, 0, 1], [1, 1, 0]]}))
+    r = cli("simulate", trace, "--timeline", "-n", "1", "-g", "2", "--moe-intermediate-size", "512",
+            "--rank-cost", cost, "--out", tmp_path / "o")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"Error: {cost}: rank_cost_matrix has 3 ranks, the topology has 2 GPUs; give one "
+                                "row and column per GPU (EP rank)")
+    assert not (tmp_path / "o").exists()
+    cost.write_text(json.dumps({"rank_cost_matrix": [[0, 5], [5, 0]]}))
+    r = cli("simulate", trace, "--timeline", "-n", "1", "-g", "2", "--moe-intermediate-size", "512",
+            "--rank-cost", cost, "--rebalance-every", "10", "--out", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["rank_cost"] == str(cost) and d["best"] == "eplb · every 10"
