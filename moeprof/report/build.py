@@ -460,10 +460,11 @@ def _timeline(inputs: Inputs) -> Section:
     rows = d.get("rows") or []
     if not rows or not d.get("verdict"):
         raise Unavailable(f"{inputs.timeline_path} holds no replayed schedule")
-    cols = ["policy · schedule", "µs per step", "vs default", "comm share", "cross-node B/token",
+    cols = ["policy · schedule", "µs per step", "µs per MoE layer", "vs default", "comm share", "cross-node B/token",
             "busiest GPU max/mean", "rebalances", "weights moved"]
     table_rows = [
-        [r["key"], f"{r['us_per_step']:.4g}", f"{100 * r['vs_default']['step_time']:+.1f}%", _pct(r["comm_share"]),
+        [r["key"], f"{r['us_per_step']:.4g}", f"{r['moe_layer_us']:.4g}", f"{100 * r['vs_default']['step_time']:+.1f}%",
+         _pct(r["comm_share"]),
          fmt(r["cross_node_bytes_per_token"], 0), _x(r["load_max_mean"]), str(r["rebalances"]),
          f"{r['migration_bytes'] / 2**20:,.0f} MiB"]
         for r in rows
@@ -471,8 +472,8 @@ def _timeline(inputs: Inputs) -> Section:
     topo, hw = d.get("topology") or {}, d.get("hardware") or {}
     caption = (f"{d.get('passes', '?')} decode passes replayed in time order on {topo.get('nodes', '?')} nodes × "
                f"{topo.get('gpus_per_node', '?')} GPUs ({hw.get('name', '?')}); predicted MoE time per decode step, "
-               "migrations at their steady-state rate")
-    sec = Section("timeline", "", finding=d["verdict"], tables=[Table(cols, table_rows, numeric=[False] + [True] * 7,
+               "migrations at their steady-state rate (per MoE layer: without them)")
+    sec = Section("timeline", "", finding=d["verdict"], tables=[Table(cols, table_rows, numeric=[False] + [True] * 8,
                                                                       caption=caption)],
                   figures=_figures(inputs, [("timeline", "Load, cross-node traffic and predicted step time over time"),
                                             ("traffic", "Rank × rank traffic, bytes per token")]))

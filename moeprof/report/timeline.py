@@ -29,17 +29,19 @@ def render_timeline(d: dict[str, Any], con: Console, files: list[str] | None = N
     con.print(f"time order: {d['time_order']}", style="dim")
     con.print(f"expert: hidden {ex['hidden']} × moe intermediate {ex['inter']}, {ex['weight_bytes']}-byte weights = "
               f"{human_bytes(ex['expert_bytes'])} per expert; {ex['act_bytes']}-byte activations", style="dim")
-    t = Table(title="predicted MoE time per decode step (all MoE layers); migrations at their steady-state rate, "
-                    "a one-time migration shown apart", title_justify="left")
-    for col in ("policy · schedule", "µs/step", "vs\ndefault", "comm\nshare", "busiest\nmax/mean",
-                "cross-node\nB/token", "rebal-\nances", "weights\nmoved", "migration\nper step"):
+    t = Table(title=f"predicted MoE time per decode step (all {d['moe_layers']} MoE layers, migrations at their "
+                    "steady-state rate, a one-time migration shown apart) and per MoE layer (without migrations)",
+              title_justify="left")
+    for col in ("policy · schedule", "µs/step", "µs per\nlayer", "vs\ndefault", "comm\nshare", "busiest\nmax/mean",
+                "cross-node\nB/token", "weights\nmoved", "migration\nper step"):
         t.add_column(col, justify="left" if col.startswith("policy") else "right", no_wrap=True,
                      min_width=13 if col.startswith("migration") else None)
     for r in d["rows"]:
         v = r["vs_default"]
-        t.add_row(r["key"], f"{r['us_per_step']:.4g}", f"{v['step_time']:+.1%}", f"{r['comm_share']:.1%}",
-                  f"{r['load_max_mean']:.2f}", f"{r['cross_node_bytes_per_token']:,.0f}",
-                  str(r["rebalances"]), human_bytes(r["migration_bytes"]), _migration(r),
+        moved = human_bytes(r["migration_bytes"]) + (f" ({r['rebalances']}×)" if r["rebalances"] > 1 else "")
+        t.add_row(r["key"], f"{r['us_per_step']:.4g}", f"{r['moe_layer_us']:.4g}", f"{v['step_time']:+.1%}",
+                  f"{r['comm_share']:.1%}", f"{r['load_max_mean']:.2f}", f"{r['cross_node_bytes_per_token']:,.0f}",
+                  moved, _migration(r),
                   style="bold" if r["key"] == d["best"] else None)
     con.print(t)
     render_windows(d, con)
