@@ -19,13 +19,13 @@ from moeprof.errors import ImportFormatError
 
 # Name -> "module:Class", in the order detect() tries them (most specific first).
 _REGISTRY = {
-    "expert-selection": "moeprof.importers.expert_selection:ExpertSelectionImporter",
     "sglang": "moeprof.importers.sglang:SGLangImporter",
     "vllm": "moeprof.importers.vllm:VLLMImporter",
     "megatron": "moeprof.importers.megatron:MegatronRouterTraceImporter",
     "megatron-tpe": "moeprof.importers.megatron:MegatronTokensPerExpertImporter",
     "jsonl": "moeprof.importers.jsonl:JsonlImporter",
     "counts": "moeprof.importers.counts:CountsImporter",
+    "expert-selection": "moeprof.importers.expert_selection:ExpertSelectionImporter",
 }
 
 FORMATS = tuple(_REGISTRY)
