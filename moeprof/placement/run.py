@@ -110,7 +110,8 @@ def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimCon
     if train is not None and train.any():
         # the same load measure on the requests the placement was fitted on: a bound that holds there
         # and not here did not generalise
-        metrics["train_gpu_load_max_mean"] = score(data, placement, train, cfg)["gpu_load_max_mean"]
+        light = replace(cfg, capacity_batch_sizes=(), node_limits=())  # the load is all it needs
+        metrics["train_gpu_load_max_mean"] = score(data, placement, train, light)["gpu_load_max_mean"]
     metrics["requests"] = int(len(idx))
     metrics["grouping"] = placement.grouping.kind
     metrics["phase"] = data.phase
