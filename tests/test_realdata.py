@@ -208,8 +208,9 @@ def test_llama4_statistics(llama):
 
 
 def test_llama4_placement_bound_holds_on_held_out_requests(llama):
-    """4 nodes × 8 GPUs, 32 redundant slots: locality's held-out load stays at or under eplb's while it
-    sends far fewer cross-node bytes; train load is reported next to it."""
+    """4 nodes × 8 GPUs, 32 redundant slots: locality's held-out load stays at eplb's (micro-batch
+    median) and under it (whole split) while it sends far fewer cross-node bytes; the train load is
+    reported next to the held-out one."""
     from moeprof.placement.run import compare
 
     _, out, _, _ = llama
@@ -220,10 +221,10 @@ def test_llama4_placement_bound_holds_on_held_out_requests(llama):
     for r in (eplb, loc):
         assert r["requests"] == 116 and "train_gpu_load_max_mean" in r
     bound = loc["info"]["load_bound_per_layer_mean"]
-    assert loc["gpu_load_max_mean"]["whole_split"] <= bound
-    assert loc["gpu_load_max_mean"]["whole_split"] <= eplb["gpu_load_max_mean"]["whole_split"] * 1.02
-    assert loc["gpu_load_max_mean"]["p90"] <= eplb["gpu_load_max_mean"]["p90"]
-    assert loc["cross_node_bytes_per_token"] < 0.6 * eplb["cross_node_bytes_per_token"]
+    held, held_eplb = loc["gpu_load_max_mean"], eplb["gpu_load_max_mean"]
+    assert held["whole_split"] <= bound and held["whole_split"] <= held_eplb["whole_split"]
+    assert held["median"] <= held_eplb["median"] and held["p90"] <= held_eplb["p90"]
+    assert loc["cross_node_bytes_per_token"] < 0.7 * eplb["cross_node_bytes_per_token"]
 
 
 # -- vLLM-MoE-Logger, Qwen1.5-MoE: warm-up under the one request id ------------------------------------------
