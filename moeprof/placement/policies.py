@@ -33,7 +33,7 @@ from moeprof.errors import PlacementError
 from moeprof.placement import eplb as _eplb
 from moeprof.placement.data import signatures
 from moeprof.placement.grouping import GroupingModel, balanced_assign, fit_grouping, kmeans, node_centroids, one_hot
-from moeprof.placement.simulate import expected_slot_load, gpu_max_mean, source_gpus
+from moeprof.placement.simulate import dispatch_table, expected_slot_load, gpu_max_mean, source_gpus
 from moeprof.placement.topology import Topology
 
 
@@ -304,8 +304,15 @@ def _robust_gpu_max(row: np.ndarray, scenarios: np.ndarray, topo: Topology, q: f
     """The ``q``-th percentile over ``scenarios[B, N, E]`` (node traffic of resampled request sets,
     scaled to the full set) of the busiest GPU's load under ``row``."""
     B = scenarios.shape[0]
-    src = np.repeat(scenarios / topo.gpus_per_node, topo.gpus_per_node, axis=1).transpose(1, 0, 2)  # [NG, B, E]
-    load = expected_slot_load(src, np.repeat(row[None, :], B, axis=0), topo)  # [B, P]
+    src = np.repeat(scenarios / topo.gpus_per_node, topo.gpus_per_node, axis=1)  # [B, NG, E]
+    cand, count = dispatch_table(row[None, :], topo)  # one table serves every scenario
+    per = src / np.maximum(count[0], 1)
+    load = np.zeros((B, len(row)))
+    b = np.arange(B)[:, None]
+    for j in range(cand.shape[-1]):
+        slot = cand[0, :, :, j]
+        m = slot >= 0
+        np.add.at(load, (b, slot[m][None, :]), per[:, m])
     return float(np.percentile(load.reshape(B, -1, topo.slots_per_gpu).sum(2).max(1), q))
 
 
