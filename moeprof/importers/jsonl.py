@@ -117,6 +117,7 @@ class JsonlImporter(Importer):
         buf = _Buffer()
         unit_key: Any = object()
         self._data_seen = False
+        self._warmup, self._pass_last = WarmupDetector(), {}  # each file warms up on its own
         for lineno, obj in json_records(path, progress, "JSONL routing log"):
             if buf.first_line is None and self._meta_allowed(lineno, buf) and _is_meta(obj, names):
                 self._read_meta(obj, path, lineno)
