@@ -96,8 +96,10 @@ def fit_policy(
     return placement
 
 
-def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimConfig) -> dict[str, Any]:
-    """Simulate ``placement`` on the requests where ``test[R]`` is true."""
+def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimConfig,
+          train: np.ndarray | None = None) -> dict[str, Any]:
+    """Simulate ``placement`` on the requests where ``test[R]`` is true; with ``train[R]``, also report
+    the GPU load on those requests (``train_gpu_load_max_mean``) next to the held-out one."""
     idx = np.flatnonzero(test)
     sig = signatures(data.prefill[idx]) if placement.grouping.kind == "prefill" else None
     node_sel = placement.grouping.assign(domains=data.domains[idx], prefill_signatures=sig)
@@ -105,6 +107,11 @@ def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimCon
     node[idx] = node_sel
     rows = data.rows.subset(test)
     metrics = simulate(rows, placement.phy2log, placement.topology, node, cfg)
+    if train is not None and train.any():
+        # the same load measure on the requests the placement was fitted on: a bound that holds there
+        # and not here did not generalise
+        light = replace(cfg, capacity_batch_sizes=(), node_limits=())  # the load is all it needs
+        metrics["train_gpu_load_max_mean"] = score(data, placement, train, light)["gpu_load_max_mean"]
     metrics["requests"] = int(len(idx))
     metrics["grouping"] = placement.grouping.kind
     metrics["phase"] = data.phase
@@ -158,7 +165,7 @@ def place(
     cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes)
     placement = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, params=params)
     placement.fit = _fit_record(opened, data, test, seed, test_fraction)
-    placement.metrics = score(data, placement, test, cfg)
+    placement.metrics = score(data, placement, test, cfg, train=~test)
     write_placement(placement, out, force=force)
     written = [out]
     for fmt in exports:
@@ -195,10 +202,12 @@ def simulate_placement(
     if fit.get("requests_sha256") == data.requests_sha256:
         test = split_requests(data.num_requests, float(fit["test_fraction"]), int(fit["split_seed"]))
         notes.append(f"scored on the {int(test.sum())} held-out requests of the split the placement was fitted on")
+        train = ~test
     else:
         test = np.ones(data.num_requests, dtype=bool)
         notes.append("the placement was fitted on another trace: every request of this one is held out")
-    return placement, score(data, placement, test, cfg), notes
+        train = None
+    return placement, score(data, placement, test, cfg, train=train), notes
 
 
 @dataclass
@@ -253,7 +262,7 @@ def compare(
             continue
         p = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed)
         p.fit = cmp.split
-        p.metrics = score(data, p, test, cfg)
+        p.metrics = score(data, p, test, cfg, train=~test)
         key = policy if grouping is None else f"{policy}+{grouping}"
         cmp.placements[key] = p
         cmp.rows.append(dict(p.metrics, key=key, policy=policy, grouping=g,
