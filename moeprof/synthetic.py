@@ -111,6 +111,7 @@ def generate_trace(
     )
     writer = TraceWriter(
         out, model=model, source="synthetic", capture=settings, force=force, shard_rows=shard_rows,
+        request_shards=True,
         notes=["synthetic trace with planted structure (moeprof.synthetic.generate_trace)"],
     )
     with writer:

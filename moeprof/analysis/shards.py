@@ -1,0 +1,121 @@
+"""The analysis pass as one task per routing shard, merged in a tree (the ``--engine ray`` path).
+
+A task opens its shard itself (a local path or a URI: every worker reads from storage directly),
+runs the same per-row-group work as the local pass (:class:`moeprof.analysis.aggregate._Pass`) and
+merges its row groups into one :class:`Partial`. Partials merge exactly:
+
+* counts add over the union of their request slots (a range when the slots are near each other, an
+  explicit list otherwise), so a shard holding a few requests returns a few requests' counts;
+* samples unite and are cut to their bottom ``sample_tokens`` tokens by ``(hash, token)``, the
+  order in which :func:`moeprof.analysis.load.token_matrix` takes tokens. Bottom-k of a union is
+  the bottom-k of the parts' bottom-ks, so the cut changes nothing the statistics read and a merged
+  sample never holds more than ``sample_tokens`` tokens, however long the trace.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from moeprof.analysis.aggregate import Aggregates, Partial, Selection, TokenSample, plan_routing
+from moeprof.analysis.engine import Engine
+from moeprof.errors import TraceIntegrityError
+from moeprof.trace.fs import parquet_file
+from moeprof.trace.reader import Trace
+
+
+def bottom_k(sample: TokenSample, cap: int) -> TokenSample:
+    """Rows of the ``cap`` tokens with the smallest ``(hash, token)``; ``cap <= 0`` keeps every row."""
+    n = len(sample.hash)
+    if cap <= 0 or n == 0:
+        return sample
+    order = np.lexsort((sample.token, sample.hash))
+    h, t = sample.hash[order], sample.token[order]
+    new = np.ones(n, bool)
+    new[1:] = (h[1:] != h[:-1]) | (t[1:] != t[:-1])
+    rank = np.cumsum(new) - 1
+    if rank[-1] < cap:
+        return sample
+    keep = np.sort(order[rank < cap])
+    return TokenSample(sample.hash[keep], sample.token[keep], sample.layer[keep], sample.experts[keep])
+
+
+def _slots(p: Partial) -> np.ndarray:
+    return p.slots if p.slots is not None else np.arange(p.lo, p.lo + p.counts.shape[0])
+
+
+def merge_partials(a: Partial, b: Partial, k: int, cap: int) -> Partial:
+    """One :class:`Partial` holding both (counts summed per request slot, samples united, bottom-k)."""
+    sample = bottom_k(TokenSample.concat([a.sample, b.sample], k), cap)
+    rows, seen = a.rows + b.rows, a.phases_seen | b.phases_seen
+    if b.counts.shape[0] == 0 or a.counts.shape[0] == 0:
+        c = b if b.counts.shape[0] else a
+        return Partial(c.lo, c.counts, c.slots, sample, rows, seen)
+    if a.slots is None and b.slots is None:
+        lo = min(a.lo, b.lo)
+        hi = max(a.lo + a.counts.shape[0], b.lo + b.counts.shape[0])
+        if hi - lo <= 2 * (a.counts.shape[0] + b.counts.shape[0]):  # near each other: one range
+            counts = np.zeros((hi - lo,) + a.counts.shape[1:], np.int64)
+            counts[a.lo - lo : a.lo - lo + a.counts.shape[0]] += a.counts
+            counts[b.lo - lo : b.lo - lo + b.counts.shape[0]] += b.counts
+            return Partial(lo, counts, None, sample, rows, seen)
+    sa, sb = _slots(a), _slots(b)
+    slots = np.union1d(sa, sb)
+    counts = np.zeros((slots.size,) + a.counts.shape[1:], np.int64)
+    counts[np.searchsorted(slots, sa)] += a.counts
+    counts[np.searchsorted(slots, sb)] += b.counts
+    return Partial(0, counts, slots, sample, rows, seen)
+
+
+class ShardWork:
+    """What every shard task needs, shipped once per run: the per-row-group pass, columns, sample cap."""
+
+    def __init__(self, work: Any, columns: list[str], cap: int) -> None:
+        self.work, self.columns, self.cap = work, columns, cap
+
+    @property
+    def k(self) -> int:
+        return self.work.k
+
+    def merge(self, a: Partial, b: Partial) -> Partial:
+        return merge_partials(a, b, self.k, self.cap)
+
+    def merger(self) -> Callable[[Partial, Partial], Partial]:
+        """The merge alone, small to ship to merge tasks (a bound method would carry the pass's tables)."""
+        return functools.partial(merge_partials, k=self.k, cap=self.cap)
+
+
+def shard_partial(item: tuple[str], shared: ShardWork) -> Partial:
+    """One routing shard -> one :class:`Partial` (row group by row group, bounded memory)."""
+    (location,) = item
+    try:
+        pf = parquet_file(location)
+        groups = pf.num_row_groups
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TraceIntegrityError(f"{location}: not a readable Parquet file ({exc})") from None
+    acc = Partial(0, np.zeros((0, 2, shared.work.L, shared.work.E), np.int64), None,
+                  TokenSample.empty(shared.k), 0, np.zeros(2, bool))
+    for i in range(groups):
+        where = f"{location} (row group {i})"
+        try:
+            table = pf.read_row_group(i, columns=shared.columns, use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise TraceIntegrityError(f"{where}: cannot be decoded ({exc}); the shard is corrupt") from None
+        acc = shared.merge(acc, shared.work(table, where))
+    return acc
+
+
+def aggregate_shards(trace: Trace, sel: Selection, engine: Engine,
+                     progress: Callable[[int], None] | None = None) -> Aggregates:
+    """The routing pass on ``engine``: one task per shard, partials merged in a tree, then into
+    :class:`Aggregates` exactly as the local pass builds them (same sample threshold and key)."""
+    agg, work, columns = plan_routing(trace, sel, trace.num_routing_rows)
+    shared = ShardWork(work, columns, sel.sample_tokens if sel.sample_tokens > 0 else 0)
+    items = [(str(p),) for p in trace.shard_paths("routing")]
+    part = engine.map_reduce(shard_partial, items, shared.merger(), shared=shared, progress=progress)
+    if part is not None:
+        agg.merge(part)
+    return agg
