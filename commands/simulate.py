@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from moeprof.commands.options import Force, JsonFlag, TraceArg
+from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, JsonFlag, TraceLocation
 from moeprof.commands.place import DtypeBytes, HiddenSize, Redundant, Seed, SlotsPerGpu, TestFraction
 from moeprof.errors import UsageError
 from moeprof.placement.run import compare, simulate_placement, write_comparison
@@ -18,7 +18,7 @@ from moeprof.report.placement_plot import plot_comparison
 
 
 def simulate(
-    trace: TraceArg,
+    trace: TraceLocation,
     placement: Optional[Path] = typer.Option(None, "--placement", help="placement.json written by `moeprof place`."),
     compare_all: bool = typer.Option(False, "--compare", help="Fit every policy on the train split, score all."),
     nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="--compare: nodes."),
@@ -33,6 +33,8 @@ def simulate(
     out: Path = typer.Option(Path("moeprof-compare"), "--out", "-o", help="--compare: directory for the table, plot and placements."),
     force: Force = False,
     as_json: JsonFlag = False,
+    engine: EngineOpt = EngineName.local,
+    address: AddressOpt = None,
 ) -> None:
     """Simulate the all-to-all traffic and GPU load of expert placements on held-out requests.
 
@@ -46,13 +48,21 @@ def simulate(
     Example:
 
         moeprof simulate trace --compare --nodes 2 --gpus-per-node 4 --out moeprof-compare
+
+    With --engine ray, shards are read by Ray tasks and each policy is fitted and scored by a task
+    of its own; the results are the same as a local run's.
     """
     if compare_all == (placement is not None):
         raise UsageError("give either --placement FILE or --compare (with --nodes and --gpus-per-node)")
+    runner = None
+    if engine is EngineName.ray or address is not None:
+        from moeprof.analysis.engine import get_engine
+
+        runner = get_engine(engine.value, address)
     con = console()
     if placement is not None:
         p, metrics, notes = simulate_placement(trace, placement, hidden_size=hidden_size, dtype_bytes=dtype_bytes,
-                                               batch_size=batch_size)
+                                               batch_size=batch_size, engine=runner)
         if as_json:
             typer.echo(json.dumps(dict(metrics=metrics, notes=notes), indent=2))
             return
@@ -65,7 +75,7 @@ def simulate(
         raise UsageError("--compare needs --nodes and --gpus-per-node")
     cmp = compare(trace, nodes=nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu,
                   redundant=redundant, seed=seed, test_fraction=test_fraction, hidden_size=hidden_size,
-                  dtype_bytes=dtype_bytes, batch_size=batch_size)
+                  dtype_bytes=dtype_bytes, batch_size=batch_size, engine=runner)
     files = write_comparison(cmp, out, force=force)
     d = cmp.to_dict()
     files += plot_comparison(d, Path(out) / "compare")
