@@ -10,6 +10,7 @@ the plain code path; only strings of the form ``scheme://...`` go through ``pyar
 from __future__ import annotations
 
 import functools
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,11 @@ def join(location: str | Path, relative: str) -> str | Path:
     if not is_uri(location):
         return Path(location) / relative
     base, sep, query = str(location).partition("?")
-    return f"{base.rstrip('/')}/{relative}{sep}{query}"
+    scheme, _, rest = base.partition("://")
+    bucket, _, path = rest.partition("/")
+    # a merged trace lists shards as ../other/...; object stores do not resolve "..", so do it here
+    path = posixpath.normpath(posixpath.join("/" + path, relative)).lstrip("/")
+    return f"{scheme}://{bucket}/{path}{sep}{query}"
 
 
 @functools.lru_cache(maxsize=64)
