@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from moeprof.errors import AnalysisError
+from moeprof.errors import AnalysisError, TraceIntegrityError
 from moeprof.trace.fs import parquet_file
 from moeprof.trace.reader import Trace
 from moeprof.trace.schema import PHASES
@@ -367,7 +367,10 @@ def aggregate_routing(
 
     def run(unit: tuple[Path, int]) -> None:
         path, i = unit
-        table = parquet_file(path).read_row_group(i, columns=columns, use_threads=False)
+        try:
+            table = parquet_file(path).read_row_group(i, columns=columns, use_threads=False)
+        except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
+            raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
         part = work(table, f"{path} (row group {i})")
         del table
         with lock:

@@ -116,7 +116,8 @@ class RayEngine(Engine):
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise EngineError(f"--address {address or '(local)'}: cannot start or reach a Ray cluster ({exc})") from None
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self._task = ray.remote(max_retries=max_retries, retry_exceptions=False)(_call)
+        # SPREAD: shard tasks read storage; spreading them over nodes adds up the nodes' bandwidth.
+        self._task = ray.remote(max_retries=max_retries, retry_exceptions=False, scheduling_strategy="SPREAD")(_call)
         self._merge = ray.remote(max_retries=max_retries, retry_exceptions=False)(_merge_call)
 
     def _get(self, refs: Any) -> Any:

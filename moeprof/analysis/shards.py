@@ -15,15 +15,17 @@ merges its row groups into one :class:`Partial`. Partials merge exactly:
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from moeprof.analysis.aggregate import Aggregates, Partial, Selection, TokenSample, plan_routing
 from moeprof.analysis.engine import Engine
 from moeprof.errors import TraceIntegrityError
-from moeprof.trace.fs import parquet_file
+from moeprof.trace.fs import read_bytes
 from moeprof.trace.reader import Trace
 
 
@@ -88,11 +90,24 @@ class ShardWork:
         return functools.partial(merge_partials, k=self.k, cap=self.cap)
 
 
-def shard_partial(item: tuple[str], shared: ShardWork) -> Partial:
-    """One routing shard -> one :class:`Partial` (row group by row group, bounded memory)."""
-    (location,) = item
+def shard_partial(item: tuple[str, str], shared: ShardWork) -> Partial:
+    """One routing shard -> one :class:`Partial`, row group by row group.
+
+    The task reads the shard's bytes once and checks them against the manifest's sha256 before
+    decoding: a flipped byte inside a compressed page can decode to valid-looking expert ids, and
+    hashing costs little next to decoding (the local engine checks footers only, like ``analyze``).
+    """
+    location, sha256 = item
     try:
-        pf = parquet_file(location)
+        data = read_bytes(location)
+    except OSError as exc:
+        raise TraceIntegrityError(f"{location}: cannot be read ({exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise TraceIntegrityError(f"{location}: sha256 {digest[:12]}… differs from the manifest's {sha256[:12]}…; "
+                                  "the shard is corrupt or was altered after capture")
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
         groups = pf.num_row_groups
     except (pa.ArrowInvalid, OSError) as exc:
         raise TraceIntegrityError(f"{location}: not a readable Parquet file ({exc})") from None
@@ -114,7 +129,7 @@ def aggregate_shards(trace: Trace, sel: Selection, engine: Engine,
     :class:`Aggregates` exactly as the local pass builds them (same sample threshold and key)."""
     agg, work, columns = plan_routing(trace, sel, trace.num_routing_rows)
     shared = ShardWork(work, columns, sel.sample_tokens if sel.sample_tokens > 0 else 0)
-    items = [(str(p),) for p in trace.shard_paths("routing")]
+    items = [(str(p), s.sha256) for p, s in zip(trace.shard_paths("routing"), trace.manifest.shards_of("routing"))]
     part = engine.map_reduce(shard_partial, items, shared.merger(), shared=shared, progress=progress)
     if part is not None:
         agg.merge(part)
