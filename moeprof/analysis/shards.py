@@ -49,9 +49,14 @@ def _slots(p: Partial) -> np.ndarray:
     return p.slots if p.slots is not None else np.arange(p.lo, p.lo + p.counts.shape[0])
 
 
-def merge_partials(a: Partial, b: Partial, k: int, cap: int) -> Partial:
-    """One :class:`Partial` holding both (counts summed per request slot, samples united, bottom-k)."""
-    sample = bottom_k(TokenSample.concat([a.sample, b.sample], k), cap)
+def merge_partials(a: Partial, b: Partial, k: int, cap: int, max_rows: int = 0) -> Partial:
+    """One :class:`Partial` holding both (counts summed per request slot, samples united).
+
+    The united sample is cut to its bottom ``cap`` tokens once it holds more than ``max_rows`` rows
+    (a token has a row per layer): cutting costs a sort, so it waits until the sample has doubled."""
+    sample = TokenSample.concat([a.sample, b.sample], k)
+    if len(sample.hash) > max_rows:
+        sample = bottom_k(sample, cap)
     rows, seen = a.rows + b.rows, a.phases_seen | b.phases_seen
     if b.counts.shape[0] == 0 or a.counts.shape[0] == 0:
         c = b if b.counts.shape[0] else a
@@ -77,17 +82,15 @@ class ShardWork:
 
     def __init__(self, work: Any, columns: list[str], cap: int) -> None:
         self.work, self.columns, self.cap = work, columns, cap
+        self.max_rows = 2 * cap * work.L  # a token has at most L rows: at most twice the cut's size
 
     @property
     def k(self) -> int:
         return self.work.k
 
-    def merge(self, a: Partial, b: Partial) -> Partial:
-        return merge_partials(a, b, self.k, self.cap)
-
     def merger(self) -> Callable[[Partial, Partial], Partial]:
         """The merge alone, small to ship to merge tasks (a bound method would carry the pass's tables)."""
-        return functools.partial(merge_partials, k=self.k, cap=self.cap)
+        return functools.partial(merge_partials, k=self.k, cap=self.cap, max_rows=self.max_rows)
 
 
 def shard_partial(item: tuple[str, str], shared: ShardWork) -> Partial:
@@ -111,15 +114,23 @@ def shard_partial(item: tuple[str, str], shared: ShardWork) -> Partial:
         groups = pf.num_row_groups
     except (pa.ArrowInvalid, OSError) as exc:
         raise TraceIntegrityError(f"{location}: not a readable Parquet file ({exc})") from None
-    acc = Partial(0, np.zeros((0, 2, shared.work.L, shared.work.E), np.int64), None,
-                  TokenSample.empty(shared.k), 0, np.zeros(2, bool))
+    empty = TokenSample.empty(shared.k)
+    acc = Partial(0, np.zeros((0, 2, shared.work.L, shared.work.E), np.int64), None, empty, 0, np.zeros(2, bool))
+    samples = []  # kept apart and joined once: joining at every row group would copy them again and again
     for i in range(groups):
         where = f"{location} (row group {i})"
         try:
             table = pf.read_row_group(i, columns=shared.columns, use_threads=False)
         except (pa.ArrowException, OSError) as exc:
             raise TraceIntegrityError(f"{where}: cannot be decoded ({exc}); the shard is corrupt") from None
-        acc = shared.merge(acc, shared.work(table, where))
+        part = shared.work(table, where)
+        del table
+        samples.append(part.sample)
+        part.sample = empty
+        acc = merge_partials(acc, part, shared.k, shared.cap)
+    acc.sample = TokenSample.concat(samples, shared.k)
+    if len(acc.sample.hash) > shared.max_rows:
+        acc.sample = bottom_k(acc.sample, shared.cap)
     return acc
 
 
