@@ -65,6 +65,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=20_000_000, help="routing rows (default 2e7)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--sample-tokens", type=int, default=1 << 17,
+                    help="analyze's token sample (default 131072, analyze's own); a trace of 1e11 rows keeps a "
+                         "tiny share of its rows in it, a bench trace of 1e7 keeps almost all")
     args = ap.parse_args()
     import ray
     from ray.cluster_utils import Cluster
@@ -81,9 +84,10 @@ def main() -> None:
         print(f"generated {trace_dir} in {time.perf_counter() - t0:.1f} s", flush=True)
     trace = Trace.open(trace_dir)
     rows = trace.num_routing_rows
-    sel = build_selection(trace, None, None, 0, 1 << 17)
+    sel = build_selection(trace, None, None, 0, args.sample_tokens)
     print(f"trace: {rows:,} routing rows in {len(trace.shard_paths('routing'))} shards, "
-          f"{trace.size_bytes / (1 << 30):.2f} GiB; {os.cpu_count()} CPU cores on this machine", flush=True)
+          f"{trace.size_bytes / (1 << 30):.2f} GiB; sample of {args.sample_tokens:,} tokens; "
+          f"{os.cpu_count()} CPU cores on this machine", flush=True)
 
     results = {}
     results["local, 1 thread"], ref = _best(trace, sel, None, args.repeat)
