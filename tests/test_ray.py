@@ -30,6 +30,14 @@ from moeprof.synthetic import generate_trace  # noqa: E402
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "trace"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
@@ -38,7 +46,10 @@ def cluster(tmp_path_factory):
     saved = os.environ.get("MOEPROF_RAY_FAULTS")
     os.environ["MOEPROF_RAY_FAULTS"] = str(faults)  # inherited by the raylets and their workers
     node = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 << 20)
-    c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+    client_port = _free_port()
+    c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False,
+                                                          ray_client_server_port=client_port))
+    c.client_port = client_port
     try:
         c.add_node(**node)
         ray.init(address=c.address, log_to_driver=False, configure_logging=False)
@@ -154,3 +165,21 @@ def test_corrupt_shard_stops_the_run_with_its_name(cluster, many, tmp_path, cli)
     res = cli("analyze", bad, "--engine", "ray", "--out", tmp_path / "out")
     assert res.exit_code == 2 and "part-00005.parquet" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_ray_client_address(cluster, tmp_path):
+    """``--address ray://HOST:PORT`` from another process (a Ray client; needs grpcio, in moeprof[ray])."""
+    pytest.importorskip("grpc")
+    import subprocess
+    import sys
+
+    c, _ = cluster
+    port = c.client_port
+    analyze(SAMPLE, out=tmp_path / "local")
+    res = subprocess.run(
+        [sys.executable, "-m", "moeprof", "analyze", str(SAMPLE), "--out", str(tmp_path / "client"),
+         "--engine", "ray", "--address", f"ray://127.0.0.1:{port}", "--format", "json"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, MOEPROF_RAY_FAULTS=""),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    same_outputs(tmp_path / "local", tmp_path / "client")
