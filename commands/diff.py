@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeprof.commands.options import Force, JsonFlag
+from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, JsonFlag
 from moeprof.report.console import console
 from moeprof.report.diff import diff as run_diff
 from moeprof.report.diff import write_diff
@@ -16,9 +16,9 @@ from moeprof.report.terminal import render_diff
 
 
 def diff(
-    a: Annotated[Path, typer.Argument(help="Run A: a trace, an analyze output directory or its summary.json.",
-                                      show_default=False)],
-    b: Annotated[Path, typer.Argument(help="Run B, the same kinds as A.", show_default=False)],
+    a: Annotated[str, typer.Argument(help="Run A: a trace (directory or s3://, gs://, hdfs://, file:// URI), an "
+                                          "analyze output directory or its summary.json.", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Run B, the same kinds as A.", show_default=False)],
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Also write diff.json and the figure (PNG, SVG) here.")
     ] = None,
@@ -28,6 +28,8 @@ def diff(
     ] = None,
     force: Force = False,
     as_json: JsonFlag = False,
+    engine: EngineOpt = EngineName.local,
+    address: AddressOpt = None,
 ) -> int:
     """Compare the routing of two runs, layer by layer.
 
@@ -40,7 +42,7 @@ def diff(
 
         moeprof diff base/analysis/summary.json new/analysis --max-js 0.05
     """
-    result = run_diff(a, b)
+    result = run_diff(a, b, engine=engine.value, address=address)
     files = write_diff(result, out, force=force) if out is not None else {}
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))

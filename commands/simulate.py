@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from moeprof.commands.options import Force, JsonFlag, TraceArg
+from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, JsonFlag, TraceLocation
 from moeprof.commands.place import DtypeBytes, HiddenSize, Redundant, Seed, SlotsPerGpu, TestFraction
 from moeprof.errors import UsageError
 from moeprof.placement.run import compare, simulate_placement, write_comparison
@@ -18,7 +18,7 @@ from moeprof.report.placement_plot import plot_comparison
 
 
 def simulate(
-    trace: TraceArg,
+    trace: TraceLocation,
     placement: Optional[Path] = typer.Option(None, "--placement", help="placement.json written by `moeprof place`."),
     compare_all: bool = typer.Option(False, "--compare", help="Fit every policy on the train split, score all."),
     timeline: bool = typer.Option(False, "--timeline", help="Replay the decode steps in time order under static "
@@ -54,6 +54,8 @@ def simulate(
     link_latency_us: float = typer.Option(0.0, "--link-latency-us", help="--timeline: fixed µs added to each dispatch and combine."),
     rank_cost: Optional[Path] = typer.Option(None, "--rank-cost", help="--timeline: SGLang EP topology JSON "
                                              '{"rank_cost_matrix": [[...]]}; placements then prefer cheap links.'),
+    engine: EngineOpt = EngineName.local,
+    address: AddressOpt = None,
 ) -> None:
     """Simulate the all-to-all traffic and GPU load of expert placements on held-out requests.
 
@@ -76,9 +78,17 @@ def simulate(
         moeprof simulate trace --compare --nodes 2 --gpus-per-node 4 --out moeprof-compare
 
         moeprof simulate trace --timeline -n 2 -g 8 --policies linear,eplb --rebalance-every 100,200
+
+    With --engine ray, shards are read by Ray tasks and each policy is fitted and scored by a task
+    of its own; the results are the same as a local run's.
     """
     if sum([compare_all, timeline, placement is not None]) != 1:
         raise UsageError("give one of --placement FILE, --compare or --timeline (the last two with --nodes and --gpus-per-node)")
+    runner = None
+    if engine is EngineName.ray or address is not None:
+        from moeprof.analysis.engine import get_engine
+
+        runner = get_engine(engine.value, address)
     con = console()
     if timeline:
         _timeline(trace, nodes, gpus_per_node, slots_per_gpu, redundant, hidden_size, dtype_bytes, seed, out, force,
@@ -88,7 +98,7 @@ def simulate(
         return
     if placement is not None:
         p, metrics, notes = simulate_placement(trace, placement, hidden_size=hidden_size, dtype_bytes=dtype_bytes,
-                                               batch_size=batch_size)
+                                               batch_size=batch_size, engine=runner)
         if as_json:
             typer.echo(json.dumps(dict(metrics=metrics, notes=notes), indent=2))
             return
@@ -102,7 +112,7 @@ def simulate(
     out = out or Path("moeprof-compare")
     cmp = compare(trace, nodes=nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu,
                   redundant=redundant, seed=seed, test_fraction=test_fraction, hidden_size=hidden_size,
-                  dtype_bytes=dtype_bytes, batch_size=batch_size)
+                  dtype_bytes=dtype_bytes, batch_size=batch_size, engine=runner)
     files = write_comparison(cmp, out, force=force)
     d = cmp.to_dict()
     files += plot_comparison(d, Path(out) / "compare")

@@ -263,16 +263,19 @@ def prefill_decode(inputs: Inputs, method: str = "pearson") -> list[Value]:
     return [Value(r[f"aggregate_{method}"], r["layer"]) for r in node["per_layer"]]
 
 
-def expert_counts(path: Path) -> tuple[list[int], "np.ndarray", int]:
-    """MoE layers, token-routes per (layer, expert) ``(L, E)`` and E of a run: a trace (analysed now),
-    an analyze output directory or its summary.json."""
+def expert_counts(path: Path | str, engine: Any = "local") -> tuple[list[int], "np.ndarray", int]:
+    """MoE layers, token-routes per (layer, expert) ``(L, E)`` and E of a run: a trace (analysed now,
+    on ``engine``; a directory or a URI), an analyze output directory or its summary.json."""
     import numpy as np
 
-    path = Path(path)
-    if path.is_dir() and (path / "manifest.json").exists():
+    from moeprof.trace.fs import is_uri
+
+    uri = is_uri(str(path))
+    path = str(path) if uri else Path(path)
+    if uri or (path.is_dir() and (path / "manifest.json").exists()):
         from moeprof.analysis.run import analyze_trace
 
-        a = analyze_trace(path, batch_sizes=(1,))
+        a = analyze_trace(path, batch_sizes=(1,), engine=engine)
         return list(a.arrays["layers"]), np.asarray(a.arrays["load"], np.int64), int(a.arrays["num_experts"])
     summary_path = path / SUMMARY if path.is_dir() else path
     if not summary_path.exists():

@@ -32,6 +32,12 @@ class Trace:
 
     @classmethod
     def open(cls, path: str | Path, *, verify: Verify = "rows") -> "Trace":
+        from moeprof.trace.fs import is_uri
+
+        if is_uri(str(path)):  # s3://, gs://, hdfs://, file://: read through pyarrow.fs
+            from moeprof.trace.remote import RemoteTrace
+
+            return RemoteTrace.open(str(path), verify=verify)
         trace = cls(Path(path), read_manifest(Path(path)))
         if verify != "none":
             trace.verify(full=verify == "full")
