@@ -64,6 +64,11 @@ REQUESTS_SCHEMA = pa.schema(
     ]
 )
 
+ENGINE_REQUEST_ID_FIELD = pa.field("engine_request_id", pa.string(), nullable=True)
+"""Optional column of ``requests.parquet``: the serving engine's own request id (a string in vLLM and
+SGLang), written by live engine captures. Not part of :data:`REQUESTS_SCHEMA`, so traces without it stay
+valid and readers that do not know it ignore it."""
+
 LOADS_SCHEMA = pa.schema(
     [
         pa.field("window", pa.int64(), nullable=False),
