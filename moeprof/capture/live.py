@@ -109,7 +109,11 @@ class LiveRecorder:
         self.error: BaseException | None = None
         self._closed = False
         self._close_lock = threading.Lock()
-        merge_ranks(self.root)
+        try:
+            merge_ranks(self.root)
+        except BaseException:
+            self.writer.close(complete=False)
+            raise
         self._thread = threading.Thread(target=self._run, name=f"moeprof-live-{self.rank}", daemon=True)
         self._thread.start()
 

@@ -8,8 +8,10 @@ rewrites the merged top level under an exclusive file lock::
 
     trace/
       manifest.json               merged: every rank's routing shards, paths relative to trace/
-      requests.parquet            union of the ranks' requests (a request seen by several pipeline
-                                  stages appears once; its token counts are the largest any stage saw)
+      requests-<sha>.parquet      union of the ranks' requests (a request seen by several pipeline
+                                  stages appears once; its token counts are the largest any stage saw),
+                                  a new name per merge so a reader of the previous manifest still
+                                  finds the file it lists (the one before that is deleted)
       ranks/dp0-pp0/              a complete trace of rank dp0-pp0 (manifest, requests, routing/)
       ranks/dp1-pp0/ ...
 
@@ -21,6 +23,7 @@ the merge always sees finished shards only; a rank that died keeps what it flush
 from __future__ import annotations
 
 import fcntl
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +34,7 @@ import pyarrow.parquet as pq
 
 from moeprof.errors import TraceError
 from moeprof.trace.manifest import Manifest, ModelInfo, Shard, read_manifest, write_json_atomic
-from moeprof.trace.schema import MANIFEST_FILE, REQUESTS_FILE
+from moeprof.trace.schema import MANIFEST_FILE
 from moeprof.trace.writer import _write_parquet_atomic
 
 RANKS_DIR = "ranks"
@@ -66,11 +69,26 @@ def merge_ranks(root: str | Path) -> Manifest:
         manifests = [(r, read_manifest(r)) for r in ranks]
         merged = _merged_manifest(root, manifests)
         requests = _merged_requests([r for r, _ in manifests], manifests)
-        shard = _write_parquet_atomic(requests, root / REQUESTS_FILE)
-        shard.path, shard.kind = REQUESTS_FILE, "requests"
-        merged.shards.append(shard)
+        previous = _listed_requests(root)
+        # A new name per version: a reader holding the previous manifest still finds its file.
+        pending = _write_parquet_atomic(requests, root / ".requests.pending.parquet")
+        name = f"requests-{pending.sha256[:16]}.parquet"
+        os.replace(root / ".requests.pending.parquet", root / name)
+        pending.path, pending.kind = name, "requests"
+        merged.shards.append(pending)
         write_json_atomic(root / MANIFEST_FILE, merged.to_dict())
+        for old in root.glob("requests-*.parquet"):
+            if old.name not in (name, previous):
+                old.unlink(missing_ok=True)
         return merged
+
+
+def _listed_requests(root: Path) -> str | None:
+    try:
+        shards = read_manifest(root).shards_of("requests")
+    except TraceError:
+        return None
+    return shards[0].path if shards else None
 
 
 def _merged_manifest(root: Path, manifests: list[tuple[Path, Manifest]]) -> Manifest:
