@@ -148,21 +148,32 @@ class LiveRecorder:
                 item = self._queue.get(timeout=self.flush_seconds)
             except queue.Empty:
                 item = None
-            if item is _STOP:
+            # Take every pass already waiting: one writer call for all of them amortises the Arrow
+            # conversion, and the thread holds the GIL in fewer, longer turns.
+            batch, stop = [], False
+            while item is not None:
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self.error is None:
+                try:
+                    if batch:
+                        self._write(batch)
+                        dirty = True
+                    if dirty and (stop or time.monotonic() - last_flush >= self.flush_seconds):
+                        self.writer.flush()
+                        merge_ranks(self.root)
+                        last_flush, dirty = time.monotonic(), False
+                except BaseException as exc:  # noqa: BLE001 - recording must not take the server down
+                    self.error = exc
+                    logger.error("moeprof: recording into %s stopped: %s", self.writer.out, exc)
+            if stop:
                 return
-            if self.error is not None:
-                continue  # keep draining so the engine never blocks on a failed recorder
-            try:
-                if item is not None:
-                    self._write(item)
-                    dirty = True
-                if dirty and time.monotonic() - last_flush >= self.flush_seconds:
-                    self.writer.flush()
-                    merge_ranks(self.root)
-                    last_flush, dirty = time.monotonic(), False
-            except BaseException as exc:  # noqa: BLE001 - recording must not take the server down
-                self.error = exc
-                logger.error("moeprof: recording into %s stopped: %s", self.writer.out, exc)
 
     def _request(self, engine_id: str, prompt_len: int) -> _Request:
         req = self._requests.get(engine_id)
@@ -185,7 +196,19 @@ class LiveRecorder:
             )
         return req
 
-    def _write(self, rec: PassRecord) -> None:
+    def _write(self, records: list[PassRecord]) -> None:
+        chunks = [c for c in (self._rows(rec) for rec in records) if c is not None]
+        if not chunks:
+            return
+        merged = {
+            key: None if chunks[0][key] is None else np.concatenate([c[key] for c in chunks])
+            for key in chunks[0]
+        }
+        self.writer.write_routing(merged)
+        self.rows += int(merged["experts"].shape[0])
+
+    def _rows(self, rec: PassRecord) -> dict[str, Any] | None:
+        """One pass's routing columns (``None`` if it has no fresh token); updates the requests."""
         if rec.ready is not None:
             rec.ready()
         experts = np.asarray(rec.experts)
@@ -194,7 +217,15 @@ class LiveRecorder:
         keep = self._ledger.fresh(layout)
         batch_id = self.rank_offset * BATCH_STRIDE + self._passes
         self._passes += 1
-        cols = routing_columns(
+        decoded = token_columns(layout)["phase"].astype(bool) & keep
+        per_request = np.bincount(layout.token_index()[decoded], minlength=layout.num_requests)
+        for req, n in zip(reqs, per_request.tolist()):
+            if n:
+                req.decode += n
+                self.writer.set_request(req.trace_id, req.domain, decode_tokens=req.decode)
+        if not keep.any():
+            return None
+        return routing_columns(
             layout,
             np.ascontiguousarray(experts.transpose(1, 0, 2)),
             self._layers,
@@ -202,12 +233,3 @@ class LiveRecorder:
             token_ids=None if rec.token_ids is None else np.asarray(rec.token_ids),
             keep=keep,
         )
-        if keep.any():
-            self.writer.write_routing(cols)
-            self.rows += int(keep.sum()) * len(self.layers)
-        decoded = token_columns(layout)["phase"].astype(bool) & keep
-        per_request = np.bincount(layout.token_index()[decoded], minlength=layout.num_requests)
-        for req, n in zip(reqs, per_request.tolist()):
-            if n:
-                req.decode += n
-                self.writer.set_request(req.trace_id, req.domain, decode_tokens=req.decode)

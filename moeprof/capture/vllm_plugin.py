@@ -235,6 +235,8 @@ class _RunnerRecorder:
         layers = _bind(runner.get_model(), self.capturer)
         self.layers = sorted(layers)
         self.layer_index = torch.tensor(self.layers, dtype=torch.long, device=self.capturer.device_buffer.device)
+        # Every layer an MoE layer (the common case): the buffer slice is already in layer order.
+        self.all_layers = self.layers == list(range(self.capturer.device_buffer.shape[1]))
         tp, pp = get_tp_group(), get_pp_group()
         if tp.rank_in_group != 0:
             return  # every TP rank holds the same routing; TP rank 0 records it
@@ -282,7 +284,10 @@ class _RunnerRecorder:
         self.pending = None
         n = int(num_tokens.sum())
         # One gather of the MoE layers, narrowed to int16 on the device, then one copy to the host.
-        ids = self.capturer.device_buffer[:n].index_select(1, self.layer_index).to(torch.int16)
+        ids = self.capturer.device_buffer[:n]
+        if not self.all_layers:
+            ids = ids.index_select(1, self.layer_index)
+        ids = ids.to(torch.int16)  # always a new tensor: the buffer is overwritten by the next step
         tokens = runner.input_ids.gpu[:n]
         ready = None
         if ids.device.type == "cpu":
