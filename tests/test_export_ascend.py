@@ -68,3 +68,19 @@ def test_cli_place_writes_the_vllm_ascend_map(cli, tmp_path):
     tensor, layers, ranks = _as_vllm_ascend_reads_it(d)
     assert layers == len(placement["moe_layers"]) and ranks == 4
     assert tensor.reshape(layers, -1).tolist() == placement["physical_to_logical_map"]
+
+
+def test_a_refused_export_writes_nothing(cli, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from moeprof.placement import export
+
+    def refuse(p):
+        raise PlacementError("vllm-ascend export: layer 1 puts expert 0 twice on device 0")
+
+    monkeypatch.setitem(export.EXPORTERS, "vllm-ascend", export.Exporter(refuse, export._json, ".vllm-ascend.json"))
+    trace = Path(__file__).resolve().parents[1] / "sample_data" / "trace"
+    out = tmp_path / "p.json"
+    r = cli("place", trace, "-n", "1", "-g", "4", "--policy", "eplb", "--out", out, "--export", "vllm-ascend")
+    assert r.exit_code == 2 and "twice on device 0" in r.stderr
+    assert list(tmp_path.iterdir()) == []
