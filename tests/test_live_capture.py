@@ -143,3 +143,24 @@ def test_merge_refuses_ranks_of_different_models(tmp_path):
         LiveRecorder(tmp_path, "dp1-pp0", other, [1, 2], "vllm", flush_seconds=60)
     with pytest.raises(Exception, match="not one model"):
         merge_ranks(tmp_path)
+
+
+def test_plugin_is_inert_without_the_variable_and_checks_the_directory(tmp_path, monkeypatch):
+    from moeprof.capture import vllm_plugin
+    from moeprof.errors import OutputExistsError
+
+    monkeypatch.delenv("MOEPROF_TRACE", raising=False)
+    vllm_plugin.register()  # no variable: nothing imported, nothing patched, nothing raised
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError) as exc:
+        vllm_plugin._prepare(tmp_path)
+    assert str(exc.value) == (
+        f"MOEPROF_TRACE={tmp_path}: {tmp_path} already exists; set MOEPROF_TRACE_FORCE=1 to replace it"
+    )
+    monkeypatch.setenv("MOEPROF_TRACE_FORCE", "1")
+    with pytest.raises(OutputExistsError, match="refusing to delete it even with MOEPROF_TRACE_FORCE=1"):
+        vllm_plugin._prepare(tmp_path)
+    # An earlier moeprof trace is replaced with the force variable.
+    LiveRecorder(tmp_path / "old", "dp0-pp0", _model(), [1, 2], "vllm", flush_seconds=60).close()
+    vllm_plugin._prepare(tmp_path / "old")
+    assert list((tmp_path / "old").iterdir()) == []

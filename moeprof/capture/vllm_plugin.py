@@ -86,9 +86,8 @@ def _prepare(out: Path) -> None:
     try:
         prepare_output_dir(out, force)
     except OutputExistsError as exc:
-        raise OutputExistsError(
-            f"{ENV_TRACE}={out}: {exc}".replace("pass --force", f"set {ENV_FORCE}=1")
-        ) from None
+        msg = str(exc).replace("pass --force", f"set {ENV_FORCE}=1").replace("--force", f"{ENV_FORCE}=1")
+        raise OutputExistsError(f"{ENV_TRACE}={out}: {msg}") from None
 
 
 def _flush_seconds() -> float:
