@@ -12,7 +12,8 @@ switched off and on in turn (off, on, off, on, ...), so drift in machine load hi
 It prints the median tokens/s of each (prompt + generated tokens over the wall time of
 ``LLM.generate``), their ratio, then one more recorded run with timers around the plugin's own code:
 engine-thread microseconds per step (batch snapshot + buffer copy + queueing) and per layer call,
-and recorder-thread microseconds per step. Run it in the vLLM environment (``.ci/vllm.sh`` builds one):
+and recorder-thread microseconds per step, each as CPU time of the thread doing it
+(``time.thread_time``). Run it in the vLLM environment (``.ci/vllm.sh`` builds one):
 
     .venv-vllm/bin/python bench/vllm_plugin_bench.py [--pairs 5] [--requests 32] [--max-tokens 32]
 """
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
 
     out = Path(tempfile.mkdtemp(prefix="moeprof-vllm-bench-")) / "trace"
     os.environ.update(MOEPROF_TRACE=str(out), VLLM_ENABLE_V1_MULTIPROCESSING="0")
@@ -93,11 +95,13 @@ def main() -> None:
         orig = getattr(obj, name)
 
         def wrapper(*a, **kw):
-            t = time.perf_counter()
+            # CPU time of the calling thread: the work itself, not the time spent waiting for the GIL
+            # or for a core on a loaded machine.
+            t = time.thread_time()
             try:
                 return orig(*a, **kw)
             finally:
-                timers[key] += time.perf_counter() - t
+                timers[key] += time.thread_time() - t
                 counts[count_key] += 1
 
         setattr(obj, name, wrapper)
@@ -125,12 +129,14 @@ def main() -> None:
         "recorder_thread_us_per_step": 1e6 * timers["recorder"] / max(1, counts["writes"]),
         "rows_recorded": recorder.rows,
     }
-    print(f"vLLM {vllm.__version__} (CPU), tiny MoE, {args.requests} requests x {args.max_tokens} tokens, "
+    result["load_average"] = [load_before, os.getloadavg()[0]]
+    print(f"vLLM {vllm.__version__} (CPU, {os.cpu_count()} cores, load average {load_before:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}), tiny MoE, {args.requests} requests x {args.max_tokens} tokens, "
           f"{args.pairs} alternating pairs")
     print(f"  tokens/s without recording: median {off:,.1f}  runs {', '.join(f'{r:,.1f}' for r in rates['off'])}")
     print(f"  tokens/s with recording:    median {on:,.1f}  runs {', '.join(f'{r:,.1f}' for r in rates['on'])}")
     print(f"  ratio with/without: {on / off:.3f}")
-    print(f"  host work per step ({counts['steps']} steps timed): engine thread "
+    print(f"  host CPU time per step ({counts['steps']} steps timed): engine thread "
           f"{result['engine_thread_us_per_step']:.0f} us (batch snapshot {result['snapshot_us_per_step']:.0f} + "
           f"buffer copy and queue {result['copy_us_per_step']:.0f}), "
           f"{result['layer_calls_per_step']:.1f} router callbacks of {result['layer_call_us']:.1f} us each; "
