@@ -166,6 +166,8 @@ def place(
     placement = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, params=params)
     placement.fit = _fit_record(opened, data, test, seed, test_fraction)
     placement.metrics = score(data, placement, test, cfg, train=~test)
+    for fmt in exports:  # an engine that cannot take this placement refuses it before anything is written
+        EXPORTERS[fmt].build(placement)
     write_placement(placement, out, force=force)
     written = [out]
     for fmt in exports:
