@@ -227,7 +227,7 @@ def _resampled_quantile_columns(srt: np.ndarray, order: np.ndarray, drawn: np.nd
     h = (n - 1) * q
     prev = int(math.floor(h))
     t = h - prev
-    size = min(32, n)
+    size = min(16, n)
     blocks = -(-n // size)
     col = np.arange(m)
     in_block = np.zeros((n, m, blocks))  # in_block[r, c, b] = 1: row r's value in column c has its rank in block b
