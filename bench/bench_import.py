@@ -54,8 +54,9 @@ from pathlib import Path
 from moeprof.importers import ImportOptions, import_trace
 t0 = time.perf_counter()
 rep = import_trace("jsonl", [Path(sys.argv[1])], Path(sys.argv[2]), ImportOptions(num_experts=int(sys.argv[3]), force=True))
-print(json.dumps(dict(seconds=time.perf_counter() - t0, rows=rep.routing_rows,
-                      peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(seconds=time.perf_counter() - t0, rows=rep.routing_rows, cpu=ru.ru_utime + ru.ru_stime,
+                      peak_rss=ru.ru_maxrss * 1024)))
 """
 
 _POLARS = """
@@ -64,8 +65,9 @@ import polars as pl
 t0 = time.perf_counter()
 df = pl.read_ndjson(sys.argv[1])
 df.write_parquet(sys.argv[2])
-print(json.dumps(dict(seconds=time.perf_counter() - t0, rows=df.height,
-                      peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(seconds=time.perf_counter() - t0, rows=df.height, cpu=ru.ru_utime + ru.ru_stime,
+                      peak_rss=ru.ru_maxrss * 1024)))
 """
 
 
@@ -106,6 +108,8 @@ def main() -> None:
         print(f"  moeprof import jsonl:               {_spread(mo)} s, {rows / float(np.median(mo)):,.0f} rows/s, "
               f"peak RSS {max(o['peak_rss'] for o in ours) / gib:.2f} GiB")
         print(f"  import / polars: {_spread([m / p for m, p in zip(mo, po)])}x")
+        print(f"  CPU seconds, whole process (less sensitive to load): polars {_spread([r['cpu'] for r in ref])}, "
+              f"import {_spread([o['cpu'] for o in ours])}")
         src = Path(tmp) / "megatron.jsonl"
         write_megatron(src, args.rows, args.top_k, args.experts)
         size = src.stat().st_size

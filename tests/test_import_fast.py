@@ -132,6 +132,7 @@ BAD = [
     ("float id", lambda r: r | {"topk_ids": [1.0, 2]}),
     ("text position", lambda r: r | {"token_idx": "x"}),
     ("a list", lambda r: "[1, 2]"),
+    ("two objects", lambda r: json.dumps(r) + json.dumps(r)),
 ]
 
 
@@ -148,6 +149,31 @@ def test_a_bad_line_deep_in_the_file_is_named(tmp_path, monkeypatch, what, spoil
         msgs.append(str(e.value))
     assert msgs[0] == msgs[1]
     assert f"line {at + 2}" in msgs[0]  # +1 for the meta line, +1 for counting from 1
+
+
+def test_nan_weight_reads_as_the_line_reader_reads_it(tmp_path, monkeypatch):
+    """pyarrow reads NaN, which JSON has not: the line reader decides (stdlib json reads it, orjson not)."""
+    rows = [json.dumps(r) for r in _hook_rows()]
+    rows[250] = rows[250].replace("0.25", "NaN")
+    src = _write(tmp_path / "nan.jsonl", rows)
+    outcome = []
+    for fast in (True, False):
+        try:
+            _run(tmp_path, f"t{fast}", src, ImportOptions(), fast, monkeypatch)
+            t = Trace.open(tmp_path / f"t{fast}").routing(["weights"]).collect()
+            outcome.append(str(t["weights"].to_list()))
+        except MoeprofError as e:
+            outcome.append(str(e))
+    assert outcome[0] == outcome[1]
+
+
+def test_blank_line_and_two_objects_on_a_line(tmp_path, monkeypatch):
+    rows = [json.dumps(r) for r in _hook_rows()]
+    rows[100] += "\n"  # a blank line after line 102: the block's rows would again match its lines
+    rows[120] = rows[120] + rows[121]
+    src = _write(tmp_path / "two.jsonl", rows)
+    with pytest.raises(MoeprofError, match="line 123: not valid JSON"):
+        _run(tmp_path, "t", src, ImportOptions(), True, monkeypatch)
 
 
 def test_blank_lines_keep_line_numbers(tmp_path, monkeypatch):

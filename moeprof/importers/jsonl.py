@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -56,6 +57,7 @@ FORMAT_NAME = "moeprof-routing-jsonl"
 FAST_BLOCK_BYTES = 16 << 20
 """Bytes of lines parsed at once by the fast path (a block's rows are held as arrays)."""
 _INT32 = (-(1 << 31), (1 << 31) - 1)
+_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r]*(?:\n|\Z)")
 
 
 def parse_field_map(specs: list[str] | None) -> dict[str, str]:
@@ -179,6 +181,8 @@ class JsonlImporter(Importer):
             self._schema = self._fast_schema()
         if not self._schema:  # None: no request id seen yet to type the column; False: never
             return False
+        if _BLANK_LINE.search(data, 0, len(data) - data.endswith(b"\n")):  # rows would no longer follow lines
+            return False
         try:
             table = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(
                 explicit_schema=self._schema, unexpected_field_behavior="ignore"))
@@ -254,7 +258,10 @@ class JsonlImporter(Importer):
             if canon == "weights":
                 if (np.diff(c.offsets.to_numpy()) != k).any() or c.flatten().null_count:
                     return None
-                out["weights"] = c.flatten().to_numpy().astype(np.float32).reshape(n, k)
+                weights = c.flatten().to_numpy()
+                if not np.isfinite(weights).all():  # pyarrow reads NaN / Infinity, which JSON has not
+                    return None
+                out["weights"] = weights.astype(np.float32).reshape(n, k)
             else:
                 out[canon] = c.to_numpy()
         step_got = optional(names["step"])
