@@ -57,7 +57,9 @@ FORMAT_NAME = "moeprof-routing-jsonl"
 FAST_BLOCK_BYTES = 16 << 20
 """Bytes of lines parsed at once by the fast path (a block's rows are held as arrays)."""
 _INT32 = (-(1 << 31), (1 << 31) - 1)
-_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r]*(?:\n|\Z)")
+# a blank line: the first, or one after a newline (a pattern that starts with "\n" is scanned fast)
+_BLANK_FIRST = re.compile(rb"[ \t\r]*(?:\n|\Z)")
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*(?:\n|\Z)")
 
 
 def parse_field_map(specs: list[str] | None) -> dict[str, str]:
@@ -181,7 +183,8 @@ class JsonlImporter(Importer):
             self._schema = self._fast_schema()
         if not self._schema:  # None: no request id seen yet to type the column; False: never
             return False
-        if _BLANK_LINE.search(data, 0, len(data) - data.endswith(b"\n")):  # rows would no longer follow lines
+        end = len(data) - data.endswith(b"\n")
+        if _BLANK_FIRST.match(data, 0, end) or _BLANK_LINE.search(data, 0, end):  # rows would no longer follow lines
             return False
         try:
             table = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(
