@@ -11,10 +11,7 @@ import typer
 from moeprof.commands.options import Force, JsonFlag, TraceArg
 from moeprof.commands.place import DtypeBytes, HiddenSize, Redundant, Seed, SlotsPerGpu, TestFraction
 from moeprof.errors import UsageError
-from moeprof.placement.run import compare, simulate_placement, write_comparison
 from moeprof.report.console import console
-from moeprof.report.placement import render_comparison, render_metrics
-from moeprof.report.placement_plot import plot_comparison
 
 
 def simulate(
@@ -27,7 +24,7 @@ def simulate(
     redundant: Redundant = None,
     hidden_size: HiddenSize = None,
     dtype_bytes: DtypeBytes = None,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tokens per micro-batch for GPU load [256]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tokens per micro-batch for GPU load (default: 256).", show_default=False),
     seed: Seed = 0,
     test_fraction: TestFraction = 0.3,
     out: Path = typer.Option(Path("moeprof-compare"), "--out", "-o", help="--compare: directory for the table, plot and placements."),
@@ -47,6 +44,9 @@ def simulate(
 
         moeprof simulate trace --compare --nodes 2 --gpus-per-node 4 --out moeprof-compare
     """
+    from moeprof.placement.run import compare, simulate_placement, write_comparison
+    from moeprof.report.placement import render_comparison, render_metrics
+
     if compare_all == (placement is not None):
         raise UsageError("give either --placement FILE or --compare (with --nodes and --gpus-per-node)")
     con = console()
@@ -66,6 +66,8 @@ def simulate(
     cmp = compare(trace, nodes=nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu,
                   redundant=redundant, seed=seed, test_fraction=test_fraction, hidden_size=hidden_size,
                   dtype_bytes=dtype_bytes, batch_size=batch_size)
+    from moeprof.report.placement_plot import plot_comparison
+
     files = write_comparison(cmp, out, force=force)
     d = cmp.to_dict()
     files += plot_comparison(d, Path(out) / "compare")

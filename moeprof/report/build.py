@@ -48,8 +48,9 @@ def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None) -> In
 def run_analysis(trace_path: Path, out: Path) -> None:
     """Run ``moeprof analyze TRACE --out OUT`` as a library call (summary.json and its figures)."""
     from moeprof.analysis.run import analyze
+    from moeprof.report.plots import write_plots
 
-    analyze(trace_path, out=out, force=True)
+    analyze(trace_path, out=out, force=True, writers=[write_plots])
 
 
 def build_report(inputs: Inputs, *, title: str | None = None) -> Report:

@@ -246,3 +246,9 @@ def analysis_plots(analysis: Any, out: Path) -> list[Path]:
         if s["coactivation"].get("available") and s["coactivation"].get("transitions", {}).get("available"):
             files += transitions(analysis, out)
     return files
+
+
+def write_plots(analysis: Any, out: Path) -> list[Path]:
+    """The figures of an analyze output directory ``out`` (into ``out/plots``): the writer that
+    :func:`moeprof.analysis.run.analyze` takes."""
+    return analysis_plots(analysis, Path(out) / "plots")
