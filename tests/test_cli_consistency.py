@@ -1,0 +1,127 @@
+"""Every command reads the same way: help text with an example, defaults that survive rich, one
+meaning per short flag, --json, and a start-up that imports no heavy library."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from moeprof.commands import options
+from moeprof.commands.main import COMMANDS, app
+
+
+def _commands():
+    import typer
+
+    group = typer.main.get_command(app)
+    return {name: group.commands[name] for name in COMMANDS}
+
+
+def _flat(text: str) -> str:
+    """Help as rich draws it, boxes and wrapping removed: words separated by single spaces."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_has_help_and_an_example(name):
+    cmd = _commands()[name]
+    assert cmd.help and len(cmd.help.split(".")[0]) > 10, f"moeprof {name} has no help text"
+    assert "Example:" in cmd.help and f"moeprof {name}" in cmd.help.split("Example:")[1], (
+        f"moeprof {name}'s help has no example")
+    for p in cmd.params:
+        if getattr(p, "hidden", False) or p.name in {"help"}:
+            continue
+        assert getattr(p, "help", None), f"moeprof {name}: {p.opts} has no help text"
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_keeps_every_word_of_each_option_and_its_default(name, cli):
+    """rich reads "[default: ...]" written in a help string as a markup tag and drops it."""
+    r = cli(name, "--help")
+    assert r.exit_code == 0
+    shown = _flat(r.stdout)
+    for p in _commands()[name].params:
+        if getattr(p, "hidden", False) or not getattr(p, "help", None):
+            continue
+        words = _flat(p.help)
+        assert words in shown, f"moeprof {name} --help lost part of {p.opts[0]}'s help: {words!r}"
+        if p.param_type_name == "option" and not p.is_flag and p.show_default is not False:
+            if p.default not in (None, [], ()) and not p.required:
+                assert re.search(r"\[default: [^\]]+\]", shown), f"{name}: no default shown"
+
+
+def test_defaults_written_in_help_text_are_shown(cli):
+    shown = _flat(cli("place", "--help").stdout)
+    for text in ("Expert slots per GPU per layer (default: ceil(E / GPUs)).",
+                 "(default: the trace's model)", "(default: 1.1 × eplb's)"):
+        assert text in shown
+    assert "(default: 256)" in _flat(cli("simulate", "--help").stdout)
+
+
+def test_one_meaning_per_short_flag():
+    meaning: dict[str, set[str]] = {}
+    for name, cmd in _commands().items():
+        for p in cmd.params:
+            longs = [o for o in p.opts if o.startswith("--")]
+            for short in (o for o in p.opts + p.secondary_opts if re.fullmatch(r"-[A-Za-z]", o)):
+                meaning.setdefault(short, set()).update(f"{lo}" for lo in longs)
+    clashes = {s: m for s, m in meaning.items() if len(m) > 1}
+    assert not clashes, f"short flags with two meanings: {clashes}"
+    assert meaning["-n"] == {"--nodes"} and meaning["-o"] == {"--out"}
+
+
+@pytest.mark.parametrize("name", [n for n in COMMANDS if n != "demo"])
+def test_json_everywhere(name):
+    opts = {o for p in _commands()[name].params for o in p.opts}
+    assert "--json" in opts, f"moeprof {name} has no --json"
+
+
+def test_analyze_format_json_still_works_with_a_note(cli, tmp_path):
+    from moeprof.synthetic import generate_trace
+
+    generate_trace(tmp_path / "t", num_requests=8, seed=1)
+    trace = tmp_path / "t"
+    new = cli("analyze", trace, "--json", "--batch-sizes", "1")
+    old = cli("analyze", trace, "--format", "json", "--batch-sizes", "1")
+    assert new.exit_code == old.exit_code == 0
+    assert json.loads(new.stdout)["trace"] == json.loads(old.stdout)["trace"]
+    assert "--format is deprecated; use --json" in old.stderr and "deprecated" not in new.stderr
+
+
+def test_choice_lists_match_the_library_registries():
+    from moeprof.analysis.run import DEFAULT_BATCH_SIZES
+    from moeprof.importers import FORMATS
+    from moeprof.placement.export import EXPORTERS
+    from moeprof.placement.grouping import GROUPINGS
+    from moeprof.placement.policies import POLICIES
+
+    assert options.POLICY_NAMES == tuple(POLICIES)
+    assert options.GROUPING_NAMES == tuple(GROUPINGS)
+    assert options.EXPORTER_NAMES == tuple(EXPORTERS)
+    assert options.IMPORT_FORMATS == tuple(FORMATS)
+    assert options.DEFAULT_BATCH_SIZES == tuple(DEFAULT_BATCH_SIZES)
+
+
+HEAVY = ("matplotlib", "scipy", "polars", "pyarrow", "numpy", "torch", "moeprof.analysis", "moeprof.placement")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["analyze", "--help"], ["simulate", "--help"],
+                                  ["place", "--help"], ["check", "--help"]])
+def test_start_up_imports_no_heavy_library(argv):
+    """What makes `moeprof --help` take 2 s: every subcommand's library imported up front."""
+    code = (f"import sys; from moeprof.commands.main import main; code = main({argv!r}); "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m in {HEAVY!r}), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    loaded = r.stderr.strip().splitlines()[-1]
+    assert loaded == "[]", f"moeprof {' '.join(argv)} imported {loaded}"
+
+
+def test_analysis_never_imports_the_report_layer():
+    code = ("import sys, moeprof.analysis.run, moeprof.analysis.aggregate; "
+            "print([m for m in sys.modules if m.startswith('moeprof.report')])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stderr
