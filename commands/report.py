@@ -50,7 +50,7 @@ def report(
     con = console()
     for s in rep.sections:
         if s.finding:
-            con.print(f"[bold]{s.title}[/]: {s.finding}", highlight=False)
+            con.print(f"[bold]{s.title}[/]: {s.finding}", highlight=False, soft_wrap=True)
         else:
             con.print(f"[bold]{s.title}[/]: [yellow]not available[/] ({s.unavailable})", highlight=False)
     con.print(f"Wrote {files['index.html']}, {files['summary.md']} and {files['report.json']}", highlight=False)

@@ -125,3 +125,49 @@ def test_analysis_never_imports_the_report_layer():
             "print([m for m in sys.modules if m.startswith('moeprof.report')])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stderr
+
+
+def _hook_log(path):
+    with open(path, "w") as f:
+        for rid in (1, 2):
+            for t in range(3):
+                for layer in (0, 1):
+                    f.write(json.dumps({"req_id": rid, "token_idx": t, "layer": layer, "topk_ids": [t % 4, (t + 1) % 4],
+                                        "phase": "prefill" if t < 2 else "decode"}) + "\n")
+    return path
+
+
+def test_requests_without_a_domain_are_unlabelled_in_import_as_in_capture(cli, tmp_path):
+    from moeprof.capture.session import DEFAULT_DOMAIN
+    from moeprof.trace.reader import Trace
+    from moeprof.trace.schema import UNLABELLED
+
+    assert DEFAULT_DOMAIN == UNLABELLED == "unlabelled"
+    r = cli("import", "jsonl", _hook_log(tmp_path / "r.jsonl"), "--num-experts", "4", "--out", tmp_path / "t")
+    assert r.exit_code == 0, r.stderr
+    assert Trace.open(tmp_path / "t").requests()["domain"].to_list() == ["unlabelled", "unlabelled"]
+
+
+def test_old_imported_traces_that_say_unknown_read_as_unlabelled(cli, tmp_path):
+    """Imports before this change wrote "unknown"; rewrite one shard that way (size and checksum kept
+    consistent through the manifest) and read it back."""
+    import hashlib
+
+    import polars as pl
+
+    from moeprof.trace.reader import Trace
+
+    cli("import", "jsonl", _hook_log(tmp_path / "r.jsonl"), "--num-experts", "4", "--out", tmp_path / "t")
+    req = tmp_path / "t" / "requests.parquet"
+    old = pl.read_parquet(req).with_columns(pl.lit("unknown").alias("domain"))
+    old.write_parquet(req)
+    manifest_path = tmp_path / "t" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for shard in manifest["shards"]:
+        if shard["path"] == "requests.parquet":
+            shard["bytes"] = req.stat().st_size
+            shard["sha256"] = hashlib.sha256(req.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    t = Trace.open(tmp_path / "t", verify="full")
+    assert t.requests()["domain"].to_list() == ["unlabelled", "unlabelled"]
+    assert pl.read_parquet(req)["domain"].to_list() == ["unknown", "unknown"]  # the file itself is untouched
