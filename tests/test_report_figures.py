@@ -148,7 +148,7 @@ def test_heatmap_shows_dead_experts_in_their_own_colour(captured):
     assert bool(np.ma.getmaskarray(data)[0, 1]) and np.ma.getmaskarray(data).sum() == 1
     rgba = img.cmap(np.ma.masked_array([0.0], mask=[True]))[0]
     assert tuple(rgba[:3]) == (0.0, 0.0, 0.0)  # black, not the colour of 1/16× (light blue)
-    assert "black: no token, 1 experts" in ax.get_title()
+    assert "black ×: no token (1 expert)" in ax.get_xlabel()
     ticks = ax.get_xticks()
     assert np.allclose(ticks, np.round(ticks)), ticks  # integer expert ids
 

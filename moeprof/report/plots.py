@@ -66,23 +66,28 @@ def load_heatmap(analysis: Any, out: Path) -> list[Path]:
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad=DEAD_COLOR)
     fig, ax = plt.subplots(figsize=(10, max(3.0, 1.4 + 0.12 * len(layers))))
     im = ax.imshow(rel, aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
+    n_dead = int(dead.sum())
     if sort:
-        ax.set_xlabel(f"expert rank within its layer, busiest first (1-{E}); ids in tables/expert_loads.parquet")
+        xlabel = f"expert rank within its layer, busiest first (1-{E}); ids in tables/expert_loads.parquet"
     else:
-        ax.set_xlabel(f"expert id (0-{E - 1})")
+        xlabel = f"expert id (0-{E - 1})"
+    if n_dead:
+        xlabel += f"\nblack ×: no token ({n_dead} {'expert' if n_dead == 1 else 'experts'})"
+        if not sort and len(layers) <= 64:  # a mark on each dead cell (big enough to see), unlike the coldest blue
+            ys, xs = np.nonzero(dead)
+            ax.scatter(xs, ys, marker="x", s=24, linewidths=1.2, color="white", zorder=3)
+    ax.set_xlabel(xlabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if sort:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{int(v) + 1}"))
     ax.set_ylabel("MoE layer")
     _layer_ticks(ax, layers)
-    n_dead = int(dead.sum())
-    ax.set_title("Expert load per layer, relative to the layer's mean (red: hot, blue: cold"
-                 + (f", {DEAD_COLOR}: no token, {n_dead} experts)" if n_dead else ")"))
+    ax.set_title("Expert load per layer, relative to the layer's mean (red: hot, blue: cold)")
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     ticks = np.arange(-lim, lim + 1)
     cb.set_ticks(ticks)
     cb.set_ticklabels([f"{2.0 ** t:g}×" if t >= 0 else f"1/{2.0 ** -t:g}×" for t in ticks])
-    cb.set_label("load / mean load (log scale; clipped at the ends)")
+    cb.set_label("load / mean load (log scale)")
     return _save(fig, out, "load_heatmap")
 
 
