@@ -121,7 +121,8 @@ def test_start_up_imports_no_heavy_library(argv):
 
 
 def test_analysis_never_imports_the_report_layer():
-    code = ("import sys, moeprof.analysis.run, moeprof.analysis.aggregate; "
+    code = ("import sys, moeprof.analysis.run, moeprof.analysis.aggregate, moeprof.analysis.domain, "
+            "moeprof.analysis.load, moeprof.analysis.phase, moeprof.analysis.coactivation; "
             "print([m for m in sys.modules if m.startswith('moeprof.report')])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stderr
@@ -171,3 +172,13 @@ def test_old_imported_traces_that_say_unknown_read_as_unlabelled(cli, tmp_path):
     t = Trace.open(tmp_path / "t", verify="full")
     assert t.requests()["domain"].to_list() == ["unlabelled", "unlabelled"]
     assert pl.read_parquet(req)["domain"].to_list() == ["unknown", "unknown"]  # the file itself is untouched
+
+
+def test_no_analysis_module_names_the_report_layer():
+    from pathlib import Path
+
+    import moeprof.analysis
+
+    for path in Path(moeprof.analysis.__file__).parent.glob("*.py"):
+        code = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+        assert not any(re.search(r"(from|import)\s+moeprof\.report", line) for line in code), path

@@ -16,6 +16,7 @@ A block opts in with an HTML comment (invisible on GitHub) on the line right abo
   reads what an earlier one wrote). ``setup=sample-trace`` copies the shipped trace to ``./trace``.
 - ``mask=REGEX`` (repeatable): what matches is replaced by ``<masked>`` in both the README and the
   output: the parts that are not deterministic (timings, absolute paths), marked where they are.
+- ``single``: only the block's first ``$ `` line is a command (for a command that prints ``$ `` lines).
 - ``skip REASON``: not run, and the reason says why.
 
 Sections listed in :data:`COVERED_SECTIONS` must mark every block that runs ``moeprof``: a new
@@ -131,11 +132,12 @@ def expect_in_order(expected: str, actual: str, masks: list[str], where: str) ->
         at = found + len(want)
 
 
-def console_script(text: str) -> tuple[str, list[str]]:
-    """The bash script of a console block (a sentinel line before each command) and each expected output."""
+def console_script(text: str, single: bool = False) -> tuple[str, list[str]]:
+    """The bash script of a console block (a sentinel line before each command) and each expected output.
+    ``single``: only the first ``$ `` line is a command (the output itself shows ``$ `` lines)."""
     script, expected = ["cd \"$SESSION\""], []
     for line in text.splitlines():
-        if line.startswith("$ "):
+        if line.startswith("$ ") and not (single and expected):
             script.append(f"echo '@@readme-command {len(expected)}@@'")
             script.append(line[2:])
             expected.append("")
@@ -178,11 +180,12 @@ def test_readme_block(block, sessions):
         r = run_bash(block.text, cwd, strict=True)
         assert r.returncode == 0, f"{block.id} failed with exit code {r.returncode}:\n{r.stdout}"
         return
-    script, expected = console_script(block.text)
+    single = "single" in block.options
+    script, expected = console_script(block.text, single)
     r = run_bash(script, cwd, strict=False)
     outputs = re.split(r"^@@readme-command \d+@@\n", r.stdout, flags=re.M)[1:]
     assert len(outputs) == len(expected), f"{block.id}: the session stopped early:\n{r.stdout}"
-    commands = [line for line in block.text.splitlines() if line.startswith("$ ")]
+    commands = [line for line in block.text.splitlines() if line.startswith("$ ")][:len(expected)]
     for command, want, got in zip(commands, expected, outputs):
         expect_in_order(want, got, masks, f"{block.id} `{command}`")
 
