@@ -138,7 +138,8 @@ def console_script(text: str, single: bool = False) -> tuple[str, list[str]]:
     script, expected = ["cd \"$SESSION\""], []
     for line in text.splitlines():
         if line.startswith("$ ") and not (single and expected):
-            script.append(f"echo '@@readme-command {len(expected)}@@'")
+            # The sentinel must not reset $?: `$ echo $?` reads the previous command's status.
+            script.append(f"__status=$?; echo '@@readme-command {len(expected)}@@'; (exit $__status)")
             script.append(line[2:])
             expected.append("")
         elif expected:
