@@ -5,7 +5,7 @@ Each case runs `python -c "moeprof.commands.main.main(ARGS)"` in a fresh interpr
 checkouts. "Own work starting" runs a command on an input that does not exist: the process imports
 what the command needs, starts the command's work, and stops at the first read (exit 2).
 
-    python bench/startup_bench.py                  # this tree against `main`
+    python bench/startup_bench.py                  # this tree against where it left `main`
     python bench/startup_bench.py --baseline HEAD~5 --runs 7
 
 The baseline is exported with `git archive` into a temporary directory laid out as the installed
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,40 +61,52 @@ def export_baseline(ref: str, into: Path) -> Path:
     return site
 
 
-def run_once(args: list[str], pythonpath: str | None, code: str | None = None) -> float:
+def run_once(args: list[str], pythonpath: str | None, code: str | None = None) -> tuple[float, float]:
+    """(wall, CPU) seconds of one fresh process; CPU (user + sys) barely moves when other jobs share the cores."""
     env = dict(os.environ, COLUMNS="120")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     code = code or f"import sys; from moeprof.commands.main import main; sys.exit(main({args!r}))"
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    cwd=tempfile.gettempdir())
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", default="main", help="git ref to compare with (default: main)")
+    ap.add_argument("--baseline", default=None,
+                    help="git ref to compare with (default: where this branch left main, git merge-base HEAD main)")
     ap.add_argument("--runs", type=int, default=5, help="runs per case and checkout; medians are reported")
     a = ap.parse_args()
+    if a.baseline is None:
+        a.baseline = subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], capture_output=True,
+                                    text=True, check=True).stdout.strip()[:10]
     with tempfile.TemporaryDirectory(prefix="moeprof-startup-") as tmp:
         base = str(export_baseline(a.baseline, Path(tmp)))
         # This tree, laid out the same way, so that both sides load the same way (no editable finder).
         here = str(export_working_tree(Path(tmp) / "here"))
-        print(f"python {sys.version.split()[0]}; median of {a.runs} runs, alternating; wall seconds")
-        print(f"{'case':44} {a.baseline:>10} {'this tree':>10} {'ratio':>7}")
+        print(f"python {sys.version.split()[0]}; median of {a.runs} runs, alternating; seconds of a fresh process "
+              f"(wall, and CPU = user + sys; on a busy machine compare CPU); before = {a.baseline}")
+        print(f"{'case':42} {'wall before':>11} {'wall here':>10} {'ratio':>6}  "
+              f"{'CPU before':>10} {'CPU here':>9} {'ratio':>6}")
         run_once([], None, BARE[1])
-        ref = statistics.median(run_once([], None, BARE[1]) for _ in range(a.runs))
-        print(f"{BARE[0]:44} {ref:10.3f} {ref:10.3f} {'':>7}")
+        ref = [run_once([], None, BARE[1]) for _ in range(a.runs)]
+        rw, rc = statistics.median(w for w, _ in ref), statistics.median(c for _, c in ref)
+        print(f"{BARE[0]:42} {rw:11.3f} {'':>10} {'':>6}  {rc:10.3f}")
         for name, args in CASES:
             run_once(args, base), run_once(args, here)  # writes __pycache__ of both copies
             before, after = [], []
             for _ in range(a.runs):
                 before.append(run_once(args, base))
                 after.append(run_once(args, here))
-            b, t = statistics.median(before), statistics.median(after)
-            print(f"{name:44} {b:10.3f} {t:10.3f} {b / t:6.1f}×")
-
+            bw, tw = statistics.median(w for w, _ in before), statistics.median(w for w, _ in after)
+            bc, tc = statistics.median(c for _, c in before), statistics.median(c for _, c in after)
+            print(f"{name:42} {bw:11.3f} {tw:10.3f} {bw / tw:5.1f}×  {bc:10.3f} {tc:9.3f} {bc / tc:5.1f}×",
+                  flush=True)
 
 def export_working_tree(into: Path) -> Path:
     site = into / "site"

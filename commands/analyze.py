@@ -83,8 +83,12 @@ def analyze(
         moeprof analyze moeprof-demo/trace --out moeprof-demo/analysis --layers 0,3-5 --domains code,math
     """
     from moeprof.analysis.run import analyze as run_analysis, summary_json
-    from moeprof.report.plots import write_plots
 
+    writers = []
+    if out is not None:  # figures only for an output directory; matplotlib is not even imported without one
+        from moeprof.report.plots import write_plots
+
+        writers.append(write_plots)
     if fmt is not None:
         err_console().print("note: --format is deprecated; use --json (or nothing, for tables)", style="yellow")
         as_json = as_json or fmt is Format.json
@@ -99,7 +103,7 @@ def analyze(
         task = bar.add_task("reading routing", total=None)
         result = run_analysis(
             trace, out=out, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),
-            writers=[write_plots], **options,
+            writers=writers, **options,
         )
     if as_json:
         typer.echo(summary_json(result))

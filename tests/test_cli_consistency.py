@@ -182,3 +182,16 @@ def test_no_analysis_module_names_the_report_layer():
     for path in Path(moeprof.analysis.__file__).parent.glob("*.py"):
         code = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
         assert not any(re.search(r"(from|import)\s+moeprof\.report", line) for line in code), path
+
+
+def test_analyze_without_out_draws_nothing(tmp_path):
+    """Figures are drawn by the report layer for an output directory only."""
+    from moeprof.synthetic import generate_trace
+
+    generate_trace(tmp_path / "t", num_requests=8, seed=1)
+    code = ("import sys; from moeprof.commands.main import main; "
+            f"code = main(['analyze', {str(tmp_path / 't')!r}, '--json', '--batch-sizes', '1']); "
+            "print('matplotlib' in sys.modules, file=sys.stderr); sys.exit(code)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "False"
