@@ -40,6 +40,23 @@ def capture(
     limit: Annotated[
         Optional[int], typer.Option("--limit", help="Capture only the first N prompts.", show_default=False)
     ] = None,
+    batching: Annotated[
+        str,
+        typer.Option(
+            "--batching",
+            help="static: generate() on padded batches of --batch-size prompts. continuous: transformers' "
+            "continuous batching (paged attention; prefill chunks and decode tokens of up to --batch-size "
+            "requests share forward passes, as in `transformers serve`).",
+        ),
+    ] = "static",
+    threads: Annotated[
+        Optional[int],
+        typer.Option(
+            "--threads",
+            help="torch CPU threads. Default: half the cores (at least 1), which stays fast when other jobs share the machine.",
+            show_default=False,
+        ),
+    ] = None,
     force: Force = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -58,8 +75,8 @@ def capture(
     with progress_bar(transient=True, disable=as_json) as bar:
         task = bar.add_task("capturing", total=None)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def progress(done: int, total: int, rows: int, rate: float) -> None:
+            bar.update(task, completed=done, total=total, description=f"capturing ({rate:,.0f} tokens/s, {rows:,} rows)")
 
         summary = run_capture(
             out,
@@ -71,6 +88,8 @@ def capture(
             dtype=dtype,
             force=force,
             limit=limit,
+            batching=batching,
+            threads=threads,
             progress=progress,
         )
     if as_json:

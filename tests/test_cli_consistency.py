@@ -30,8 +30,8 @@ def _flat(text: str) -> str:
 def test_every_command_has_help_and_an_example(name):
     cmd = _commands()[name]
     assert cmd.help and len(cmd.help.split(".")[0]) > 10, f"moeprof {name} has no help text"
-    assert "Example:" in cmd.help and f"moeprof {name}" in cmd.help.split("Example:")[1], (
-        f"moeprof {name}'s help has no example")
+    parts = re.split(r"Examples?:", cmd.help, maxsplit=1)
+    assert len(parts) == 2 and f"moeprof {name}" in parts[1], f"moeprof {name}'s help has no example"
     for p in cmd.params:
         if getattr(p, "hidden", False) or p.name in {"help"}:
             continue
