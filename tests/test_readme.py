@@ -17,6 +17,8 @@ A block opts in with an HTML comment (invisible on GitHub) on the line right abo
 - ``mask=REGEX`` (repeatable): what matches is replaced by ``<masked>`` in both the README and the
   output: the parts that are not deterministic (timings, absolute paths), marked where they are.
 - ``single``: only the block's first ``$ `` line is a command (for a command that prints ``$ `` lines).
+- ``slow``: runs only with ``MOEPROF_README_SLOW=1`` in the environment (``moeprof demo``: 80 s on an idle
+  2-core machine, far longer on a busy one); CI sets it.
 - ``skip REASON``: not run, and the reason says why.
 
 Sections listed in :data:`COVERED_SECTIONS` must mark every block that runs ``moeprof``: a new
@@ -168,13 +170,15 @@ def run_bash(script: str, cwd: Path, *, strict: bool) -> subprocess.CompletedPro
     env.update(NO_COLOR="1", TERM="dumb", SESSION=str(cwd), MOEPROF_ROOT=str(ROOT),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
     return subprocess.run(["bash", "-e" if strict else "+e", "-c", script], cwd=cwd, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=1200)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=3600)
 
 
 @pytest.mark.parametrize("block", MARKED, ids=lambda b: b.id)
 def test_readme_block(block, sessions):
     if "skip" in block.options:
         pytest.skip(f"{block.id}: {block.options['skip'][0]}")
+    if "slow" in block.options and not os.environ.get("MOEPROF_README_SLOW"):
+        pytest.skip(f"{block.id}: slow (minutes); set MOEPROF_README_SLOW=1 to run it")
     cwd = sessions(block)
     masks = block.options.get("mask", [])
     if not block.is_console:
