@@ -42,6 +42,7 @@ README = ROOT / "README.md"
 SAMPLE_TRACE = ROOT / "sample_data" / "trace"
 COVERED_SECTIONS = {"demo", "report", "place"}
 
+FLAGS = {"single", "slow"}
 MARKER = re.compile(r"<!--\s*readme-test:\s*(.*?)\s*-->")
 SECTION = re.compile(r"<!--\s*section:\s*([\w-]+)\s*-->")
 FENCE = re.compile(r"^(```+|~~~+)\s*([\w-]*)")
@@ -73,9 +74,18 @@ def parse_options(marker: str) -> dict[str, list[str]]:
     if marker.startswith("skip"):
         return {"skip": [marker[4:].strip() or "no reason given"]}
     out: dict[str, list[str]] = {}
-    for word in re.split(r"\s+(?=\w+=)", marker):  # a value may hold spaces: it runs to the next key=
-        key, _, value = word.partition("=")
-        out.setdefault(key, []).append(value)
+    key = None
+    for word in marker.split():
+        if word in FLAGS:
+            out.setdefault(word, []).append("")
+            key = None
+        elif re.match(r"\w+=", word):
+            key, _, value = word.partition("=")
+            out.setdefault(key, []).append(value)
+        elif key is not None:  # a value may hold spaces: it runs to the next key= or flag
+            out[key][-1] += " " + word
+        else:
+            raise ValueError(f"readme-test marker: {word!r} is neither KEY=VALUE nor one of {sorted(FLAGS)}")
     return out
 
 
@@ -208,6 +218,8 @@ def test_the_parser_reads_markers_sessions_and_wildcards():
     )
     assert [b.marker is not None for b in blocks] == [True, False]
     assert blocks[0].options == {"session": ["s"], "mask": ["\\d+"]} and blocks[0].section == "x"
+    assert parse_options("single slow session=demo mask=--rules \\S+") == {
+        "single": [""], "slow": [""], "session": ["demo"], "mask": ["--rules \\S+"]}
     script, expected = console_script(blocks[0].text)
     assert expected == ["7 a\n"] and "echo 12 a" in script
     expect_in_order(expected[0], "12 a\n", ["\\d+"], "t")
