@@ -17,7 +17,7 @@ A block opts in with an HTML comment (invisible on GitHub) on the line right abo
 - ``mask=REGEX`` (repeatable): what matches is replaced by ``<masked>`` in both the README and the
   output: the parts that are not deterministic (timings, absolute paths), marked where they are.
 - ``single``: only the block's first ``$ `` line is a command (for a command that prints ``$ `` lines).
-- ``slow``: runs only with ``MOEPROF_README_SLOW=1`` in the environment (``moeprof demo``: 80 s on an idle
+- ``slow``: runs only with ``MOEPROF_README_SLOW=1`` in the environment (``moeprof demo``: 44-80 s on a
   2-core machine, far longer on a busy one); CI sets it.
 - ``skip REASON``: not run, and the reason says why.
 
@@ -188,7 +188,7 @@ def test_readme_block(block, sessions):
     if "skip" in block.options:
         pytest.skip(f"{block.id}: {block.options['skip'][0]}")
     if "slow" in block.options and not os.environ.get("MOEPROF_README_SLOW"):
-        pytest.skip(f"{block.id}: slow (minutes); set MOEPROF_README_SLOW=1 to run it")
+        pytest.skip(f"{block.id}: slow (about a minute on 2 cores); set MOEPROF_README_SLOW=1 to run it")
     cwd = sessions(block)
     masks = block.options.get("mask", [])
     if not block.is_console:
