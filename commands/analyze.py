@@ -8,11 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeprof.analysis.run import DEFAULT_BATCH_SIZES, analyze as run_analysis, summary_json
-from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, TraceLocation
+from moeprof.commands.options import DEFAULT_BATCH_SIZES, AddressOpt, EngineName, EngineOpt, Force, TraceLocation
 from moeprof.errors import UsageError
-from moeprof.report.console import console, progress_bar
-from moeprof.report.analysis_tables import render_analysis
+from moeprof.report.console import console, err_console, progress_bar
 
 
 class Format(str, Enum):
@@ -63,7 +61,11 @@ def analyze(
     batch_sizes: Annotated[
         str, typer.Option("--batch-sizes", help="Batch sizes (tokens) for batch-level imbalance.")
     ] = ",".join(map(str, DEFAULT_BATCH_SIZES)),
-    fmt: Annotated[Format, typer.Option("--format", help="Terminal output: rich tables or the summary JSON.")] = Format.table,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary JSON instead of tables.")] = False,
+    fmt: Annotated[
+        Optional[Format],
+        typer.Option("--format", hidden=True, help="Deprecated: use --json.", show_default=False),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice (sampling, splits, bootstrap).")] = 0,
     sample_tokens: Annotated[
         int,
@@ -84,6 +86,16 @@ def analyze(
 
         moeprof analyze s3://bucket/traces/day1 --engine ray --address auto --out day1-analysis
     """
+    from moeprof.analysis.run import analyze as run_analysis, summary_json
+
+    writers = []
+    if out is not None:  # figures only for an output directory; matplotlib is not even imported without one
+        from moeprof.report.plots import write_plots
+
+        writers.append(write_plots)
+    if fmt is not None:
+        err_console().print("note: --format is deprecated; use --json (or nothing, for tables)", style="yellow")
+        as_json = as_json or fmt is Format.json
     options = dict(
         layers=parse_layers(layers) if layers is not None else None,
         domains=[d.strip() for d in domains.split(",")] if domains is not None else None,
@@ -93,14 +105,15 @@ def analyze(
         engine=engine.value,
         address=address,
     )
-    as_json = fmt is Format.json
     with progress_bar(transient=True, disable=as_json) as bar:
         task = bar.add_task("reading routing", total=None)
         result = run_analysis(
             trace, out=out, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),
-            **options,
+            writers=writers, **options,
         )
     if as_json:
         typer.echo(summary_json(result))
     else:
+        from moeprof.report.analysis_tables import render_analysis
+
         render_analysis(result.summary, console(), out=out)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeprof.commands.options import Force, OutDir
+from moeprof.commands.options import Force, JsonFlag, OutDir
 from moeprof.report.console import console, progress_bar
 from moeprof.report.terminal import human_bytes
 
@@ -29,13 +29,12 @@ def capture(
         Optional[Path],
         typer.Option(
             "--prompts",
-            "-p",
             help="Workload JSONL: domain, text or messages, optional id and dataset. Default: the sample workload.",
             show_default=False,
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate() call.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens generated per prompt.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated per prompt.")] = 32,
     device: Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
     limit: Annotated[
@@ -59,6 +58,7 @@ def capture(
         ),
     ] = None,
     force: Force = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Capture per-token expert routing of greedy generate() over a workload into a trace.
 
@@ -72,7 +72,7 @@ def capture(
     """
     from moeprof.capture.run import run_capture
 
-    with progress_bar(transient=True) as bar:
+    with progress_bar(transient=True, disable=as_json) as bar:
         task = bar.add_task("capturing", total=None)
 
         def progress(done: int, total: int, rows: int, rate: float) -> None:
@@ -92,6 +92,12 @@ def capture(
             threads=threads,
             progress=progress,
         )
+    if as_json:
+        import dataclasses
+        import json
+
+        typer.echo(json.dumps(dataclasses.asdict(summary), indent=2, default=str))
+        return
     con = console()
     con.print(f"[bold]captured[/] {summary.out}  ({summary.model}, {summary.architecture})")
     t = Table(show_header=False, box=None, pad_edge=False)

@@ -10,9 +10,6 @@ import typer
 
 from moeprof.commands.options import JsonFlag
 from moeprof.report.console import console
-from moeprof.report.rules import check as run_check
-from moeprof.report.rules import load_rules, rule_from_option
-from moeprof.report.terminal import render_check
 
 
 def check(
@@ -59,6 +56,10 @@ def check(
 
         moeprof check out/ --rules rules.toml
     """
+    from moeprof.report.rules import check as run_check
+    from moeprof.report.rules import load_rules, rule_from_option
+    from moeprof.report.terminal import render_check
+
     chosen = load_rules(rules) if rules is not None else []
     options = [
         ("imbalance", "max", max_imbalance, "--max-imbalance", {"batch_size": batch_size, "stat": "p90"}

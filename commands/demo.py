@@ -41,6 +41,13 @@ def _steps(out: Path, limit: int | None) -> list[tuple[str, list[str]]]:
     ]
 
 
+def _rule(con, title: str) -> None:
+    """A heading line, at most 80 columns wide (a CI log's console is wider than its reader)."""
+    from rich.rule import Rule
+
+    con.print(Rule(title), width=min(con.width, 80))
+
+
 def demo(
     out: OutOpt = Path("moeprof-demo"),
     force: Force = False,
@@ -69,12 +76,12 @@ def demo(
         args = [str(a) for a in argv]
         if force and args[0] in {"capture", "analyze", "simulate", "place", "report"}:
             args.append("--force")
-        con.rule(f"[bold]{number}/{len(steps)} {title}")
+        _rule(con, f"[bold]{number}/{len(steps)} {title}")
         con.print("$ moeprof " + " ".join(args), style="cyan", highlight=False)
         code = main(args)
         if code != 0:
             con.print(f"[red]step {number} ({args[0]}) failed with exit code {code}; the demo stops here[/]")
             return code
-    con.rule("[bold green]done")
+    _rule(con, "[bold green]done")
     con.print(f"Everything is in {out}/" + (" — open report/index.html" if "report" in registered else ""))
     return 0

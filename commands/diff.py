@@ -10,9 +10,6 @@ import typer
 
 from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, JsonFlag
 from moeprof.report.console import console
-from moeprof.report.diff import diff as run_diff
-from moeprof.report.diff import write_diff
-from moeprof.report.terminal import render_diff
 
 
 def diff(
@@ -42,6 +39,10 @@ def diff(
 
         moeprof diff base/analysis/summary.json new/analysis --max-js 0.05
     """
+    from moeprof.report.diff import diff as run_diff
+    from moeprof.report.diff import write_diff
+    from moeprof.report.terminal import render_diff
+
     result = run_diff(a, b, engine=engine.value, address=address)
     files = write_diff(result, out, force=force) if out is not None else {}
     if as_json:

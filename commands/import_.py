@@ -8,9 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeprof.importers import FORMATS, ImportOptions, import_trace
-from moeprof.importers.jsonl import parse_field_map
-from moeprof.commands.options import Force, JsonFlag, OutDir
+from moeprof.commands.options import IMPORT_FORMATS, Force, JsonFlag, OutDir
 from moeprof.report.console import console, progress_bar
 
 
@@ -19,7 +17,7 @@ def import_(
         str,
         typer.Argument(
             metavar="FORMAT",
-            help=f"auto, or one of: {', '.join(FORMATS)}. auto reads the format from each file's content.",
+            help=f"auto, or one of: {', '.join(IMPORT_FORMATS)}. auto reads the format from each file's content.",
             show_default=False,
         ),
     ],
@@ -65,6 +63,9 @@ def import_(
 
         moeprof import auto llama4_maverick_mmlu/original.tar.gz --num-experts 128 --out trace
     """
+    from moeprof.importers import ImportOptions, import_trace
+    from moeprof.importers.jsonl import parse_field_map
+
     options = ImportOptions(
         model_name=model_name,
         num_experts=num_experts,

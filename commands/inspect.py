@@ -8,9 +8,6 @@ import typer
 
 from moeprof.commands.options import JsonFlag, TraceArg
 from moeprof.report.console import console, progress_bar
-from moeprof.report.terminal import render_trace_summary
-from moeprof.trace.reader import Trace
-from moeprof.trace.summary import describe
 
 
 def inspect(
@@ -27,6 +24,10 @@ def inspect(
 
         moeprof inspect moeprof-demo/trace
     """
+    from moeprof.report.terminal import render_trace_summary
+    from moeprof.trace.reader import Trace
+    from moeprof.trace.summary import describe
+
     opened = Trace.open(trace, verify="none")
     shards = opened.manifest.shards
     if quick:

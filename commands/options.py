@@ -1,4 +1,10 @@
-"""Options shared by several subcommands, declared once."""
+"""Options shared by several subcommands, declared once.
+
+Command modules import only typer, rich and this module at import time, so that `moeprof --help` and
+every command start fast; a command imports the library it needs when it runs. The choice lists
+below are spelled out here for the same reason; tests/test_cli_consistency.py checks them against the
+library's registries.
+"""
 
 from __future__ import annotations
 
@@ -40,3 +46,13 @@ AddressOpt = Annotated[
     typer.Option("--address", help="--engine ray: the cluster to use, 'auto' (the running one) or "
                                    "ray://HOST:PORT (default: start Ray on this machine).", show_default=False),
 ]
+
+
+# Registries of the library (checked equal in tests): placement.policies.POLICIES,
+# placement.grouping.GROUPINGS, placement.export.EXPORTERS, importers.FORMATS,
+# analysis.run.DEFAULT_BATCH_SIZES.
+POLICY_NAMES = ("linear", "round_robin", "eplb", "kmeans", "locality")
+GROUPING_NAMES = ("random", "domain", "prefill")
+EXPORTER_NAMES = ("sglang", "trtllm", "deepseek", "vllm-ascend")
+IMPORT_FORMATS = ("sglang", "vllm", "megatron", "megatron-tpe", "trtllm", "jsonl", "counts", "expert-selection")
+DEFAULT_BATCH_SIZES = (1, 8, 64, 512, 4096)

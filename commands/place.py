@@ -8,29 +8,28 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeprof.commands.options import Force, JsonFlag, TraceArg
-from moeprof.placement.export import EXPORTERS
-from moeprof.placement.grouping import GROUPINGS
-from moeprof.placement.policies import POLICIES
-from moeprof.placement.run import place as run_place
+from moeprof.commands.options import EXPORTER_NAMES, GROUPING_NAMES, POLICY_NAMES, Force, JsonFlag, TraceArg
 from moeprof.report.console import console
-from moeprof.report.placement import render_placement
 
 Nodes = Annotated[int, typer.Option("--nodes", "-n", help="Nodes (network between them).")]
 GpusPerNode = Annotated[int, typer.Option("--gpus-per-node", "-g", help="GPUs per node (NVLink inside).")]
 SlotsPerGpu = Annotated[
     Optional[int],
-    typer.Option("--slots-per-gpu", help="Expert slots per GPU per layer [default: ceil(E / GPUs)]."),
+    typer.Option("--slots-per-gpu", help="Expert slots per GPU per layer (default: ceil(E / GPUs)).", show_default=False),
 ]
 Redundant = Annotated[
     Optional[int],
-    typer.Option("--redundant", help="Redundant expert slots per layer (SGLang's --ep-num-redundant-experts)."),
+    typer.Option(
+        "--redundant", help="Redundant expert slots per layer, as SGLang's --ep-num-redundant-experts "
+        "(default: the spare slots --slots-per-gpu leaves).",
+        show_default=False,
+    ),
 ]
 HiddenSize = Annotated[
-    Optional[int], typer.Option("--hidden-size", help="Elements per hidden state [default: the trace's model].")
+    Optional[int], typer.Option("--hidden-size", help="Elements per hidden state (default: the trace's model).", show_default=False)
 ]
 DtypeBytes = Annotated[
-    Optional[int], typer.Option("--dtype-bytes", help="Bytes per element on the wire [default: the model's dtype, else 2].")
+    Optional[int], typer.Option("--dtype-bytes", help="Bytes per element on the wire (default: the model's dtype, else 2).", show_default=False)
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the train/test split and of every random choice.")]
 TestFraction = Annotated[float, typer.Option("--test-fraction", help="Share of requests held out for scoring.")]
@@ -40,18 +39,19 @@ def place(
     trace: TraceArg,
     nodes: Nodes,
     gpus_per_node: GpusPerNode,
-    policy: str = typer.Option(..., "--policy", "-p", help=f"Placement policy: {', '.join(POLICIES)}."),
+    policy: str = typer.Option(..., "--policy", "-p", help=f"Placement policy: {', '.join(POLICY_NAMES)}."),
     out: Path = typer.Option(Path("placement.json"), "--out", "-o", help="placement.json to write."),
     slots_per_gpu: SlotsPerGpu = None,
     redundant: Redundant = None,
     grouping: Optional[str] = typer.Option(
-        None, "--grouping", help=f"Which node serves a request: {', '.join(GROUPINGS)} [default: the policy's]."
+        None, "--grouping", help=f"Which node serves a request: {', '.join(GROUPING_NAMES)} (default: the policy's).",
+        show_default=False,
     ),
     export: list[str] = typer.Option(
-        [], "--export", "-e", help=f"Also write an engine format (repeatable): {', '.join(EXPORTERS)}."
+        [], "--export", "-e", help=f"Also write an engine format (repeatable): {', '.join(EXPORTER_NAMES)}.", show_default=False
     ),
     load_bound: Optional[float] = typer.Option(
-        None, "--load-bound", help="locality: max/mean GPU load allowed [default: 1.1 × eplb's]."
+        None, "--load-bound", help="locality: max/mean GPU load allowed (default: 1.1 × eplb's).", show_default=False
     ),
     robust: bool = typer.Option(
         True, "--robust/--no-robust",
@@ -76,6 +76,9 @@ def place(
 
         moeprof place trace --nodes 2 --gpus-per-node 4 --policy locality --out placement.json --export sglang
     """
+    from moeprof.placement.run import place as run_place
+    from moeprof.report.placement import render_placement
+
     params = None
     if policy == "locality":
         params = {"robust": robust} | ({"load_bound": load_bound} if load_bound is not None else {})

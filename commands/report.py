@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moeprof.commands.options import Force
-from moeprof.report.build import write_report
+from moeprof.commands.options import Force, JsonFlag
 from moeprof.report.console import console
 
 
@@ -22,6 +21,7 @@ def report(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for index.html, summary.md, report.json.")] = Path("report"),
     force: Force = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Write index.html, summary.md and report.json: one page for people, one for CI.
 
@@ -38,11 +38,19 @@ def report(
 
         moeprof report out/analysis out/compare --out report/ --force
     """
+    from moeprof.report.build import write_report
+
     rep, files = write_report(inputs, out, force=force)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(dict(report=rep.to_json(), files={k: str(v) for k, v in files.items()}),
+                              indent=2, default=str))
+        return
     con = console()
     for s in rep.sections:
         if s.finding:
-            con.print(f"[bold]{s.title}[/]: {s.finding}", highlight=False)
+            con.print(f"[bold]{s.title}[/]: {s.finding}", highlight=False, soft_wrap=True)
         else:
             con.print(f"[bold]{s.title}[/]: [yellow]not available[/] ({s.unavailable})", highlight=False)
     con.print(f"Wrote {files['index.html']}, {files['summary.md']} and {files['report.json']}", highlight=False)

@@ -11,10 +11,7 @@ import typer
 from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, JsonFlag, TraceLocation
 from moeprof.commands.place import DtypeBytes, HiddenSize, Redundant, Seed, SlotsPerGpu, TestFraction
 from moeprof.errors import UsageError
-from moeprof.placement.run import compare, simulate_placement, write_comparison
 from moeprof.report.console import console
-from moeprof.report.placement import render_comparison, render_metrics
-from moeprof.report.placement_plot import plot_comparison
 
 
 def simulate(
@@ -29,21 +26,21 @@ def simulate(
     redundant: Redundant = None,
     hidden_size: HiddenSize = None,
     dtype_bytes: DtypeBytes = None,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tokens per micro-batch for GPU load [256]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tokens per micro-batch for GPU load (default: 256).", show_default=False),
     seed: Seed = 0,
     test_fraction: TestFraction = 0.3,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="--compare: directory for the table, plot and "
-                                       "placements [moeprof-compare]; --timeline: for its JSON, CSV and plots [moeprof-timeline]."),
+                                       "placements (default: moeprof-compare); --timeline: for its JSON, CSV and plots (default: moeprof-timeline).", show_default=False),
     force: Force = False,
     as_json: JsonFlag = False,
     policies: str = typer.Option("linear,eplb", "--policies", help="--timeline: registered policies to replay, comma-separated."),
     rebalance_every: Optional[str] = typer.Option(None, "--rebalance-every", help="--timeline: rebalance intervals in passes, "
-                                                  "comma-separated [a 16th, an 8th and a quarter of the trace]."),
-    window: Optional[int] = typer.Option(None, "--window", help="--timeline: passes of load each rebalance fits on [the interval, as SGLang]."),
+                                                  "comma-separated (default: a 16th, an 8th and a quarter of the trace).", show_default=False),
+    window: Optional[int] = typer.Option(None, "--window", help="--timeline: passes of load each rebalance fits on (default: the interval, as SGLang).", show_default=False),
     concurrency: int = typer.Option(64, "--concurrency", help="--timeline, traces without batch_id: requests in flight."),
     report_windows: int = typer.Option(20, "--report-windows", help="--timeline: windows in the per-window table and plot."),
-    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", help="--timeline: expert intermediate size [the manifest's]."),
-    weight_bytes: Optional[int] = typer.Option(None, "--weight-bytes", help="--timeline: bytes per expert weight [--dtype-bytes]."),
+    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", help="--timeline: expert intermediate size (default: the manifest's).", show_default=False),
+    weight_bytes: Optional[int] = typer.Option(None, "--weight-bytes", help="--timeline: bytes per expert weight (default: --dtype-bytes).", show_default=False),
     gpu: str = typer.Option("h100", "--gpu", help="--timeline: GPU preset for the roofline: h100, h200."),
     intra_fabric: str = typer.Option("nvlink4", "--intra-fabric", help="--timeline: intra-node link preset: nvlink4, nvlink3, pcie5."),
     inter_fabric: str = typer.Option("ib400", "--inter-fabric", help="--timeline: inter-node link preset: ib400, roce400, ib200."),
@@ -82,6 +79,9 @@ def simulate(
     With --engine ray, shards are read by Ray tasks and each policy is fitted and scored by a task
     of its own; the results are the same as a local run's.
     """
+    from moeprof.placement.run import compare, simulate_placement, write_comparison
+    from moeprof.report.placement import render_comparison, render_metrics
+
     if sum([compare_all, timeline, placement is not None]) != 1:
         raise UsageError("give one of --placement FILE, --compare or --timeline (the last two with --nodes and --gpus-per-node)")
     runner = None
@@ -113,6 +113,8 @@ def simulate(
     cmp = compare(trace, nodes=nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu,
                   redundant=redundant, seed=seed, test_fraction=test_fraction, hidden_size=hidden_size,
                   dtype_bytes=dtype_bytes, batch_size=batch_size, engine=runner)
+    from moeprof.report.placement_plot import plot_comparison
+
     files = write_comparison(cmp, out, force=force)
     d = cmp.to_dict()
     files += plot_comparison(d, Path(out) / "compare")

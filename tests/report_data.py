@@ -57,6 +57,7 @@ def synthetic_trace(out: Path, seed: int = 1, **kw) -> Path:
 def analyze_to(trace: Path, out: Path) -> Path:
     """``moeprof analyze TRACE --out OUT`` through the library; returns OUT."""
     from moeprof.analysis.run import analyze
+    from moeprof.report.plots import write_plots
 
-    analyze(trace, out=out, force=True, batch_sizes=(1, 8, 64))
+    analyze(trace, out=out, force=True, batch_sizes=(1, 8, 64), writers=[write_plots])
     return Path(out)

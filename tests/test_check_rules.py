@@ -24,10 +24,11 @@ def _flat(text: str) -> str:
 
 def test_the_documented_example_parses(tmp_path):
     rules = load_rules(EXAMPLE)
-    assert [r.metric for r in rules] == ["imbalance", "imbalance", "dead_experts", "prefill_decode_corr"]
+    assert [r.metric for r in rules] == ["imbalance", "imbalance", "dead_experts", "gini", "entropy", "domain_js",
+                                         "domain_accuracy", "prefill_decode_corr"]
     assert rules[1].params == {"batch_size": 64, "stat": "p90"}
-    assert rules[1].max == 6.0 and rules[1].label() == "imbalance at batch 64 (p90)"
-    assert rules[3].min == 0.5 and rules[3].layers == [0, 1, 2, 3]
+    assert rules[1].max == 8.0 and rules[1].label() == "imbalance at batch 64 (p90)"
+    assert rules[7].min == 0.5 and rules[7].layers == [0, 1, 2, 3]
     # origins point at the [[rule]] header line of each rule
     lines = EXAMPLE.read_text().splitlines()
     for r in rules:

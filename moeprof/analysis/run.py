@@ -1,7 +1,8 @@
-"""``moeprof analyze``: aggregate a trace once, compute every statistic, write summary, tables, plots.
+"""``moeprof analyze``: aggregate a trace once, compute every statistic, write summary and tables.
 
 :func:`analyze_trace` is the pure part (a trace in, an :class:`Analysis` out); :func:`analyze` adds
-the outputs (``summary.json``, Parquet tables, PNG + SVG plots). A statistic the trace cannot support
+the outputs (``summary.json``, Parquet tables, and the files of the writers its caller passes: the
+report layer's plots, :func:`moeprof.report.plots.write_plots`). A statistic the trace cannot support
 is reported as ``{"available": false, "reason": ...}``, never as zero and never silently left out.
 """
 
@@ -560,9 +561,14 @@ def prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_outputs(analysis: Analysis, out: Path) -> list[Path]:
-    """Write ``summary.json``, one Parquet file per table and the plots into ``out``; return the files."""
-    from moeprof.report.plots import analysis_plots
+# Something that writes more files of an analysis into its output directory and returns them (the
+# report layer's plots): analysis never draws, the caller that wants figures passes their writer.
+OutputWriter = Callable[[Analysis, Path], Sequence[Path]]
+
+
+def write_outputs(analysis: Analysis, out: Path, writers: Sequence[OutputWriter] = ()) -> list[Path]:
+    """Write ``summary.json``, one Parquet file per table and whatever ``writers`` write into ``out``;
+    return the files."""
     from moeprof.trace.manifest import write_json_atomic
 
     out = Path(out)
@@ -573,14 +579,22 @@ def write_outputs(analysis: Analysis, out: Path) -> list[Path]:
         path = tables_dir / f"{name}.parquet"
         df.write_parquet(path)
         files.append(path)
-    files += analysis_plots(analysis, out / "plots")
+    for writer in writers:
+        files += list(writer(analysis, out))
     analysis.summary["outputs"] = sorted(str(p.relative_to(out)) for p in files) + [SUMMARY_FILE]
     write_json_atomic(out / SUMMARY_FILE, analysis.summary)
     return files + [out / SUMMARY_FILE]
 
 
-def analyze(path: str | Path, *, out: str | Path | None = None, force: bool = False, **options: Any) -> Analysis:
-    """:func:`analyze_trace`, then (with ``out``) write the summary, tables and plots there."""
+def analyze(
+    path: str | Path,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    writers: Sequence[OutputWriter] = (),
+    **options: Any,
+) -> Analysis:
+    """:func:`analyze_trace`, then (with ``out``) write the summary, tables and ``writers``' files there."""
     if out is not None:
         out_p = Path(out)
         if out_p.exists() and any(out_p.iterdir()) and not force:
@@ -588,7 +602,7 @@ def analyze(path: str | Path, *, out: str | Path | None = None, force: bool = Fa
     analysis = analyze_trace(path, **options)
     if out is not None:
         prepare_out(Path(out), force)
-        write_outputs(analysis, Path(out))
+        write_outputs(analysis, Path(out), writers)
     return analysis
 
 

@@ -26,10 +26,10 @@ from moeprof.importers.base import (
 )
 from moeprof.errors import ImportFormatError, UsageError
 from moeprof.trace.manifest import Manifest, ModelInfo
-from moeprof.trace.schema import LOADS_SCHEMA
+from moeprof.trace.schema import LOADS_SCHEMA, UNLABELLED
 from moeprof.trace.writer import TraceWriter, phase_array
 
-UNKNOWN_DOMAIN = "unknown"
+UNKNOWN_DOMAIN = UNLABELLED  # requests without a domain: the same word as capture's
 
 
 @dataclass

@@ -21,6 +21,7 @@ import polars as pl
 from moeprof.errors import PlacementError
 from moeprof.trace.manifest import ModelInfo
 from moeprof.trace.reader import Trace
+from moeprof.trace.schema import UNLABELLED
 
 
 @dataclass
@@ -95,7 +96,7 @@ def load_routing(trace: Trace, phase: str = "decode", engine=None) -> RoutingDat
         frame = pl.from_arrow(pa.concat_tables(engine.map(_read_shard, items, ROUTING_COLUMNS)))
     if req.height == 0:
         ids = np.unique(frame["request_id"].to_numpy())
-        req = pl.DataFrame({"request_id": ids, "domain": ["unknown"] * len(ids)})
+        req = pl.DataFrame({"request_id": ids, "domain": [UNLABELLED] * len(ids)})
     request_ids = req["request_id"].to_numpy().astype(np.int64)
     domains = np.asarray(req["domain"].to_list(), dtype=object)
     r = np.searchsorted(request_ids, frame["request_id"].to_numpy())

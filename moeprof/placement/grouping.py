@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.cluster.vq import kmeans2
 
 from moeprof.errors import PlacementError
 
@@ -122,6 +121,8 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 30) -> tuple[np.ndarra
     if len(x) == 0:
         raise PlacementError("no requests to cluster")
     k = max(1, min(k, len(x)))
+    from scipy.cluster.vq import kmeans2  # here, not at import: scipy.cluster slows every start of moeprof
+
     rng = np.random.default_rng(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an empty cluster keeps its centroid; callers count labels

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from moeprof.errors import PlacementError
 from moeprof.placement import eplb as _eplb
@@ -362,6 +361,8 @@ def _group_lsa(Wn: np.ndarray, C: int) -> tuple[list[list[int]], np.ndarray]:
     """Home nodes that keep the most token-routes on their node, ignoring load: an assignment problem
     (every node offers C slots), solved exactly by scipy's linear_sum_assignment."""
     N, E = Wn.shape
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize is slow to import
+
     rows, cols = linear_sum_assignment(-np.repeat(Wn, C, axis=0))
     home = np.full(E, -1)
     home[cols] = rows // C

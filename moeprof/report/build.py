@@ -21,6 +21,9 @@ from moeprof.report.view import Inputs, Unavailable
 
 STRONG_LIFT = 1.5  # a pair chosen together this many times more often than chance is worth a sentence
 SAME_JS = 0.02  # below this JS divergence (bits) two domains' expert popularity is "alike"
+LOAD_SLACK = 1.1  # a placement "wins" on bytes only with its busiest GPU within this × the reference's (eplb)
+MIN_PAIR_TOKENS = 100  # a co-activated pair leads the finding only when this many tokens chose it
+MIN_SPECIALIST_SHARE = 0.005  # specialist tables list experts with at least this share of the domain's load
 
 SECTIONS = [
     ("model", "Model and workload"),
@@ -49,8 +52,9 @@ def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None) -> In
 def run_analysis(trace_path: Path, out: Path) -> None:
     """Run ``moeprof analyze TRACE --out OUT`` as a library call (summary.json and its figures)."""
     from moeprof.analysis.run import analyze
+    from moeprof.report.plots import write_plots
 
-    analyze(trace_path, out=out, force=True)
+    analyze(trace_path, out=out, force=True, writers=[write_plots])
 
 
 def build_report(inputs: Inputs, *, title: str | None = None) -> Report:
@@ -254,12 +258,14 @@ def _domain(inputs: Inputs) -> Section:
     ]
     tables = [Table(["domains", "mean JS", "max JS", "hot-set overlap"], rows,
                     caption="JS divergence (base 2, 0 = same popularity, 1 = disjoint) per domain pair, over layers")]
-    spec = node.get("top_specialists") or []
+    # An expert a domain barely uses is no specialist of it, whatever its lift.
+    spec = [r for r in node.get("top_specialists") or [] if (r.get("share") or 0.0) >= MIN_SPECIALIST_SHARE]
     if spec:
         tables.append(Table(
             ["domain", "layer", "expert", "lift", "share of domain load"],
             [[r["domain"], str(r["layer"]), str(r["expert"]), f"{r['lift']:.1f}×", _pct(r.get("share"))] for r in spec],
-            caption=f"Specialist experts: lift p(d,l,e)/p(l,e) above {node.get('specialist_lift', 2)}"))
+            caption=f"Specialist experts: lift p(d,l,e)/p(l,e) above {node.get('specialist_lift', 2)}, "
+                    f"with at least {_pct(MIN_SPECIALIST_SHARE)} of the domain's load"))
     sec = Section("domain", "", finding=finding, tables=tables, figures=_figures(inputs, [
         ("domain_js", "JS divergence between domains"),
         ("domain_popularity", "Expert popularity per domain"),
@@ -325,16 +331,24 @@ def _coactivation(inputs: Inputs) -> Section:
             + (f", against {base:.2f} if the layers routed independently" if base is not None else "")
             + f" (uniform: {trans['uniform_baseline']:.2f})"
         )
-    if pairs:
-        p = pairs[0]
+    # Lift from a handful of tokens is noise (151× chance from 10 tokens): a pair leads the finding only
+    # with MIN_PAIR_TOKENS tokens behind it, and the sentence says so.
+    supported = [p for p in pairs if (p.get("count") or 0) >= MIN_PAIR_TOKENS]
+    if supported:
+        p = supported[0]
         if p["lift"] >= STRONG_LIFT:
             parts.append(
                 f"experts {p['expert_a']} and {p['expert_b']} of layer {p['layer']} are chosen together "
-                f"{p['lift']:.1f}× as often as chance ({fmt(p['count'])} tokens)"
+                f"{p['lift']:.1f}× as often as chance ({fmt(p['count'])} tokens; pairs seen by at least "
+                f"{MIN_PAIR_TOKENS} tokens)"
             )
         else:
-            parts.append(f"no two experts of a layer are chosen together much more than chance (highest lift "
-                         f"{p['lift']:.2f}×, experts {p['expert_a']} and {p['expert_b']} of layer {p['layer']})")
+            parts.append(f"no two experts of a layer are chosen together much more than chance among pairs seen by "
+                         f"at least {MIN_PAIR_TOKENS} tokens (highest lift {p['lift']:.2f}×, experts {p['expert_a']} "
+                         f"and {p['expert_b']} of layer {p['layer']})")
+    elif pairs:
+        parts.append(f"no expert pair was chosen by {MIN_PAIR_TOKENS} tokens or more, too few to call any pair "
+                     "more frequent than chance")
     if not parts:
         raise Unavailable(trans.get("reason") or "no co-activation statistics in the summary")
     finding = "; ".join(parts)
@@ -394,21 +408,36 @@ def _placement(inputs: Inputs) -> Section:
     if not rows:
         raise Unavailable(f"{inputs.compare_path} holds no policy")
     get = view.placement_value
-    base = next((r for r in rows if r["key"] == "linear"), rows[0])
+    # The reference is eplb, as in the terminal table and the figure: the balance-only policy engines use.
+    base = next((r for r in rows if r["key"] == "eplb"), next((r for r in rows if r["key"] == "linear"), rows[0]))
     fair = [r for r in rows if r.get("grouping") != "domain"] or rows  # the oracle label is a reference only
-    best = min(fair, key=lambda r: get(r, "cross_node_bytes"))
+    # A policy wins on bytes only if its busiest GPU stays within LOAD_SLACK × the reference's: fewer bytes
+    # bought with a far worse straggler GPU is no win (kmeans at 1.75× against locality's 1.29×).
+    ref_load = get(base, "gpu_imbalance", "median")
+    bound = LOAD_SLACK * ref_load if ref_load else None
+    within = [r for r in fair if bound is None or (get(r, "gpu_imbalance", "median") or math.inf) <= bound]
+    best = min(within or fair, key=lambda r: get(r, "cross_node_bytes"))
+    fewest = min(fair, key=lambda r: get(r, "cross_node_bytes"))
     b0, b1 = get(base, "cross_node_bytes"), get(best, "cross_node_bytes")
     cut = 1 - b1 / b0 if b0 else 0.0
     topo = inputs.compare.get("topology") or {}
-    finding = (
-        f"Policy {best['key']} sends the fewest bytes across nodes on held-out requests: {fmt(b1, 0)} B per token, "
-        f"{_pct(cut)} less than {base['key']}, with the busiest GPU at {_x(get(best, 'gpu_imbalance', 'median'))} "
-        f"the mean load per micro-batch (median; {base['key']}: {_x(get(base, 'gpu_imbalance', 'median'))})."
-    )
-    cols = ["policy", "grouping", "cross-node B/token", "intra-node B/token", "own-node share",
-            "GPU max/mean median", "GPU max/mean p90"]
+    load_rule = f"busiest GPU within {LOAD_SLACK:g}× {base['key']}'s" if bound else "any GPU load"
+    if best is base:
+        head = f"No policy beats {base['key']} on cross-node bytes with its {load_rule}: {_kib(b1)} per token"
+    else:
+        head = (f"Policy {best['key']} sends the fewest bytes across nodes among policies with the {load_rule} "
+                f"(held-out requests): {_kib(b1)} per token, {_pct(cut)} less than {base['key']}, busiest GPU at "
+                f"{_x(get(best, 'gpu_imbalance', 'median'))} the mean load per micro-batch (median; "
+                f"{base['key']}: {_x(ref_load)})")
+    if fewest is not best:
+        head += (f"; {fewest['key']} sends fewer ({_kib(get(fewest, 'cross_node_bytes'))}) but its busiest GPU is "
+                 f"at {_x(get(fewest, 'gpu_imbalance', 'median'))}")
+    finding = head + "."
+    cols = ["policy", "grouping", "cross-node KiB/token", f"vs {base['key']}", "intra-node KiB/token",
+            "own-node share", "GPU max/mean median", "GPU max/mean p90"]
     table_rows = [
-        [r["key"], str(r.get("grouping") or "-"), fmt(get(r, "cross_node_bytes"), 0), fmt(get(r, "intra_node_bytes"), 0),
+        [r["key"], str(r.get("grouping") or "-"), _kib(get(r, "cross_node_bytes"), unit=False),
+         f"{get(r, 'cross_node_bytes') / b0 - 1:+.1%}" if b0 else "-", _kib(get(r, "intra_node_bytes"), unit=False),
          _pct(get(r, "local_share")), _x(get(r, "gpu_imbalance", "median")), _x(get(r, "gpu_imbalance", "p90"))]
         for r in rows
     ]
@@ -423,11 +452,18 @@ def _placement(inputs: Inputs) -> Section:
     if test_n:
         where += f"; {test_n} held-out requests"
     sec = Section("placement", "", finding=finding, tables=[Table(
-        cols, table_rows, numeric=[False, False] + [True] * 5, caption="Every policy fitted on the train split and scored on held-out requests"
+        cols, table_rows, numeric=[False, False] + [True] * 6, caption="Every policy fitted on the train split and scored on held-out requests"
         + (f" ({where})" if where else ""))],
         figures=_figures(inputs, [("compare", "Cross-node traffic and GPU load per policy (held-out requests)")]))
     sec.notes += [str(n) for n in inputs.compare.get("notes") or []]
     return sec
+
+
+def _kib(n: float | None, unit: bool = True) -> str:
+    """Bytes per token in KiB, the unit of the comparison figure and the terminal table."""
+    if n is None:
+        return "-"
+    return f"{n / 1024:,.1f}" + (" KiB" if unit else "")
 
 
 def _single_placement(inputs: Inputs) -> Section:

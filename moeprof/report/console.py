@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -19,18 +20,30 @@ from rich.progress import (
 _stdout: Console | None = None
 _stderr: Console | None = None
 
+# Width when the output is not a terminal (a CI log, a pipe) and COLUMNS does not say: rich would
+# fall back to 80 columns and wrap table headers and cells ("grou…", a rules file:line cut in two).
+# Tables size themselves to their content, so a wide limit only stops the wrapping.
+LOG_WIDTH = 200
+
+
+def _make(stderr: bool) -> Console:
+    con = Console(stderr=stderr)
+    if not con.is_terminal and "COLUMNS" not in os.environ:
+        con = Console(stderr=stderr, width=LOG_WIDTH)
+    return con
+
 
 def console() -> Console:
     global _stdout
     if _stdout is None:
-        _stdout = Console()
+        _stdout = _make(stderr=False)
     return _stdout
 
 
 def err_console() -> Console:
     global _stderr
     if _stderr is None:
-        _stderr = Console(stderr=True)
+        _stderr = _make(stderr=True)
     return _stderr
 
 

@@ -89,7 +89,7 @@ def diff_counts(layers: list[int], counts_a: np.ndarray, counts_b: np.ndarray) -
         out.append(
             LayerDiff(
                 layer=int(layer),
-                js=float(js[i]),
+                js=max(0.0, float(js[i])),  # rounding leaves -1e-17 for identical runs
                 imbalance_a=float(imb_a[i]),
                 imbalance_b=float(imb_b[i]),
                 hot_appeared=np.flatnonzero(hot_b[i] & ~hot_a[i]).tolist(),
@@ -160,12 +160,20 @@ def plot_diff(result: DiffResult):
     layers = [d.layer for d in result.layers]
     x = np.arange(len(layers))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
-    ax1.bar(x, [d.js for d in result.layers], color="#2459a8")
+    js = [d.js for d in result.layers]
+    ax1.bar(x, js, color="#2459a8")
     ax1.set_title("How far expert popularity moved")
     ax1.set_ylabel("JS divergence A→B (base 2, 0…1)")
-    a_lab, b_lab = _short(result.a), _short(result.b)
-    ax2.plot(x, [d.imbalance_a for d in result.layers], "o-", color="#7a8591", label=f"A: {a_lab}")
-    ax2.plot(x, [d.imbalance_b for d in result.layers], "s-", color="#c2410c", label=f"B: {b_lab}")
+    # From 0, never below, and at least 0.05 tall: near-identical runs look near-identical, not like a
+    # 1e-6-offset autoscale that makes rounding noise fill the panel.
+    ax1.set_ylim(0, max(JS_AXIS_MIN, 1.15 * max(js, default=0.0)))
+    ax1.ticklabel_format(axis="y", useOffset=False, style="plain")
+    a_lab, b_lab = _drawable(_short(result.a)), _drawable(_short(result.b))
+    # A wide and pale under B, B narrow on top: where the runs agree both stay visible.
+    ax2.plot(x, [d.imbalance_a for d in result.layers], "o-", color="#9aa5b1", lw=4.5, ms=9, alpha=0.8,
+             zorder=2, label=f"A: {a_lab}")
+    ax2.plot(x, [d.imbalance_b for d in result.layers], "s--", color="#c2410c", lw=1.5, ms=4, zorder=3,
+             label=f"B: {b_lab}")
     ax2.axhline(1.0, color="#bbb", lw=0.8, ls="--")
     ax2.set_title("Load imbalance")
     ax2.set_ylabel("busiest expert / mean expert (×)")
@@ -177,6 +185,20 @@ def plot_diff(result: DiffResult):
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Routing change: {a_lab} → {b_lab}")
     return fig
+
+
+JS_AXIS_MIN = 0.05
+
+
+def _drawable(text: str) -> str:
+    """``text`` with the characters the figure's font has no glyph for (CJK path names under DejaVu
+    Sans) replaced by "?", so matplotlib draws no empty boxes and warns about no missing glyph."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(font_manager.findfont(font_manager.FontProperties()))
+    have = font.get_charmap()
+    return "".join(c if ord(c) in have or c.isspace() else "?" for c in text)
 
 
 def _n(n: int, noun: str) -> str:

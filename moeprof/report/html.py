@@ -109,16 +109,12 @@ def render_html(report: Report) -> str:
 
 
 def _toc(sections: list[Section]) -> str:
+    # Titles only: each finding is said once, in its section's opening sentence.
     items = []
     for s in sections:
-        if s.finding:
-            tail = f' <span class="finding">{escape(s.finding)}</span>'
-        elif s.unavailable:
-            tail = f' <span class="na">not available: {escape(s.unavailable)}</span>'
-        else:
-            tail = ""
+        tail = ' <span class="na">(not available)</span>' if s.unavailable and not s.finding else ""
         items.append(f'<li><a href="#{escape(s.key)}">{escape(s.title)}</a>{tail}</li>')
-    return '<nav class="toc"><h2>Findings</h2><ol>' + "".join(items) + "</ol></nav>"
+    return '<nav class="toc"><h2>Contents</h2><ol>' + "".join(items) + "</ol></nav>"
 
 
 def _section(s: Section) -> str:

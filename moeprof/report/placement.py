@@ -59,16 +59,16 @@ def render_comparison(cmp: dict[str, Any], con: Console, files: list[str] | None
     rows = cmp["rows"]
     base = next((r for r in rows if r["key"] == "eplb"), rows[0] if rows else None)
     t = Table(show_lines=False)
-    for col, just in [("policy", "left"), ("grouping", "left"), ("cross-node\nB/token", "right"),
-                      ("vs\neplb", "right"), ("intra-node\nB/token", "right"), ("own\nnode", "right"),
+    for col, just in [("policy", "left"), ("grouping", "left"), ("cross-node\nKiB/token", "right"),
+                      ("vs\neplb", "right"), ("intra-node\nKiB/token", "right"), ("own\nnode", "right"),
                       ("own\nGPU", "right"), ("GPU load\nmax/mean", "right"), ("p90", "right"),
                       ("train\nload", "right"), ("fit\ns", "right")]:
         t.add_column(col, justify=just, no_wrap=True)
     for r in rows:
         rel = r["cross_node_bytes_per_token"] / base["cross_node_bytes_per_token"] - 1 if base and base["cross_node_bytes_per_token"] else 0.0
         g = r["gpu_load_max_mean"]
-        t.add_row(r["key"], r["grouping"], f"{r['cross_node_bytes_per_token']:,.0f}", f"{rel:+.1%}",
-                  f"{r['intra_node_bytes_per_token']:,.0f}", f"{r['local_node_share']:.1%}",
+        t.add_row(r["key"], r["grouping"], f"{r['cross_node_bytes_per_token'] / 1024:,.1f}", f"{rel:+.1%}",
+                  f"{r['intra_node_bytes_per_token'] / 1024:,.1f}", f"{r['local_node_share']:.1%}",
                   f"{r['local_gpu_share']:.1%}", f"{g['median']:.2f}", f"{g['p90']:.2f}",
                   f"{r['train_gpu_load_max_mean']['median']:.2f}" if r.get("train_gpu_load_max_mean") else "-",
                   f"{r['fit_seconds']:.2f}")

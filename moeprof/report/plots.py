@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 _STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "figure.dpi": 100}
 
@@ -41,18 +42,44 @@ def _layer_ticks(ax: plt.Axes, layers: list[int], axis: str = "y", max_ticks: in
     (ax.set_yticklabels if axis == "y" else ax.set_xticklabels)([str(layers[i]) for i in idx])
 
 
+# Above this many experts per layer, the heatmap sorts each layer's experts by load: 256 columns in id
+# order are noise to the eye, the sorted profile shows how steep the skew is and how many are dead.
+SORT_EXPERTS_ABOVE = 64
+DEAD_COLOR = "black"
+
+
 def load_heatmap(analysis: Any, out: Path) -> list[Path]:
     layers = analysis.arrays["layers"]
     load = np.asarray(analysis.arrays["load"], np.float64)  # (L, E)
     E = load.shape[1]
+    sort = E > SORT_EXPERTS_ABOVE
+    if sort:
+        load = -np.sort(-load, axis=1)  # each layer's experts, busiest first
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = np.log2(load / load.mean(axis=1, keepdims=True))
-    # log2 of load / mean, symmetric around 0 (balanced), clipped at 1/16x and 16x; dead experts at the floor.
-    lim = float(min(4.0, max(1.0, np.ceil(np.nanmax(np.abs(rel[np.isfinite(rel)])) if np.isfinite(rel).any() else 1.0))))
-    rel = np.clip(np.nan_to_num(rel, nan=0.0, neginf=-lim, posinf=lim), -lim, lim)
+    # log2 of load / mean, symmetric around 0 (balanced), clipped at 1/16x and 16x. Dead experts (no
+    # token) are masked and drawn in their own colour: at the colour floor they would look merely cold.
+    dead = load == 0
+    live = np.isfinite(rel) & ~dead
+    lim = float(min(4.0, max(1.0, np.ceil(np.nanmax(np.abs(rel[live]))) if live.any() else 1.0)))
+    rel = np.ma.masked_array(np.clip(np.nan_to_num(rel, nan=0.0, neginf=-lim, posinf=lim), -lim, lim), mask=dead)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad=DEAD_COLOR)
     fig, ax = plt.subplots(figsize=(10, max(3.0, 1.4 + 0.12 * len(layers))))
-    im = ax.imshow(rel, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    ax.set_xlabel(f"expert id (0-{E - 1})")
+    im = ax.imshow(rel, aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
+    n_dead = int(dead.sum())
+    if sort:
+        xlabel = f"expert rank within its layer, busiest first (1-{E}); ids in tables/expert_loads.parquet"
+    else:
+        xlabel = f"expert id (0-{E - 1})"
+    if n_dead:
+        xlabel += f"\nblack ×: no token ({n_dead} {'expert' if n_dead == 1 else 'experts'})"
+        if not sort and len(layers) <= 64:  # a mark on each dead cell (big enough to see), unlike the coldest blue
+            ys, xs = np.nonzero(dead)
+            ax.scatter(xs, ys, marker="x", s=24, linewidths=1.2, color="white", zorder=3)
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if sort:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{int(v) + 1}"))
     ax.set_ylabel("MoE layer")
     _layer_ticks(ax, layers)
     ax.set_title("Expert load per layer, relative to the layer's mean (red: hot, blue: cold)")
@@ -157,10 +184,14 @@ def domain_popularity(analysis: Any, out: Path) -> list[Path]:
     im = ax.imshow(100 * share[:, order], aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names)
-    step = max(1, E // 16)
+    # Every column is an expert id out of order, so every one is labelled up to 64 experts; above,
+    # every step-th, and the axis says so.
+    step = max(1, math.ceil(E / 64))
     ax.set_xticks(range(0, E, step))
-    ax.set_xticklabels([str(order[i]) for i in range(0, E, step)], fontsize=8)
-    ax.set_xlabel("expert id, ordered by overall load (most loaded on the left)")
+    ax.set_xticklabels([str(order[i]) for i in range(0, E, step)], fontsize=7 if E > 32 else 8,
+                       rotation=90 if E > 32 else 0)
+    ax.set_xlabel("expert id, ordered by overall load (most loaded on the left)"
+                  + (f"; every {step}th labelled" if step > 1 else ""))
     ax.set_ylabel("domain")
     ax.set_title(f"Expert popularity per domain, layer {layer} (the layer where domains differ most)")
     cb = fig.colorbar(im, ax=ax, pad=0.01)
@@ -246,3 +277,9 @@ def analysis_plots(analysis: Any, out: Path) -> list[Path]:
         if s["coactivation"].get("available") and s["coactivation"].get("transitions", {}).get("available"):
             files += transitions(analysis, out)
     return files
+
+
+def write_plots(analysis: Any, out: Path) -> list[Path]:
+    """The figures of an analyze output directory ``out`` (into ``out/plots``): the writer that
+    :func:`moeprof.analysis.run.analyze` takes."""
+    return analysis_plots(analysis, Path(out) / "plots")

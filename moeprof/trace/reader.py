@@ -17,7 +17,15 @@ import pyarrow.parquet as pq
 
 from moeprof.errors import TraceIntegrityError
 from moeprof.trace.manifest import Manifest, ModelInfo, Shard, read_manifest
-from moeprof.trace.schema import LOADS_SCHEMA, REQUESTS_SCHEMA, check_schema, routing_schema
+from moeprof.trace.schema import (
+    IMPORTED_SOURCES,
+    LEGACY_UNLABELLED,
+    LOADS_SCHEMA,
+    REQUESTS_SCHEMA,
+    UNLABELLED,
+    check_schema,
+    routing_schema,
+)
 from moeprof.trace.writer import sha256_file
 
 Verify = Literal["none", "rows", "full"]
@@ -135,11 +143,20 @@ class Trace:
         paths = self.shard_paths("requests")
         if not paths:
             return pl.from_arrow(REQUESTS_SCHEMA.empty_table())
-        return pl.read_parquet(paths[0])
+        return self._unlabelled(pl.read_parquet(paths[0]))
 
     def loads(self) -> pl.LazyFrame | None:
         """Count tables (sources without per-token rows), or ``None`` if the trace has none."""
         paths = self.shard_paths("loads")
         if not paths:
             return None
-        return pl.scan_parquet([str(p) for p in paths])
+        return self._unlabelled(pl.scan_parquet([str(p) for p in paths]))
+
+    def _unlabelled(self, frame):
+        """Old imports wrote "unknown" for a request without a domain; say "unlabelled" as capture does."""
+        if self.manifest.source not in IMPORTED_SOURCES:
+            return frame
+        domain = pl.col("domain")
+        return frame.with_columns(
+            pl.when(domain == LEGACY_UNLABELLED).then(pl.lit(UNLABELLED)).otherwise(domain).alias("domain")
+        )

@@ -28,6 +28,12 @@ PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 
 SOURCES = ("hf", "sglang", "vllm", "megatron", "trtllm", "jsonl", "counts", "synthetic", "expert-selection")
 
+# The domain of a request nobody labelled, for every source. Imports before moeprof 0.2 wrote
+# "unknown"; readers map that to UNLABELLED for imported traces so old and new traces agree.
+UNLABELLED = "unlabelled"
+LEGACY_UNLABELLED = "unknown"
+IMPORTED_SOURCES = ("sglang", "vllm", "megatron", "jsonl", "counts")
+
 ROUTING_DIR = "routing"
 LOADS_DIR = "loads"
 REQUESTS_FILE = "requests.parquet"
