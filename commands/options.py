@@ -39,7 +39,7 @@ class EngineName(str, Enum):
 EngineOpt = Annotated[
     EngineName,
     typer.Option("--engine", help="Where shards are read and counted: local threads, or one Ray task per shard "
-                                  "(needs moeprof[ray]). The results are the same."),
+                                  "(needs the ray extra). The results are the same."),
 ]
 AddressOpt = Annotated[
     Optional[str],

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from moeprof.commands.options import JsonFlag
 from moeprof.report.console import console, err_console, progress_bar
 
 
@@ -28,7 +29,7 @@ def replay(
         Optional[str], typer.Option("--model", "-m", help="Model name to send. Default: the server's first model.",
                                     show_default=False)
     ] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate per request.")] = 64,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate per request.")] = 64,
     temperature: Annotated[
         Optional[float], typer.Option("--temperature", help="Sampling temperature. Default: the server's.", show_default=False)
     ] = None,
@@ -48,6 +49,7 @@ def replay(
                      show_default=False),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --rate arrival times.")] = 0,
+    as_json: JsonFlag = False,
 ) -> int:
     """Send a workload to a running vLLM / SGLang / `transformers serve` server, labelled by domain.
 
@@ -77,7 +79,7 @@ def replay(
         url=url, concurrency=concurrency, rate=rate, endpoint=endpoint, model=model, max_tokens=max_tokens,
         temperature=temperature, extra=body_extra, seed=seed,
     )
-    with progress_bar(transient=True) as bar:
+    with progress_bar(transient=True, disable=as_json) as bar:
         task = bar.add_task("replaying", total=len(prompts))
         report = run_replay(prompts, options, progress=lambda r: bar.advance(task))
     if log is not None:
@@ -85,8 +87,16 @@ def replay(
     if domains is not None:
         write_domain_map(report, domains)
 
-    con = console()
     ok = len(report.results) - len(report.failed)
+    if as_json:
+        import dataclasses
+
+        typer.echo(json.dumps(dict(url=report.url, model=report.model, seconds=report.seconds, answered=ok,
+                                   prompt_tokens=report.prompt_tokens, completion_tokens=report.completion_tokens,
+                                   domains=report.by_domain(),
+                                   results=[dataclasses.asdict(r) for r in report.results]), indent=2))
+        return 1 if report.failed else 0
+    con = console()
     con.print(f"[bold]replayed[/] {len(prompts)} requests to {report.url} ({report.model})")
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="dim")
