@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moeprof.errors import AnalysisError
-from moeprof.trace.reader import Trace
+from moeprof.trace.reader import ShardReader, Trace
 from moeprof.trace.schema import PHASES
 
 DEFAULT_SAMPLE_TOKENS = 1 << 17
@@ -358,10 +358,11 @@ def aggregate_routing(
     )
     columns = ROUTING_COLUMNS + (["batch_id"] if use_batch_id else [])
     lock = threading.Lock()
+    shards = ShardReader(trace, units)  # each shard read and sha256-checked once, as it is counted
 
     def run(unit: tuple[Path, int]) -> None:
         path, i = unit
-        table = pq.ParquetFile(path).read_row_group(i, columns=columns, use_threads=False)
+        table = shards.read_row_group(path, i, columns)
         part = work(table, f"{path} (row group {i})")
         del table
         with lock:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeprof.errors import OutputExistsError, TraceError
+from moeprof.errors import TraceError
 from moeprof.trace.manifest import Manifest, ModelInfo, Shard, write_json_atomic
 from moeprof.trace.schema import (
     LOADS_DIR,
@@ -140,24 +139,11 @@ def routing_table(
 
 
 def prepare_output_dir(out: Path, force: bool) -> None:
-    """Make ``out`` an empty directory, replacing an earlier trace only with ``force``.
+    """Make ``out`` an empty directory marked as a trace, replacing an earlier moeprof output only with
+    ``force`` and only if every file in it is moeprof's (see :mod:`moeprof.outputs`)."""
+    from moeprof.outputs import begin_in_place
 
-    A non-empty directory that is not a moeprof trace is never deleted, even with ``force``.
-    """
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise OutputExistsError(f"{out} exists and is not a directory; choose another output path")
-        if any(out.iterdir()):
-            if not force:
-                raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-            if not (out / MANIFEST_FILE).exists():
-                raise OutputExistsError(
-                    f"{out} is not empty and holds no moeprof trace (no {MANIFEST_FILE}); "
-                    "refusing to delete it even with --force: choose another output path"
-                )
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    begin_in_place(out, "trace", force)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -201,9 +187,19 @@ class TraceWriter:
         force: bool = False,
         shard_rows: int = 1 << 20,
         max_pending: int = 16,
+        staged: bool = False,
     ) -> None:
-        self.out = Path(out)
-        prepare_output_dir(self.out, force)
+        # staged: write into a hidden sibling that becomes ``out`` only when the trace closes complete
+        # (an import: whole or nothing); otherwise write in place (a capture: a killed run keeps its steps).
+        self.target = Path(out)
+        self._staged = staged
+        if staged:
+            from moeprof.outputs import begin_staged
+
+            self.out = begin_staged(self.target, "trace", force)
+        else:
+            prepare_output_dir(self.target, force)
+            self.out = self.target
         self.manifest = Manifest(
             source=source,
             model=model,
@@ -290,10 +286,27 @@ class TraceWriter:
         if self._error is not None:
             complete = False
         self.manifest.complete = complete
-        self._write_manifest()
+        ok = False
+        try:
+            self._write_manifest()
+            ok = complete and self._error is None
+        finally:
+            self._finish_staged(ok)
         if self._error is not None:
             raise TraceError(f"writing {self.out} failed: {self._error}") from self._error
         return self.manifest
+
+    def _finish_staged(self, ok: bool) -> None:
+        """A staged trace: move it to its target when complete, else remove every file of it."""
+        if not self._staged:
+            return
+        from moeprof.outputs import commit_staged, discard_staged
+
+        if ok:
+            commit_staged(self.out, self.target)
+            self.out = self.target
+        else:
+            discard_staged(self.out)
 
     def __enter__(self) -> "TraceWriter":
         return self
