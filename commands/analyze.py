@@ -64,10 +64,10 @@ def analyze(
         str, typer.Option("--batch-sizes", help="Batch sizes (tokens) for batch-level imbalance.")
     ] = ",".join(map(str, DEFAULT_BATCH_SIZES)),
     fmt: Annotated[Format, typer.Option("--format", help="Terminal output: rich tables or the summary JSON.")] = Format.table,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice (sampling, splits, bootstrap).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of every random choice (sampling, splits, bootstrap).")] = 0,
     sample_tokens: Annotated[
         int,
-        typer.Option("--sample-tokens", help="Tokens sampled for batch imbalance and co-activation (exact below this)."),
+        typer.Option("--sample-tokens", min=1, help="Tokens sampled for batch imbalance and co-activation (exact below this)."),
     ] = 1 << 17,
     force: Force = False,
 ) -> None:

@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from moeprof.commands.options import Force, JsonFlag
+from moeprof.outputs import check_entries
 from moeprof.report.console import console
 from moeprof.report.diff import diff as run_diff
-from moeprof.report.diff import write_diff
+from moeprof.report.diff import DIFF_FILES, write_diff
 from moeprof.report.terminal import render_diff
 
 
@@ -40,6 +41,8 @@ def diff(
 
         moeprof diff base/analysis/summary.json new/analysis --max-js 0.05
     """
+    if out is not None:
+        check_entries(out, list(DIFF_FILES.values()), force)  # before the runs are read
     result = run_diff(a, b)
     files = write_diff(result, out, force=force) if out is not None else {}
     if as_json:

@@ -259,47 +259,92 @@ def begin_in_place(out: str | Path, kind: str, force: bool) -> None:
         raise OutputError(f"{out}: cannot write ({_reason(exc)})") from None
 
 
-# -- file outputs --------------------------------------------------------------------------------
-def check_file_target(path: str | Path, force: bool, *, option: str = "--out") -> None:
-    """Refuse to write the file ``path`` unless it is new, or ``force`` and its directory's marker lists it."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputExistsError(f"{option} {path}: is a directory; give a file name, e.g. {path / 'placement.json'}")
-    if path.exists():
-        if not force:
-            raise OutputExistsError(f"{path} exists; pass --force to replace it")
-        marker = read_marker(path.parent)
-        if marker is None or path.name not in (marker.get("files") or ()):
-            raise OutputExistsError(
-                f"{path}: not written by moeprof (not listed in {path.parent / MARKER}); refusing to replace "
-                f"it even with --force: choose another {option} or remove it yourself"
-            )
-    check_writable(path.parent, option=option, target=path)
-
-
-def write_files(files: dict[Path, bytes | str], *, kind: str = "files") -> None:
-    """Write several files whole or not at all: all to temporary names first, then rename each, then
-    record them in their directories' markers."""
-    tmps: list[tuple[Path, Path]] = []
+def begin_demo(out: str | Path, force: bool) -> None:
+    """``moeprof demo``: ``out`` holds one moeprof output per step (each replaced by its own step);
+    check it as a whole now (with ``force``, nothing in it may be the user's) and mark it."""
+    out = Path(out)
+    check_target(out, force)
     try:
-        for path, content in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            data = content.encode("utf-8") if isinstance(content, str) else content
-            with open(tmp, "wb") as fh:
-                tmps.append((tmp, path))
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        out.mkdir(parents=True, exist_ok=True)
+        if read_marker(out) is None:
+            write_marker(out, "demo", [])
     except OSError as exc:
-        for tmp, _ in tmps:
-            tmp.unlink(missing_ok=True)
-        first = next(iter(files), None)
-        raise OutputError(f"{first}: writing failed ({_reason(exc)}); nothing was written") from exc
-    for tmp, path in tmps:
-        os.replace(tmp, path)
-    by_dir: dict[Path, list[str]] = {}
-    for path in files:
-        by_dir.setdefault(path.parent, []).append(path.name)
-    for directory, names in by_dir.items():
-        record_files(directory, names, kind)
+        raise OutputError(f"--out {out}: cannot write ({_reason(exc)})") from None
+
+
+# -- files written into a directory that may hold other things -----------------------------------
+def check_entries(directory: str | Path, names: list[str], force: bool, *, option: str = "--out") -> None:
+    """Refuse (before any work) to write the entries ``names`` (files or directories) into ``directory``
+    unless each is new, or ``force`` is given and it is moeprof's (listed in the marker, or a nested
+    moeprof output). Other things in ``directory`` are never touched."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputExistsError(f"{option} {directory}: exists and is not a directory; choose another {option}")
+    marker = read_marker(directory) if directory.is_dir() else None
+    listed = set((marker or {}).get("files") or ())
+    for name in names:
+        target = directory / name
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if not force:
+            raise OutputExistsError(f"{target}: exists; pass --force to replace it")
+        if target.is_dir() and not target.is_symlink():
+            inside = [f"{name}/{f}" for f in list_files(target)]
+            if all(f in listed for f in inside):
+                continue
+            bad = foreign_file(target)
+        else:
+            bad = None if name in listed else target
+        if bad is not None:
+            raise OutputExistsError(
+                f"{bad}: not written by moeprof (not listed in {directory / MARKER}); refusing to replace "
+                f"{target} even with --force: choose another {option} or remove it yourself"
+            )
+    check_writable(directory, option=option, target=directory)
+
+
+@contextmanager
+def staged_files(directory: str | Path, names: list[str], force: bool = False, *, kind: str = "files",
+                 option: str = "--out") -> Iterator[Path]:
+    """Write the entries ``names`` into ``directory`` whole or not at all::
+
+        with staged_files(out, ["index.html", "summary.md"], force) as tmp:
+            write tmp / "index.html", tmp / "summary.md"
+
+    Everything is written in a hidden directory first; once all is written each entry replaces its
+    namesake by rename and is listed in ``directory``'s marker. On failure nothing of it is left.
+    """
+    directory = Path(directory)
+    check_entries(directory, names, force, option=option)
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _clear_stale(directory / "files")
+        tmp = Path(tempfile.mkdtemp(prefix=f".files{STAGING}{os.getpid()}-", dir=directory))
+        write_marker(tmp, kind)
+    except OSError as exc:
+        raise OutputError(f"{option} {directory}: cannot write ({_reason(exc)})") from None
+    try:
+        yield tmp
+        written = []
+        for name in names:
+            src, dst = tmp / name, directory / name
+            if not src.exists():
+                continue
+            written += [f"{name}/{f}" for f in list_files(src)] if src.is_dir() else [name]
+            if dst.is_dir() and not dst.is_symlink():
+                old = directory / f".{name}{STAGING}{os.getpid()}-old"
+                os.rename(dst, old)
+                os.rename(src, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(src, dst)
+        record_files(directory, written, kind)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{directory}: writing failed ({_reason(exc)}); nothing was written") from exc
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)

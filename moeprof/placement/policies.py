@@ -375,6 +375,11 @@ def locality(
     ``(1 + bound_slack) ×`` what ``eplb`` reaches on the same topology and data. Requests are grouped
     only from their prefill counts; the domain label is never read.
     """
+    if load_bound is not None and not load_bound >= 1.0:
+        raise PlacementError(
+            f"--load-bound must be at least 1.0 (it bounds busiest GPU / mean GPU load, which is never below 1), "
+            f"got {load_bound}"
+        )
     t = fit.topology
     R, L, E = fit.load.shape
     N = t.nodes
