@@ -11,7 +11,7 @@ import typer
 from moeprof.analysis.run import DEFAULT_BATCH_SIZES, analyze as run_analysis, summary_json
 from moeprof.commands.options import Force, TraceArg
 from moeprof.errors import UsageError
-from moeprof.report.console import console, progress_bar
+from moeprof.report.console import console, err_console, progress_bar
 from moeprof.report.analysis_tables import render_analysis
 
 
@@ -94,6 +94,8 @@ def analyze(
             trace, out=out, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),
             **options,
         )
+    for warning in result.summary.get("warnings", []):
+        err_console().print(f"warning: {warning}", style="yellow", highlight=False)
     if as_json:
         typer.echo(summary_json(result))
     else:

@@ -221,7 +221,14 @@ class TraceWriter:
         self.rows_written = 0
         self._thread = threading.Thread(target=self._run, name="moeprof-trace-writer", daemon=True)
         self._thread.start()
-        self._write_manifest()
+        try:
+            self._write_manifest()
+        except OSError as exc:  # disk full, file size limit: nothing of a staged trace is left
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._finish_staged(False)
+            raise TraceError(f"writing {self.target} failed: {exc.strerror or exc}") from exc
 
     # -- producer side ---------------------------------------------------------------------------
     def write_routing(self, chunk: pa.Table | Mapping[str, Any]) -> None:
@@ -293,7 +300,7 @@ class TraceWriter:
         finally:
             self._finish_staged(ok)
         if self._error is not None:
-            raise TraceError(f"writing {self.out} failed: {self._error}") from self._error
+            raise TraceError(f"writing {self.target} failed: {self._error}") from self._error
         return self.manifest
 
     def _finish_staged(self, ok: bool) -> None:
@@ -338,6 +345,8 @@ class TraceWriter:
                     self._spill(limit=self._shard_rows)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the producer
                 self._error = exc
+                if item is _STOP:
+                    return  # the last spill failed (disk full): close() must not wait for another item
 
     def _spill(self, limit: int | None = None) -> None:
         if not self._pending_rows:
@@ -361,7 +370,7 @@ class TraceWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise TraceError(f"writing {self.out} failed: {self._error}") from self._error
+            raise TraceError(f"writing {self.target} failed: {self._error}") from self._error
 
     def _write_manifest(self) -> None:
         with self._lock:
