@@ -390,8 +390,8 @@ def _file_size_limit(limit: int):
 
 
 def test_import_on_a_full_disk_leaves_nothing(tmp_path):
-    src = write_jsonl(tmp_path / "r.jsonl", 20_000)
-    r = moeprof("import", "auto", src, "--out", tmp_path / "t", preexec_fn=_file_size_limit(40_000))
+    src = write_jsonl(tmp_path / "r.jsonl", 4_000)
+    r = moeprof("import", "auto", src, "--out", tmp_path / "t", preexec_fn=_file_size_limit(10_000))
     assert r.returncode == 2, r.stderr
     assert flat(r.stderr).startswith(f"Error: writing {tmp_path / 't'}")
     assert "File too large" in r.stderr and "Traceback" not in r.stderr
