@@ -41,6 +41,23 @@ def capture(
     limit: Annotated[
         Optional[int], typer.Option("--limit", min=1, help="Capture only the first N prompts.", show_default=False)
     ] = None,
+    batching: Annotated[
+        str,
+        typer.Option(
+            "--batching",
+            help="static: generate() on padded batches of --batch-size prompts. continuous: transformers' "
+            "continuous batching (paged attention; prefill chunks and decode tokens of up to --batch-size "
+            "requests share forward passes, as in `transformers serve`).",
+        ),
+    ] = "static",
+    threads: Annotated[
+        Optional[int],
+        typer.Option(
+            "--threads",
+            help="torch CPU threads. Default: half the cores (at least 1), which stays fast when other jobs share the machine.",
+            show_default=False,
+        ),
+    ] = None,
     force: Force = False,
 ) -> None:
     """Capture per-token expert routing of greedy generate() over a workload into a trace.
@@ -61,8 +78,8 @@ def capture(
     with progress_bar(transient=True) as bar:
         task = bar.add_task("capturing", total=None)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def progress(done: int, total: int, rows: int, rate: float) -> None:
+            bar.update(task, completed=done, total=total, description=f"capturing ({rate:,.0f} tokens/s, {rows:,} rows)")
 
         summary = run_capture(
             out,
@@ -74,6 +91,8 @@ def capture(
             dtype=dtype,
             force=force,
             limit=limit,
+            batching=batching,
+            threads=threads,
             progress=progress,
         )
     con = console()

@@ -47,6 +47,12 @@ class CaptureError(MoeprofError):
     """A model that cannot be captured (no MoE layers, unsupported layout)."""
 
 
+class CaptureInterrupted(MoeprofError):
+    """A capture stopped by Ctrl-C: the message says what was kept and where."""
+
+    exit_code = 130
+
+
 class ImportFormatError(MoeprofError):
     """An engine dump that does not have the structure its format requires."""
 

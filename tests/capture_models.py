@@ -213,3 +213,56 @@ def build(name: str, seed: int = 0):
                     torch.rand(1, expected.num_experts, generator=g) * 0.5
                 )
     return model, expected
+
+
+def gate_logits_hooks(model, moe_layers: list[int], num_experts: int):
+    """Record each MoE layer's router logits from its gate's own weights, whatever the library returns.
+
+    ``output_router_logits`` is not returned by every model in every transformers release (5.17 drops it
+    for DeepSeek-V3, Llama 4, Granite and DBRX), so the known answers are recomputed from first
+    principles: a forward pre-hook on the layer's router linear (the one parameter of shape
+    ``(num_experts, hidden)`` in that decoder layer, outside the experts) reads its input, and the
+    logits are ``input @ weight.T (+ bias)``. Returns ``(logits by layer, hook handles)``.
+    """
+    hidden = model.config.hidden_size
+    layers = _decoder_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in moe_layers:
+        gate = _router_linear(layers[layer], num_experts, hidden)
+
+        def pre_hook(mod, args, kwargs, layer=layer, gate=gate):
+            x = args[0] if args else next(iter(kwargs.values()))
+            w = gate.weight
+            logits = torch.nn.functional.linear(x.reshape(-1, hidden).float(), w.float())
+            bias = getattr(gate, "bias", None)
+            if isinstance(bias, torch.Tensor) and bias.shape == (num_experts,):
+                logits = logits + bias.float()
+            seen[layer] = logits.detach()
+
+        handles.append(gate.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    return seen, handles
+
+
+def _decoder_layers(model):
+    for path in ("model.layers", "transformer.blocks"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise AssertionError(f"no decoder layers found in {type(model).__name__}")
+
+
+def _router_linear(layer_module, num_experts: int, hidden: int):
+    found = []
+    for name, mod in layer_module.named_modules():
+        w = getattr(mod, "weight", None)
+        if "experts" in name.split(".") or not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        if tuple(w.shape) == (num_experts, hidden):
+            found.append((name, mod))
+    assert len(found) == 1, f"router linear of shape ({num_experts}, {hidden}): found {[n for n, _ in found]}"
+    return found[0][1]

@@ -1,7 +1,8 @@
 """Capture on tiny random-weight models of 12 transformers MoE architectures.
 
-Known answers first: the captured ids equal the router's choice recomputed from
-``output_router_logits`` (DeepSeek-V3: with the correction bias and group limits); then the
+Known answers first: the captured ids equal the router's choice recomputed from the router's own
+weights and input (DeepSeek-V3: with the correction bias and group limits; never from what a given
+transformers release chooses to return); then the
 invariants of generate(): rows per request per MoE layer, no padding, steps and phases.
 """
 
@@ -12,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 
-from capture_models import BUILDERS, build, deepseek_choice
+from capture_models import BUILDERS, build, deepseek_choice, gate_logits_hooks
 from moeprof.capture.hooks import discover
 from moeprof.capture.session import capture
 from moeprof.trace.reader import Trace
@@ -98,12 +99,13 @@ def test_discovery_matches_config(name, models):
 def test_prefill_ids_equal_router_choice(name, models, tmp_path):
     model, expected = models(name)
     ids, mask, lengths = _padded_batch()
-    jet, handles = ({}, [])
     if expected.rule == "jetmoe_hook":
         jet, handles = _jetmoe_router_ids(model, expected.moe_layers)
+    else:
+        jet, handles = gate_logits_hooks(model, expected.moe_layers, expected.num_experts)
     try:
         with capture(model, tmp_path / "t", domain="x") as rec, torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+            model(input_ids=ids, attention_mask=mask)
     finally:
         for h in handles:
             h.remove()
@@ -116,7 +118,7 @@ def test_prefill_ids_equal_router_choice(name, models, tmp_path):
         if expected.rule == "jetmoe_hook":
             want = jet[layer]
         else:
-            want = _recompute(name, model, expected, out.router_logits[ordinal].reshape(-1, expected.num_experts), layer)
+            want = _recompute(name, model, expected, jet[layer], layer)
         want = want[valid].numpy()
         got_df = df.filter(pl.col("layer") == layer).sort(["request_id", "pos"])
         got = np.stack(got_df["experts"].to_numpy())

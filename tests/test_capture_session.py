@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from capture_models import build, deepseek_choice
+from capture_models import build, deepseek_choice, gate_logits_hooks
 from moeprof.capture import session as session_mod
 from moeprof.capture.session import capture
 from moeprof.errors import CaptureError, OutputExistsError
@@ -34,12 +34,17 @@ def test_deepseek_records_bias_corrected_group_limited_choice(tmp_path):
             bias[favourite] = 0.8  # sigmoid scores lie in (0, 1): +0.8 lifts expert 6 for most tokens
             model.model.layers[layer].mlp.gate.e_score_correction_bias.copy_(bias)
     ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(3))
-    with capture(model, tmp_path / "t") as rec, torch.no_grad():
-        out = model(input_ids=ids, output_router_logits=True)
+    seen, handles = gate_logits_hooks(model, expected.moe_layers, expected.num_experts)
+    try:
+        with capture(model, tmp_path / "t") as rec, torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
     df = Trace.open(tmp_path / "t").routing().collect()
     differs = 0
-    for ordinal, layer in enumerate(expected.moe_layers):
-        logits = out.router_logits[ordinal]
+    for layer in expected.moe_layers:
+        logits = seen[layer]
         got = np.stack(df.filter(pl.col("layer") == layer).sort(["request_id", "pos"])["experts"].to_numpy())
         want = deepseek_choice(model, logits, layer).numpy()
         plain = torch.topk(logits, 2, dim=-1).indices.numpy()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeprof.capture.continuous import BatchPlan, PlanTap, is_packed_forward
 from moeprof.capture.hooks import MoeLayout, RoutingPoint, discover
 from moeprof.errors import CaptureError
 from moeprof.trace.manifest import Manifest
@@ -66,6 +68,7 @@ class _Request:
     label: _Label
     prompt_tokens: int = 0
     decode_tokens: int = 0
+    next_pos: int = 0  # continuous batching: first position not recorded yet (recomputed tokens are skipped)
 
 
 @dataclass
@@ -75,6 +78,9 @@ class _StepMeta:
     s: int
     new_sequences: bool
     labels: list[_Label] = field(default_factory=list)
+    cache: str | None = None  # the keyword that carried the KV cache, for messages
+    positions: bool = False  # position_ids travelled with the step (the second signal)
+    plan: BatchPlan | None = None  # continuous batching: the requests packed into this forward
 
 
 class StepSink:
@@ -108,14 +114,15 @@ class StepSink:
     def missing(self) -> list[int]:
         return [i for i, t in enumerate(self.ids) if t is None]
 
-    def pack(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """One uint8 tensor: ids (L, n, k) int16 | weights (L, n, k) float32 | tokens (n,) int32 | valid (n,) int8."""
+    def pack(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One uint8 tensor: ids (L, n, k) int16 | weights (L, n, k) float32 | tokens (n,) int32 |
+        positions (n,) int32 | valid (n,) int8."""
         device = self.ids[0].device  # a model spread over devices (device_map) gathers on the first
         # int16: expert ids of format v1 (one conversion for all layers, after the stack).
         parts = [torch.stack([t.to(device) for t in self.ids]).to(torch.int16)]
         if self.weights:
             parts.append(torch.stack([t.to(device) for t in self.w]).to(torch.float32))
-        parts += [tokens.to(device), valid.to(device)]
+        parts += [tokens.to(device), positions.to(device), valid.to(device)]
         return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
 
 
@@ -139,6 +146,7 @@ class Recorder:
         eos_token_id: Any,
         weights: bool,
         buffer_rows: int,
+        flush_seconds: float = 5.0,
     ) -> None:
         self.model = model
         self.layout = layout
@@ -154,17 +162,26 @@ class Recorder:
         self._handles: list[Any] = []
         self._next_request = 0
         self._labels: list[_Label] = []
+        self._keyed: dict[str, _Label] = {}
         self._requests: dict[int, _Request] = {}
+        self._by_key: dict[str, _Request] = {}  # continuous batching: the engine's request id -> request
+        self._dirty: set[int] = set()  # requests whose counts changed since the writer last saw them
         # The running batch, one entry per batch row, as arrays (no per-row Python in a step).
         self._batch: list[_Request] | None = None
         self._rid = self._pos = self._prompt = self._decode = np.zeros(0, np.int64)
         self._finished = np.zeros(0, bool)
+        # position_ids of each row's last token so far; None when a step came without them
+        self._last_position: np.ndarray | None = None
         self._eos_ids = np.fromiter(sorted(self._eos), np.int64)
         self._batch_step = 0
         self._forwards = 0
         self._meta: _StepMeta | None = None
         self._tokens: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
+        self._tap = PlanTap()
+        self._flush_seconds = float(flush_seconds)
+        self._last_handoff = time.monotonic()
         self._pipe = _HostPipe(self._process)
         self._batch_running = False
         self._staged: list[dict[str, np.ndarray]] = []
@@ -184,10 +201,27 @@ class Recorder:
     def manifest(self) -> Manifest:
         return self.writer.manifest
 
-    def new_request(self, *, domain: str | None = None, dataset: str | None = None, text: str | None = None) -> int:
-        """Label the next batch row to start; return its request id."""
+    def new_request(
+        self,
+        *,
+        domain: str | None = None,
+        dataset: str | None = None,
+        text: str | None = None,
+        key: str | None = None,
+    ) -> int:
+        """Label a request; return its request id in the trace.
+
+        Without ``key``, the label goes to the next batch row to start (``generate()``: rows in order).
+        With ``key``, it goes to the continuous-batching request of that id (the ``request_id`` given to
+        ``manager.add_request``), whenever the scheduler starts it.
+        """
         label = self._label(domain, dataset, text)
-        self._labels.append(label)
+        if key is None:
+            self._labels.append(label)
+        else:
+            if str(key) in self._keyed or str(key) in self._by_key:
+                raise CaptureError(f"capture: request key {key!r} was labelled twice")
+            self._keyed[str(key)] = label
         return label.request_id
 
     def set_labels(self, *, domain: str | None = None, dataset: str | None = None) -> None:
@@ -207,6 +241,7 @@ class Recorder:
         if self._handles:
             return self
         self._prepare_for_compile()
+        self._tap.install()
         # The top-level hooks do host-side work; under torch.compile they run eagerly at the edges of
         # the compiled forward (one graph break before, one after), while the per-layer hooks are
         # traced into the graph, so CUDA-graph replay still records every layer of every step.
@@ -225,8 +260,11 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._tap.remove()
         self._restore_compile_settings()
         try:
+            if self._tap.error is not None:
+                raise self._tap.error
             self._pipe.close()
             self._write_staged()
             self._sync_requests()
@@ -272,34 +310,70 @@ class Recorder:
 
     # -- top-level hooks ------------------------------------------------------------------------------
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._tap.error is not None:
+            raise self._tap.error
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         if ref is None:
             raise CaptureError("capture: the model was called without input_ids or inputs_embeds")
         b, s = int(ref.shape[0]), int(ref.shape[1])
-        new_sequences = self._starts_new_sequences(kwargs.get("past_key_values"), s)
-        valid = _token_validity(kwargs.get("attention_mask"), b, s, new_sequences, ref.device)
         if input_ids is not None:
             tokens = input_ids.reshape(-1).to(torch.int32)
         else:
             tokens = torch.full((b * s,), -1, dtype=torch.int32, device=ref.device)
-        labels: list[_Label] = []
-        if new_sequences:
-            labels, self._labels = self._labels[:b], self._labels[b:]
-            labels += [self._label(None, None, None) for _ in range(b - len(labels))]
-            self._batch_running = True
-        self._meta = _StepMeta(batch_id=self._forwards, b=b, s=s, new_sequences=new_sequences, labels=labels)
+        positions = _positions(kwargs.get("position_ids"), b, s)
+        if is_packed_forward(kwargs):
+            meta = self._packed_step(b, s)
+            if meta is None:  # the engine's warm-up pass: fake requests, nothing to record
+                self._meta = None
+                return
+            valid = torch.ones(b * s, dtype=torch.int8, device=ref.device)
+        else:
+            cache_name, cache = _find_cache(kwargs)
+            new_sequences = self._starts_new_sequences(cache, s)
+            valid = _token_validity(kwargs.get("attention_mask"), b, s, new_sequences, ref.device)
+            labels: list[_Label] = []
+            if new_sequences:
+                labels, self._labels = self._labels[:b], self._labels[b:]
+                labels += [self._label(None, None, None) for _ in range(b - len(labels))]
+                self._batch_running = True
+            meta = _StepMeta(self._forwards, b, s, new_sequences, labels, cache=cache_name)
+        meta.positions = positions is not None
+        self._meta = meta
         self._forwards += 1
         self._tokens, self._valid = tokens, valid
+        self._positions = positions if positions is not None else torch.full_like(tokens, -1)
         self._sink.reset()
 
+    def _packed_step(self, b: int, s: int) -> _StepMeta | None:
+        plan = self._tap.pop()
+        if plan is None:
+            why = (
+                "start the capture before generate_batch() / init_continuous_batching()"
+                if self._tap.supported
+                else "this transformers version builds batches in a way moeprof does not know"
+            )
+            raise CaptureError(
+                f"capture: a packed forward pass (continuous batching, transformers {_transformers_version()}) "
+                f"arrived with no record of which requests it carries: {why}"
+            )
+        if plan.warmup:
+            return None
+        if b != 1 or plan.tokens > s:
+            raise CaptureError(
+                f"capture: continuous batching scheduled {plan.tokens} tokens of {len(plan.keys)} request(s), "
+                f"but the forward pass received a batch of {b} x {s} tokens"
+            )
+        return _StepMeta(self._forwards, b, s, new_sequences=False, plan=plan)
+
     def _starts_new_sequences(self, past: Any, s: int) -> bool:
-        """True when this forward starts new sequences (a prefill): the KV cache is empty.
+        """True when this forward starts new sequences (a prefill): the KV cache is empty or absent.
 
         A dynamic cache reports its length as an int. A static (compileable) cache reports a device
         tensor once initialised; reading it costs a host sync, so it is read only for multi-token
         steps or when no batch is running, and a one-token step of a running batch is a decode step.
+        The host side checks the answer against the step's position_ids (:meth:`_check_positions`).
         """
         if past is None or not hasattr(past, "get_seq_length"):
             return True
@@ -326,7 +400,7 @@ class Recorder:
                 f"capture: {self.layout.points[0].path} received ids of shape {shape}, expected "
                 f"({meta.b * meta.s}, {self._top_k}) for a batch of {meta.b} x {meta.s} tokens"
             )
-        self._pipe.submit(meta, sink.pack(self._tokens, self._valid))
+        self._pipe.submit(meta, sink.pack(self._tokens, self._positions, self._valid))
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
 
@@ -341,10 +415,19 @@ class Recorder:
             off += L * n * k * 4
         tokens = raw[off : off + n * 4].view(np.int32)
         off += n * 4
+        positions = raw[off : off + n * 4].view(np.int32) if meta.positions else None
+        off += n * 4
         valid = raw[off : off + n].view(np.int8).astype(bool).reshape(meta.b, meta.s)
+        if meta.plan is not None:
+            self._process_packed(meta, ids, weights, tokens, positions)
+            return
 
-        # Step 1: which requests the batch rows serve.
+        # Step 1: which requests the batch rows serve (checked against position_ids first: a step
+        # that cannot be placed starts no request).
+        given = positions.reshape(meta.b, meta.s) if positions is not None else None
         if meta.new_sequences:
+            if given is not None:
+                self._check_positions(meta, given, valid, valid)
             self._start_batch(meta)
         elif self._batch is None or len(self._batch) != meta.b:
             have = "no running batch" if self._batch is None else f"a running batch of {len(self._batch)} rows"
@@ -359,6 +442,10 @@ class Recorder:
         keep = valid & ~self._finished[:, None]
         kept = keep.sum(axis=1)
         pos = self._pos[:, None] + np.cumsum(keep, axis=1) - 1
+        if given is not None and not meta.new_sequences:
+            self._check_positions(meta, given, keep, valid)
+        elif given is None:
+            self._last_position = None
         self._pos += kept
         if meta.new_sequences:
             self._prompt += kept
@@ -389,6 +476,133 @@ class Recorder:
         self._stage(chunk, L * m)
         self.steps += 1
 
+    def _check_positions(self, meta: _StepMeta, given: np.ndarray, keep: np.ndarray, valid: np.ndarray) -> None:
+        """Cross-check the cache signal with the step's position_ids, row by row; ``(b, s)`` arrays.
+
+        In a prefill, a request's first real token has position 0 (generate() derives position_ids
+        from the padding mask) or its amount of left padding (an own loop passing ``arange``). In a
+        decode step, a row's positions go on from the last position of its previous step. A "prefill"
+        whose position_ids continue a sequence is a decode step whose KV cache this capture did not
+        see: recording it as new requests would write junk, so it is an error, as is a decode step
+        that does not continue its row.
+        """
+        rows = np.flatnonzero(keep.any(axis=1))
+        version = _transformers_version()
+        if meta.new_sequences and rows.size:
+            first = keep[rows].argmax(axis=1)
+            given_first = given[rows, first]
+            pads_before = first - valid[rows, : first.max() + 1].cumsum(axis=1)[np.arange(rows.size), first] + 1
+            ok = (given_first == 0) | (given_first == pads_before)
+            if not ok.all():
+                i = int(np.argmin(ok))
+                where = (
+                    f"the KV cache passed as `{meta.cache}` is empty"
+                    if meta.cache
+                    else "no KV cache was among the forward's arguments (looked for `cache`, `past_key_values` "
+                    "and any argument with get_seq_length())"
+                )
+                raise CaptureError(
+                    f"capture: forward pass {meta.batch_id}: {where}, so it would start new requests, but the "
+                    f"position_ids of batch row {int(rows[i])} start at {int(given_first[i])}: it continues a "
+                    f"sequence (transformers {version}). moeprof does not record steps it cannot place; if "
+                    "this transformers version passes the cache under a new name, please report it"
+                )
+        elif rows.size and self._last_position is not None and len(self._last_position) == len(given):
+            ok = given[rows, 0] == self._last_position[rows] + 1
+            if not ok.all():
+                i = int(np.argmin(ok))
+                raise CaptureError(
+                    f"capture: forward pass {meta.batch_id} (decode, KV cache `{meta.cache}`): batch row "
+                    f"{int(rows[i])} has position_ids {int(given[rows[i], 0])}, but its previous step ended at "
+                    f"{int(self._last_position[rows[i]])} (transformers {version}): the running batch and the "
+                    "model's inputs disagree"
+                )
+        self._last_position = given[:, -1].astype(np.int64)
+
+    def _process_packed(
+        self,
+        meta: _StepMeta,
+        ids: np.ndarray,
+        weights: np.ndarray | None,
+        tokens: np.ndarray,
+        positions: np.ndarray | None,
+    ) -> None:
+        """Rows of a continuous-batching forward: each request's slice of the packed tokens.
+
+        Within a request, positions below its prompt length are prefill (step 0, chunked or not), the
+        rest decode (step = position - prompt + 1, as generate() counts). Tokens recomputed after the
+        engine dropped a request's KV cache are recorded once only.
+        """
+        plan = meta.plan
+        assert plan is not None
+        L, k = ids.shape[0], ids.shape[2]
+        q = plan.tokens
+        start = np.repeat(np.cumsum(plan.query) - plan.query, plan.query)
+        expected = np.repeat(plan.past, plan.query) + np.arange(q) - start
+        if positions is not None and (positions[:q] != expected).any():
+            j = int(np.argmax(positions[:q] != expected))
+            key = plan.keys[int(np.searchsorted(np.cumsum(plan.query), j, side="right"))]
+            raise CaptureError(
+                f"capture: forward pass {meta.batch_id}: token {j} has position_ids {int(positions[j])}, but the "
+                f"scheduler placed request {key!r} at position {int(expected[j])} there (transformers "
+                f"{_transformers_version()}); the batch plan and the model's inputs disagree"
+            )
+        requests = [self._keyed_request(key, meta) for key in plan.keys]
+        next_pos = np.fromiter((r.next_pos for r in requests), np.int64, len(requests))
+        gap = (plan.past > next_pos) & (next_pos > 0)
+        if gap.any():
+            i = int(np.argmax(gap))
+            raise CaptureError(
+                f"capture: request {plan.keys[i]!r} resumed at position {int(plan.past[i])} but was recorded up to "
+                f"{int(next_pos[i])}: positions are not contiguous"
+            )
+        for i in np.flatnonzero((plan.past > 0) & (next_pos == 0)):
+            self.writer.manifest.notes.append(
+                f"request {plan.keys[i]!r}: its first {int(plan.past[i])} prompt tokens came from the engine's "
+                "prefix cache and have no routing rows"
+            )
+        prompt = np.repeat(plan.prompt, plan.query)
+        keep = expected >= np.repeat(next_pos, plan.query)
+        decode = expected >= prompt
+        ends = np.cumsum(plan.query)
+        for i, request in enumerate(requests):
+            self._dirty.add(request.label.request_id)
+            sl = slice(int(ends[i] - plan.query[i]), int(ends[i]))
+            kept = keep[sl]
+            request.prompt_tokens += int((kept & ~decode[sl]).sum())
+            request.decode_tokens += int((kept & decode[sl]).sum())
+            request.next_pos = max(request.next_pos, int(plan.past[i] + plan.query[i]))
+        idx = np.flatnonzero(keep)
+        m = idx.size
+        self.steps += 1
+        if m == 0:
+            return
+        rids = np.repeat(np.fromiter((r.label.request_id for r in requests), np.int64, len(requests)), plan.query)
+        step = np.where(decode, expected - prompt + 1, 0).astype(np.int32)
+        chunk = {
+            "request_id": np.tile(rids[idx], L),
+            "step": np.tile(step[idx], L),
+            "phase": np.tile(decode[idx].astype(np.int8), L),
+            "pos": np.tile(expected[idx].astype(np.int32), L),
+            "layer": np.repeat(self._layers, m),
+            "experts": ids[:, idx, :].reshape(L * m, k),
+            "weights": None if weights is None else weights[:, idx, :].reshape(L * m, k),
+            "batch_id": np.int64(meta.batch_id),
+            "token_id": None if (tokens[idx] < 0).any() else np.tile(tokens[idx], L),
+        }
+        self._stage(chunk, L * m)
+
+    def _keyed_request(self, key: str, meta: _StepMeta) -> _Request:
+        request = self._by_key.get(key)
+        if request is None:
+            label = self._keyed.pop(key, None)
+            if label is None:
+                label = self._labels.pop(0) if self._labels else self._label(None, None, None)
+            request = _Request(label)
+            self._by_key[key] = request
+            self._requests[label.request_id] = request
+        return request
+
     def _start_batch(self, meta: _StepMeta) -> None:
         self._sync_requests()
         self._batch_step = 0
@@ -416,20 +630,32 @@ class Recorder:
         self.rows += n
         if self._staged_rows >= self._buffer_rows:
             self._write_staged()
+        elif time.monotonic() - self._last_handoff >= self._flush_seconds:
+            # Cut on time as well as on size, so that a capture killed outright (SIGKILL, the OOM
+            # killer) keeps what it recorded until a few seconds before. The writer's thread does
+            # the writing; this thread only queues the rows and the request.
+            self._write_staged()
+            self.writer.flush(wait=False)
 
     def _write_staged(self) -> None:
         if not self._staged:
             return
         staged, rows = self._staged, self._staged_rows
         self._staged, self._staged_rows = [], 0
+        self._last_handoff = time.monotonic()
         self._sync_requests()
         # One Arrow conversion per hand-off instead of one per forward step.
         self.writer.write_routing(_concat_chunks(staged, rows))
 
     def _sync_requests(self) -> None:
+        # Only what changed: the running batch and the requests continuous batching touched (a
+        # workload of many batches would otherwise cost O(requests) per hand-off).
         for i, request in enumerate(self._batch or ()):
             request.prompt_tokens, request.decode_tokens = int(self._prompt[i]), int(self._decode[i])
-        for rid, req in self._requests.items():
+            self._dirty.add(request.label.request_id)
+        dirty, self._dirty = self._dirty, set()
+        for rid in sorted(dirty):
+            req = self._requests[rid]
             self.writer.set_request(
                 rid,
                 req.label.domain,
@@ -541,6 +767,32 @@ def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
     return point.module.register_forward_hook(post_hook)
 
 
+def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
+    """The KV cache among a forward's keyword arguments, and the keyword that carried it.
+
+    transformers renamed ``past_key_values`` to ``cache`` in 5.24 (the old name is deprecated until
+    5.40); any other argument with ``get_seq_length()`` is a cache too, so a further rename is found.
+    """
+    for name in ("cache", "past_key_values"):
+        value = kwargs.get(name)
+        if value is not None:
+            return name, value
+    for name, value in kwargs.items():
+        if hasattr(value, "get_seq_length"):
+            return name, value
+    return None, None
+
+
+def _positions(position_ids: Any, b: int, s: int) -> torch.Tensor | None:
+    """``(b*s,)`` int32 position ids as a device tensor (no sync), or None when absent or not ``(b, s)``
+    (3-D rotary positions of multimodal models)."""
+    if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) not in {(b, s), (1, s)}:
+        return None
+    if position_ids.shape[0] != b:
+        position_ids = position_ids.expand(b, s)
+    return position_ids.reshape(-1).to(torch.int32)
+
+
 def _eager(hook: Any) -> Any:
     """``hook`` run eagerly even when the model's forward is compiled (a graph break at its call)."""
     try:
@@ -600,6 +852,7 @@ def capture(
     eos_token_id: Any = "auto",
     buffer_rows: int = 1 << 16,
     shard_rows: int = 1 << 20,
+    flush_seconds: float = 5.0,
     settings: dict[str, Any] | None = None,
 ) -> Recorder:
     """Prepare to record the routing of ``model`` (a transformers v5 MoE model) into trace ``out``.
@@ -620,6 +873,8 @@ def capture(
             ``model.generation_config.eos_token_id``; ``None`` records every fed token.
         buffer_rows: rows staged on the host before they are handed to the writer.
         shard_rows: rows per Parquet shard.
+        flush_seconds: at most this long between shards while rows arrive, so a killed process
+            keeps what it recorded until a few seconds before.
         settings: extra entries for the manifest's ``capture`` section (the CLI records its options).
 
     Raises:
@@ -663,6 +918,7 @@ def capture(
         eos_token_id=eos_token_id,
         weights=weights,
         buffer_rows=buffer_rows,
+        flush_seconds=flush_seconds,
     )
 
 

@@ -275,13 +275,17 @@ class TraceWriter:
         with self._lock:
             return int(request_id) in self._requests
 
-    def flush(self) -> None:
-        """Write every queued row into a shard now and update the manifest (still incomplete)."""
+    def flush(self, wait: bool = True) -> None:
+        """Write every queued row into a shard now and update the manifest (still incomplete).
+
+        ``wait=False`` only asks the writer's thread to do it after the rows already queued.
+        """
         self._raise_if_failed()
         done = threading.Event()
         self._queue.put((_FLUSH, done))
-        done.wait()
-        self._raise_if_failed()
+        if wait:
+            done.wait()
+            self._raise_if_failed()
 
     def close(self, complete: bool = True) -> Manifest:
         """Write the remaining rows and the final manifest. Idempotent."""

@@ -1,0 +1,168 @@
+"""Capture overhead on a GPU over a grid of batch sizes and prompt lengths, with 95% intervals (issue 18).
+
+For each point (batch, prompt) it times ``generate()`` with and without ``moeprof.capture`` in pairs
+run back to back, alternating which arm goes first, and keeps adding pairs until the 95% interval of
+the overhead is narrower than ±``--target`` (default 0.5%) or the point's time budget is spent. The
+overhead of a pair is ``capture / plain``; the interval is a t-interval of the mean log ratio over
+pairs (pairing cancels the slow drift of a shared GPU that unpaired medians cannot). Every capture
+run's trace is checked row for row against the rows generate() must produce.
+
+    python bench/gpu_grid.py --model qwen3 --layers 12 --batches 1,8,32,128 --prompts 64,512,2048 --mode eager
+    python bench/gpu_grid.py --model qwen3 --layers 12 --batches 1,32 --prompts 64,512 --mode compiled
+
+Prints one line per point and writes a JSON (``--out``). Models are built from transformers config
+classes with random bf16 weights at real dimensions (``bench/gpu_capture.py``); routers get a
+realistic spread so top-k is not a tie-break.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import moeprof  # noqa: E402
+from gpu_capture import build, generate_once  # noqa: E402
+
+# two-sided 95% t quantiles, by degrees of freedom
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+        12: 2.18, 15: 2.13, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00, 120: 1.98}
+
+
+def t95(df: int) -> float:
+    keys = sorted(k for k in _T95 if k <= df)
+    return _T95[keys[-1]] if keys else _T95[1]
+
+
+def interval(logs: list[float]) -> tuple[float, float, float]:
+    """(ratio, low, high) from per-pair log ratios."""
+    m = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(m), float("nan"), float("nan")
+    h = t95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(m), math.exp(m - h), math.exp(m + h)
+
+
+def rows_in(out: Path) -> int:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return sum(s["rows"] for s in manifest["shards"] if s["kind"] == "routing")
+
+
+def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pairs, workdir) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(batch * 10007 + prompt)
+    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=g).cuda()
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    n_moe = None
+    calls = 2 if compiled else 1  # compiled: a session's first call re-traces; both calls are recorded
+
+    def captured_run(out: Path) -> float:
+        with moeprof.capture(model, out, force=True, eos_token_id=None):
+            if compiled:
+                generate_once(model, inputs, new, compiled)
+            return generate_once(model, inputs, new, compiled)
+
+    # Warm-up: both arms, so compilation and allocator growth are not timed.
+    generate_once(model, inputs, new, compiled)
+    captured_run(workdir / "warm")
+    n_moe = len(json.loads((workdir / "warm" / "manifest.json").read_text())["model"]["moe_layers"])
+    expected = n_moe * batch * (prompt + new - 1) * calls
+    plain, cap, logs, bad_rows = [], [], [], 0
+    started = time.perf_counter()
+    i = 0
+    while True:
+        pair = {}
+        for arm in ("plain", "capture") if i % 2 == 0 else ("capture", "plain"):
+            if arm == "plain":
+                if compiled:  # the same untimed first call as the capture arm
+                    generate_once(model, inputs, new, compiled)
+                pair[arm] = generate_once(model, inputs, new, compiled)
+            else:
+                out = workdir / f"run{i % 2}"
+                pair[arm] = captured_run(out)
+                bad_rows += rows_in(out) != expected
+        plain.append(pair["plain"])
+        cap.append(pair["capture"])
+        logs.append(math.log(pair["capture"] / pair["plain"]))
+        i += 1
+        ratio, lo, hi = interval(logs)
+        spent = time.perf_counter() - started
+        if i >= min_pairs and (hi - lo) / 2 < target:
+            break
+        if i >= max_pairs or (i >= min_pairs and spent > budget):
+            break
+    ratio, lo, hi = interval(logs)
+    return {
+        "batch": batch, "prompt": prompt, "new_tokens": new, "pairs": i,
+        "overhead": ratio - 1, "ci95": [lo - 1, hi - 1], "half_width": (hi - lo) / 2,
+        "target_met": (hi - lo) / 2 < target,
+        "seconds_plain_median": statistics.median(plain), "seconds_capture_median": statistics.median(cap),
+        "tokens_per_s_plain": batch * new / statistics.median(plain),
+        "rows_expected_per_run": expected, "runs_with_wrong_rows": bad_rows,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["qwen3", "deepseek"], default="qwen3")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--batches", default="1,8,32,128")
+    ap.add_argument("--prompts", default="64,512,2048")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--mode", choices=["eager", "compiled"], default="eager")
+    ap.add_argument("--target", type=float, default=0.005, help="half-width of the 95%% interval to reach")
+    ap.add_argument("--budget", type=float, default=30.0, help="seconds of timed pairs per point at most")
+    ap.add_argument("--min-pairs", type=int, default=6)
+    ap.add_argument("--max-pairs", type=int, default=200)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_grid.py needs a CUDA GPU")
+    import transformers
+
+    impl = "grouped_mm" if args.model == "deepseek" else None
+    model = build(args.model, args.layers, impl)
+    results = []
+    out = Path(args.out or Path(__file__).parent / "results" / f"gpu_grid-{args.model}-{args.mode}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model": args.model, "layers": args.layers, "mode": args.mode, "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "target_half_width": args.target, "results": results,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in (int(x) for x in args.batches.split(",")):
+            for p in (int(x) for x in args.prompts.split(",")):
+                try:
+                    r = point(model, b, p, args.new_tokens, args.mode == "compiled", args.target, args.budget,
+                              args.min_pairs, args.max_pairs, Path(tmp) / f"b{b}p{p}")
+                except torch.OutOfMemoryError:
+                    r = {"batch": b, "prompt": p, "error": "out of GPU memory"}
+                    torch.cuda.empty_cache()
+                results.append(r)
+                out.write_text(json.dumps(report, indent=2) + "\n")  # after every point: a cut-off run keeps them
+                if "error" in r:
+                    print(f"{args.model} {args.mode} batch {b:>3} prompt {p:>4}: {r['error']}", flush=True)
+                    continue
+                print(
+                    f"{args.model} x{args.layers} {args.mode} batch {b:>3} prompt {p:>4}: overhead "
+                    f"{100 * r['overhead']:+.2f}% [95% {100 * r['ci95'][0]:+.2f}%, {100 * r['ci95'][1]:+.2f}%] "
+                    f"over {r['pairs']} pairs, {r['tokens_per_s_plain']:.0f} tok/s plain, "
+                    f"wrong-row runs {r['runs_with_wrong_rows']}",
+                    flush=True,
+                )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
