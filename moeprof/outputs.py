@@ -111,7 +111,7 @@ def foreign_file(directory: str | Path) -> Path | None:
                 dirs.remove(d)  # a nested moeprof output, checked on its own terms
         for name in sorted(names):
             rel = (here / name).relative_to(directory).as_posix()
-            if rel == MARKER or rel in listed or any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+            if name == MARKER or rel in listed or any(fnmatch.fnmatchcase(rel, p) for p in patterns):
                 continue
             return here / name
     return None

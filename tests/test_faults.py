@@ -123,11 +123,16 @@ def test_force_replaces_moeprof_outputs(cli, trace, tmp_path):
         assert cli("import", "auto", src, "--out", tmp_path / "t", "--force").exit_code == 0
         assert cli("analyze", tmp_path / "t", "--out", tmp_path / "a", "--force").exit_code == 0
         assert cli("report", tmp_path / "t", "--out", tmp_path / "rep", "--force").exit_code == 0
-        assert cli("diff", trace, tmp_path / "a", "--out", tmp_path / "d", "--force").exit_code in (0, 2)
+        r = cli("diff", trace, tmp_path / "a", "--out", tmp_path / "d", "--force")
+        assert r.exit_code == 0, r.stderr
     marker = json.loads((tmp_path / "a" / ".moeprof").read_text())
     assert marker["kind"] == "analysis" and "summary.json" in marker["files"]
     assert json.loads((tmp_path / "t" / ".moeprof").read_text())["kind"] == "trace"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    from moeprof.outputs import foreign_file
+
+    for out in ("t", "a", "rep", "d"):
+        assert foreign_file(tmp_path / out) is None, out  # all of it moeprof's: --force may replace it
 
 
 def test_report_force_touches_only_its_own_files(cli, trace, tmp_path):
