@@ -173,8 +173,18 @@ def _clear_stale(out: Path) -> None:
             pid = int(sibling.name[len(f".{out.name}{STAGING}"):].split("-")[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _alive(pid) and read_marker(sibling) is not None:
+        if pid != os.getpid() and not _alive(pid) and _ours(sibling):
             shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _ours(staging: Path) -> bool:
+    """A staging directory moeprof made: marked, or killed before its marker was in place."""
+    if read_marker(staging) is not None:
+        return True
+    try:
+        return all(p.name.startswith(f".{MARKER}") or p.name == MARKER for p in staging.iterdir())
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
