@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from moeprof.analysis.run import DEFAULT_BATCH_SIZES, analyze as run_analysis, summary_json
-from moeprof.commands.options import Force, TraceArg
+from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, TraceLocation
 from moeprof.errors import UsageError
 from moeprof.report.console import console, err_console, progress_bar
 from moeprof.report.analysis_tables import render_analysis
@@ -49,7 +49,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def analyze(
-    trace: TraceArg,
+    trace: TraceLocation,
     out: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", help="Write summary.json, Parquet tables and PNG/SVG plots here."),
@@ -70,6 +70,8 @@ def analyze(
         typer.Option("--sample-tokens", min=1, help="Tokens sampled for batch imbalance and co-activation (exact below this)."),
     ] = 1 << 17,
     force: Force = False,
+    engine: EngineOpt = EngineName.local,
+    address: AddressOpt = None,
 ) -> None:
     """Measure load imbalance, domain shift, prefill→decode correlation and co-activation.
 
@@ -79,6 +81,8 @@ def analyze(
     Example:
 
         moeprof analyze moeprof-demo/trace --out moeprof-demo/analysis --layers 0,3-5 --domains code,math
+
+        moeprof analyze s3://bucket/traces/day1 --engine ray --address auto --out day1-analysis
     """
     options = dict(
         layers=parse_layers(layers) if layers is not None else None,
@@ -86,6 +90,8 @@ def analyze(
         batch_sizes=parse_batch_sizes(batch_sizes),
         seed=seed,
         sample_tokens=sample_tokens,
+        engine=engine.value,
+        address=address,
     )
     as_json = fmt is Format.json
     with progress_bar(transient=True, disable=as_json) as bar:

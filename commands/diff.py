@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeprof.commands.options import Force, JsonFlag
+from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, JsonFlag
 from moeprof.outputs import check_entries
 from moeprof.report.console import console
 from moeprof.report.diff import diff as run_diff
@@ -17,9 +17,9 @@ from moeprof.report.terminal import render_diff
 
 
 def diff(
-    a: Annotated[Path, typer.Argument(help="Run A: a trace, an analyze output directory or its summary.json.",
-                                      show_default=False)],
-    b: Annotated[Path, typer.Argument(help="Run B, the same kinds as A.", show_default=False)],
+    a: Annotated[str, typer.Argument(help="Run A: a trace (directory or s3://, gs://, hdfs://, file:// URI), an "
+                                          "analyze output directory or its summary.json.", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Run B, the same kinds as A.", show_default=False)],
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Also write diff.json and the figure (PNG, SVG) here.")
     ] = None,
@@ -29,6 +29,8 @@ def diff(
     ] = None,
     force: Force = False,
     as_json: JsonFlag = False,
+    engine: EngineOpt = EngineName.local,
+    address: AddressOpt = None,
 ) -> int:
     """Compare the routing of two runs, layer by layer.
 
@@ -43,7 +45,7 @@ def diff(
     """
     if out is not None:
         check_entries(out, list(DIFF_FILES.values()), force)  # before the runs are read
-    result = run_diff(a, b)
+    result = run_diff(a, b, engine=engine.value, address=address)
     files = write_diff(result, out, force=force) if out is not None else {}
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))

@@ -23,7 +23,7 @@ def import_(
             show_default=False,
         ),
     ],
-    sources: Annotated[list[Path], typer.Argument(metavar="SRC...", help="Dump files to import.", show_default=False)],
+    sources: Annotated[list[Path], typer.Argument(metavar="SRC...", help="Dump files to import (a directory for expert-selection traces).", show_default=False)],
     out: OutDir = Path("trace"),
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model name for the manifest.")] = None,
     num_experts: Annotated[
@@ -51,7 +51,7 @@ def import_(
     force: Force = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Import routing dumps from SGLang, vLLM, Megatron, per-token JSONL or a counts table.
+    """Import routing dumps from SGLang, vLLM, Megatron, per-token JSONL, a counts table or expert-selection traces.
 
     Writes a trace (the same format `moeprof capture` writes) so that every analysis and placement
     runs on it. What the source lacks (phase, request ids, weights, ...) is listed in the manifest's
@@ -62,6 +62,8 @@ def import_(
         moeprof import auto expert_distribution_recorder_1718000000.0_0.pt --out trace --drop-warmup
 
         moeprof import jsonl routes.jsonl --field topk_ids=experts --domains domains.csv --out trace
+
+        moeprof import auto llama4_maverick_mmlu/original.tar.gz --num-experts 128 --out trace
     """
     options = ImportOptions(
         model_name=model_name,

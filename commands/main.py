@@ -51,6 +51,7 @@ COMMANDS = {
     "report": "report",
     "check": "check",
     "diff": "diff",
+    "merge": "merge",
 }
 
 

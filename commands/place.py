@@ -53,6 +53,10 @@ def place(
     load_bound: Optional[float] = typer.Option(
         None, "--load-bound", min=1.0, help="locality: max/mean GPU load allowed [default: 1.1 × eplb's]."
     ),
+    robust: bool = typer.Option(
+        True, "--robust/--no-robust",
+        help="locality: hold the bound on resampled request subsets too, eplb's layer as fallback (held-out load).",
+    ),
     hidden_size: HiddenSize = None,
     dtype_bytes: DtypeBytes = None,
     seed: Seed = 0,
@@ -72,7 +76,9 @@ def place(
 
         moeprof place trace --nodes 2 --gpus-per-node 4 --policy locality --out placement.json --export sglang
     """
-    params = {"load_bound": load_bound} if load_bound is not None and policy == "locality" else None
+    params = None
+    if policy == "locality":
+        params = {"robust": robust} | ({"load_bound": load_bound} if load_bound is not None else {})
     placement, written, notes = run_place(
         trace, nodes=nodes, gpus_per_node=gpus_per_node, policy=policy, out=out, slots_per_gpu=slots_per_gpu,
         redundant=redundant, grouping=grouping, exports=export, seed=seed, test_fraction=test_fraction,

@@ -70,12 +70,14 @@ def generate_trace(
     seed: int = 0,
     force: bool = False,
     shard_rows: int = 1 << 20,
+    first_request_id: int = 0,
 ) -> Trace:
     """Write a per-token trace with planted skew, domain shift and request signal; return it opened.
 
     Request ``r`` has domain ``domains[r % len(domains)]`` (balanced), a prompt length uniform in
     ``prompt_tokens`` and a decode length uniform in ``decode_tokens`` (both inclusive). MoE layers are
     ``first_moe_layer .. first_moe_layer + num_layers - 1``; layers before them are recorded as dense.
+    Request ids start at ``first_request_id`` (traces of several "ranks" that ``moeprof merge`` joins).
     """
     if not 1 <= top_k <= num_experts:
         raise UsageError(f"top_k must be in 1..num_experts ({num_experts}), got {top_k}")
@@ -111,6 +113,7 @@ def generate_trace(
     )
     writer = TraceWriter(
         out, model=model, source="synthetic", capture=settings, force=force, shard_rows=shard_rows,
+        request_shards=True,
         notes=["synthetic trace with planted structure (moeprof.synthetic.generate_trace)"],
     )
     with writer:
@@ -128,7 +131,7 @@ def generate_trace(
                 q = (1 - request_strength) * p + request_strength * dirichlet
                 log_q = np.log(np.maximum(q, 1e-12))
                 P, D = int(n_prompt[r]), int(n_decode[r])
-                writer.set_request(r, domain, dataset="synthetic", prompt_tokens=P, decode_tokens=D)
+                writer.set_request(first_request_id + r, domain, dataset="synthetic", prompt_tokens=P, decode_tokens=D)
                 T = P + D
                 steps = np.concatenate([np.zeros(P, np.int32), np.arange(1, D + 1, dtype=np.int32)])
                 batches = np.concatenate(
@@ -139,7 +142,7 @@ def generate_trace(
                     ids, w = gumbel_top_k(np.broadcast_to(log_q[i], (T, num_experts)), top_k, rng)
                     writer.write_routing(
                         dict(
-                            request_id=r, step=steps, phase=(steps > 0).astype(np.int8), pos=np.arange(T),
+                            request_id=first_request_id + r, step=steps, phase=(steps > 0).astype(np.int8), pos=np.arange(T),
                             layer=layer, experts=ids, weights=w, batch_id=batches,
                         )
                     )

@@ -213,3 +213,31 @@ def hook_jsonl(path: Path, *, warmup: bool = True) -> Path:
                           "topk_weights": [0.5, 0.5], "phase": "prefill"})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
+
+
+def expert_selection(root: Path, *, tar: bool = False) -> Path:
+    """Two requests of the public expert-selection layout under ``tag-math/`` and ``tag-code/``:
+    layers 0 (dense, null), 1 and 3 (MoE, top-2); request math/0 has a 3-token prefill and 2 decode
+    steps, code/5 a 2-token prefill and 1 decode step. With ``tar``, the same as ``root.tar.gz``."""
+    import tarfile
+
+    files = {
+        "tag-math/0.json": [
+            {"0": None, "1": [[1, 2], [3, 4], [1, 5]], "3": [[0, 7], [6, 2], [2, 3]]},
+            {"0": None, "1": [[4, 1]], "3": [[7, 0]]},
+            {"0": None, "1": [[5, 6]], "3": [[1, 2]]},
+        ],
+        "tag-code/5.json": [
+            {"0": None, "1": [[0, 1], [2, 3]], "3": [[4, 5], [6, 7]]},
+            {"0": None, "1": [[3, 2]], "3": [[5, 4]]},
+        ],
+    }
+    for name, steps in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(steps))
+    if not tar:
+        return root
+    out = root.with_name(root.name + ".tar.gz")
+    with tarfile.open(out, "w:gz") as tf:
+        tf.add(root, arcname=".")
+    return out

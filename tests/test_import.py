@@ -39,6 +39,7 @@ def test_detect_reads_the_files_own_structure(tmp_path):
         "megatron": [fx.megatron_trace(tmp_path / "f.txt")],
         "megatron-tpe": [fx.megatron_tpe(tmp_path / "g.txt")],
         "jsonl": [fx.hook_jsonl(tmp_path / "h.txt")],
+        "expert-selection": [fx.expert_selection(tmp_path / "es"), fx.expert_selection(tmp_path / "es2", tar=True)],
     }
     (tmp_path / "i.txt").write_text("layer,expert,count\n1,2,3\n")
     built["counts"] = [tmp_path / "i.txt"]

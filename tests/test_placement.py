@@ -258,7 +258,8 @@ def test_cli_errors(cli, trace, tmp_path):
     assert r.stderr.strip() == f"Error: {tmp_path / 'nope.json'}: no such placement file; write one with `moeprof place`"
     r = cli("simulate", trace)
     assert r.exit_code == 2
-    assert r.stderr.strip() == "Error: give either --placement FILE or --compare (with --nodes and --gpus-per-node)"
+    assert r.stderr.strip() == ("Error: give one of --placement FILE, --compare or --timeline (the last two with "
+                                "--nodes and --gpus-per-node)")
     r = cli("place", trace, "-n", "2", "-g", "2", "--policy", "eplb", "--export", "vllm", "--out", tmp_path / "x.json")
     assert r.stderr.strip() == "Error: unknown export format 'vllm'; choose one of sglang, trtllm, deepseek"
 

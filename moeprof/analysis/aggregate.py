@@ -29,9 +29,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from moeprof.errors import AnalysisError
+from moeprof.errors import AnalysisError, TraceIntegrityError
+from moeprof.trace.fs import parquet_file
 from moeprof.trace.reader import ShardReader, Trace
 from moeprof.trace.schema import PHASES
 
@@ -320,9 +320,29 @@ def row_groups(trace: Trace) -> list[tuple[Path, int]]:
     """Units of work: (shard path, row group index), in trace order."""
     units = []
     for path in trace.shard_paths("routing"):
-        for i in range(pq.ParquetFile(path).num_row_groups):
+        for i in range(parquet_file(path).num_row_groups):
             units.append((path, i))
     return units
+
+
+def plan_routing(trace: Trace, sel: Selection, rows_total: int) -> tuple[Aggregates, _Pass, list[str]]:
+    """What every engine shares before the pass: the empty :class:`Aggregates`, the per-row-group
+    work (sample threshold and key fixed from ``rows_total``) and the columns to read."""
+    L = len(sel.layers)
+    use_batch_id = trace.manifest.has("batch_id") and _has_batch_ids(trace)
+    n_moe = max(1, len(trace.model.moe_layers))
+    tokens_est = max(1, rows_total // n_moe)
+    fraction = min(1.0, 1.25 * sel.sample_tokens / tokens_est) if sel.sample_tokens > 0 else 1.0
+    threshold = None if fraction >= 1.0 else np.uint64(int(fraction * float(1 << 64)))
+    work = _Pass(sel, threshold, use_batch_id)
+    agg = Aggregates(
+        selection=sel,
+        counts=np.zeros((len(sel.request_ids) + 1, 2, L, sel.num_experts), np.int32),
+        tokens_estimate=tokens_est,
+        sample_fraction=fraction,
+        sample_key="batch_id" if use_batch_id else "token",
+    )
+    return agg, work, ROUTING_COLUMNS + (["batch_id"] if use_batch_id else [])
 
 
 def aggregate_routing(
@@ -341,28 +361,17 @@ def aggregate_routing(
     groups are held at once.
     """
     units = list(units) if units is not None else row_groups(trace)
-    L = len(sel.layers)
-    use_batch_id = trace.manifest.has("batch_id") and _has_batch_ids(trace)
-    n_moe = max(1, len(trace.model.moe_layers))
-    rows_total = sum(pq.ParquetFile(p).metadata.row_group(i).num_rows for p, i in units)
-    tokens_est = max(1, rows_total // n_moe)
-    fraction = min(1.0, 1.25 * sel.sample_tokens / tokens_est) if sel.sample_tokens > 0 else 1.0
-    threshold = None if fraction >= 1.0 else np.uint64(int(fraction * float(1 << 64)))
-    work = _Pass(sel, threshold, use_batch_id)
-    agg = Aggregates(
-        selection=sel,
-        counts=np.zeros((len(sel.request_ids) + 1, 2, L, sel.num_experts), np.int32),
-        tokens_estimate=tokens_est,
-        sample_fraction=fraction,
-        sample_key="batch_id" if use_batch_id else "token",
-    )
-    columns = ROUTING_COLUMNS + (["batch_id"] if use_batch_id else [])
+    rows_total = sum(parquet_file(p).metadata.row_group(i).num_rows for p, i in units)
+    agg, work, columns = plan_routing(trace, sel, rows_total)
     lock = threading.Lock()
     shards = ShardReader(trace, units)  # each shard read and sha256-checked once, as it is counted
 
     def run(unit: tuple[Path, int]) -> None:
         path, i = unit
-        table = shards.read_row_group(path, i, columns)
+        try:
+            table = shards.read_row_group(path, i, columns)
+        except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
+            raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
         part = work(table, f"{path} (row group {i})")
         del table
         with lock:
@@ -384,7 +393,7 @@ def aggregate_routing(
 def _has_batch_ids(trace: Trace) -> bool:
     """True if the routing shards carry a non-null ``batch_id`` (checked from Parquet statistics)."""
     for path in trace.shard_paths("routing"):
-        meta = pq.ParquetFile(path).metadata
+        meta = parquet_file(path).metadata
         col = meta.schema.names.index("batch_id") if "batch_id" in meta.schema.names else -1
         if col < 0:
             return False

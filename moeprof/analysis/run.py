@@ -124,14 +124,21 @@ def analyze_trace(
     coactivation_tokens: int = co.DEFAULT_TOKENS,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    engine: Any = "local",
+    address: str | None = None,
     verify_reads: bool = True,
 ) -> Analysis:
     """Compute every statistic of DESIGN.md "Statistics" for the trace at ``path``.
 
-    ``progress(done, total)`` is called as row groups finish. Raises :class:`UsageError` for a bad
-    selection and :class:`AnalysisError` when the selection holds no routing at all. Every shard is
-    checked against the manifest's sha256 as it is read (``verify_reads=False`` only for benchmarks).
+    ``progress(done, total)`` is called as row groups (on Ray: shards) finish. ``engine`` is
+    ``"local"``, ``"ray"`` (with ``address``) or an :class:`~moeprof.analysis.engine.Engine`; the
+    result does not depend on it. Raises :class:`UsageError` for a bad selection and
+    :class:`AnalysisError` when the selection holds no routing at all. Every shard is checked against
+    the manifest's sha256 as it is read (``verify_reads=False`` only for benchmarks).
     """
+    from moeprof.analysis.engine import get_engine
+
+    eng = get_engine(engine, address, threads)
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UsageError("--batch-sizes: give positive integers, e.g. --batch-sizes 1,8,64,512,4096")
     if sample_tokens < 1:
@@ -144,7 +151,7 @@ def analyze_trace(
     notes: list[str] = []
     # Step 1: one pass -> mergeable aggregates.
     if trace.num_routing_rows:
-        units = row_groups(trace)
+        units = row_groups(trace) if eng.name == "local" else trace.shard_paths("routing")
         done = [0]
 
         def tick(n: int) -> None:
@@ -152,7 +159,12 @@ def analyze_trace(
             if progress is not None:
                 progress(done[0], len(units))
 
-        agg = aggregate_routing(trace, sel, units=units, threads=threads, progress=tick)
+        if eng.name == "local":
+            agg = aggregate_routing(trace, sel, units=units, threads=threads, progress=tick)
+        else:  # one task per shard, merged in a tree (moeprof.analysis.shards)
+            from moeprof.analysis.shards import aggregate_shards
+
+            agg = aggregate_shards(trace, sel, eng, progress=tick)
         if trace.loads() is not None:
             notes.append("the trace has both routing rows and count tables; statistics use the routing rows")
     elif trace.loads() is not None:

@@ -114,15 +114,15 @@ class StepSink:
     def missing(self) -> list[int]:
         return [i for i, t in enumerate(self.ids) if t is None]
 
-    def pack(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def pack(self, tokens: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
         """One uint8 tensor: ids (L, n, k) int16 | weights (L, n, k) float32 | tokens (n,) int32 |
-        positions (n,) int32 | valid (n,) int8."""
+        positions (n,) int32 (when given) | valid (n,) int8."""
         device = self.ids[0].device  # a model spread over devices (device_map) gathers on the first
         # int16: expert ids of format v1 (one conversion for all layers, after the stack).
         parts = [torch.stack([t.to(device) for t in self.ids]).to(torch.int16)]
         if self.weights:
             parts.append(torch.stack([t.to(device) for t in self.w]).to(torch.float32))
-        parts += [tokens.to(device), positions.to(device), valid.to(device)]
+        parts += [tokens.to(device)] + ([positions.to(device)] if positions is not None else []) + [valid.to(device)]
         return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
 
 
@@ -176,9 +176,7 @@ class Recorder:
         self._batch_step = 0
         self._forwards = 0
         self._meta: _StepMeta | None = None
-        self._tokens: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None
+        self._inputs: tuple | None = None  # (input_ids, position_ids, attention_mask, device) of the step
         self._tap = PlanTap()
         self._flush_seconds = float(flush_seconds)
         self._last_handoff = time.monotonic()
@@ -318,32 +316,31 @@ class Recorder:
         if ref is None:
             raise CaptureError("capture: the model was called without input_ids or inputs_embeds")
         b, s = int(ref.shape[0]), int(ref.shape[1])
-        if input_ids is not None:
-            tokens = input_ids.reshape(-1).to(torch.int32)
-        else:
-            tokens = torch.full((b * s,), -1, dtype=torch.int32, device=ref.device)
-        positions = _positions(kwargs.get("position_ids"), b, s)
+        # Only references and host-side decisions here: this runs before the forward's kernels are
+        # launched (before the CUDA graph is replayed), so any kernel launched here delays the whole
+        # step. The conversions run in _on_forward_end, after the launch, overlapping the GPU.
+        position_ids = kwargs.get("position_ids")
+        has_positions = isinstance(position_ids, torch.Tensor) and tuple(position_ids.shape) in {(b, s), (1, s)}
+        mask: Any = None
         if is_packed_forward(kwargs):
             meta = self._packed_step(b, s)
             if meta is None:  # the engine's warm-up pass: fake requests, nothing to record
                 self._meta = None
                 return
-            valid = torch.ones(b * s, dtype=torch.int8, device=ref.device)
         else:
             cache_name, cache = _find_cache(kwargs)
             new_sequences = self._starts_new_sequences(cache, s)
-            valid = _token_validity(kwargs.get("attention_mask"), b, s, new_sequences, ref.device)
+            mask = kwargs.get("attention_mask")
             labels: list[_Label] = []
             if new_sequences:
                 labels, self._labels = self._labels[:b], self._labels[b:]
                 labels += [self._label(None, None, None) for _ in range(b - len(labels))]
                 self._batch_running = True
             meta = _StepMeta(self._forwards, b, s, new_sequences, labels, cache=cache_name)
-        meta.positions = positions is not None
+        meta.positions = has_positions
         self._meta = meta
         self._forwards += 1
-        self._tokens, self._valid = tokens, valid
-        self._positions = positions if positions is not None else torch.full_like(tokens, -1)
+        self._inputs = (input_ids, position_ids if has_positions else None, mask, ref.device)
         self._sink.reset()
 
     def _packed_step(self, b: int, s: int) -> _StepMeta | None:
@@ -377,6 +374,8 @@ class Recorder:
         """
         if past is None or not hasattr(past, "get_seq_length"):
             return True
+        if s == 1 and self._batch_running and getattr(past, "is_compileable", False):
+            return False  # a static cache's length is a device value: reading it would launch and sync
         length = past.get_seq_length()
         if isinstance(length, torch.Tensor):
             if s == 1 and self._batch_running:
@@ -400,7 +399,19 @@ class Recorder:
                 f"capture: {self.layout.points[0].path} received ids of shape {shape}, expected "
                 f"({meta.b * meta.s}, {self._top_k}) for a batch of {meta.b} x {meta.s} tokens"
             )
-        self._pipe.submit(meta, sink.pack(self._tokens, self._positions, self._valid))
+        input_ids, position_ids, mask, device = self._inputs
+        self._inputs = None
+        n = meta.b * meta.s
+        if input_ids is not None:
+            tokens = input_ids.reshape(-1).to(torch.int32)
+        else:
+            tokens = torch.full((n,), -1, dtype=torch.int32, device=device)
+        positions = _positions(position_ids, meta.b, meta.s) if position_ids is not None else None
+        if meta.plan is not None:
+            valid = torch.ones(n, dtype=torch.int8, device=device)
+        else:
+            valid = _token_validity(mask, meta.b, meta.s, meta.new_sequences, device)
+        self._pipe.submit(meta, sink.pack(tokens, positions, valid))
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
 
@@ -415,8 +426,10 @@ class Recorder:
             off += L * n * k * 4
         tokens = raw[off : off + n * 4].view(np.int32)
         off += n * 4
-        positions = raw[off : off + n * 4].view(np.int32) if meta.positions else None
-        off += n * 4
+        positions = None
+        if meta.positions:
+            positions = raw[off : off + n * 4].view(np.int32)
+            off += n * 4
         valid = raw[off : off + n].view(np.int8).astype(bool).reshape(meta.b, meta.s)
         if meta.plan is not None:
             self._process_packed(meta, ids, weights, tokens, positions)
@@ -462,18 +475,9 @@ class Recorder:
             self.steps += 1
             return
         request_of_token = np.repeat(self._rid, meta.s)
-        chunk = {
-            "request_id": np.tile(request_of_token[idx], L),
-            "step": np.int32(self._batch_step),
-            "phase": "prefill" if self._batch_step == 0 else "decode",
-            "pos": np.tile(pos.reshape(-1)[idx].astype(np.int32), L),
-            "layer": np.repeat(self._layers, m),
-            "experts": ids[:, idx, :].reshape(L * m, k),
-            "weights": None if weights is None else weights[:, idx, :].reshape(L * m, k),
-            "batch_id": np.int64(meta.batch_id),
-            "token_id": None if (tokens[idx] < 0).any() else np.tile(tokens[idx], L),
-        }
-        self._stage(chunk, L * m)
+        step = np.int32(self._batch_step)
+        phase = "prefill" if self._batch_step == 0 else "decode"
+        self._stage_rows(meta, idx, ids, weights, tokens, request_of_token[idx], step, phase, pos.reshape(-1)[idx])
         self.steps += 1
 
     def _check_positions(self, meta: _StepMeta, given: np.ndarray, keep: np.ndarray, valid: np.ndarray) -> None:
@@ -535,7 +539,6 @@ class Recorder:
         """
         plan = meta.plan
         assert plan is not None
-        L, k = ids.shape[0], ids.shape[2]
         q = plan.tokens
         start = np.repeat(np.cumsum(plan.query) - plan.query, plan.query)
         expected = np.repeat(plan.past, plan.query) + np.arange(q) - start
@@ -579,11 +582,21 @@ class Recorder:
             return
         rids = np.repeat(np.fromiter((r.label.request_id for r in requests), np.int64, len(requests)), plan.query)
         step = np.where(decode, expected - prompt + 1, 0).astype(np.int32)
+        self._stage_rows(meta, idx, ids, weights, tokens, rids[idx], step[idx], decode[idx].astype(np.int8), expected[idx])
+
+    def _stage_rows(self, meta, idx, ids, weights, tokens, request_id, step, phase, pos) -> None:
+        """Stage the rows of the kept tokens ``idx`` of one step, layer-major. ``request_id``, ``pos``
+        and (unless scalars) ``step`` and ``phase`` are per kept token; ``ids`` is ``(L, n, k)``."""
+        L, k, m = ids.shape[0], ids.shape[2], idx.size
+
+        def per_row(x: Any) -> Any:
+            return x if np.ndim(x) == 0 or isinstance(x, str) else np.tile(x, L)
+
         chunk = {
-            "request_id": np.tile(rids[idx], L),
-            "step": np.tile(step[idx], L),
-            "phase": np.tile(decode[idx].astype(np.int8), L),
-            "pos": np.tile(expected[idx].astype(np.int32), L),
+            "request_id": np.tile(request_id, L),
+            "step": per_row(step),
+            "phase": per_row(phase),
+            "pos": np.tile(np.asarray(pos, np.int32), L),
             "layer": np.repeat(self._layers, m),
             "experts": ids[:, idx, :].reshape(L * m, k),
             "weights": None if weights is None else weights[:, idx, :].reshape(L * m, k),

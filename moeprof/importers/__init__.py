@@ -25,6 +25,7 @@ _REGISTRY = {
     "megatron-tpe": "moeprof.importers.megatron:MegatronTokensPerExpertImporter",
     "jsonl": "moeprof.importers.jsonl:JsonlImporter",
     "counts": "moeprof.importers.counts:CountsImporter",
+    "expert-selection": "moeprof.importers.expert_selection:ExpertSelectionImporter",
 }
 
 FORMATS = tuple(_REGISTRY)
@@ -43,6 +44,15 @@ def registry() -> dict[str, type[Importer]]:
 def detect(path: str | Path) -> str:
     """The format of ``path`` from its first bytes; :class:`ImportFormatError` if none matches."""
     path = Path(path)
+    if path.is_dir():
+        for name, cls in registry().items():
+            if getattr(cls, "accepts_directories", False) and cls.sniff(path, b""):
+                return name
+        raise ImportFormatError(
+            f"{path}: is a directory and no format that reads directories "
+            f"({', '.join(n for n, c in registry().items() if getattr(c, 'accepts_directories', False))}) "
+            "recognises it; name the dump files inside it"
+        )
     try:
         with open(path, "rb") as fh:
             head = fh.read(HEAD_BYTES)

@@ -114,6 +114,8 @@ class Importer:
     name = ""
     source = ""
     description = ""
+    accepts_directories = False
+    """True if a source may be a directory (the importer walks it itself)."""
 
     def __init__(self, options: ImportOptions) -> None:
         self.options = options

@@ -13,8 +13,10 @@ token fields carries model info (``{"meta": {"model": {...}}}`` as :func:`export
 flat ``model``/``model_name``, ``num_experts``, ``top_k``, ``num_layers`` keys). Field names are
 configurable (``--field topk_ids=experts``).
 
-Streaming: lines are parsed one at a time and handed on in chunks of ``chunk_rows`` rows; a
-request's consecutive lines form the unit that warm-up detection looks at.
+Streaming: lines are parsed one at a time and handed on in chunks of ``chunk_rows`` rows. Warm-up
+is judged per forward pass inside a request's consecutive lines (a pass ends where ``token_idx``
+restarts; see :mod:`moeprof.importers.warmup`), so dummy passes logged under a real request id
+(vLLM-MoE-Logger files everything under ``r1``) are found too.
 """
 
 from __future__ import annotations
@@ -28,15 +30,14 @@ import numpy as np
 from moeprof.importers.base import (
     DECODE,
     PREFILL,
-    WARMUP_IDENTICAL,
     WARMUP_NO_REQUEST,
     Importer,
     RoutingChunk,
     bad,
-    identical_routing,
     phase_code,
     read_prompt_lens,
 )
+from moeprof.importers.warmup import WarmupDetector, pass_starts, split_passes
 from moeprof.errors import ImportFormatError, UsageError
 
 try:  # orjson parses ~3x faster when present; the stdlib is the fallback
@@ -95,6 +96,8 @@ class JsonlImporter(Importer):
         self._seen_real_request = False
         self._prefill_len: dict[Any, int] = {}
         self._has: dict[str, bool] = {}
+        self._warmup = WarmupDetector()
+        self._pass_last: dict[int, int] = {}
 
     @classmethod
     def sniff(cls, path: Path, head: bytes) -> bool:
@@ -114,6 +117,7 @@ class JsonlImporter(Importer):
         buf = _Buffer()
         unit_key: Any = object()
         self._data_seen = False
+        self._warmup, self._pass_last = WarmupDetector(), {}  # each file warms up on its own
         for lineno, obj in json_records(path, progress, "JSONL routing log"):
             if buf.first_line is None and self._meta_allowed(lineno, buf) and _is_meta(obj, names):
                 self._read_meta(obj, path, lineno)
@@ -127,6 +131,8 @@ class JsonlImporter(Importer):
                 key = int(key)
             if key != unit_key or buf.rows >= self.options.chunk_rows:
                 yield from self._flush(buf, path, unit_key)
+                if key != unit_key:
+                    self._pass_last.clear()
                 unit_key = key
             self._add(buf, obj, key, path, lineno)
         yield from self._flush(buf, path, unit_key)
@@ -265,7 +271,9 @@ class JsonlImporter(Importer):
         experts = np.asarray(buf.experts, dtype=np.int64)
         token_id = np.asarray(buf.token_id, dtype=np.int64) if buf.token_id else None
         keys = buf.keys
-        warm: str | None = None
+        pos = np.asarray(buf.pos, dtype=np.int32)
+        weights = np.asarray(buf.weights, dtype=np.float32) if buf.weights else None
+        runs: list[tuple[slice, str | None]] = [(slice(0, buf.rows), None)]
         real = key is not None and not (isinstance(key, int) and key < 0) and key != ""
         if not real and "request_ids" in self._declared:
             keys = [None] * buf.rows  # the exported trace never had request ids: not warm-up
@@ -274,27 +282,30 @@ class JsonlImporter(Importer):
                 self.skip("rows without a request id after the first real request", buf.rows)
                 buf.clear()
                 return
-            warm = WARMUP_NO_REQUEST
+            runs = [(slice(0, buf.rows), WARMUP_NO_REQUEST)]
             keys = [None] * buf.rows
         else:
             self._seen_real_request = True
-            if identical_routing(layer, experts, token_id):
-                warm = WARMUP_IDENTICAL
-        chunk = RoutingChunk(
-            request_key=keys,
-            step=np.asarray(buf.step, dtype=np.int32),
-            phase=np.asarray(buf.phase, dtype=np.int8),
-            pos=np.asarray(buf.pos, dtype=np.int32),
-            layer=layer,
-            experts=experts,
-            where=f"{path}: {where}",
-            weights=np.asarray(buf.weights, dtype=np.float32) if buf.weights else None,
-            batch_id=np.asarray(buf.batch_id, dtype=np.int64) if buf.batch_id else None,
-            token_id=token_id,
-            warmup=warm,
-        )
+            cols = dict(layer=layer, experts=experts, weights=weights, token_id=token_id)
+            runs = split_passes(cols, pass_starts(pos, layer, self._pass_last), self._warmup)
+        step = np.asarray(buf.step, dtype=np.int32)
+        phase = np.asarray(buf.phase, dtype=np.int8)
+        batch_id = np.asarray(buf.batch_id, dtype=np.int64) if buf.batch_id else None
         buf.clear()
-        yield chunk
+        for sl, warm in runs:
+            yield RoutingChunk(
+                request_key=keys[sl],
+                step=step[sl],
+                phase=phase[sl],
+                pos=pos[sl],
+                layer=layer[sl],
+                experts=experts[sl],
+                where=f"{path}: {where}",
+                weights=None if weights is None else weights[sl],
+                batch_id=None if batch_id is None else batch_id[sl],
+                token_id=None if token_id is None else token_id[sl],
+                warmup=warm,
+            )
 
     def _finish_missing(self) -> None:
         if not self._has.get("weights"):

@@ -152,12 +152,12 @@ def import_trace(
     paths = [Path(s) for s in sources]
     if not paths:
         raise UsageError("no source files given; name at least one dump to import")
+    classes = _importer_classes()
     for p in paths:
         if not p.exists():
             raise ImportFormatError(f"{p}: no such file")
-        if p.is_dir():
+        if p.is_dir() and not (fmt == "auto" or getattr(classes.get(fmt), "accepts_directories", False)):
             raise ImportFormatError(f"{p}: is a directory; name the dump files inside it")
-    classes = _importer_classes()
     if fmt == "auto":
         found = {p: detect(p) for p in paths}
         kinds = sorted(set(found.values()))

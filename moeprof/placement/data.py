@@ -62,8 +62,21 @@ class RoutingData:
         return self.prefill if phase == "prefill" else self.decode
 
 
-def load_routing(trace: Trace, phase: str = "decode") -> RoutingData:
-    """Read the counts and token rows a placement needs from ``trace``; ``phase`` is the one simulated."""
+ROUTING_COLUMNS = ["request_id", "step", "phase", "pos", "layer", "experts"]
+
+
+def _read_shard(item: tuple[str], columns: list[str]) -> "pa.Table":
+    """One routing shard's columns, read where the engine runs it (a thread or a Ray worker)."""
+    from moeprof.trace.fs import read_table
+
+    return read_table(item[0], columns)
+
+
+def load_routing(trace: Trace, phase: str = "decode", engine=None) -> RoutingData:
+    """Read the counts and token rows a placement needs from ``trace``; ``phase`` is the one simulated.
+
+    With a non-local ``engine`` (:mod:`moeprof.analysis.engine`) each shard is read and decoded by a
+    task of its own, where it runs; the rows come back in shard order, so the result is the same."""
     model = trace.model
     if not trace.manifest.shards_of("routing"):
         raise PlacementError(
@@ -73,7 +86,13 @@ def load_routing(trace: Trace, phase: str = "decode") -> RoutingData:
     layers = list(model.moe_layers)
     L, E, k = len(layers), model.num_experts, model.top_k
     req = trace.requests().sort("request_id")
-    frame = trace.routing(["request_id", "step", "phase", "pos", "layer", "experts"]).collect()
+    if engine is None or engine.name == "local":
+        frame = trace.routing(ROUTING_COLUMNS).collect()
+    else:
+        import pyarrow as pa
+
+        items = [(str(p),) for p in trace.shard_paths("routing")]
+        frame = pl.from_arrow(pa.concat_tables(engine.map(_read_shard, items, ROUTING_COLUMNS)))
     if req.height == 0:
         ids = np.unique(frame["request_id"].to_numpy())
         req = pl.DataFrame({"request_id": ids, "domain": ["unknown"] * len(ids)})

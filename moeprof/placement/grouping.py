@@ -114,14 +114,17 @@ def _weighted_round_robin(domains: np.ndarray, shares: dict[str, list[float]], n
 def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """Seeded K-means (k-means++ start) of the rows of ``x``; returns ``(centroids[k, D], label[R])``.
 
-    ``k`` is capped at the number of distinct rows; empty clusters are reseeded by scipy.
+    ``k`` is capped at the number of rows (not of distinct rows: duplicate rows can leave a
+    cluster empty). scipy's ``missing="warn"`` keeps an empty cluster's previous centroid rather than
+    re-seeding it, so a cluster can end with no member and ``label`` may use fewer than ``k`` ids;
+    callers count the clusters they got (``label.max() + 1``).
     """
     if len(x) == 0:
         raise PlacementError("no requests to cluster")
     k = max(1, min(k, len(x)))
     rng = np.random.default_rng(seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # an empty cluster is reseeded; not the user's concern
+        warnings.simplefilter("ignore", UserWarning)  # an empty cluster keeps its centroid; callers count labels
         centroids, labels = kmeans2(x.astype(np.float64), k, iter=iters, minit="++", seed=rng, missing="warn",
                                    check_finite=False)
     return centroids, labels

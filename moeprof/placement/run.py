@@ -97,8 +97,10 @@ def fit_policy(
     return placement
 
 
-def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimConfig) -> dict[str, Any]:
-    """Simulate ``placement`` on the requests where ``test[R]`` is true."""
+def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimConfig,
+          train: np.ndarray | None = None) -> dict[str, Any]:
+    """Simulate ``placement`` on the requests where ``test[R]`` is true; with ``train[R]``, also report
+    the GPU load on those requests (``train_gpu_load_max_mean``) next to the held-out one."""
     idx = np.flatnonzero(test)
     sig = signatures(data.prefill[idx]) if placement.grouping.kind == "prefill" else None
     node_sel = placement.grouping.assign(domains=data.domains[idx], prefill_signatures=sig)
@@ -106,6 +108,11 @@ def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimCon
     node[idx] = node_sel
     rows = data.rows.subset(test)
     metrics = simulate(rows, placement.phy2log, placement.topology, node, cfg)
+    if train is not None and train.any():
+        # the same load measure on the requests the placement was fitted on: a bound that holds there
+        # and not here did not generalise
+        light = replace(cfg, capacity_batch_sizes=(), node_limits=())  # the load is all it needs
+        metrics["train_gpu_load_max_mean"] = score(data, placement, train, light)["gpu_load_max_mean"]
     metrics["requests"] = int(len(idx))
     metrics["grouping"] = placement.grouping.kind
     metrics["phase"] = data.phase
@@ -159,7 +166,7 @@ def place(
     cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes)
     placement = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, params=params)
     placement.fit = _fit_record(opened, data, test, seed, test_fraction)
-    placement.metrics = score(data, placement, test, cfg)
+    placement.metrics = score(data, placement, test, cfg, train=~test)
     with staged_files(out.parent, names, force, kind="placement") as tmp:
         write_placement(placement, tmp / out.name)
         for fmt in exports:
@@ -185,22 +192,26 @@ def simulate_placement(
     hidden_size: int | None = None,
     dtype_bytes: int | None = None,
     batch_size: int | None = None,
+    engine: Any = None,
 ) -> tuple[Placement, dict[str, Any], list[str]]:
     """``moeprof simulate --placement``: score a placement on a trace's held-out requests (the same
-    split as at fit time when it is the trace the placement was fitted on, else every request)."""
+    split as at fit time when it is the trace the placement was fitted on, else every request).
+    ``engine`` (:mod:`moeprof.analysis.engine`) reads the shards; the scores do not depend on it."""
     placement = read_placement(placement_path)
     opened = Trace.open(trace)
-    data = load_routing(opened, placement.fit.get("phase", "decode"))
+    data = load_routing(opened, placement.fit.get("phase", "decode"), engine=engine)
     _check_model(data, placement, str(placement_path))
     cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes, batch_size=batch_size)
     fit = placement.fit
     if fit.get("requests_sha256") == data.requests_sha256:
         test = split_requests(data.num_requests, float(fit["test_fraction"]), int(fit["split_seed"]))
         notes.append(f"scored on the {int(test.sum())} held-out requests of the split the placement was fitted on")
+        train = ~test
     else:
         test = np.ones(data.num_requests, dtype=bool)
         notes.append("the placement was fitted on another trace: every request of this one is held out")
-    return placement, score(data, placement, test, cfg), notes
+        train = None
+    return placement, score(data, placement, test, cfg, train=train), notes
 
 
 @dataclass
@@ -237,10 +248,15 @@ def compare(
     dtype_bytes: int | None = None,
     batch_size: int | None = None,
     runs: tuple[tuple[str, str | None], ...] = COMPARE_RUNS,
+    engine: Any = None,
 ) -> Comparison:
-    """``moeprof simulate --compare``: fit every policy on the train split, score all on the held-out split."""
+    """``moeprof simulate --compare``: fit every policy on the train split, score all on the held-out split.
+
+    With an ``engine`` (:mod:`moeprof.analysis.engine`), shards are read by its tasks and every policy
+    is fitted and scored on held-out requests by a task of its own, in parallel; everything is
+    seeded, so the table is the same as a local run's (bar the measured fit seconds)."""
     opened = Trace.open(trace)
-    data = load_routing(opened, phase)
+    data = load_routing(opened, phase, engine=engine)
     topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
                           redundant=redundant)
     test = split_requests(data.num_requests, test_fraction, seed)
@@ -248,14 +264,20 @@ def compare(
     has_prefill = bool(data.prefill.any())
     cmp = Comparison(topology=topo.to_dict(), notes=notes,
                      split=_fit_record(opened, data, test, seed, test_fraction))
+    todo = []
     for policy, grouping in runs:
         g = grouping or DEFAULT_GROUPING[policy]
         if g == "prefill" and not has_prefill:
             cmp.notes.append(f"{policy}: skipped, the trace has no prefill rows to group requests by")
             continue
-        p = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed)
+        todo.append((policy, grouping))
+    if engine is None:
+        fitted = [_fit_and_score(item, (data, test, topo, cfg, seed)) for item in todo]
+    else:
+        fitted = engine.map(_fit_and_score, todo, (data, test, topo, cfg, seed))
+    for (policy, grouping), p in zip(todo, fitted):
+        g = grouping or DEFAULT_GROUPING[policy]
         p.fit = cmp.split
-        p.metrics = score(data, p, test, cfg)
         key = policy if grouping is None else f"{policy}+{grouping}"
         cmp.placements[key] = p
         cmp.rows.append(dict(p.metrics, key=key, policy=policy, grouping=g,
@@ -264,6 +286,15 @@ def compare(
     if bound_row is not None:
         cmp.split["locality_load_bound"] = bound_row["info"].get("load_bound_per_layer_mean")
     return cmp
+
+
+def _fit_and_score(item: tuple[str, str | None], shared: tuple) -> Placement:
+    """One ``--compare`` run: fit ``item = (policy, grouping)`` on the train split, score the held-out one."""
+    policy, grouping = item
+    data, test, topo, cfg, seed = shared
+    p = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed)
+    p.metrics = score(data, p, test, cfg, train=~test)
+    return p
 
 
 def write_comparison(cmp: Comparison, out: str | Path, *, force: bool = False,

@@ -29,6 +29,7 @@ SECTIONS = [
     ("prefill_decode", "Prefill → decode"),
     ("coactivation", "Co-activation"),
     ("placement", "Placement comparison"),
+    ("timeline", "Placement over time"),
 ]
 
 
@@ -62,6 +63,7 @@ def build_report(inputs: Inputs, *, title: str | None = None) -> Report:
         "prefill_decode": _prefill_decode,
         "coactivation": _coactivation,
         "placement": _placement,
+        "timeline": _timeline,
     }
     sections = []
     for key, heading in SECTIONS:
@@ -74,6 +76,8 @@ def build_report(inputs: Inputs, *, title: str | None = None) -> Report:
             section.unavailable = str(exc)
         if key == "placement" and section.unavailable and inputs.compare is None and inputs.placement is None:
             continue  # "where one exists": no placement input, no section
+        if key == "timeline" and inputs.timeline is None:
+            continue
         sections.append(section)
     name = model.get("name") or "routing"
     facts = []
@@ -85,6 +89,8 @@ def build_report(inputs: Inputs, *, title: str | None = None) -> Report:
         facts.append(("summary", str(inputs.summary_path)))
     if inputs.compare_path:
         facts.append(("placement comparison", str(inputs.compare_path)))
+    if inputs.timeline_path:
+        facts.append(("placement over time", str(inputs.timeline_path)))
     return Report(
         title=title or f"MoE routing report: {name}",
         subtitle="How tokens were routed to experts on this workload, and what it means for serving it.",
@@ -448,6 +454,32 @@ def _single_placement(inputs: Inputs) -> Section:
 
 
 
+def _timeline(inputs: Inputs) -> Section:
+    """``simulate --timeline``: the verdict, every policy and schedule, the load/traffic and matrix figures."""
+    d = inputs.timeline or {}
+    rows = d.get("rows") or []
+    if not rows or not d.get("verdict"):
+        raise Unavailable(f"{inputs.timeline_path} holds no replayed schedule")
+    cols = ["policy · schedule", "µs per step", "µs per MoE layer", "vs default", "comm share", "cross-node B/token",
+            "busiest GPU max/mean", "rebalances", "weights moved"]
+    table_rows = [
+        [r["key"], f"{r['us_per_step']:.4g}", f"{r['moe_layer_us']:.4g}", f"{100 * r['vs_default']['step_time']:+.1f}%",
+         _pct(r["comm_share"]),
+         fmt(r["cross_node_bytes_per_token"], 0), _x(r["load_max_mean"]), str(r["rebalances"]),
+         f"{r['migration_bytes'] / 2**20:,.0f} MiB"]
+        for r in rows
+    ]
+    topo, hw = d.get("topology") or {}, d.get("hardware") or {}
+    caption = (f"{d.get('passes', '?')} decode passes replayed in time order on {topo.get('nodes', '?')} nodes × "
+               f"{topo.get('gpus_per_node', '?')} GPUs ({hw.get('name', '?')}); predicted MoE time per decode step, "
+               "migrations at their steady-state rate (per MoE layer: without them)")
+    sec = Section("timeline", "", finding=d["verdict"], tables=[Table(cols, table_rows, numeric=[False] + [True] * 8,
+                                                                      caption=caption)],
+                  figures=_figures(inputs, [("timeline", "Load, cross-node traffic and predicted step time over time"),
+                                            ("traffic", "Rank × rank traffic, bytes per token")]))
+    sec.notes += [f"time order: {d.get('time_order')}"] + [str(n) for n in d.get("notes") or []]
+    return sec
+
 
 # -- writing ---------------------------------------------------------------------------------------
 OUTPUTS = ("index.html", "summary.md", "report.json")
@@ -473,7 +505,7 @@ def write_report(paths: list[Path], out: Path, *, force: bool = False) -> tuple[
         _atomic_write(tmp / "index.html", render_html(report))
         _atomic_write(tmp / "summary.md", render_markdown(report))
         payload = {"report": report.to_json(), "summary": inputs.summary, "compare": inputs.compare,
-                   "placement": inputs.placement}
+                   "placement": inputs.placement, "timeline": inputs.timeline}
         _atomic_write(tmp / "report.json", json.dumps(payload, indent=1, default=str) + "\n")
     return report, {name: out / name for name in OUTPUTS}
 

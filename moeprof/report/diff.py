@@ -101,12 +101,15 @@ def diff_counts(layers: list[int], counts_a: np.ndarray, counts_b: np.ndarray) -
     return out
 
 
-def diff(a: Path, b: Path) -> DiffResult:
-    """Compare two runs; each is a trace directory, an analyze output directory or its summary.json."""
+def diff(a: Path | str, b: Path | str, engine: Any = "local", address: str | None = None) -> DiffResult:
+    """Compare two runs; each is a trace (a directory or a URI), an analyze output directory or its
+    summary.json. Traces are analysed on ``engine`` (:mod:`moeprof.analysis.engine`), once for both."""
+    from moeprof.analysis.engine import get_engine
     from moeprof.report.view import expert_counts
 
-    layers_a, counts_a, e_a = expert_counts(Path(a))
-    layers_b, counts_b, e_b = expert_counts(Path(b))
+    engine = get_engine(engine, address) if engine != "local" or address is not None else engine
+    layers_a, counts_a, e_a = expert_counts(a, engine=engine)
+    layers_b, counts_b, e_b = expert_counts(b, engine=engine)
     if e_a != e_b:
         raise UsageError(
             f"{a} has {e_a} experts per layer and {b} has {e_b}: expert popularity can only be compared "

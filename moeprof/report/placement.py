@@ -26,6 +26,9 @@ def render_metrics(m: dict[str, Any], con: Console, title: str = "held-out simul
     t.add_row("intra-node", f"{human_bytes(m['intra_node_bytes_per_token'])} per token")
     t.add_row("local routes", f"{m['local_node_share']:.1%} on own node, {m['local_gpu_share']:.1%} on own GPU")
     t.add_row("GPU load max/mean", f"{_load(m)} (median / p90 over layers × micro-batches of {m['batch_size']})")
+    if m.get("train_gpu_load_max_mean"):
+        t.add_row("  on train requests", f"{_load(dict(gpu_load_max_mean=m['train_gpu_load_max_mean']))} "
+                  "(the requests it was fitted on)")
     for M, share in m.get("node_limit", {}).items():
         t.add_row(f"span > {M} nodes", f"{share:.1%} of token-layers")
     con.print(t)
@@ -58,7 +61,8 @@ def render_comparison(cmp: dict[str, Any], con: Console, files: list[str] | None
     t = Table(show_lines=False)
     for col, just in [("policy", "left"), ("grouping", "left"), ("cross-node\nB/token", "right"),
                       ("vs\neplb", "right"), ("intra-node\nB/token", "right"), ("own\nnode", "right"),
-                      ("own\nGPU", "right"), ("GPU load\nmax/mean", "right"), ("p90", "right"), ("fit\ns", "right")]:
+                      ("own\nGPU", "right"), ("GPU load\nmax/mean", "right"), ("p90", "right"),
+                      ("train\nload", "right"), ("fit\ns", "right")]:
         t.add_column(col, justify=just, no_wrap=True)
     for r in rows:
         rel = r["cross_node_bytes_per_token"] / base["cross_node_bytes_per_token"] - 1 if base and base["cross_node_bytes_per_token"] else 0.0
@@ -66,11 +70,13 @@ def render_comparison(cmp: dict[str, Any], con: Console, files: list[str] | None
         t.add_row(r["key"], r["grouping"], f"{r['cross_node_bytes_per_token']:,.0f}", f"{rel:+.1%}",
                   f"{r['intra_node_bytes_per_token']:,.0f}", f"{r['local_node_share']:.1%}",
                   f"{r['local_gpu_share']:.1%}", f"{g['median']:.2f}", f"{g['p90']:.2f}",
+                  f"{r['train_gpu_load_max_mean']['median']:.2f}" if r.get("train_gpu_load_max_mean") else "-",
                   f"{r['fit_seconds']:.2f}")
     con.print(t)
     if rows:
         con.print(f"bytes: hidden {rows[0]['hidden_size']} × {rows[0]['dtype_bytes']} B per crossing, dispatch + "
-                  f"combine; load over micro-batches of {rows[0]['batch_size']} tokens", style="dim")
+                  f"combine; load over micro-batches of {rows[0]['batch_size']} tokens (median on held-out "
+                  "requests; train load: the same on the requests the policy was fitted on)", style="dim")
     if split.get("locality_load_bound"):
         con.print(f"locality's load bound (train, mean over layers): {split['locality_load_bound']:.2f}", style="dim")
     render_capacity(rows, con)

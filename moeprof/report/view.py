@@ -38,6 +38,7 @@ class Value:
 SUMMARY = "summary.json"
 COMPARE_NAMES = ("compare.json", "simulate_compare.json", "comparison.json")
 PLACEMENT = "placement.json"
+TIMELINE = "timeline.json"  # `moeprof simulate --timeline`
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Inputs:
     compare_path: Path | None = None
     placement: dict[str, Any] | None = None
     placement_path: Path | None = None
+    timeline: dict[str, Any] | None = None
+    timeline_path: Path | None = None
     figure_dirs: list[Path] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
@@ -100,6 +103,8 @@ def classify(path: Path) -> str | None:
         return "summary"
     if name in COMPARE_NAMES:
         return "compare"
+    if name == TIMELINE:
+        return "timeline"
     if name == PLACEMENT or name.endswith(".placement.json") or name.startswith("placement-"):
         return "placement"
     if path.suffix == ".json" and path.exists():
@@ -116,6 +121,8 @@ def _sniff(path: Path) -> str | None:
         return None
     if "physical_to_logical_map" in doc and "policy" in doc:
         return "placement"
+    if "rows" in doc and "time_order" in doc:
+        return "timeline"
     if "rows" in doc and "topology" in doc:
         return "compare"
     if "summary_format" in doc:
@@ -125,7 +132,7 @@ def _sniff(path: Path) -> str | None:
 
 def discover(paths: list[Path]) -> Inputs:
     """Find a trace / summary / compare result / placement in ``paths`` (and one level below dirs)."""
-    found: dict[str, list[Path]] = {"trace": [], "summary": [], "compare": [], "placement": []}
+    found: dict[str, list[Path]] = {"trace": [], "summary": [], "compare": [], "placement": [], "timeline": []}
     figure_dirs: list[Path] = []
     for given in paths:
         given = Path(given)
@@ -152,7 +159,7 @@ def discover(paths: list[Path]) -> Inputs:
         # a --compare output directory also holds one placement-<policy>.json per policy it fitted
         beside = {p.parent for p in found["compare"]}
         found["placement"] = [p for p in found["placement"] if p.parent not in beside]
-    for kind in ("summary", "compare", "placement"):
+    for kind in ("summary", "compare", "placement", "timeline"):
         if len(found[kind]) > 1:
             listed = ", ".join(str(p) for p in found[kind])
             raise UsageError(f"more than one {kind} in the inputs ({listed}); give one (use `moeprof diff` to compare two)")
@@ -172,6 +179,10 @@ def discover(paths: list[Path]) -> Inputs:
     if found["placement"]:
         inputs.placement_path = found["placement"][0]
         inputs.placement = read_json(inputs.placement_path, "placement")
+    if found["timeline"]:
+        inputs.timeline_path = found["timeline"][0]
+        inputs.timeline = read_json(inputs.timeline_path, "simulate --timeline result")
+        figure_dirs.append(inputs.timeline_path.parent)
     return inputs
 
 
@@ -252,16 +263,19 @@ def prefill_decode(inputs: Inputs, method: str = "pearson") -> list[Value]:
     return [Value(r[f"aggregate_{method}"], r["layer"]) for r in node["per_layer"]]
 
 
-def expert_counts(path: Path) -> tuple[list[int], "np.ndarray", int]:
-    """MoE layers, token-routes per (layer, expert) ``(L, E)`` and E of a run: a trace (analysed now),
-    an analyze output directory or its summary.json."""
+def expert_counts(path: Path | str, engine: Any = "local") -> tuple[list[int], "np.ndarray", int]:
+    """MoE layers, token-routes per (layer, expert) ``(L, E)`` and E of a run: a trace (analysed now,
+    on ``engine``; a directory or a URI), an analyze output directory or its summary.json."""
     import numpy as np
 
-    path = Path(path)
-    if path.is_dir() and (path / "manifest.json").exists():
+    from moeprof.trace.fs import is_uri
+
+    uri = is_uri(str(path))
+    path = str(path) if uri else Path(path)
+    if uri or (path.is_dir() and (path / "manifest.json").exists()):
         from moeprof.analysis.run import analyze_trace
 
-        a = analyze_trace(path, batch_sizes=(1,))
+        a = analyze_trace(path, batch_sizes=(1,), engine=engine)
         return list(a.arrays["layers"]), np.asarray(a.arrays["load"], np.int64), int(a.arrays["num_experts"])
     summary_path = path / SUMMARY if path.is_dir() else path
     if not summary_path.exists():

@@ -56,6 +56,8 @@ class Shard:
     rows: int
     bytes: int
     sha256: str
+    request_ids: list[int] | None = None
+    """``[first, last]`` request id in a routing shard (readers may skip shards outside a range)."""
 
 
 @dataclass
@@ -97,7 +99,8 @@ class Manifest:
             "capture": self.capture,
             "missing": self.missing,
             "notes": self.notes,
-            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "shards": [{k: v for k, v in dataclasses.asdict(s).items() if v is not None or k != "request_ids"}
+                       for s in self.shards],
         }
 
     @classmethod

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moeprof.errors import TraceError, TraceIntegrityError
+from moeprof.trace import fs
 from moeprof.trace.manifest import Manifest, ModelInfo, Shard, read_manifest
 from moeprof.trace.schema import LOADS_SCHEMA, REQUESTS_SCHEMA, check_schema, routing_schema
 from moeprof.trace.writer import sha256_file
@@ -34,16 +35,26 @@ Verify = Literal["none", "rows", "full"]
 class Trace:
     """A validated trace directory. Open it with :meth:`Trace.open`."""
 
+    # Defaults for subclasses that keep their own constructor (RemoteTrace reads through pyarrow.fs).
+    check_reads: bool = False
+    _by_path: dict = {}
+
     def __init__(self, path: Path, manifest: Manifest, *, check_reads: bool = True) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.check_reads = check_reads
-        self._by_path = {self.path / s.path: s for s in manifest.shards}
+        self._by_path = {str(self.path / s.path): s for s in manifest.shards}
 
     @classmethod
     def open(cls, path: str | Path, *, verify: Verify = "rows", check_reads: bool | None = None) -> "Trace":
         """Open and check a trace. ``check_reads`` (default: unless ``verify="none"``) verifies the
-        sha256 of every shard as its data is read."""
+        sha256 of every shard as its data is read (local traces; a URI is read through pyarrow.fs)."""
+        from moeprof.trace.fs import is_uri
+
+        if is_uri(str(path)):  # s3://, gs://, hdfs://, file://: read through pyarrow.fs
+            from moeprof.trace.remote import RemoteTrace
+
+            return RemoteTrace.open(str(path), verify=verify)
         path = Path(path)
         if path.is_file():
             raise TraceError(
@@ -127,9 +138,9 @@ class Trace:
     def shard_bytes(self, path: Path) -> bytes:
         """The bytes of the shard at ``path``, read once and checked against the manifest's size and
         sha256 (when :attr:`check_reads`); raises :class:`TraceIntegrityError` naming the file."""
-        shard = self._by_path.get(Path(path))
+        shard = self._by_path.get(str(path))
         try:
-            data = Path(path).read_bytes()
+            data = fs.read_bytes(path)
         except FileNotFoundError:
             raise TraceIntegrityError(f"{path}: listed in the manifest but missing") from None
         if shard is None or not self.check_reads:
@@ -150,12 +161,12 @@ class Trace:
         """A Parquet reader over the shard, parsed from its verified bytes (or the file itself when
         reads are not checked); its row count is checked against the manifest."""
         if not self.check_reads:
-            return pq.ParquetFile(path)
+            return fs.parquet_file(path)
         try:
             pf = pq.ParquetFile(pa.BufferReader(self.shard_bytes(path)))
         except (pa.ArrowInvalid, OSError) as exc:
             raise TraceIntegrityError(f"{path}: not a readable Parquet file ({exc})") from None
-        shard = self._by_path.get(Path(path))
+        shard = self._by_path.get(str(path))
         if shard is not None and pf.metadata.num_rows != shard.rows:
             raise TraceIntegrityError(f"{path}: {pf.metadata.num_rows} rows, the manifest says {shard.rows}")
         return pf
@@ -168,7 +179,7 @@ class Trace:
             frame = pl.read_parquet(io.BytesIO(data), columns=columns)
         except Exception as exc:  # polars raises its own error types for a corrupt file
             raise TraceIntegrityError(f"{path}: not a readable Parquet file ({exc})") from None
-        shard = self._by_path.get(Path(path))
+        shard = self._by_path.get(str(path))
         if shard is not None and frame.height != shard.rows:
             raise TraceIntegrityError(f"{path}: {frame.height} rows, the manifest says {shard.rows}")
         return frame

@@ -26,7 +26,7 @@ FORMAT_MAJOR = int(FORMAT_VERSION.split(".")[0])
 PHASES = ("prefill", "decode")
 PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 
-SOURCES = ("hf", "sglang", "vllm", "megatron", "jsonl", "counts", "synthetic")
+SOURCES = ("hf", "sglang", "vllm", "megatron", "jsonl", "counts", "synthetic", "expert-selection")
 
 ROUTING_DIR = "routing"
 LOADS_DIR = "loads"

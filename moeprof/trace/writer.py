@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moeprof.errors import TraceError
@@ -164,6 +165,23 @@ def _write_parquet_atomic(table: pa.Table, path: Path) -> Shard:
     return Shard(path="", kind="", rows=table.num_rows, bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
+def request_cut(request_id: np.ndarray, limit: int) -> int:
+    """Rows to put in a shard of at most ``limit`` rows so the request at the cut is not split: the
+    start of the run of that request's rows (``limit`` when a single request fills the shard)."""
+    if limit >= request_id.size or request_id[limit - 1] != request_id[limit]:
+        return limit
+    other = np.flatnonzero(request_id[:limit] != request_id[limit])
+    return int(other[-1]) + 1 if other.size else limit
+
+
+def request_range(table: pa.Table) -> list[int] | None:
+    """``[first, last]`` request id of a routing table (None when it has no rows)."""
+    if table.num_rows == 0:
+        return None
+    lo_hi = pc.min_max(table.column("request_id"))
+    return [int(lo_hi["min"].as_py()), int(lo_hi["max"].as_py())]
+
+
 _STOP = object()
 _FLUSH = object()
 
@@ -188,6 +206,7 @@ class TraceWriter:
         shard_rows: int = 1 << 20,
         max_pending: int = 16,
         staged: bool = False,
+        request_shards: bool = False,
     ) -> None:
         # staged: write into a hidden sibling that becomes ``out`` only when the trace closes complete
         # (an import: whole or nothing); otherwise write in place (a capture: a killed run keeps its steps).
@@ -209,6 +228,9 @@ class TraceWriter:
         )
         self._schema = routing_schema(model.top_k)
         self._shard_rows = max(1, int(shard_rows))
+        # Cut shards between requests, so a producer that writes request after request gets each
+        # request's rows in one shard (per-request aggregates then stay local to one shard's task).
+        self._request_shards = bool(request_shards)
         self._requests: dict[int, RequestInfo] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
@@ -358,6 +380,8 @@ class TraceWriter:
             return
         table = pa.concat_tables(self._pending)
         if limit is not None and table.num_rows > limit:
+            if self._request_shards:
+                limit = request_cut(table.column("request_id").to_numpy(), limit)
             rest = table.slice(limit)
             table = table.slice(0, limit)
             self._pending, self._pending_rows = [rest], rest.num_rows
@@ -366,6 +390,7 @@ class TraceWriter:
         name = f"{ROUTING_DIR}/part-{self._n_routing:05d}.parquet"
         shard = _write_parquet_atomic(table.combine_chunks(), self.out / name)
         shard.path, shard.kind = name, "routing"
+        shard.request_ids = request_range(table)
         self._n_routing += 1
         self.rows_written += shard.rows
         with self._lock:
