@@ -1,24 +1,29 @@
-"""Benchmark `moeprof analyze` on a large synthetic trace of DeepSeek-V3 shape.
+"""Benchmark `moeprof analyze` against a bare scan of the same columns, on synthetic traces of DeepSeek-V3 shape.
 
-    python bench/analyze_bench.py --rows 100_000_000          # the figure quoted in the README
-    python bench/analyze_bench.py --rows 10_000_000 --compare-polars
+    python bench/analyze_bench.py --rows 1e6,1e7,1e8 --repeats 5     # the grid quoted in the README
+    python bench/analyze_bench.py --rows 1e7 --compare-polars
 
-Generates (once, cached under bench/out/) a trace with 58 MoE layers (3..60), 256 experts, top-8 and
-realistic skew: per layer a Zipf(1.1) popularity, per domain a mixture with its own Zipf popularity,
-per request a window of the domain's pattern pool (request signal). Generation is cheap: each row's
-top-8 is drawn from a precomputed pool of Gumbel-top-k patterns per domain x layer.
+Generates (once, cached under bench/out/) a trace per size with 58 MoE layers (3..60), 256 experts,
+top-8 and realistic skew: per layer a Zipf(1.1) popularity, per domain a mixture with its own Zipf
+popularity, per request a window of the domain's pattern pool (request signal). Generation is cheap:
+each row's top-8 is drawn from a precomputed pool of Gumbel-top-k patterns per domain x layer.
 
-Then, each in a fresh subprocess (so peak RSS is its own):
+Then, per size, ``--repeats`` rounds, each running in fresh subprocesses (so peak RSS is their own),
+alternating so that load from other processes falls on both alike:
 - the floor: a bare polars streaming scan that reads the columns analyze reads, once;
-- analyze: the full `moeprof analyze` (every statistic, tables and plots written to bench/out/);
+- analyze: every statistic, then summary.json and the tables written (what `moeprof analyze --out`
+  writes, less the plots, which the report layer draws), timed from the call, after imports;
+  its whole process (interpreter start, imports, analysis, outputs) is timed too;
 - optionally the same counts with a polars explode + group_by, to compare with numpy bincount.
-Prints rows/s, wall time, peak RSS and analyze / floor.
+Prints, per size, medians with [min - max]: floor, analyze, analyze / floor (per round), the whole
+process, and peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -122,16 +127,29 @@ r = t.routing(cols).select(
     pl.col("layer").max(), pl.col("experts").arr.max().max(), pl.col("batch_id").max(),
 ).collect(engine="streaming")
 dt = time.perf_counter() - t0
-print(json.dumps(dict(seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024)))
 """
 
 _ANALYZE = """
 import sys, time, resource, json
-from moeprof.analysis.run import analyze
 t0 = time.perf_counter()
-a = analyze(sys.argv[1], out=sys.argv[2], force=True)
-dt = time.perf_counter() - t0
-print(json.dumps(dict(seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+from pathlib import Path
+from moeprof.analysis.run import analyze_trace, prepare_out, SUMMARY_FILE
+from moeprof.trace.manifest import write_json_atomic
+t1 = time.perf_counter()
+a = analyze_trace(sys.argv[1])
+t2 = time.perf_counter()
+out = Path(sys.argv[2])
+prepare_out(out, True)
+(out / "tables").mkdir()
+for name, df in a.tables.items():
+    df.write_parquet(out / "tables" / f"{name}.parquet")
+write_json_atomic(out / SUMMARY_FILE, a.summary)
+t3 = time.perf_counter()
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(seconds=t3 - t1, imports=t1 - t0, statistics=t2 - t1, outputs=t3 - t2,
+                      cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024,
                       tokens=a.summary["trace"]["tokens"], requests=a.summary["trace"]["requests"])))
 """
 
@@ -149,47 +167,81 @@ print(json.dumps(dict(seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SE
 
 
 def _child(code: str, *args: str) -> dict:
+    t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(res.stderr)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["process"] = time.perf_counter() - t0
+    return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=100_000_000, help="routing rows (default 1e8)")
-    ap.add_argument("--compare-polars", action="store_true", help="also time the counts as a polars group_by")
-    ap.add_argument("--regenerate", action="store_true")
-    args = ap.parse_args()
-    trace = OUT / f"trace-{args.rows}"
+def _rows(text: str) -> int:
+    return int(float(text.replace("_", "")))
+
+
+def _spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(float(np.median(xs)))} [{fmt.format(min(xs))} - {fmt.format(max(xs))}]"
+
+
+def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: bool) -> dict:
+    trace = OUT / f"trace-{rows_wanted}"
     manifest = trace / "manifest.json"
     cached = manifest.exists() and json.loads(manifest.read_text()).get("complete")
-    if args.regenerate or not cached:
+    if regenerate or not cached:
         t0 = time.perf_counter()
-        generate(trace, args.rows)
+        generate(trace, rows_wanted)
         print(f"generated {trace} in {time.perf_counter() - t0:.1f} s", flush=True)
     from moeprof.trace import Trace
 
     t = Trace.open(trace)
     rows = t.num_routing_rows
-    size = t.size_bytes
     for p in t.shard_paths("routing"):  # warm the page cache so both runs read from memory alike
         p.read_bytes()
-    floor = _child(_FLOOR, str(trace))
-    result = _child(_ANALYZE, str(trace), str(OUT / f"analysis-{args.rows}"))
+    floors, analyses = [], []
+    for _ in range(repeats):
+        floors.append(_child(_FLOOR, str(trace)))
+        analyses.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}")))
     gib = 1 << 30
-    print(f"trace: {rows:,} routing rows, {result['tokens']:,} tokens, {result['requests']:,} requests, "
-          f"{size / gib:.2f} GiB on disk, 58 MoE layers x 256 experts, top-8")
-    print(f"floor (polars streaming scan of the same columns): {floor['seconds']:.2f} s, "
-          f"{rows / floor['seconds'] / 1e6:.1f} M rows/s, peak RSS {floor['peak_rss'] / gib:.2f} GiB")
-    print(f"analyze (every statistic, tables, plots):          {result['seconds']:.2f} s, "
-          f"{rows / result['seconds'] / 1e6:.1f} M rows/s, peak RSS {result['peak_rss'] / gib:.2f} GiB")
-    print(f"analyze / floor: {result['seconds'] / floor['seconds']:.2f}x")
-    if args.compare_polars:
+    fl = [f["seconds"] for f in floors]
+    an = [a["seconds"] for a in analyses]
+    ratio = [a / f for a, f in zip(an, fl)]
+    r0 = analyses[0]
+    print(f"\n{rows:,} routing rows, {r0['tokens']:,} tokens, {r0['requests']:,} requests, "
+          f"{t.size_bytes / gib:.2f} GiB on disk ({repeats} alternating rounds; median [min - max])")
+    print(f"  floor (polars streaming scan, same columns): {_spread(fl)} s, "
+          f"peak RSS {max(f['peak_rss'] for f in floors) / gib:.2f} GiB")
+    print(f"  analyze (statistics + summary + tables):    {_spread(an)} s "
+          f"(statistics {_spread([a['statistics'] for a in analyses])} s), "
+          f"peak RSS {_spread([a['peak_rss'] / gib for a in analyses])} GiB")
+    print(f"  analyze / floor:                            {_spread(ratio)}x")
+    print(f"  CPU seconds, whole process (less sensitive to load): floor {_spread([f['cpu'] for f in floors])}, "
+          f"analyze {_spread([a['cpu'] for a in analyses])}")
+    print(f"  analyze's whole process (start, imports):   {_spread([a['process'] for a in analyses])} s "
+          f"(imports {_spread([a['imports'] for a in analyses])} s)")
+    if compare_polars:
         pc = _child(_POLARS_COUNTS, str(trace))
-        print(f"counts only, polars explode + group_by:            {pc['seconds']:.2f} s, "
-              f"{rows / pc['seconds'] / 1e6:.1f} M rows/s, peak RSS {pc['peak_rss'] / gib:.2f} GiB "
-              f"({pc['groups']:,} groups)")
+        print(f"  counts only, polars explode + group_by:     {pc['seconds']:.2f} s, "
+              f"peak RSS {pc['peak_rss'] / gib:.2f} GiB ({pc['groups']:,} groups)")
+    return dict(rows=rows, floor=fl, analyze=an, ratio=ratio, peak_rss=[a["peak_rss"] for a in analyses],
+                process=[a["process"] for a in analyses])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1e6,1e7,1e8", help="routing rows, comma-separated sizes (default 1e6,1e7,1e8)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating floor/analyze rounds per size (default 3)")
+    ap.add_argument("--compare-polars", action="store_true", help="also time the counts as a polars group_by")
+    ap.add_argument("--regenerate", action="store_true")
+    args = ap.parse_args()
+    sizes = [_rows(x) for x in args.rows.split(",") if x.strip()]
+    print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the start")
+    results = [run_size(n, args.repeats, args.regenerate, args.compare_polars) for n in sizes]
+    print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
+    print("\nsize         analyze / floor (median [min - max])   analyze s   peak RSS GiB")
+    for r in results:
+        print(f"{r['rows']:>12,}  {_spread(r['ratio']):>30}x   {float(np.median(r['analyze'])):>9.2f}   "
+              f"{max(r['peak_rss']) / (1 << 30):>6.2f}")
 
 
 if __name__ == "__main__":

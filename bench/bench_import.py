@@ -1,15 +1,22 @@
 """Import throughput and peak memory: per-token JSONL and Megatron router trace of N rows.
 
-    python bench/bench_import.py --rows 1000000
+    python bench/bench_import.py --rows 1000000 --repeats 3
 
-Prints rows/s and the peak RSS growth; memory must stay flat as --rows grows (the importers stream).
+Per-token JSONL: ``--repeats`` alternating rounds of `moeprof import` and of the reference,
+``polars.read_ndjson`` + ``write_parquet`` of the same file (no checks, no trace), each in a fresh
+process; prints both (median [min - max]) and the ratio import / reference per round. Megatron:
+one import. Prints rows/s and the peak RSS growth; memory must stay flat as --rows grows (the
+importers stream).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,25 +48,80 @@ def write_megatron(path: Path, rows: int, k: int, experts: int, seed: int = 0) -
                                  "rank": 0, "num_tokens": per, "topk": k, "top_indices": top}) + "\n")
 
 
+_IMPORT = """
+import sys, time, json, resource
+from pathlib import Path
+from moeprof.importers import ImportOptions, import_trace
+t0 = time.perf_counter()
+rep = import_trace("jsonl", [Path(sys.argv[1])], Path(sys.argv[2]), ImportOptions(num_experts=int(sys.argv[3]), force=True))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(seconds=time.perf_counter() - t0, rows=rep.routing_rows, cpu=ru.ru_utime + ru.ru_stime,
+                      peak_rss=ru.ru_maxrss * 1024)))
+"""
+
+_POLARS = """
+import sys, time, json, resource
+import polars as pl
+t0 = time.perf_counter()
+df = pl.read_ndjson(sys.argv[1])
+df.write_parquet(sys.argv[2])
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(seconds=time.perf_counter() - t0, rows=df.height, cpu=ru.ru_utime + ru.ru_stime,
+                      peak_rss=ru.ru_maxrss * 1024)))
+"""
+
+
+def _child(code: str, *args: str) -> dict:
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(res.stderr)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(float(np.median(xs)))} [{fmt.format(min(xs))} - {fmt.format(max(xs))}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating import / reference rounds (default 3)")
     args = ap.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the start")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, writer, fmt in (("jsonl", write_jsonl, "jsonl"), ("megatron", write_megatron, "megatron")):
-            src = Path(tmp) / f"{name}.jsonl"
-            writer(src, args.rows, args.top_k, args.experts)
-            size = src.stat().st_size
-            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            t0 = time.perf_counter()
-            rep = import_trace(fmt, [src], Path(tmp) / f"t-{name}", ImportOptions(num_experts=args.experts))
-            dt = time.perf_counter() - t0
-            rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            print(f"{name:9s} rows={rep.routing_rows:>9d} input={size / 2**20:7.1f} MiB  "
-                  f"{dt:6.2f} s  {rep.routing_rows / dt:>9.0f} rows/s  {size / 2**20 / dt:6.1f} MiB/s  "
-                  f"peak RSS growth {max(0, rss1 - rss0) / 1024:.0f} MiB")
+        src = Path(tmp) / "jsonl.jsonl"
+        write_jsonl(src, args.rows, args.top_k, args.experts)
+        size = src.stat().st_size
+        ours, ref = [], []
+        for _ in range(args.repeats):
+            ref.append(_child(_POLARS, str(src), str(Path(tmp) / "ref.parquet")))
+            ours.append(_child(_IMPORT, str(src), str(Path(tmp) / "t-jsonl"), str(args.experts)))
+        rows = ours[0]["rows"]
+        gib = 1 << 30
+        mo, po = [o["seconds"] for o in ours], [r["seconds"] for r in ref]
+        print(f"per-token JSONL: {rows:,} rows, {size / 2**20:.1f} MiB, {args.repeats} alternating rounds "
+              "(median [min - max])")
+        print(f"  polars.read_ndjson + write_parquet: {_spread(po)} s, {rows / float(np.median(po)):,.0f} rows/s, "
+              f"peak RSS {max(r['peak_rss'] for r in ref) / gib:.2f} GiB")
+        print(f"  moeprof import jsonl:               {_spread(mo)} s, {rows / float(np.median(mo)):,.0f} rows/s, "
+              f"peak RSS {max(o['peak_rss'] for o in ours) / gib:.2f} GiB")
+        print(f"  import / polars: {_spread([m / p for m, p in zip(mo, po)])}x")
+        print(f"  CPU seconds, whole process (less sensitive to load): polars {_spread([r['cpu'] for r in ref])}, "
+              f"import {_spread([o['cpu'] for o in ours])}")
+        src = Path(tmp) / "megatron.jsonl"
+        write_megatron(src, args.rows, args.top_k, args.experts)
+        size = src.stat().st_size
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        rep = import_trace("megatron", [src], Path(tmp) / "t-megatron", ImportOptions(num_experts=args.experts))
+        dt = time.perf_counter() - t0
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"megatron  rows={rep.routing_rows:>9d} input={size / 2**20:7.1f} MiB  "
+              f"{dt:6.2f} s  {rep.routing_rows / dt:>9.0f} rows/s  {size / 2**20 / dt:6.1f} MiB/s  "
+              f"peak RSS growth {max(0, rss1 - rss0) / 1024:.0f} MiB")
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def import_(
     force: Force = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Import routing dumps from SGLang, vLLM, Megatron, per-token JSONL, a counts table or expert-selection traces.
+    """Import routing dumps from SGLang, vLLM, Megatron, TensorRT-LLM, per-token JSONL, a counts table or expert-selection traces.
 
     Writes a trace (the same format `moeprof capture` writes) so that every analysis and placement
     runs on it. What the source lacks (phase, request ids, weights, ...) is listed in the manifest's

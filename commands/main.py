@@ -43,6 +43,7 @@ def _root(
 COMMANDS = {
     "demo": "demo",
     "capture": "capture",
+    "replay": "replay",
     "import": "import_",
     "inspect": "inspect",
     "analyze": "analyze",

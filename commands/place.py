@@ -70,7 +70,7 @@ def place(
     requests (cross-node and intra-node bytes per token, GPU load max/mean) and writes placement.json
     (engine names: physical_to_logical_map, logical_to_physical_map, logical_replica_count, plus the
     request-grouping model). --export writes what SGLang (--init-expert-location), TensorRT-LLM (MoE
-    load balancer YAML) or DeepSeek EPLB (phy2log) load, next to OUT.
+    load balancer YAML), DeepSeek EPLB (phy2log) or vllm-ascend (expert_map_path) load, next to OUT.
 
     Example:
 

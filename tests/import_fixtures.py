@@ -241,3 +241,21 @@ def expert_selection(root: Path, *, tar: bool = False) -> Path:
     with tarfile.open(out, "w:gz") as tf:
         tf.add(root, arcname=".")
     return out
+
+
+# -- TensorRT-LLM (tensorrt_llm/_torch/expert_statistic.py) ------------------------------------------
+def trtllm_statistic(directory: Path, rank: int = 0, *, meta: bool = True) -> Path:
+    """EXPERT_STATISTIC_PATH after EXPERT_STATISTIC_ITER_RANGE=100-102: 4 experts (slots), top-2, layers
+    1 and 3. Rank r's counts are torch.bincount(...) (int64) of its own tokens, keyed "{iter}_{layer}";
+    rank 0 also writes meta_info.json. Rank 1's counts are rank 0's doubled."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    base = {
+        "100_1": [3, 0, 1, 2], "100_3": [1, 1, 2, 2],
+        "101_1": [0, 4, 0, 2], "101_3": [2, 2, 1, 1],
+    }
+    save_file({k: np.asarray(v, np.int64) * (rank + 1) for k, v in base.items()}, str(directory / f"rank{rank}.safetensors"))
+    if meta and rank == 0:
+        (directory / "meta_info.json").write_text(json.dumps({"num_experts": 4, "num_experts_per_token": 2}))
+    return directory / f"rank{rank}.safetensors"

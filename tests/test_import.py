@@ -40,6 +40,7 @@ def test_detect_reads_the_files_own_structure(tmp_path):
         "megatron-tpe": [fx.megatron_tpe(tmp_path / "g.txt")],
         "jsonl": [fx.hook_jsonl(tmp_path / "h.txt")],
         "expert-selection": [fx.expert_selection(tmp_path / "es"), fx.expert_selection(tmp_path / "es2", tar=True)],
+        "trtllm": [fx.trtllm_statistic(tmp_path / "stat")],
     }
     (tmp_path / "i.txt").write_text("layer,expert,count\n1,2,3\n")
     built["counts"] = [tmp_path / "i.txt"]

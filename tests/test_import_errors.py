@@ -26,7 +26,7 @@ def test_unknown_format_from_content(cli, tmp_path):
     p.write_text("hello\n")
     assert err(cli("import", "auto", p, "--out", tmp_path / "t")) == (
         f"Error: {p}: cannot tell its format from its content; name it: moeprof import FORMAT "
-        "(one of sglang, vllm, megatron, megatron-tpe, jsonl, counts, expert-selection)"
+        "(one of sglang, vllm, megatron, megatron-tpe, trtllm, jsonl, counts, expert-selection)"
     )
 
 
@@ -47,8 +47,9 @@ def test_wrong_format_named(cli, tmp_path):
 
 def test_unknown_format_name(cli, tmp_path):
     p = fx.hook_jsonl(tmp_path / "h.jsonl")
-    assert err(cli("import", "trtllm", p, "--out", tmp_path / "t")) == (
-        "Error: unknown import format 'trtllm'; choose one of: auto, sglang, vllm, megatron, megatron-tpe, jsonl, counts, expert-selection"
+    assert err(cli("import", "tensorrt", p, "--out", tmp_path / "t")) == (
+        "Error: unknown import format 'tensorrt'; choose one of: auto, sglang, vllm, megatron, megatron-tpe, trtllm, "
+        "jsonl, counts, expert-selection"
     )
 
 

@@ -261,7 +261,7 @@ def test_cli_errors(cli, trace, tmp_path):
     assert r.stderr.strip() == ("Error: give one of --placement FILE, --compare or --timeline (the last two with "
                                 "--nodes and --gpus-per-node)")
     r = cli("place", trace, "-n", "2", "-g", "2", "--policy", "eplb", "--export", "vllm", "--out", tmp_path / "x.json")
-    assert r.stderr.strip() == "Error: unknown export format 'vllm'; choose one of sglang, trtllm, deepseek"
+    assert r.stderr.strip() == "Error: unknown export format 'vllm'; choose one of sglang, trtllm, deepseek, vllm-ascend"
 
 
 def test_place_help_lists_the_registry(cli):

@@ -216,30 +216,42 @@ def analyze_trace(
     a.tables["expert_loads"] = load.expert_loads(agg_k)
     s["imbalance"] = _imbalance_summary(per_layer, total)
 
-    # Steps 4-6 are independent (numpy releases the GIL in their sorts and sums): run them at once.
-    def batch_step() -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    # Steps 4-7 are independent but for the token matrix that 4 and 7 share (numpy releases the GIL
+    # in their sorts and sums): run them at once, co-activation as soon as the token matrix is built.
+    def token_step() -> tuple[np.ndarray | None, np.ndarray | None]:
+        if not agg.per_token:
+            return None, None
+        tokens, dup = load.token_matrix(agg, sample_tokens if sample_tokens > 0 else 1 << 62)
+        return tokens[:, keep_l], dup
+
+    def batch_step() -> dict:
         # Step 4: imbalance over batches of B tokens.
         if not agg.per_token:
             out = unavailable(caps["per_token"])
             if agg.windows is not None and agg.windows.shape[0] > 1:
                 out["source_windows"] = load.window_imbalance(agg.windows[:, keep_l], kept_layers, seed)
-            return None, None, out
-        tokens, dup = load.token_matrix(agg, sample_tokens if sample_tokens > 0 else 1 << 62)
-        tokens = tokens[:, keep_l]
+            return out
+        tokens, dup = token_job.result()
         if dup.any():
             why = caps["positions"] or "several routing rows share one (request, step, pos) in a layer"
-            return tokens, dup, unavailable(f"tokens cannot be told apart: {why}")
+            return unavailable(f"tokens cannot be told apart: {why}")
         pooled, by_layer = load.batch_imbalance(tokens, batch_sizes, E, kept_layers, seed)
         a.tables["batch_imbalance"] = by_layer
         a.tables["batch_imbalance_pooled"] = pooled
-        return tokens, dup, _batch_summary(pooled, agg, tokens.shape[0])
+        return _batch_summary(pooled, agg, tokens.shape[0])
 
-    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="moeprof-stats")
+    def coactivation_step() -> dict:
+        # Step 7: co-activation.
+        tokens, dup = token_job.result()
+        return _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens)
+
+    pool = ThreadPoolExecutor(max_workers=5, thread_name_prefix="moeprof-stats")
     with pool:
-        batch_job = pool.submit(batch_step)
+        token_job = pool.submit(token_step)
         class_job = pool.submit(_classification, a, agg, counts, caps, sel, kept_layers, seed)
         phase_job = pool.submit(_prefill_decode, a, counts, caps, sel, kept_layers, seed)
-        tokens, dup, s["batch_imbalance"] = batch_job.result()
+        co_job = pool.submit(coactivation_step)
+        s["batch_imbalance"] = pool.submit(batch_step).result()
 
     # Step 5: domain shift and classification.
     by_domain = agg.by_domain()[:, :, keep_l]  # (D, 2, L, E)
@@ -265,8 +277,7 @@ def analyze_trace(
     # Step 6: prefill -> decode.
     s["prefill_decode"] = phase_job.result()
 
-    # Step 7: co-activation.
-    s["coactivation"] = _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens)
+    s["coactivation"] = co_job.result()
     return a
 
 

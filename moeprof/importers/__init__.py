@@ -23,6 +23,7 @@ _REGISTRY = {
     "vllm": "moeprof.importers.vllm:VLLMImporter",
     "megatron": "moeprof.importers.megatron:MegatronRouterTraceImporter",
     "megatron-tpe": "moeprof.importers.megatron:MegatronTokensPerExpertImporter",
+    "trtllm": "moeprof.importers.trtllm:TrtllmExpertStatisticImporter",
     "jsonl": "moeprof.importers.jsonl:JsonlImporter",
     "counts": "moeprof.importers.counts:CountsImporter",
     "expert-selection": "moeprof.importers.expert_selection:ExpertSelectionImporter",

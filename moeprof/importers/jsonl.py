@@ -13,19 +13,25 @@ token fields carries model info (``{"meta": {"model": {...}}}`` as :func:`export
 flat ``model``/``model_name``, ``num_experts``, ``top_k``, ``num_layers`` keys). Field names are
 configurable (``--field topk_ids=experts``).
 
-Streaming: lines are parsed one at a time and handed on in chunks of ``chunk_rows`` rows. Warm-up
-is judged per forward pass inside a request's consecutive lines (a pass ends where ``token_idx``
-restarts; see :mod:`moeprof.importers.warmup`), so dummy passes logged under a real request id
-(vLLM-MoE-Logger files everything under ``r1``) are found too.
+Streaming: the file is read in blocks of lines and handed on in chunks of ``chunk_rows`` rows. A
+block is parsed and checked column-wise by pyarrow's JSON reader (the fast path); a block it cannot
+take whole (a bad line, a blank line, a field of another type) is read again line by line, which
+names the line. Warm-up is judged per forward pass inside a request's consecutive lines (a pass ends
+where ``token_idx`` restarts; see :mod:`moeprof.importers.warmup`), so dummy passes logged under a
+real request id (vLLM-MoE-Logger files everything under ``r1``) are found too.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.json as pa_json
 
 from moeprof.importers.base import (
     DECODE,
@@ -38,7 +44,7 @@ from moeprof.importers.base import (
     read_prompt_lens,
 )
 from moeprof.importers.warmup import WarmupDetector, pass_starts, split_passes
-from moeprof.errors import ImportFormatError, UsageError
+from moeprof.errors import UsageError
 
 try:  # orjson parses ~3x faster when present; the stdlib is the fallback
     from orjson import loads as _json_loads
@@ -49,6 +55,12 @@ FIELDS = ("req_id", "token_idx", "layer", "topk_ids", "topk_weights", "phase", "
 REQUIRED = ("req_id", "token_idx", "layer", "topk_ids")
 META_MARK = "meta"
 FORMAT_NAME = "moeprof-routing-jsonl"
+FAST_BLOCK_BYTES = 16 << 20
+"""Bytes of lines parsed at once by the fast path (a block's rows are held as arrays)."""
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+# a blank line: the first, or one after a newline (a pattern that starts with "\n" is scanned fast)
+_BLANK_FIRST = re.compile(rb"[ \t\r]*(?:\n|\Z)")
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*(?:\n|\Z)")
 
 
 def parse_field_map(specs: list[str] | None) -> dict[str, str]:
@@ -113,30 +125,254 @@ class JsonlImporter(Importer):
 
     # -- reading ---------------------------------------------------------------------------------
     def read(self, path: Path, progress: Callable[[int], None]) -> Iterator[RoutingChunk]:
-        names = self.names
-        buf = _Buffer()
-        unit_key: Any = object()
+        self._buf = _Buffer()
+        self._unit: Any = object()
         self._data_seen = False
         self._warmup, self._pass_last = WarmupDetector(), {}  # each file warms up on its own
-        for lineno, obj in json_records(path, progress, "JSONL routing log"):
-            if buf.first_line is None and self._meta_allowed(lineno, buf) and _is_meta(obj, names):
-                self._read_meta(obj, path, lineno)
-                continue
-            for f in REQUIRED:
-                if names[f] not in obj:
-                    raise bad(path, f"line {lineno}", f"field {names[f]!r} is missing"
-                              + (f" (use --field {f}=NAME if it has another name)" if names[f] == f else ""))
-            key = obj[names["req_id"]]
-            if isinstance(key, float) and key.is_integer():
-                key = int(key)
-            if key != unit_key or buf.rows >= self.options.chunk_rows:
-                yield from self._flush(buf, path, unit_key)
-                if key != unit_key:
-                    self._pass_last.clear()
-                unit_key = key
-            self._add(buf, obj, key, path, lineno)
-        yield from self._flush(buf, path, unit_key)
+        self._schema: pa.Schema | None | bool = None  # False: no fast path for this file
+        self._key_seen: Any = None
+        lineno = 0
+        with open(path, "rb") as fh:
+            for block in _line_blocks(fh, FAST_BLOCK_BYTES):
+                progress(len(block))
+                n = block.count(b"\n") + (not block.endswith(b"\n"))
+                start, offset = 0, 0
+                # Line by line until the first routing line: meta lines, and the top-k, the type of
+                # request ids and which optional fields the log has, which the fast path then checks.
+                while start < n and not self._data_seen:
+                    end = block.find(b"\n", offset)
+                    end = len(block) if end < 0 else end
+                    yield from self._line(block[offset:end], path, lineno + start + 1)
+                    start, offset = start + 1, end + 1
+                if start < n:
+                    rest = block[offset:] if offset else block
+                    done = yield from self._fast(rest, n - start, path, lineno + start)
+                    if not done:
+                        for i, raw in enumerate(rest.split(b"\n")[: n - start], start=lineno + start + 1):
+                            yield from self._line(raw, path, i)
+                lineno += n
+        yield from self._flush(self._buf, path, self._unit)
         self._finish_missing()
+
+    def _line(self, raw: bytes, path: Path, lineno: int) -> Iterator[RoutingChunk]:
+        """One line, read as Python objects: every check with the line's number in its message."""
+        obj = _parse_line(raw, path, lineno, "JSONL routing log")
+        if obj is None:
+            return
+        names, buf = self.names, self._buf
+        if buf.first_line is None and self._meta_allowed(lineno, buf) and _is_meta(obj, names):
+            self._read_meta(obj, path, lineno)
+            return
+        for f in REQUIRED:
+            if names[f] not in obj:
+                raise bad(path, f"line {lineno}", f"field {names[f]!r} is missing"
+                          + (f" (use --field {f}=NAME if it has another name)" if names[f] == f else ""))
+        key = obj[names["req_id"]]
+        if isinstance(key, float) and key.is_integer():
+            key = int(key)
+        if key != self._unit or buf.rows >= self.options.chunk_rows:
+            yield from self._flush(buf, path, self._unit)
+            if key != self._unit:
+                self._pass_last.clear()
+            self._unit = key
+        if not self._data_seen:
+            self._first_row = obj
+        if self._key_seen is None:
+            self._key_seen = key
+        self._add(buf, obj, key, path, lineno)
+
+    # -- the fast path: a block of lines as columns ------------------------------------------------
+    def _fast(self, data: bytes, n: int, path: Path, line0: int) -> Iterator[RoutingChunk]:
+        """Read ``n`` lines (after line ``line0``) as one table; False, having changed nothing, when
+        any line needs reading one by one (to be checked, and named if it is wrong)."""
+        if self._schema is None:
+            self._schema = self._fast_schema()
+        if not self._schema:  # None: no request id seen yet to type the column; False: never
+            return False
+        end = len(data) - data.endswith(b"\n")
+        if _BLANK_FIRST.match(data, 0, end) or _BLANK_LINE.search(data, 0, end):  # rows would no longer follow lines
+            return False
+        try:
+            table = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(
+                explicit_schema=self._schema, unexpected_field_behavior="ignore"))
+        except (pa.ArrowException, ValueError):
+            return False
+        if table.num_rows != n:  # blank lines: the line numbers would not follow the rows
+            return False
+        cols = self._fast_columns(table, data, n)
+        if cols is None:
+            return False
+        yield from self._fast_units(cols, n, path, line0)
+        return True
+
+    def _fast_schema(self) -> pa.Schema | None | bool:
+        """Column types the routing lines must have, from the first with a request id; None: not
+        known yet; False: no fast path for this file."""
+        names, row = self.names, self._first_row
+        key = self._key_seen
+        if key is None:
+            return None
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            return False
+        phase_name = self._phase_field or names["phase"]
+        if row.get(phase_name) is not None and not isinstance(row.get(phase_name), str):
+            return False
+        fields = [(names["req_id"], pa.int64() if isinstance(key, int) else pa.string())]
+        fields += [(names[f], pa.int64()) for f in ("token_idx", "layer", "step", "batch_id", "token_id")]
+        fields += [(names["topk_ids"], pa.list_(pa.int64())), (names["topk_weights"], pa.list_(pa.float64())),
+                   (phase_name, pa.string())]
+        if len({f for f, _ in fields}) != len(fields):
+            return False
+        return pa.schema(fields)
+
+    def _fast_columns(self, table: pa.Table, data: bytes, n: int) -> dict[str, Any] | None:
+        """Every check of :meth:`_add` and :meth:`_phase_step`, column-wise; None where a line fails
+        one (the line-by-line reader then names it) or where the columns cannot tell."""
+        names = self.names
+
+        def col(name: str) -> pa.Array:
+            return table.column(name).combine_chunks()
+
+        def whole(name: str) -> np.ndarray | None:  # a value on every line, or None
+            c = col(name)
+            return None if c.null_count else c.to_numpy(zero_copy_only=False)
+
+        def optional(name: str) -> tuple[bool, np.ndarray | None] | None:  # (present, values), None if mixed
+            c = col(name)
+            if c.null_count == 0:
+                return True, c
+            return (False, None) if c.null_count == n else None
+
+        keys, pos, layer = whole(names["req_id"]), whole(names["token_idx"]), whole(names["layer"])
+        ids = col(names["topk_ids"])
+        k = self._k
+        if keys is None or pos is None or layer is None or ids.null_count or not k:
+            return None
+        if (np.diff(ids.offsets.to_numpy()) != k).any() or ids.flatten().null_count:
+            return None
+        experts = ids.flatten().to_numpy().reshape(n, k)
+        limit = self.options.num_experts or self.num_experts
+        if limit and (experts.min() < 0 or experts.max() >= limit):
+            return None
+        if pos.min() < _INT32[0] or pos.max() > _INT32[1]:
+            return None
+        out: dict[str, Any] = dict(layer=layer, experts=experts)
+        for canon, field in (("weights", "topk_weights"), ("batch_id", "batch_id"), ("token_id", "token_id")):
+            got = optional(names[field])
+            if got is None or got[0] != self._has.get(canon):
+                return None
+            if not got[0]:
+                continue
+            c = got[1]
+            if canon == "weights":
+                if (np.diff(c.offsets.to_numpy()) != k).any() or c.flatten().null_count:
+                    return None
+                weights = c.flatten().to_numpy()
+                if not np.isfinite(weights).all():  # pyarrow reads NaN / Infinity, which JSON has not
+                    return None
+                out["weights"] = weights.astype(np.float32).reshape(n, k)
+            else:
+                out[canon] = c.to_numpy()
+        step_got = optional(names["step"])
+        if step_got is None:
+            return None
+        step = step_got[1].to_numpy() if step_got[0] else None
+        phase: np.ndarray | None = None
+        presence = True  # the line-by-line reader records whether the phase is known
+        if self._phase_spec == "none":
+            pass
+        elif self._phase_field is not None:
+            phase = _phase_codes(col(self._phase_field))
+            if phase is None:
+                return None
+        elif self._prompt_lens is not None:
+            uniq, inv = np.unique(keys, return_inverse=True)
+            plens = [self._prompt_lens.get(str(u)) for u in uniq.tolist()]
+            if any(p is None for p in plens):
+                return None
+            plen = np.asarray(plens, np.int64)[inv.reshape(-1)]
+            phase = np.where(pos < plen, PREFILL, DECODE).astype(np.int8)
+            if step is None:
+                step, presence = np.where(phase == PREFILL, 0, pos - plen + 1), False
+        else:
+            c = col(names["phase"])
+            if c.null_count == 0:
+                phase = _phase_codes(c)
+                if phase is None:
+                    return None
+            elif c.null_count != n or f'"{names["phase"]}"'.encode() in data:
+                return None  # a line with "phase": null, which the line-by-line reader rejects
+            elif step is not None:
+                phase = np.where(step == 0, PREFILL, DECODE).astype(np.int8)
+        prefill_len: dict[Any, int] = {}
+        orphans = False
+        if phase is None:
+            phase = np.full(n, PREFILL, np.int8)
+            step = step if step is not None else np.zeros(n, np.int64)
+            known = False
+        else:
+            known = True
+            if step is None:
+                step, prefill_len, orphans = self._decode_steps(keys, pos, phase)
+                if step is None:
+                    return None
+        if step.min() < _INT32[0] or step.max() > _INT32[1]:
+            return None
+        real = (keys >= 0) if keys.dtype.kind in "iu" else (keys != "")
+        out.update(keys=keys, pos=pos.astype(np.int32), phase=phase.astype(np.int8), step=step.astype(np.int32))
+        out["_state"] = (presence and bool(real.any()), known, prefill_len, orphans)
+        return out
+
+    def _decode_steps(self, keys: np.ndarray, pos: np.ndarray, phase: np.ndarray):
+        """Steps where only the phase is known: 0 in prefill, position - prompt length + 1 in decode,
+        the prompt length being what the request's prefill lines so far (this block's included) show."""
+        prefill = phase == PREFILL
+        if prefill.any() and pos[prefill].min() < 0:
+            return None, {}, False
+        uniq, inv = np.unique(keys, return_inverse=True)
+        inv = inv.reshape(-1)
+        known = np.array([self._prefill_len.get(u, 0) for u in uniq.tolist()], np.int64)
+        v = np.where(prefill, pos + 1, 0).astype(np.int64)
+        # running max per request in line order: requests sorted apart, each lifted above the last
+        order = np.argsort(inv, kind="stable")
+        lift = inv[order].astype(np.int64) * (int(v.max()) + 1)
+        so_far = np.empty(v.size, np.int64)
+        so_far[order] = np.maximum.accumulate(v[order] + lift) - lift
+        plen = np.maximum(known[inv], so_far)
+        decode = ~prefill
+        step = np.where(decode, pos - plen + 1, 0)
+        best = np.zeros(uniq.size, np.int64)
+        np.maximum.at(best, inv, v)
+        update = {u: max(int(b), int(kn)) for u, b, kn, has in zip(uniq.tolist(), best.tolist(), known.tolist(),
+                                                                   np.bincount(inv, prefill, uniq.size).tolist())
+                  if has}
+        return step, update, bool((decode & (plen == 0)).any())
+
+    def _fast_units(self, cols: dict[str, Any], n: int, path: Path, line0: int) -> Iterator[RoutingChunk]:
+        """Record what the block showed, then split its rows into units as the line-by-line reader does."""
+        presence, known, prefill_len, orphans = cols.pop("_state")
+        if presence:
+            self._presence_phase(known)
+        self._prefill_len.update(prefill_len)
+        if orphans:
+            self.note("decode rows of a request with no prefill rows: their step counts from position 0")
+        keys = cols.pop("keys")
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        ends = np.r_[starts[1:], n]
+        buf, limit = self._buf, self.options.chunk_rows
+        for s, e, key in zip(starts.tolist(), ends.tolist(), keys[starts].tolist()):
+            i = s
+            while i < e:
+                if key != self._unit or buf.rows >= limit:
+                    yield from self._flush(buf, path, self._unit)
+                    if key != self._unit:
+                        self._pass_last.clear()
+                    self._unit = key
+                take = min(e - i, limit - buf.rows)
+                piece = {name: values[i : i + take] for name, values in cols.items()}
+                piece["keys"] = np.full(take, key, np.int64) if isinstance(key, int) else [key] * take
+                buf.add_piece(piece, take, line0 + 1 + i, line0 + i + take)
+                i += take
 
     def _meta_allowed(self, lineno: int, buf: "_Buffer") -> bool:
         return not self._data_seen
@@ -267,12 +503,9 @@ class JsonlImporter(Importer):
         if buf.rows == 0:
             return
         where = f"lines {buf.first_line}-{buf.last_line}"
-        layer = np.asarray(buf.layer, dtype=np.int64)
-        experts = np.asarray(buf.experts, dtype=np.int64)
-        token_id = np.asarray(buf.token_id, dtype=np.int64) if buf.token_id else None
-        keys = buf.keys
-        pos = np.asarray(buf.pos, dtype=np.int32)
-        weights = np.asarray(buf.weights, dtype=np.float32) if buf.weights else None
+        cols = buf.arrays()
+        layer, experts, token_id = cols["layer"], cols["experts"], cols.get("token_id")
+        keys, pos, weights = cols["keys"], cols["pos"], cols.get("weights")
         runs: list[tuple[slice, str | None]] = [(slice(0, buf.rows), None)]
         real = key is not None and not (isinstance(key, int) and key < 0) and key != ""
         if not real and "request_ids" in self._declared:
@@ -286,11 +519,9 @@ class JsonlImporter(Importer):
             keys = [None] * buf.rows
         else:
             self._seen_real_request = True
-            cols = dict(layer=layer, experts=experts, weights=weights, token_id=token_id)
-            runs = split_passes(cols, pass_starts(pos, layer, self._pass_last), self._warmup)
-        step = np.asarray(buf.step, dtype=np.int32)
-        phase = np.asarray(buf.phase, dtype=np.int8)
-        batch_id = np.asarray(buf.batch_id, dtype=np.int64) if buf.batch_id else None
+            runs = split_passes(dict(layer=layer, experts=experts, weights=weights, token_id=token_id),
+                                pass_starts(pos, layer, self._pass_last), self._warmup)
+        step, phase, batch_id = cols["step"], cols["phase"], cols.get("batch_id")
         buf.clear()
         for sl, warm in runs:
             yield RoutingChunk(
@@ -325,8 +556,14 @@ class JsonlImporter(Importer):
 
 
 class _Buffer:
+    """Rows of the unit being gathered: Python lists from lines read one by one, array pieces
+    from blocks read by the fast path, in file order."""
+
+    LISTS = ("keys", "pos", "layer", "experts", "weights", "phase", "step", "batch_id", "token_id")
+    DTYPES = dict(pos=np.int32, layer=np.int64, experts=np.int64, weights=np.float32, phase=np.int8,
+                  step=np.int32, batch_id=np.int64, token_id=np.int64)
+
     def __init__(self) -> None:
-        self.k: int | None = None
         self.clear()
 
     def clear(self) -> None:
@@ -339,12 +576,65 @@ class _Buffer:
         self.step: list[int] = []
         self.batch_id: list[int] = []
         self.token_id: list[int] = []
+        self.pieces: list[dict[str, Any]] = []
+        self.piece_rows = 0
         self.first_line: int | None = None
         self.last_line: int | None = None
 
     @property
     def rows(self) -> int:
-        return len(self.layer)
+        return len(self.layer) + self.piece_rows
+
+    def _seal(self) -> None:
+        """Turn the rows gathered as lists into an array piece (they come before the next piece)."""
+        if not self.layer:
+            return
+        piece: dict[str, Any] = {"keys": self.keys}
+        for name, dtype in self.DTYPES.items():
+            values = getattr(self, name)
+            if values:
+                piece[name] = np.asarray(values, dtype=dtype)
+        n = len(self.layer)
+        first, last = self.first_line, self.last_line
+        pieces, piece_rows = self.pieces, self.piece_rows
+        self.clear()
+        self.pieces, self.piece_rows = pieces + [piece], piece_rows + n
+        self.first_line, self.last_line = first, last
+
+    def add_piece(self, piece: dict[str, Any], rows: int, first_line: int, last_line: int) -> None:
+        self._seal()
+        self.pieces.append(piece)
+        self.piece_rows += rows
+        if self.first_line is None:
+            self.first_line = first_line
+        self.last_line = last_line
+
+    def arrays(self) -> dict[str, Any]:
+        """Every column of the gathered rows (``keys`` a list or an array; optional columns only if present)."""
+        self._seal()
+        if len(self.pieces) == 1:
+            return self.pieces[0]
+        out: dict[str, Any] = {}
+        for name in self.LISTS:
+            parts = [p[name] for p in self.pieces if name in p]
+            if not parts:
+                continue
+            if name == "keys":
+                out[name] = [k for part in parts for k in (part.tolist() if isinstance(part, np.ndarray) else part)]
+            else:
+                out[name] = np.concatenate(parts)
+        return out
+
+
+def _phase_codes(values: pa.Array) -> np.ndarray | None:
+    """``(n,)`` int8 phase codes of a string column; None if a value is missing or no phase."""
+    if values.null_count:
+        return None
+    enc = values.dictionary_encode()
+    codes = [phase_code(v) for v in enc.dictionary.to_pylist()]
+    if any(c is None for c in codes):
+        return None
+    return np.asarray(codes, np.int8)[enc.indices.to_numpy(zero_copy_only=False)]
 
 
 def _short(exc: Exception) -> str:
@@ -366,20 +656,38 @@ def _json_lines(head: bytes, n: int) -> list[Any]:
     return out
 
 
+def _parse_line(raw: bytes, path: Path, lineno: int, what: str) -> dict[str, Any] | None:
+    """A line's JSON object (None for a blank line); a bad line names ``path:line``."""
+    if not raw.strip():
+        return None
+    try:
+        obj = _json_loads(raw)
+    except ValueError:
+        raise bad(path, f"line {lineno}", f"not valid JSON (the file is cut off here, or not a {what})") from None
+    if not isinstance(obj, dict):
+        raise bad(path, f"line {lineno}", "expected a JSON object per line")
+    return obj
+
+
 def json_records(path: Path, progress: Callable[[int], None], what: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` of each non-blank line of a JSONL file; a bad line names ``path:line``."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             progress(len(raw))
-            if not raw.strip():
-                continue
-            try:
-                obj = _json_loads(raw)
-            except ValueError:
-                raise bad(path, f"line {lineno}", f"not valid JSON (the file is cut off here, or not a {what})") from None
-            if not isinstance(obj, dict):
-                raise bad(path, f"line {lineno}", "expected a JSON object per line")
-            yield lineno, obj
+            obj = _parse_line(raw, path, lineno, what)
+            if obj is not None:
+                yield lineno, obj
+
+
+def _line_blocks(fh: Any, size: int) -> Iterator[bytes]:
+    """The file in blocks of about ``size`` bytes, each ending at the end of a line."""
+    while True:
+        block = fh.read(size)
+        if not block:
+            return
+        if not block.endswith(b"\n"):
+            block += fh.readline()
+        yield block
 
 
 def _first_json_line(head: bytes) -> Any:

@@ -167,6 +167,8 @@ def place(
     placement = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, params=params)
     placement.fit = _fit_record(opened, data, test, seed, test_fraction)
     placement.metrics = score(data, placement, test, cfg, train=~test)
+    for fmt in exports:  # an engine that cannot take this placement refuses it before anything is written
+        EXPORTERS[fmt].build(placement)
     with staged_files(out.parent, names, force, kind="placement") as tmp:
         write_placement(placement, tmp / out.name)
         for fmt in exports:

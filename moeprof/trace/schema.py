@@ -26,7 +26,7 @@ FORMAT_MAJOR = int(FORMAT_VERSION.split(".")[0])
 PHASES = ("prefill", "decode")
 PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 
-SOURCES = ("hf", "sglang", "vllm", "megatron", "jsonl", "counts", "synthetic", "expert-selection")
+SOURCES = ("hf", "sglang", "vllm", "megatron", "trtllm", "jsonl", "counts", "synthetic", "expert-selection")
 
 ROUTING_DIR = "routing"
 LOADS_DIR = "loads"
@@ -63,6 +63,11 @@ REQUESTS_SCHEMA = pa.schema(
         pa.field("text_sha256", pa.string(), nullable=True),
     ]
 )
+
+ENGINE_REQUEST_ID_FIELD = pa.field("engine_request_id", pa.string(), nullable=True)
+"""Optional column of ``requests.parquet``: the serving engine's own request id (a string in vLLM and
+SGLang), written by live engine captures. Not part of :data:`REQUESTS_SCHEMA`, so traces without it stay
+valid and readers that do not know it ignore it."""
 
 LOADS_SCHEMA = pa.schema(
     [

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from moeprof.errors import TraceError
 from moeprof.trace.manifest import Manifest, ModelInfo, Shard, write_json_atomic
 from moeprof.trace.schema import (
+    ENGINE_REQUEST_ID_FIELD,
     LOADS_DIR,
     LOADS_SCHEMA,
     MANIFEST_FILE,
@@ -50,6 +51,8 @@ class RequestInfo:
     prompt_tokens: int = 0
     decode_tokens: int = 0
     text_sha256: str | None = None
+    engine_request_id: str | None = None
+    """The serving engine's own request id (vLLM's are strings), kept beside the int64 ``request_id``."""
 
 
 def phase_array(phase: Any, n: int) -> pa.DictionaryArray:
@@ -276,7 +279,8 @@ class TraceWriter:
         self._write_manifest()
 
     def set_request(self, request_id: int, domain: str, **fields: Any) -> None:
-        """Record or update a request (``dataset``, ``prompt_tokens``, ``decode_tokens``, ``text_sha256``)."""
+        """Record or update a request (``dataset``, ``prompt_tokens``, ``decode_tokens``, ``text_sha256``,
+        ``engine_request_id``)."""
         with self._lock:
             info = self._requests.get(int(request_id))
             if info is None:
@@ -418,6 +422,11 @@ class TraceWriter:
                 ],
                 schema=REQUESTS_SCHEMA,
             )
+            if any(r.engine_request_id is not None for r in requests):
+                # Optional column (format 1.x readers select the columns they know and ignore it).
+                table = table.append_column(
+                    ENGINE_REQUEST_ID_FIELD, pa.array([r.engine_request_id for r in requests], pa.string())
+                )
             shard = _write_parquet_atomic(table, self.out / REQUESTS_FILE)
             shard.path, shard.kind = REQUESTS_FILE, "requests"
             self.manifest.shards = [s for s in self.manifest.shards if s.kind != "requests"] + [shard]

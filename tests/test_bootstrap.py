@@ -1,0 +1,42 @@
+"""The batch-imbalance bootstrap reads resample quantiles off sorted values: it must give exactly
+what np.quantile over the resampled rows gives (the definition), for every shape, ties and NaN rows."""
+
+import numpy as np
+import pytest
+
+from moeprof.analysis.load import _bootstrap
+
+
+def _by_definition(values, q, rng, reps=1000, per_column=False):
+    rows = values[np.isfinite(values).all(axis=1)]
+    n = rows.shape[0]
+    idx = rng.integers(0, n, size=(reps, n))
+    if per_column:
+        point, boot = np.quantile(rows, q, axis=0), np.quantile(rows[idx], q, axis=1)
+    else:
+        point, boot = np.quantile(rows, q), np.quantile(rows[idx].reshape(reps, -1), q, axis=1)
+    lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
+    return point, lo, hi
+
+
+@pytest.mark.parametrize("n,m", [(256, 58), (32, 7), (3, 5), (1, 1), (7, 1), (200, 3)])
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.0, 1.0, 0.025])
+@pytest.mark.parametrize("per_column", [False, True])
+def test_bootstrap_equals_quantiles_of_resamples(n, m, q, per_column):
+    for seed, kind in enumerate(("smooth", "ties", "nan rows")):
+        v = np.random.default_rng(seed).gamma(2.0, size=(n, m))
+        if kind == "ties":
+            v = np.round(v, 0)
+        if kind == "nan rows" and n > 2:
+            v[1, 0] = np.nan
+        want = _by_definition(v, q, np.random.default_rng(seed), per_column=per_column)
+        got = _bootstrap(v, q, np.random.default_rng(seed), per_column=per_column)
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_bootstrap_of_no_rows_is_nan():
+    v = np.full((4, 3), np.nan)
+    for per_column in (False, True):
+        out = _bootstrap(v, 0.5, np.random.default_rng(0), per_column=per_column)
+        assert all(np.isnan(x).all() for x in out)
