@@ -66,10 +66,10 @@ def analyze(
         Optional[Format],
         typer.Option("--format", hidden=True, help="Deprecated: use --json.", show_default=False),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice (sampling, splits, bootstrap).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of every random choice (sampling, splits, bootstrap).")] = 0,
     sample_tokens: Annotated[
         int,
-        typer.Option("--sample-tokens", help="Tokens sampled for batch imbalance and co-activation (exact below this)."),
+        typer.Option("--sample-tokens", min=1, help="Tokens sampled for batch imbalance and co-activation (exact below this)."),
     ] = 1 << 17,
     force: Force = False,
     engine: EngineOpt = EngineName.local,
@@ -111,6 +111,8 @@ def analyze(
             trace, out=out, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),
             writers=writers, **options,
         )
+    for warning in result.summary.get("warnings", []):
+        err_console().print(f"warning: {warning}", style="yellow", highlight=False)
     if as_json:
         typer.echo(summary_json(result))
     else:

@@ -33,12 +33,12 @@ def capture(
             show_default=False,
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate() call.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated per prompt.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts per generate() call.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")] = 32,
     device: Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
     limit: Annotated[
-        Optional[int], typer.Option("--limit", help="Capture only the first N prompts.", show_default=False)
+        Optional[int], typer.Option("--limit", min=1, help="Capture only the first N prompts.", show_default=False)
     ] = None,
     batching: Annotated[
         str,
@@ -71,6 +71,9 @@ def capture(
         moeprof capture --model ./my-moe --prompts prompts.jsonl --out traces/run1 --max-new-tokens 64
     """
     from moeprof.capture.run import run_capture
+    from moeprof.outputs import check_target
+
+    check_target(out, force)  # before the model loads (TODO lead: move into run_capture's early checks)
 
     with progress_bar(transient=True, disable=as_json) as bar:
         task = bar.add_task("capturing", total=None)

@@ -25,7 +25,7 @@ def check(
         Optional[float], typer.Option(help="Busiest expert / mean expert load, in every MoE layer.")
     ] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option(help="With --max-imbalance: over batches of this many tokens (p90).")
+        Optional[int], typer.Option(min=1, help="With --max-imbalance: over batches of this many tokens (p90).")
     ] = None,
     max_dead_experts: Annotated[Optional[int], typer.Option(help="Experts with no token, per layer.")] = None,
     max_domain_js: Annotated[

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from moeprof.commands.options import Force
-from moeprof.errors import OutputExistsError, UsageError
+from moeprof.errors import UsageError
+from moeprof.outputs import begin_demo
 from moeprof.report.console import console
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Directory for everything the demo writes.")]
@@ -51,7 +52,7 @@ def _rule(con, title: str) -> None:
 def demo(
     out: OutOpt = Path("moeprof-demo"),
     force: Force = False,
-    limit: int = typer.Option(None, "--limit", help="Capture only the first N prompts (quicker)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Capture only the first N prompts (quicker)."),
 ) -> int:
     """Run every moeprof step on the shipped tiny MoE model and sample workload.
 
@@ -66,9 +67,7 @@ def demo(
     from moeprof.commands.main import COMMANDS, app, main
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    begin_demo(out, force)
     registered = {c.name for c in app.registered_commands}
     con = console()
     steps = [(title, argv) for title, argv in _steps(out, limit) if argv[0] in registered and argv[0] in COMMANDS]

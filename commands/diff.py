@@ -39,10 +39,13 @@ def diff(
 
         moeprof diff base/analysis/summary.json new/analysis --max-js 0.05
     """
+    from moeprof.outputs import check_entries
+    from moeprof.report.diff import DIFF_FILES, write_diff
     from moeprof.report.diff import diff as run_diff
-    from moeprof.report.diff import write_diff
     from moeprof.report.terminal import render_diff
 
+    if out is not None:
+        check_entries(out, list(DIFF_FILES.values()), force)  # before the runs are read
     result = run_diff(a, b, engine=engine.value, address=address)
     files = write_diff(result, out, force=force) if out is not None else {}
     if as_json:

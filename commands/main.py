@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     except _CLICK_ERROR as exc:
         exc.show()
         return exc.exit_code
+    except OSError as exc:
+        # A user's path the checks did not foresee (permission, disk full): a message, never a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        err_console().print(Text(f"Error: {where}{exc.strerror or exc}", style="red"), soft_wrap=True)
+        return 2
     except (*_ABORT, KeyboardInterrupt):
         err_console().print(Text("Aborted.", style="yellow"))
         return 130

@@ -31,7 +31,7 @@ HiddenSize = Annotated[
 DtypeBytes = Annotated[
     Optional[int], typer.Option("--dtype-bytes", help="Bytes per element on the wire (default: the model's dtype, else 2).", show_default=False)
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the train/test split and of every random choice.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the train/test split and of every random choice.")]
 TestFraction = Annotated[float, typer.Option("--test-fraction", help="Share of requests held out for scoring.")]
 
 
@@ -51,7 +51,7 @@ def place(
         [], "--export", "-e", help=f"Also write an engine format (repeatable): {', '.join(EXPORTER_NAMES)}.", show_default=False
     ),
     load_bound: Optional[float] = typer.Option(
-        None, "--load-bound", help="locality: max/mean GPU load allowed (default: 1.1 × eplb's).", show_default=False
+        None, "--load-bound", min=1.0, help="locality: max/mean GPU load allowed (default: 1.1 × eplb's).", show_default=False
     ),
     robust: bool = typer.Option(
         True, "--robust/--no-robust",

@@ -109,15 +109,17 @@ def simulate(
         return
     if nodes is None or gpus_per_node is None:
         raise UsageError("--compare needs --nodes and --gpus-per-node")
+    from moeprof.outputs import check_entries
+
     out = out or Path("moeprof-compare")
+    check_entries(out, ["compare.json"], force)  # before the policies are fitted
     cmp = compare(trace, nodes=nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu,
                   redundant=redundant, seed=seed, test_fraction=test_fraction, hidden_size=hidden_size,
                   dtype_bytes=dtype_bytes, batch_size=batch_size, engine=runner)
     from moeprof.report.placement_plot import plot_comparison
 
-    files = write_comparison(cmp, out, force=force)
+    files = write_comparison(cmp, out, force=force, plot=plot_comparison)
     d = cmp.to_dict()
-    files += plot_comparison(d, Path(out) / "compare")
     if as_json:
         typer.echo(json.dumps(d, indent=2))
     else:

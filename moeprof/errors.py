@@ -23,6 +23,10 @@ class OutputExistsError(MoeprofError):
     """An output path exists and ``force`` was not given."""
 
 
+class OutputError(MoeprofError):
+    """An output that cannot be written (read-only, no permission, disk full); nothing was left behind."""
+
+
 class TraceError(MoeprofError):
     """A trace directory that cannot be read."""
 

@@ -61,10 +61,8 @@ def test_truncated_jsonl(cli, tmp_path):
     assert err(cli("import", "auto", p, "--out", tmp_path / "t")) == (
         f"Error: {p}: line {n}: not valid JSON (the file is cut off here, or not a JSONL routing log)"
     )
-    # The interrupted import leaves a valid trace marked incomplete, never a half-written one.
-    from moeprof.trace.reader import Trace
-
-    assert Trace.open(tmp_path / "t", verify="full").complete is False
+    # A failed import leaves nothing behind (issue 12): no trace, no hidden staging directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jsonl"]
 
 
 def test_truncated_sglang_dump(cli, tmp_path):

@@ -233,7 +233,7 @@ def test_cli_place_simulate_and_compare(cli, trace, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert out.exists() and (tmp_path / "p.sglang.json").exists() and (tmp_path / "p.trtllm.yaml").exists()
     r = cli("place", trace, "-n", "2", "-g", "2", "--policy", "eplb", "--out", out)
-    assert r.exit_code == 2 and r.stderr.strip() == f"Error: {out} exists; pass --force to replace it"
+    assert r.exit_code == 2 and r.stderr.strip() == f"Error: {out}: exists; pass --force to replace it"
     r = cli("simulate", trace, "--placement", out, "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["metrics"]["tokens"] > 0

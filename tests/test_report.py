@@ -77,7 +77,7 @@ class _Links(HTMLParser):
 
 def test_outputs_and_sections(built):
     _, out = built
-    assert sorted(p.name for p in out.iterdir()) == ["index.html", "report.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".moeprof", "index.html", "report.json", "summary.md"]
     page = _Links()
     page.feed((out / "index.html").read_text())
     assert page.sections == SECTIONS + ["placement"]
@@ -158,7 +158,7 @@ def test_existing_output_needs_force(cli, built):
     root, out = built
     r = cli("report", root / "analysis", "--out", out)
     assert r.exit_code == 2
-    assert " ".join(r.stderr.split()) == f"Error: {out}: exists and is not empty; pass --force to replace it"
+    assert " ".join(r.stderr.split()) == f"Error: {out / 'index.html'}: exists; pass --force to replace it"
 
 
 def test_two_analyses_is_a_usage_error(cli, built, tmp_path):

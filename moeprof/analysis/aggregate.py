@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from moeprof.errors import AnalysisError, TraceIntegrityError
 from moeprof.trace.fs import parquet_file
-from moeprof.trace.reader import Trace
+from moeprof.trace.reader import ShardReader, Trace
 from moeprof.trace.schema import PHASES
 
 DEFAULT_SAMPLE_TOKENS = 1 << 17
@@ -364,11 +364,12 @@ def aggregate_routing(
     rows_total = sum(parquet_file(p).metadata.row_group(i).num_rows for p, i in units)
     agg, work, columns = plan_routing(trace, sel, rows_total)
     lock = threading.Lock()
+    shards = ShardReader(trace, units)  # each shard read and sha256-checked once, as it is counted
 
     def run(unit: tuple[Path, int]) -> None:
         path, i = unit
         try:
-            table = parquet_file(path).read_row_group(i, columns=columns, use_threads=False)
+            table = shards.read_row_group(path, i, columns)
         except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
             raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
         part = work(table, f"{path} (row group {i})")

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +25,7 @@ from moeprof.analysis import domain as dom
 from moeprof.analysis import load
 from moeprof.analysis import phase as ph
 from moeprof.analysis.aggregate import DEFAULT_SAMPLE_TOKENS, Aggregates, Selection, aggregate_loads, aggregate_routing, row_groups
-from moeprof.errors import AnalysisError, OutputExistsError, UsageError
+from moeprof.errors import AnalysisError, UsageError
 from moeprof.trace.reader import Trace
 
 SUMMARY_FORMAT = "1.0"
@@ -128,22 +127,27 @@ def analyze_trace(
     progress: Callable[[int, int], None] | None = None,
     engine: Any = "local",
     address: str | None = None,
+    verify_reads: bool = True,
 ) -> Analysis:
     """Compute every statistic of DESIGN.md "Statistics" for the trace at ``path``.
 
     ``progress(done, total)`` is called as row groups (on Ray: shards) finish. ``engine`` is
     ``"local"``, ``"ray"`` (with ``address``) or an :class:`~moeprof.analysis.engine.Engine`; the
     result does not depend on it. Raises :class:`UsageError` for a bad selection and
-    :class:`AnalysisError` when the selection holds no routing at all.
+    :class:`AnalysisError` when the selection holds no routing at all. Every shard is checked against
+    the manifest's sha256 as it is read (``verify_reads=False`` only for benchmarks).
     """
     from moeprof.analysis.engine import get_engine
 
     eng = get_engine(engine, address, threads)
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UsageError("--batch-sizes: give positive integers, e.g. --batch-sizes 1,8,64,512,4096")
-    trace = Trace.open(path, verify="rows")
+    if sample_tokens < 1:
+        raise UsageError(f"--sample-tokens must be at least 1 (valid range: 1 and up), got {sample_tokens}")
+    if coactivation_tokens < 1:
+        raise UsageError(f"coactivation_tokens must be at least 1, got {coactivation_tokens}")
+    trace = Trace.open(path, verify="rows", check_reads=verify_reads)
     sel = build_selection(trace, layers, domains, seed, sample_tokens)
-    manifest = trace.manifest
     notes: list[str] = []
     # Step 1: one pass -> mergeable aggregates.
     if trace.num_routing_rows:
@@ -198,6 +202,7 @@ def analyze_trace(
         selection=dict(layers=kept_layers, domains=sel.domains, batch_sizes=list(batch_sizes), seed=seed,
                        sample_tokens=sample_tokens, coactivation_tokens=coactivation_tokens),
         notes=notes,
+        warnings=trace_warnings(trace),
     )
     counts = agg.counts[:, :, keep_l]  # (R+1, 2, L, E)
     total = agg.total()[keep_l]
@@ -542,23 +547,12 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
 
 
 # -- outputs -----------------------------------------------------------------------------------
-def prepare_out(out: Path, force: bool) -> None:
-    """Make ``out`` ready: refuse an existing non-empty directory without ``force``; never delete
-    a directory that is not an earlier analysis output."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise OutputExistsError(f"{out} exists and is not a directory; choose another --out")
-        if any(out.iterdir()):
-            if not force:
-                raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-            if not (out / SUMMARY_FILE).exists():
-                raise OutputExistsError(
-                    f"{out} is not empty and holds no {SUMMARY_FILE}; refusing to delete it even with --force: "
-                    "choose another --out"
-                )
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def trace_warnings(trace: Trace) -> list[str]:
+    """What the user must know before trusting any number of ``trace`` (an interrupted capture...)."""
+    if trace.complete:
+        return []
+    return [f"{trace.path} is incomplete (manifest complete: false; the capture or import was interrupted): "
+            f"every statistic covers only the {trace.num_routing_rows:,} rows it finished"]
 
 
 # Something that writes more files of an analysis into its output directory and returns them (the
@@ -594,15 +588,16 @@ def analyze(
     writers: Sequence[OutputWriter] = (),
     **options: Any,
 ) -> Analysis:
-    """:func:`analyze_trace`, then (with ``out``) write the summary, tables and ``writers``' files there."""
+    """:func:`analyze_trace`, then (with ``out``) write the summary, tables and ``writers``' files there,
+    whole or not at all (``out`` is checked before the analysis; ``force`` replaces only a moeprof output)."""
+    from moeprof.outputs import check_target, staged_dir
+
     if out is not None:
-        out_p = Path(out)
-        if out_p.exists() and any(out_p.iterdir()) and not force:
-            raise OutputExistsError(f"{out_p} already exists; pass --force to replace it")
+        check_target(out, force)
     analysis = analyze_trace(path, **options)
     if out is not None:
-        prepare_out(Path(out), force)
-        write_outputs(analysis, Path(out), writers)
+        with staged_dir(out, "analysis", force) as tmp:
+            write_outputs(analysis, tmp, writers)
     return analysis
 
 

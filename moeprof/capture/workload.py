@@ -59,10 +59,14 @@ def read_workload(path: str | Path, limit: int | None = None) -> list[Prompt]:
     path = Path(path)
     if not path.exists():
         raise WorkloadError(f"{path}: no such prompts file")
+    if path.is_dir():
+        raise WorkloadError(f"{path}: is a directory; give the workload JSONL file (one prompt per line)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise WorkloadError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise WorkloadError(f"{path}: cannot read ({exc.strerror})") from None
     prompts = parse_workload(text.splitlines(), source=str(path), limit=limit)
     if not prompts:
         raise WorkloadError(f"{path}: no prompts (the file is empty)")

@@ -25,6 +25,7 @@ from moeprof.importers.base import (
     read_domain_map,
 )
 from moeprof.errors import ImportFormatError, UsageError
+from moeprof.outputs import check_target
 from moeprof.trace.manifest import Manifest, ModelInfo
 from moeprof.trace.schema import LOADS_SCHEMA, UNLABELLED
 from moeprof.trace.writer import TraceWriter, phase_array
@@ -173,6 +174,7 @@ def import_trace(
         )
     importer = classes[fmt](options)
     domains = read_domain_map(options.domains) if options.domains else None
+    check_target(out, options.force)  # before reading any source
     return _Run(importer, fmt, paths, Path(out), options, domains, progress).run()
 
 
@@ -212,6 +214,7 @@ class _Run:
             capture={"importer": imp.name, "files": [str(p) for p in self.paths]},
             force=opt.force,
             shard_rows=opt.shard_rows,
+            staged=True,  # a failed import leaves nothing behind
         )
         self.top_k = model.top_k
         return self.writer
@@ -342,6 +345,11 @@ class _Run:
             seen = [r for r in self.requests.rows if r >= 0]
             mapped = sum(1 for r in seen if self.requests.domain(r) != UNKNOWN_DOMAIN)
             origin = opt.domains or "the source"
+            if opt.domains and seen and not mapped:
+                raise UsageError(
+                    f"--domains {opt.domains}: matches none of the {len(seen)} request ids of the source "
+                    f"(e.g. {self.requests.key_of.get(seen[0], seen[0])!r}); check the map's keys"
+                )
             notes.append(f"domains: {mapped} of {len(seen)} requests found in {origin}")
         elif "request_ids" not in missing:
             notes.append("domains: no --domains map given; every request's domain is 'unknown'")

@@ -452,6 +452,11 @@ def locality(
     (the margin); off by default, as on the Llama-4 MMLU trace it helped less than ``robust``.
     Requests are grouped only from their prefill counts; the domain label is never read.
     """
+    if load_bound is not None and not load_bound >= 1.0:
+        raise PlacementError(
+            f"--load-bound must be at least 1.0 (it bounds busiest GPU / mean GPU load, which is never below 1), "
+            f"got {load_bound}"
+        )
     t = fit.topology
     R, L, E = fit.load.shape
     N = t.nodes

@@ -7,11 +7,12 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from moeprof.errors import OutputExistsError, PlacementError
+from moeprof.errors import PlacementError, UsageError
+from moeprof.outputs import check_entries, staged_files
 from moeprof.placement.data import RoutingData, load_routing, signatures, split_requests
 from moeprof.placement.export import EXPORTERS, write_export
 from moeprof.placement.grouping import GROUPINGS, fit_grouping
@@ -153,10 +154,10 @@ def place(
         if fmt not in EXPORTERS:
             raise PlacementError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORTERS)}")
     out = Path(out)
-    targets = [out] + [export_path(out, fmt) for fmt in exports]
-    for path in targets:
-        if path.exists() and not force:
-            raise OutputExistsError(f"{path} exists; pass --force to replace it")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give the file to write, e.g. {out / 'placement.json'}")
+    names = [out.name] + [export_path(out, fmt).name for fmt in exports]
+    check_entries(out.parent, names, force)  # before the trace is read
     opened = Trace.open(trace)
     data = load_routing(opened, phase)
     topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
@@ -168,10 +169,11 @@ def place(
     placement.metrics = score(data, placement, test, cfg, train=~test)
     for fmt in exports:  # an engine that cannot take this placement refuses it before anything is written
         EXPORTERS[fmt].build(placement)
-    write_placement(placement, out, force=force)
-    written = [out]
-    for fmt in exports:
-        written.append(write_export(placement, fmt, export_path(out, fmt), force=force))
+    with staged_files(out.parent, names, force, kind="placement") as tmp:
+        write_placement(placement, tmp / out.name)
+        for fmt in exports:
+            write_export(placement, fmt, tmp / export_path(out, fmt).name)
+    written = [out] + [export_path(out, fmt) for fmt in exports]
     return placement, written, notes
 
 
@@ -297,16 +299,19 @@ def _fit_and_score(item: tuple[str, str | None], shared: tuple) -> Placement:
     return p
 
 
-def write_comparison(cmp: Comparison, out: str | Path, *, force: bool = False) -> list[Path]:
-    """Write ``compare.json`` and every fitted ``placement-<policy>.json`` into the directory ``out``."""
+def write_comparison(cmp: Comparison, out: str | Path, *, force: bool = False,
+                     plot: Callable[[dict[str, Any], Path], list[Path]] | None = None) -> list[Path]:
+    """Write ``compare.json``, every fitted ``placement-<policy>.json`` and (with ``plot``, called as
+    ``plot(compare_dict, stem)``) the figure into the directory ``out``, whole or not at all;
+    ``force`` replaces only these files, and only where moeprof wrote them."""
     out = Path(out)
-    if out.exists() and any(out.glob("compare.*")) and not force:
-        raise OutputExistsError(f"{out} already holds a comparison; pass --force to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "compare.json"]
-    tmp = out / "compare.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(cmp.to_dict()), indent=1) + "\n")
-    tmp.replace(paths[0])
-    for key, p in cmp.placements.items():
-        paths.append(write_placement(p, out / f"placement-{key}.json", force=True))
-    return paths
+    names = ["compare.json"] + [f"placement-{key}.json" for key in cmp.placements]
+    if plot is not None:
+        names += ["compare.png", "compare.svg"]
+    with staged_files(out, names, force, kind="comparison") as tmp:
+        (tmp / "compare.json").write_text(json.dumps(_jsonable(cmp.to_dict()), indent=1) + "\n")
+        for key, p in cmp.placements.items():
+            write_placement(p, tmp / f"placement-{key}.json")
+        if plot is not None:
+            plot(cmp.to_dict(), tmp / "compare")
+    return [out / name for name in names]

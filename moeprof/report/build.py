@@ -523,36 +523,33 @@ OUTPUTS = ("index.html", "summary.md", "report.json")
 
 def write_report(paths: list[Path], out: Path, *, force: bool = False) -> tuple[Report, dict[str, Path]]:
     """``moeprof report``: analyse (if given a trace), build the report, write index.html, summary.md and
-    report.json into ``out``. A trace's analysis (summary.json and figures) goes to ``out/analysis``."""
-    import json
-    import shutil
+    report.json into ``out``. A trace's analysis (summary.json and figures) goes to ``out/analysis``.
 
-    from moeprof.errors import OutputExistsError
+    Written whole or not at all; ``force`` replaces only these entries, and only where moeprof wrote
+    them: anything else in ``out`` (an analysis given as input, the user's files) is left as it is."""
+    import json
+
+    from moeprof.outputs import staged_files
     from moeprof.report.html import render_html
     from moeprof.report.markdown import render_markdown
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(f"{out}: exists and is not empty; pass --force to replace it")
-        for name in (*OUTPUTS, "analysis"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    inputs = resolve_inputs(paths, analysis_dir=out / "analysis")
-    report = build_report(inputs)
-    files = {name: out / name for name in OUTPUTS}
-    _atomic_write(files["index.html"], render_html(report))
-    _atomic_write(files["summary.md"], render_markdown(report))
-    payload = {"report": report.to_json(), "summary": inputs.summary, "compare": inputs.compare,
-               "placement": inputs.placement, "timeline": inputs.timeline}
-    _atomic_write(files["report.json"], json.dumps(payload, indent=1, default=str) + "\n")
-    return report, files
+    names = list(OUTPUTS) + (["analysis"] if _needs_analysis(paths) else [])
+    with staged_files(out, names, force, kind="report") as tmp:
+        inputs = resolve_inputs(paths, analysis_dir=tmp / "analysis")
+        report = build_report(inputs)
+        _atomic_write(tmp / "index.html", render_html(report))
+        _atomic_write(tmp / "summary.md", render_markdown(report))
+        payload = {"report": report.to_json(), "summary": inputs.summary, "compare": inputs.compare,
+                   "placement": inputs.placement, "timeline": inputs.timeline}
+        _atomic_write(tmp / "report.json", json.dumps(payload, indent=1, default=str) + "\n")
+    return report, {name: out / name for name in OUTPUTS}
+
+
+def _needs_analysis(paths: list[Path]) -> bool:
+    """True when the inputs hold a trace but no analysis: the report analyses it into ``out/analysis``."""
+    inputs = view.discover([Path(p) for p in paths])
+    return inputs.summary is None and inputs.trace_path is not None
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from moeprof.errors import OutputExistsError, UsageError
+from moeprof.errors import UsageError
 
 
 @dataclass
@@ -127,27 +127,29 @@ def diff(a: Path | str, b: Path | str, engine: Any = "local", address: str | Non
     )
 
 
+DIFF_FILES = {"json": "diff.json", "png": "diff.png", "svg": "diff.svg"}
+
+
 def write_diff(result: DiffResult, out: Path, *, force: bool = False) -> dict[str, Path]:
-    """Write ``diff.json`` and the figure (``diff.png``, ``diff.svg``) into ``out``."""
+    """Write ``diff.json`` and the figure (``diff.png``, ``diff.svg``) into ``out``, whole or not at
+    all; ``force`` replaces only these files, and only where moeprof wrote them."""
     import json
 
-    out = Path(out)
-    files = {"json": out / "diff.json", "png": out / "diff.png", "svg": out / "diff.svg"}
-    if not force:
-        clash = [p for p in files.values() if p.exists()]
-        if clash:
-            raise OutputExistsError(f"{clash[0]}: exists; pass --force to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    fig = plot_diff(result)
-    try:
-        fig.savefig(files["png"], dpi=120)
-        fig.savefig(files["svg"])
-    finally:
-        import matplotlib.pyplot as plt
+    from moeprof.outputs import staged_files
 
-        plt.close(fig)
-    files["json"].write_text(json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8")
-    return files
+    out = Path(out)
+    names = DIFF_FILES
+    with staged_files(out, list(names.values()), force, kind="diff") as tmp:
+        fig = plot_diff(result)
+        try:
+            fig.savefig(tmp / names["png"], dpi=120)
+            fig.savefig(tmp / names["svg"])
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        (tmp / names["json"]).write_text(json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8")
+    return {key: out / name for key, name in names.items()}
 
 
 def plot_diff(result: DiffResult):

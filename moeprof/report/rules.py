@@ -37,6 +37,7 @@ class Metric:
     extract: Callable[[view.Inputs, dict[str, Any]], list[view.Value]]
     params: dict[str, tuple[type, Any, str]] = field(default_factory=dict)  # name -> (type, default, help)
     bound: str = "max"  # the natural side of the limit, for --max-*/--min-* options and docs
+    range: tuple[float, float] = (0.0, math.inf)  # every value the metric can take; a limit outside is a mistake
 
 
 METRICS: dict[str, Metric] = {
@@ -47,46 +48,57 @@ METRICS: dict[str, Metric] = {
             "batch_size": (int, None, "over batches of this many tokens instead of the whole trace"),
             "stat": (str, "median", "with batch_size: median or p90 over batches"),
         },
+        range=(1.0, math.inf),
     ),
     "dead_experts": Metric(
-        "experts that received no token in a layer", lambda i, p: view.per_layer_stat(i, "dead")
+        "experts that received no token in a layer", lambda i, p: view.per_layer_stat(i, "dead"),
+        range=(0.0, math.inf),
     ),
-    "gini": Metric("Gini coefficient of expert load, per layer", lambda i, p: view.per_layer_stat(i, "gini")),
+    "gini": Metric(
+        "Gini coefficient of expert load, per layer", lambda i, p: view.per_layer_stat(i, "gini"), range=(0.0, 1.0)
+    ),
     "entropy": Metric(
         "normalised entropy H / ln E of expert load, per layer (1.0 = uniform)",
         lambda i, p: view.per_layer_stat(i, "entropy"),
         bound="min",
+        range=(0.0, 1.0),
     ),
     "domain_js": Metric(
         "largest Jensen-Shannon divergence (base 2) between two domains' expert popularity, per layer",
         lambda i, p: view.domain_js_max(i),
+        range=(0.0, 1.0),
     ),
     "domain_accuracy": Metric(
         "accuracy of predicting a request's domain from its prefill routing (held-out split)",
         lambda i, p: view.domain_accuracy(i),
         bound="min",
+        range=(0.0, 1.0),
     ),
     "prefill_decode_corr": Metric(
         "aggregate correlation of prefill and decode expert counts, per layer",
         lambda i, p: view.prefill_decode(i, p["method"]),
         {"method": (str, "pearson", "pearson or spearman")},
         bound="min",
+        range=(-1.0, 1.0),
     ),
     "cross_node_bytes": Metric(
         "cross-node bytes per token of a placement on held-out requests",
         lambda i, p: view.placement_metric(i, "cross_node_bytes", p["policy"]),
         {"policy": (str, None, "which policy of a --compare result (default: the placement's own)")},
+        range=(0.0, math.inf),
     ),
     "gpu_imbalance": Metric(
         "busiest GPU's load / mean GPU load of a placement, per micro-batch (p90 over layers and batches)",
         lambda i, p: view.placement_metric(i, "gpu_imbalance", p["policy"]),
         {"policy": (str, None, "which policy of a --compare result (default: the placement's own)")},
+        range=(1.0, math.inf),
     ),
     "local_share": Metric(
         "share of token-routes served on the token's own node under a placement",
         lambda i, p: view.placement_metric(i, "local_share", p["policy"]),
         {"policy": (str, None, "which policy of a --compare result (default: the placement's own)")},
         bound="min",
+        range=(0.0, 1.0),
     ),
 }
 
@@ -203,6 +215,7 @@ def _rule_from_table(table: dict[str, Any], path: Path, text: str, start: int) -
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise UsageError(f"{at(side)}: '{side}' must be a finite number, got {v!r}")
             limits[side] = float(v)
+            _check_limit(metric, float(v), at(side))
     if not limits:
         raise UsageError(f"{at('metric')}: rule on '{metric}' has neither 'max' nor 'min'")
     layers = table.get("layers")
@@ -236,8 +249,19 @@ def _check_params(metric: str, params: dict[str, Any]) -> None:
         raise UsageError(f"batch_size must be >= 1, got {params['batch_size']}")
 
 
+def _check_limit(metric: str, value: float, where: str) -> None:
+    """A limit outside every value the metric can take never fails (or never holds): a mistake."""
+    lo, hi = METRICS[metric].range
+    if not lo <= value <= hi:
+        span = f"{lo:g} and up" if hi == math.inf else f"{lo:g} to {hi:g}"
+        raise UsageError(f"{where}: {value:g} is out of range: {metric} takes values from {span}")
+
+
 def rule_from_option(metric: str, side: str, limit: float, option: str, **params: Any) -> Rule:
     """A rule given on the command line, e.g. ``--max-imbalance 4``."""
+    if not math.isfinite(limit):
+        raise UsageError(f"{option}: give a finite number, got {limit}")
+    _check_limit(metric, float(limit), option)
     spec = METRICS[metric]
     full = {k: params.get(k, default) for k, (_t, default, _h) in spec.params.items()}
     _check_params(metric, full)

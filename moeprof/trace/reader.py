@@ -4,10 +4,18 @@ Checks on open (``verify="rows"``, the default) read only Parquet footers: every
 manifest exists, has the recorded size and row count, and the schema of format v1. ``verify="full"``
 also recomputes every sha256 (what ``moeprof inspect`` does). Files in the directory that the
 manifest does not list (a shard finished after the last manifest of a killed capture) are ignored.
+
+Every read of shard data is verified as it happens (``check_reads``, on unless opened with
+``verify="none"``): a shard's bytes are read once, hashed, compared with the manifest's size and
+sha256, and parsed from that same buffer, so a file altered after capture (even with its size
+kept) is an error naming it, never a wrong number, and costs no second pass over the disk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import threading
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -15,7 +23,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeprof.errors import TraceIntegrityError
+from moeprof.errors import TraceError, TraceIntegrityError
+from moeprof.trace import fs
 from moeprof.trace.manifest import Manifest, ModelInfo, Shard, read_manifest
 from moeprof.trace.schema import (
     IMPORTED_SOURCES,
@@ -34,19 +43,33 @@ Verify = Literal["none", "rows", "full"]
 class Trace:
     """A validated trace directory. Open it with :meth:`Trace.open`."""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    # Defaults for subclasses that keep their own constructor (RemoteTrace reads through pyarrow.fs).
+    check_reads: bool = False
+    _by_path: dict = {}
+
+    def __init__(self, path: Path, manifest: Manifest, *, check_reads: bool = True) -> None:
         self.path = Path(path)
         self.manifest = manifest
+        self.check_reads = check_reads
+        self._by_path = {str(self.path / s.path): s for s in manifest.shards}
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: Verify = "rows") -> "Trace":
+    def open(cls, path: str | Path, *, verify: Verify = "rows", check_reads: bool | None = None) -> "Trace":
+        """Open and check a trace. ``check_reads`` (default: unless ``verify="none"``) verifies the
+        sha256 of every shard as its data is read (local traces; a URI is read through pyarrow.fs)."""
         from moeprof.trace.fs import is_uri
 
         if is_uri(str(path)):  # s3://, gs://, hdfs://, file://: read through pyarrow.fs
             from moeprof.trace.remote import RemoteTrace
 
             return RemoteTrace.open(str(path), verify=verify)
-        trace = cls(Path(path), read_manifest(Path(path)))
+        path = Path(path)
+        if path.is_file():
+            raise TraceError(
+                f"{path}: is a file; give the trace directory (the one holding manifest.json)"
+                + (f", here {path.parent}" if path.name == "manifest.json" else "")
+            )
+        trace = cls(path, read_manifest(path), check_reads=verify != "none" if check_reads is None else check_reads)
         if verify != "none":
             trace.verify(full=verify == "full")
         return trace
@@ -119,23 +142,78 @@ class Trace:
             if progress is not None:
                 progress(shard)
 
+    # -- reading shard data, verified ------------------------------------------------------------
+    def shard_bytes(self, path: Path) -> bytes:
+        """The bytes of the shard at ``path``, read once and checked against the manifest's size and
+        sha256 (when :attr:`check_reads`); raises :class:`TraceIntegrityError` naming the file."""
+        shard = self._by_path.get(str(path))
+        try:
+            data = fs.read_bytes(path)
+        except FileNotFoundError:
+            raise TraceIntegrityError(f"{path}: listed in the manifest but missing") from None
+        if shard is None or not self.check_reads:
+            return data
+        if len(data) != shard.bytes:
+            raise TraceIntegrityError(
+                f"{path}: {len(data)} bytes on disk, the manifest says {shard.bytes}; the file was truncated or altered"
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard.sha256:
+            raise TraceIntegrityError(
+                f"{path}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…; "
+                "the file was altered after it was written: refusing to compute from it"
+            )
+        return data
+
+    def parquet_file(self, path: Path) -> pq.ParquetFile:
+        """A Parquet reader over the shard, parsed from its verified bytes (or the file itself when
+        reads are not checked); its row count is checked against the manifest."""
+        if not self.check_reads:
+            return fs.parquet_file(path)
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(self.shard_bytes(path)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise TraceIntegrityError(f"{path}: not a readable Parquet file ({exc})") from None
+        shard = self._by_path.get(str(path))
+        if shard is not None and pf.metadata.num_rows != shard.rows:
+            raise TraceIntegrityError(f"{path}: {pf.metadata.num_rows} rows, the manifest says {shard.rows}")
+        return pf
+
+    def _frame(self, path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+        if not self.check_reads:
+            return pl.read_parquet(path, columns=columns)
+        data = self.shard_bytes(path)  # read once: size and sha256 checked, then parsed from memory
+        try:
+            frame = pl.read_parquet(io.BytesIO(data), columns=columns)
+        except Exception as exc:  # polars raises its own error types for a corrupt file
+            raise TraceIntegrityError(f"{path}: not a readable Parquet file ({exc})") from None
+        shard = self._by_path.get(str(path))
+        if shard is not None and frame.height != shard.rows:
+            raise TraceIntegrityError(f"{path}: {frame.height} rows, the manifest says {shard.rows}")
+        return frame
+
     # -- data ---------------------------------------------------------------------------------
     def routing(self, columns: Iterable[str] | None = None) -> pl.LazyFrame:
-        """All routing rows as a lazy frame (``experts``/``weights`` are polars ``Array`` columns)."""
+        """All routing rows as a lazy frame (``experts``/``weights`` are polars ``Array`` columns).
+
+        With :attr:`check_reads` the shards are read (and verified) now and the frame is in memory."""
         paths = self.shard_paths("routing")
+        cols = list(columns) if columns is not None else None
         if not paths:
             frame = pl.from_arrow(routing_schema(self.model.top_k).empty_table()).lazy()
+        elif self.check_reads:
+            frame = pl.concat([self._frame(p, cols) for p in paths]).lazy()
         else:
             frame = pl.scan_parquet([str(p) for p in paths])
-        if columns is not None:
-            frame = frame.select(list(columns))
+        if cols is not None:
+            frame = frame.select(cols)
         return frame
 
     def routing_batches(self, columns: Iterable[str] | None = None) -> Iterable[pa.RecordBatch]:
         """Routing rows shard by shard, row group by row group (bounded memory), as Arrow batches."""
         cols = list(columns) if columns is not None else None
         for path in self.shard_paths("routing"):
-            pf = pq.ParquetFile(path)
+            pf = self.parquet_file(path)
             for i in range(pf.num_row_groups):
                 yield from pf.read_row_group(i, columns=cols).to_batches()
 
@@ -143,13 +221,15 @@ class Trace:
         paths = self.shard_paths("requests")
         if not paths:
             return pl.from_arrow(REQUESTS_SCHEMA.empty_table())
-        return self._unlabelled(pl.read_parquet(paths[0]))
+        return self._unlabelled(self._frame(paths[0]))
 
     def loads(self) -> pl.LazyFrame | None:
         """Count tables (sources without per-token rows), or ``None`` if the trace has none."""
         paths = self.shard_paths("loads")
         if not paths:
             return None
+        if self.check_reads:
+            return self._unlabelled(pl.concat([self._frame(p) for p in paths]).lazy())
         return self._unlabelled(pl.scan_parquet([str(p) for p in paths]))
 
     def _unlabelled(self, frame):
@@ -160,3 +240,30 @@ class Trace:
         return frame.with_columns(
             pl.when(domain == LEGACY_UNLABELLED).then(pl.lit(UNLABELLED)).otherwise(domain).alias("domain")
         )
+
+
+class ShardReader:
+    """Row groups of verified shards for a pool of threads: each shard's bytes are read and hashed
+    once (by the first thread that needs it) and dropped after its last row group is read."""
+
+    def __init__(self, trace: Trace, units: Iterable[tuple[Path, int]]) -> None:
+        self.trace = trace
+        self._left: dict[Path, int] = {}
+        for path, _ in units:
+            self._left[path] = self._left.get(path, 0) + 1
+        self._open: dict[Path, pq.ParquetFile] = {}
+        self._locks = {p: threading.Lock() for p in self._left}
+        self._lock = threading.Lock()
+
+    def read_row_group(self, path: Path, i: int, columns: list[str] | None) -> pa.Table:
+        with self._locks[path]:
+            pf = self._open.get(path)
+            if pf is None:
+                pf = self._open[path] = self.trace.parquet_file(path)
+        try:
+            return pf.read_row_group(i, columns=columns, use_threads=False)
+        finally:
+            with self._lock:
+                self._left[path] -= 1
+                if self._left[path] == 0:
+                    self._open.pop(path, None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from moeprof.errors import OutputExistsError, TraceError
+from moeprof.errors import TraceError
 from moeprof.trace.manifest import Manifest, ModelInfo, Shard, write_json_atomic
 from moeprof.trace.schema import (
     ENGINE_REQUEST_ID_FIELD,
@@ -144,24 +143,11 @@ def routing_table(
 
 
 def prepare_output_dir(out: Path, force: bool) -> None:
-    """Make ``out`` an empty directory, replacing an earlier trace only with ``force``.
+    """Make ``out`` an empty directory marked as a trace, replacing an earlier moeprof output only with
+    ``force`` and only if every file in it is moeprof's (see :mod:`moeprof.outputs`)."""
+    from moeprof.outputs import begin_in_place
 
-    A non-empty directory that is not a moeprof trace is never deleted, even with ``force``.
-    """
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise OutputExistsError(f"{out} exists and is not a directory; choose another output path")
-        if any(out.iterdir()):
-            if not force:
-                raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-            if not (out / MANIFEST_FILE).exists():
-                raise OutputExistsError(
-                    f"{out} is not empty and holds no moeprof trace (no {MANIFEST_FILE}); "
-                    "refusing to delete it even with --force: choose another output path"
-                )
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    begin_in_place(out, "trace", force)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -222,10 +208,20 @@ class TraceWriter:
         force: bool = False,
         shard_rows: int = 1 << 20,
         max_pending: int = 16,
+        staged: bool = False,
         request_shards: bool = False,
     ) -> None:
-        self.out = Path(out)
-        prepare_output_dir(self.out, force)
+        # staged: write into a hidden sibling that becomes ``out`` only when the trace closes complete
+        # (an import: whole or nothing); otherwise write in place (a capture: a killed run keeps its steps).
+        self.target = Path(out)
+        self._staged = staged
+        if staged:
+            from moeprof.outputs import begin_staged
+
+            self.out = begin_staged(self.target, "trace", force)
+        else:
+            prepare_output_dir(self.target, force)
+            self.out = self.target
         self.manifest = Manifest(
             source=source,
             model=model,
@@ -250,7 +246,14 @@ class TraceWriter:
         self.rows_written = 0
         self._thread = threading.Thread(target=self._run, name="moeprof-trace-writer", daemon=True)
         self._thread.start()
-        self._write_manifest()
+        try:
+            self._write_manifest()
+        except OSError as exc:  # disk full, file size limit: nothing of a staged trace is left
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._finish_staged(False)
+            raise TraceError(f"writing {self.target} failed: {exc.strerror or exc}") from exc
 
     # -- producer side ---------------------------------------------------------------------------
     def write_routing(self, chunk: pa.Table | Mapping[str, Any]) -> None:
@@ -320,10 +323,27 @@ class TraceWriter:
         if self._error is not None:
             complete = False
         self.manifest.complete = complete
-        self._write_manifest()
+        ok = False
+        try:
+            self._write_manifest()
+            ok = complete and self._error is None
+        finally:
+            self._finish_staged(ok)
         if self._error is not None:
-            raise TraceError(f"writing {self.out} failed: {self._error}") from self._error
+            raise TraceError(f"writing {self.target} failed: {self._error}") from self._error
         return self.manifest
+
+    def _finish_staged(self, ok: bool) -> None:
+        """A staged trace: move it to its target when complete, else remove every file of it."""
+        if not self._staged:
+            return
+        from moeprof.outputs import commit_staged, discard_staged
+
+        if ok:
+            commit_staged(self.out, self.target)
+            self.out = self.target
+        else:
+            discard_staged(self.out)
 
     def __enter__(self) -> "TraceWriter":
         return self
@@ -355,6 +375,8 @@ class TraceWriter:
                     self._spill(limit=self._shard_rows)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the producer
                 self._error = exc
+                if item is _STOP:
+                    return  # the last spill failed (disk full): close() must not wait for another item
 
     def _spill(self, limit: int | None = None) -> None:
         if not self._pending_rows:
@@ -381,7 +403,7 @@ class TraceWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise TraceError(f"writing {self.out} failed: {self._error}") from self._error
+            raise TraceError(f"writing {self.target} failed: {self._error}") from self._error
 
     def _write_manifest(self) -> None:
         with self._lock:
