@@ -38,8 +38,10 @@ STAGING = ".moeprof-partial-"
 
 LAYOUTS: dict[str, tuple[str, ...]] = {
     # A trace in progress: the shards, the manifest, and the temporary names they are written under.
+    # Live engine captures (the vLLM plugin) add one trace per rank under ranks/ and a merge lock.
     "trace": ("manifest.json", "requests.parquet", "routing/part-*.parquet", "loads/part-*.parquet",
-              ".*.tmp*", "routing/.*.tmp*", "loads/.*.tmp*"),
+              ".*.tmp*", "routing/.*.tmp*", "loads/.*.tmp*", "ranks/*", ".moeprof-merge.lock",
+              "requests-*.parquet", ".requests.pending.parquet"),
 }
 
 

@@ -325,7 +325,7 @@ def test_cli_writes_outputs_that_validate(hand, tmp_path, cli):
 
 
 def test_cli_json_format(hand, cli):
-    r = cli("analyze", hand, "--format", "json", "--domains", "code,math", "--batch-sizes", "1")
+    r = cli("analyze", hand, "--json", "--domains", "code,math", "--batch-sizes", "1")
     assert r.exit_code == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["selection"]["domains"] == ["code", "math"]

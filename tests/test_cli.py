@@ -57,7 +57,7 @@ def test_analysis_commands_need_no_torch_and_capture_says_how_to_get_it(tmp_path
     def run(*args):
         return subprocess.run([sys.executable, "-m", "moeprof", *map(str, args)], capture_output=True, text=True, env=env)
 
-    r = run("analyze", trace, "--format", "json")
+    r = run("analyze", trace, "--json")
     assert r.returncode == 0, r.stderr
     r = run("capture", "--out", tmp_path / "cap")
     assert r.returncode == 2

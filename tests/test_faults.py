@@ -198,7 +198,7 @@ def flip_experts_byte(path: Path) -> int:
 
 
 READERS = {
-    "analyze": lambda t, tmp: ["analyze", t, "--format", "json"],
+    "analyze": lambda t, tmp: ["analyze", t, "--json"],
     "place": lambda t, tmp: ["place", t, "-n", "2", "-g", "2", "-p", "linear", "--out", tmp / "p.json"],
     "simulate": lambda t, tmp: ["simulate", t, "--compare", "-n", "2", "-g", "2", "--out", tmp / "cmp"],
     "report": lambda t, tmp: ["report", t, "--out", tmp / "rep"],
@@ -259,7 +259,7 @@ def test_incomplete_trace_is_said_plainly(cli, tmp_path):
         f"{tmp_path / 't'} is incomplete (manifest complete: false; the capture or import was interrupted): "
         "every statistic covers only the 2 rows it finished"
     ]
-    r = cli("analyze", tmp_path / "t", "--format", "json")
+    r = cli("analyze", tmp_path / "t", "--json")
     assert json.loads(r.stdout)["warnings"] == summary["warnings"]
 
 

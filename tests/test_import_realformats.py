@@ -60,7 +60,7 @@ def test_expert_selection_domains_map_overrides_directories(tmp_path):
     src = fx.expert_selection(tmp_path / "src")
     (tmp_path / "d.csv").write_text("request_id,domain\ntag-math/0,algebra\n")
     import_trace("expert-selection", [src], tmp_path / "t", ImportOptions(domains=tmp_path / "d.csv"))
-    assert sorted({r[0] for r in _rows(tmp_path / "t")}) == ["algebra", "unknown"]
+    assert sorted({r[0] for r in _rows(tmp_path / "t")}) == ["algebra", "unlabelled"]
 
 
 def test_common_tag_only_strips_a_dash_prefix_shared_by_several_directories():

@@ -175,10 +175,12 @@ def test_ray_client_address(cluster, tmp_path):
 
     c, _ = cluster
     port = c.client_port
-    analyze(SAMPLE, out=tmp_path / "local")
+    from moeprof.report.plots import write_plots
+
+    analyze(SAMPLE, out=tmp_path / "local", writers=[write_plots])  # as the CLI does with --out
     res = subprocess.run(
         [sys.executable, "-m", "moeprof", "analyze", str(SAMPLE), "--out", str(tmp_path / "client"),
-         "--engine", "ray", "--address", f"ray://127.0.0.1:{port}", "--format", "json"],
+         "--engine", "ray", "--address", f"ray://127.0.0.1:{port}", "--json"],
         capture_output=True, text=True, timeout=300, env=dict(os.environ, MOEPROF_RAY_FAULTS=""),
     )
     assert res.returncode == 0, res.stderr[-2000:]

@@ -91,7 +91,12 @@ class LiveRecorder:
     max_pending: int = 64
 
     def __post_init__(self) -> None:
+        from moeprof.outputs import read_marker, write_marker
+
         self.root = Path(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if read_marker(self.root) is None:  # the plugin marks it first; a library caller may not have
+            write_marker(self.root, "trace")
         self.writer = TraceWriter(
             self.root / RANKS_DIR / self.rank,
             model=self.model,
