@@ -71,9 +71,6 @@ def capture(
         moeprof capture --model ./my-moe --prompts prompts.jsonl --out traces/run1 --max-new-tokens 64
     """
     from moeprof.capture.run import run_capture
-    from moeprof.outputs import check_target
-
-    check_target(out, force)  # before the model loads (TODO lead: move into run_capture's early checks)
 
     with progress_bar(transient=True, disable=as_json) as bar:
         task = bar.add_task("capturing", total=None)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moeprof.capture.workload import Prompt, parse_workload, read_workload
-from moeprof.errors import CaptureError, CaptureInterrupted, OutputExistsError, UsageError
+from moeprof.errors import CaptureError, CaptureInterrupted, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BATCHING = ("static", "continuous")
@@ -223,8 +223,9 @@ def run_capture(
         raise UsageError(f"--batching {batching!r}: choose one of {', '.join(BATCHING)}")
     # Check the cheap things before loading a model.
     workload, workload_name, notes = resolve_prompts(prompts, limit)
-    if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    from moeprof.outputs import check_target
+
+    check_target(out, force)  # a file, someone else's folder, a read-only place: said before the model loads
     if threads is None:
         import os
 
