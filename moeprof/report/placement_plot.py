@@ -42,6 +42,11 @@ def plot_comparison(cmp: dict[str, Any], out_stem: str | Path) -> list[Path]:
     topo = cmp["topology"]
     fig.suptitle(f"{topo['nodes']} nodes × {topo['gpus_per_node']} GPUs × {topo['slots_per_gpu']} slots "
                  f"({topo['num_redundant_experts']} redundant)", fontsize=10)
+    return save_png_svg(fig, out_stem)
+
+
+def save_png_svg(fig: Any, out_stem: str | Path) -> list[Path]:
+    """Write ``fig`` as ``out_stem.png`` and ``out_stem.svg``, close it, return the two paths."""
     out_stem = Path(out_stem)
     paths = []
     for ext in ("png", "svg"):

@@ -164,11 +164,6 @@ def plot_traffic(d: dict[str, Any], out_stem: str | Path) -> list[Path]:
 
 
 def _save(fig, out_stem: str | Path) -> list[Path]:
-    out_stem = Path(out_stem)
-    paths = []
-    for ext in ("png", "svg"):
-        p = out_stem.with_suffix("." + ext)
-        fig.savefig(p, dpi=120)
-        paths.append(p)
-    plt.close(fig)
-    return paths
+    from moeprof.report.placement_plot import save_png_svg
+
+    return save_png_svg(fig, out_stem)
