@@ -103,13 +103,6 @@ class RemoteTrace(Trace):
             frame = frame.select(cols) if cols is not None else frame
         return frame.lazy()
 
-    def routing_batches(self, columns: Iterable[str] | None = None) -> Iterable[pa.RecordBatch]:
-        cols = list(columns) if columns is not None else None
-        for path in self.shard_paths("routing"):
-            pf = fs.parquet_file(path)
-            for i in range(pf.num_row_groups):
-                yield from pf.read_row_group(i, columns=cols).to_batches()
-
     def requests(self) -> pl.DataFrame:
         frame = self._frame("requests")
         return frame if frame is not None else pl.from_arrow(REQUESTS_SCHEMA.empty_table())
