@@ -180,7 +180,7 @@ class Recorder:
         self._tap = PlanTap()
         self._flush_seconds = float(flush_seconds)
         self._last_handoff = time.monotonic()
-        self._pipe = _HostPipe(self._process)
+        self._pipe = _HostPipe(self._process_steps)
         self._batch_running = False
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
@@ -260,15 +260,21 @@ class Recorder:
         self._handles.clear()
         self._tap.remove()
         self._restore_compile_settings()
+        error: BaseException | None = None
         try:
             if self._tap.error is not None:
                 raise self._tap.error
-            self._pipe.close()
+            self._pipe.close()  # may raise at a step it cannot place, after recording the steps before it
+        except BaseException as e:
+            error = e
+        try:
             self._write_staged()
             self._sync_requests()
-        except BaseException:
+        except BaseException as e:
+            error = error or e
+        if error is not None:
             self.writer.close(complete=False)
-            raise
+            raise error
         return self.writer.close(complete=complete)
 
     def __enter__(self) -> "Recorder":
@@ -415,7 +421,31 @@ class Recorder:
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
 
-    def _process(self, meta: _StepMeta, raw: np.ndarray) -> None:
+    def _process_steps(self, steps: list[tuple[_StepMeta, np.ndarray]]) -> None:
+        """Process finished steps in order: runs of one-token decode steps of the running batch as
+        one block (:meth:`_process_decode_block`), every other step on its own."""
+        i = 0
+        while i < len(steps):
+            meta = steps[i][0]
+            j = i + 1
+            if self._decode_shaped(meta):
+                while j < len(steps) and self._decode_shaped(steps[j][0]) and steps[j][0].b == meta.b \
+                        and steps[j][0].positions == meta.positions:
+                    j += 1
+            if j - i > 1 and self._batch is not None and len(self._batch) == meta.b:
+                self._process_decode_block(steps[i:j])
+            else:
+                for m, raw in steps[i:j]:
+                    self._process(m, raw)
+            i = j
+
+    @staticmethod
+    def _decode_shaped(meta: _StepMeta) -> bool:
+        return meta.plan is None and not meta.new_sequences and meta.s == 1
+
+    def _unpack(self, meta: _StepMeta, raw: np.ndarray) -> tuple:
+        """Views of one packed step: ids ``(L, n, k)``, weights or None, tokens ``(n,)``, positions
+        ``(n,)`` or None, valid ``(b, s)`` bool."""
         L, n, k = len(self.layout.points), meta.b * meta.s, self._top_k
         off = 0
         ids = raw[off : off + L * n * k * 2].view(np.int16).reshape(L, n, k)
@@ -431,6 +461,10 @@ class Recorder:
             positions = raw[off : off + n * 4].view(np.int32)
             off += n * 4
         valid = raw[off : off + n].view(np.int8).astype(bool).reshape(meta.b, meta.s)
+        return ids, weights, tokens, positions, valid
+
+    def _process(self, meta: _StepMeta, raw: np.ndarray) -> None:
+        ids, weights, tokens, positions, valid = self._unpack(meta, raw)
         if meta.plan is not None:
             self._process_packed(meta, ids, weights, tokens, positions)
             return
@@ -479,6 +513,75 @@ class Recorder:
         phase = "prefill" if self._batch_step == 0 else "decode"
         self._stage_rows(meta, idx, ids, weights, tokens, request_of_token[idx], step, phase, pos.reshape(-1)[idx])
         self.steps += 1
+
+    def _process_decode_block(self, steps: list[tuple[_StepMeta, np.ndarray]]) -> None:
+        """``T`` one-token decode steps of the running batch at once: what :meth:`_process` does for
+        each in turn, vectorised over the steps (a row's EOS ends it for the later steps of the block).
+
+        A step whose positions do not continue its row is not handled here: the block is then
+        processed step by step, which records the good steps before it and raises at the bad one.
+        """
+        T, b = len(steps), steps[0][0].b
+        parts = [self._unpack(meta, raw) for meta, raw in steps]
+        valid = np.stack([p[4][:, 0] for p in parts])  # (T, b)
+        tokens = np.stack([p[2] for p in parts])  # (T, b)
+        given = np.stack([p[3] for p in parts]).astype(np.int64) if steps[0][0].positions else None
+        fin0 = self._finished
+        if self._eos_ids.size:
+            hit = valid & np.isin(tokens, self._eos_ids) & ~fin0
+            first = np.where(hit.any(axis=0), hit.argmax(axis=0), T)  # a row's first kept EOS
+            finished = fin0 | (np.arange(T)[:, None] > first)  # (T, b): finished before step t
+        else:
+            first, finished = None, np.broadcast_to(fin0, (T, b))
+        keep = valid & ~finished
+        if given is not None:
+            prev = np.empty_like(given)
+            prev[1:] = given[:-1]
+            checked = keep.copy()
+            if self._last_position is not None and len(self._last_position) == b:
+                prev[0] = self._last_position
+            else:
+                checked[0] = False
+            if (checked & (given != prev + 1)).any():
+                for meta, raw in steps:
+                    self._process(meta, raw)
+                return
+        pos = self._pos + np.cumsum(keep, axis=0) - keep  # (T, b): position of each kept token
+        kept = keep.sum(axis=0)
+        step0 = self._batch_step
+        self._batch_step += T
+        self._pos += kept
+        self._decode += kept
+        if first is not None:
+            self._finished = fin0 | (first < T)
+        self._last_position = given[-1] if given is not None else None
+        self.steps += T
+        m = int(kept.sum())
+        if m == 0:
+            return
+        L, k = len(self.layout.points), self._top_k
+        sel = np.broadcast_to(keep[:, None, :], (T, L, b)).reshape(-1)
+        whole = m == T * b
+
+        def rows(x: np.ndarray) -> np.ndarray:  # (T, L, b) broadcast -> kept rows, (step, layer, token) order
+            flat = np.broadcast_to(x, (T, L, b)).reshape(-1)
+            return flat.copy() if whole else flat[sel]
+
+        ids = np.stack([p[0] for p in parts]).reshape(T * L * b, k)
+        weights = np.stack([p[1] for p in parts]).reshape(T * L * b, k) if self._weights else None
+        batch_ids = np.fromiter((meta.batch_id for meta, _ in steps), np.int64, T)
+        chunk = {
+            "request_id": rows(self._rid[None, None, :]),
+            "step": rows((step0 + 1 + np.arange(T, dtype=np.int32))[:, None, None]),
+            "phase": "decode",
+            "pos": rows(pos.astype(np.int32)[:, None, :]),
+            "layer": rows(self._layers[None, :, None]),
+            "experts": ids if whole else ids[sel],
+            "weights": None if weights is None else (weights if whole else weights[sel]),
+            "batch_id": rows(batch_ids[:, None, None]),
+            "token_id": None if (tokens[keep] < 0).any() else rows(tokens[:, None, :]),
+        }
+        self._stage(chunk, L * m)
 
     def _check_positions(self, meta: _StepMeta, given: np.ndarray, keep: np.ndarray, valid: np.ndarray) -> None:
         """Cross-check the cache signal with the step's position_ids, row by row; ``(b, s)`` arrays.
@@ -701,21 +804,24 @@ def _concat_chunks(chunks: list[dict[str, Any]], rows: int) -> dict[str, Any]:
 
 
 class _HostPipe:
-    """Moves each packed step to the host and hands it, in order, to ``process``, one step late.
+    """Moves each packed step to the host and hands finished steps, in order, to ``process`` in blocks.
 
-    The forward's thread launches one asynchronous device-to-host copy into a reused pinned buffer
-    and records an event. The step is processed when the next one is submitted, so its copy
-    overlaps the next forward and waiting on its event costs nothing in steady state. Processing
-    stays in the forward's thread on purpose: a worker thread would contend for the GIL with the
-    thread that launches kernels and slow it down more than the work it takes over (measured).
+    The forward's thread launches one asynchronous device-to-host copy per step into a reused pinned
+    buffer and records an event. Steps are processed ``block`` at a time, always leaving the newest
+    one pending, so every copy has long finished when it is read (waiting on its event costs
+    nothing) and the host work of a step is vectorised over a block of steps: at small batches, a
+    decode step is bound by the thread that launches kernels, and per-step Python on that thread is
+    what the step pays (measured by ``bench/capture_host_cost.py``). Processing stays in the
+    forward's thread on purpose: a worker thread contends for the GIL with the launching thread.
     On CPU the packed tensor itself is handed over, through the same path.
     """
 
-    def __init__(self, process: Any, max_free: int = 8) -> None:
+    def __init__(self, process: Any, block: int = 32) -> None:
         self._process = process
         self._pending: list[tuple[Any, torch.Tensor, int, Any]] = []
         self._free: list[torch.Tensor] = []
-        self._max_free = max_free
+        self._block = max(1, int(block))
+        self._max_free = self._block + 4
 
     def submit(self, meta: Any, packed: torch.Tensor) -> None:
         n = packed.numel()
@@ -727,7 +833,8 @@ class _HostPipe:
         else:
             host, event = packed, None
         self._pending.append((meta, host, n, event))
-        self._run(keep=1 if event is not None else 0)
+        if len(self._pending) > self._block:
+            self._run(keep=1)
 
     def drain(self) -> None:
         """Process every submitted step now."""
@@ -736,13 +843,17 @@ class _HostPipe:
     close = drain
 
     def _run(self, keep: int) -> None:
-        while len(self._pending) > keep:
-            meta, host, n, event = self._pending.pop(0)
-            try:
+        if len(self._pending) <= keep:
+            return
+        cut = len(self._pending) - keep
+        taken, self._pending = self._pending[:cut], self._pending[cut:]
+        try:
+            for _, _, _, event in taken:
                 if event is not None:
                     event.synchronize()
-                self._process(meta, host[:n].numpy())
-            finally:
+            self._process([(meta, host[:n].numpy()) for meta, host, n, _ in taken])
+        finally:
+            for _, host, _, _ in taken:
                 self._release(host)
 
     def _pinned(self, n: int) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""Decode steps processed in blocks give the same trace as steps processed one by one.
+
+The host side processes one-token decode steps of the running batch ``block`` at a time, vectorised
+(moeprof.capture.session: ``Recorder._process_decode_block``). Every case here runs the same
+generation twice, with blocks of 1 (each step on its own, the reference path) and of several steps,
+and compares every routing row and every request, in order.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+
+from capture_models import build
+from moeprof.capture.session import capture
+from moeprof.errors import CaptureError
+from moeprof.trace.reader import Trace
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return build("qwen3_moe")
+
+
+def _record(model, out, block, run, **kw):
+    rec = capture(model, out, **kw)
+    rec._pipe._block = block
+    with rec, torch.no_grad():
+        run()
+    trace = Trace.open(out)
+    return trace.routing().collect(), trace.requests(), rec.steps
+
+
+def _same(model, tmp_path, run, blocks=(3, 32), **kw):
+    ref = _record(model, tmp_path / "ref", 1, run, **kw)
+    assert ref[0].height > 0
+    for block in blocks:
+        got = _record(model, tmp_path / f"b{block}", block, run, **kw)
+        assert got[0].equals(ref[0]), f"routing rows differ with blocks of {block}"
+        assert got[1].equals(ref[1]), f"requests differ with blocks of {block}"
+        assert got[2] == ref[2]
+    return ref
+
+
+def test_blocks_match_step_by_step_with_eos_and_left_padding(qwen, tmp_path):
+    model, _ = qwen
+    ids = torch.randint(1, 96, (3, 7), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in row 1
+    mask[2, :1] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    free = model.generate(input_ids=ids, **kw)
+    eos = int(free[0, 7 + 4])  # row 0's fifth generated token ends it mid-block
+    routing, requests, _ = _same(
+        model, tmp_path, lambda: model.generate(input_ids=ids, eos_token_id=eos, **kw), eos_token_id=[eos]
+    )
+    # the case is real: a request ended early and the others kept going
+    decode = requests.sort("request_id")["decode_tokens"].to_list()
+    assert min(decode) < max(decode)
+    assert routing["step"].max() >= 5
+
+
+def test_blocks_match_step_by_step_in_an_own_loop_without_positions(qwen, tmp_path):
+    model, _ = qwen
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(2))
+
+    def loop():
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(9):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+
+    routing, _, steps = _same(model, tmp_path, loop)
+    assert steps == 10
+    assert routing.filter(pl.col("request_id") == 0)["pos"].max() == 5 + 9 - 1
+
+
+def test_a_bad_decode_step_inside_a_block_keeps_the_steps_before_it(qwen, tmp_path):
+    model, _ = qwen
+    ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    rec = capture(model, tmp_path / "t")
+    rec._pipe._block = 32
+    with pytest.raises(CaptureError, match=r"batch row 0 has position_ids 9, but its previous step ended at 7"):
+        with rec, torch.no_grad():
+            out = model(input_ids=ids, position_ids=torch.arange(6).expand(2, 6), use_cache=True)
+            cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+            for pos in (6, 7, 9, 10):  # the third decode step skips position 8
+                out = model(input_ids=ids[:, -1:], past_key_values=cache, position_ids=torch.full((2, 1), pos),
+                            use_cache=True)
+    assert rec.steps == 3  # the prefill and the two good decode steps, processed in one block
+    routing = Trace.open(tmp_path / "t").routing().collect()
+    assert sorted(routing.filter(pl.col("request_id") == 0)["pos"].unique().to_list()) == list(range(8))
