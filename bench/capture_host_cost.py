@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older tree can be timed
 
 from moeprof.capture import session as S  # noqa: E402
 
@@ -103,11 +103,12 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dic
             timers = Timers()
             timers.wrap(rec, "_on_forward_start", "forward_start")
             timers.wrap(rec, "_on_forward_end", "forward_end")
-            timers.wrap(rec, "_process_steps", "process")
+            name = "_process_steps" if hasattr(rec, "_process_steps") else "_process"  # older trees
+            timers.wrap(rec, name, "process")
             timers.wrap(rec, "_write_staged", "handoff")
             timers.wrap(rec._sink, "record", "layer_hooks")
             # the pipe holds the bound method it was made with: point it at the timed one
-            rec._pipe._process = rec._process_steps
+            rec._pipe._process = getattr(rec, name)
             sync()
             t = time.perf_counter()
             with rec, torch.inference_mode():
@@ -148,7 +149,10 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from gpu_capture import build
 
-        model = build(args.model, args.layers)
+        model = build(args.model, args.layers, "grouped_mm" if args.model == "deepseek" else None)
+    import moeprof
+
+    print(f"moeprof from {Path(moeprof.__file__).parent}", flush=True)
     results = []
     for b in map(int, args.batches.split(",")):
         for p in map(int, args.prompts.split(",")):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older tree can be timed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moeprof  # noqa: E402
@@ -132,6 +132,7 @@ def main() -> None:
 
     impl = "grouped_mm" if args.model == "deepseek" else None
     model = build(args.model, args.layers, impl)
+    print(f"moeprof from {Path(moeprof.__file__).parent}", flush=True)
     results = []
     out = Path(args.out or Path(__file__).parent / "results" / f"gpu_grid-{args.model}-{args.mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
