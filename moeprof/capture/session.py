@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,12 +97,13 @@ class StepSink:
         self.ids: list[torch.Tensor | None] = [None] * num_layers
         self.w: list[torch.Tensor | None] = [None] * num_layers
         self.active = False
+        self._devices: bool | None = None  # the layers' outputs lie on more than one device
+        self._empty = [None] * num_layers
 
     def reset(self) -> None:
         # In place: compiled code guards on these lists, so they must stay the same objects.
-        for i in range(self.num_layers):
-            self.ids[i] = None
-            self.w[i] = None
+        self.ids[:] = self._empty
+        self.w[:] = self._empty
         self.active = True
 
     def record(self, ordinal: int, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
@@ -115,15 +117,32 @@ class StepSink:
         return [i for i, t in enumerate(self.ids) if t is None]
 
     def pack(self, tokens: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-        """One uint8 tensor: ids (L, n, k) int16 | weights (L, n, k) float32 | tokens (n,) int32 |
-        positions (n,) int32 (when given) | valid (n,) int8."""
-        device = self.ids[0].device  # a model spread over devices (device_map) gathers on the first
-        # int16: expert ids of format v1 (one conversion for all layers, after the stack).
-        parts = [torch.stack([t.to(device) for t in self.ids]).to(torch.int16)]
+        """One 1-D tensor, in this order: ids ``(L, n, k)`` | weights ``(L, n, k)`` | tokens ``(n,)`` |
+        positions ``(n,)`` (when given) | valid ``(n,)``.
+
+        Every part goes in as it is and ``torch.cat`` converts them all at once (type promotion): to
+        float32 when weights are recorded (exact for ids, token ids and positions below 2**24), to
+        int64 otherwise. At small batches a step's cost is the number of tensor calls on the
+        launching thread, so this is four or five calls whatever the number of layers.
+        """
+        ids, w = self.ids, self.w
+        if self._devices is None:  # a model spread over devices (device_map) gathers on the first
+            self._devices = len({t.device for t in ids}) > 1
+        if self._devices:
+            device = ids[0].device
+            ids = [t.to(device) for t in ids]
+            w = [t.to(device) for t in w] if self.weights else w
+            tokens, valid = tokens.to(device), valid.to(device)
+            positions = positions.to(device) if positions is not None else None
+        parts = [torch.stack(ids).reshape(-1)]
         if self.weights:
-            parts.append(torch.stack([t.to(device) for t in self.w]).to(torch.float32))
-        parts += [tokens.to(device)] + ([positions.to(device)] if positions is not None else []) + [valid.to(device)]
-        return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
+            # float32 first: promoting int64 ids with bfloat16 weights would round the ids to bfloat16
+            parts.append(torch.stack(w).reshape(-1).float())
+        parts.append(tokens)
+        if positions is not None:
+            parts.append(positions)
+        parts.append(valid)
+        return torch.cat(parts)
 
 
 class Recorder:
@@ -181,6 +200,8 @@ class Recorder:
         self._flush_seconds = float(flush_seconds)
         self._last_handoff = time.monotonic()
         self._pipe = _HostPipe(self._process_steps)
+        self._constants: dict[tuple, torch.Tensor] = {}
+        self._packed_dtype = np.float32 if weights else np.int64
         self._batch_running = False
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
@@ -408,16 +429,23 @@ class Recorder:
         input_ids, position_ids, mask, device = self._inputs
         self._inputs = None
         n = meta.b * meta.s
-        if input_ids is not None:
-            tokens = input_ids.reshape(-1).to(torch.int32)
-        else:
-            tokens = torch.full((n,), -1, dtype=torch.int32, device=device)
+        tokens = input_ids.reshape(-1) if input_ids is not None else self._filled(n, -1, device)
         positions = _positions(position_ids, meta.b, meta.s) if position_ids is not None else None
-        if meta.plan is not None:
-            valid = torch.ones(n, dtype=torch.int8, device=device)
+        if meta.plan is not None or mask is None:
+            valid = self._filled(n, 1, device)
         else:
-            valid = _token_validity(mask, meta.b, meta.s, meta.new_sequences, device)
+            valid = _token_validity(mask, meta.b, meta.s, meta.new_sequences, device, self._filled)
         self._pipe.submit(meta, sink.pack(tokens, positions, valid))
+
+    def _filled(self, n: int, value: int, device: torch.device) -> torch.Tensor:
+        """A constant ``(n,)`` int8 device tensor, made once per shape (no kernel launch per step)."""
+        key = (n, value, device)
+        t = self._constants.get(key)
+        if t is None:
+            if len(self._constants) > 64:
+                self._constants.clear()
+            t = self._constants[key] = torch.full((n,), value, dtype=torch.int8, device=device)
+        return t
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
 
@@ -447,20 +475,20 @@ class Recorder:
         """Views of one packed step: ids ``(L, n, k)``, weights or None, tokens ``(n,)``, positions
         ``(n,)`` or None, valid ``(b, s)`` bool."""
         L, n, k = len(self.layout.points), meta.b * meta.s, self._top_k
-        off = 0
-        ids = raw[off : off + L * n * k * 2].view(np.int16).reshape(L, n, k)
-        off += L * n * k * 2
+        vals = raw.view(self._packed_dtype)  # see StepSink.pack
+        ids = vals[: L * n * k].astype(np.int16).reshape(L, n, k)
+        off = L * n * k
         weights = None
         if self._weights:
-            weights = raw[off : off + L * n * k * 4].view(np.float32).reshape(L, n, k)
-            off += L * n * k * 4
-        tokens = raw[off : off + n * 4].view(np.int32)
-        off += n * 4
+            weights = vals[off : off + L * n * k].reshape(L, n, k)
+            off += L * n * k
+        tokens = vals[off : off + n].astype(np.int32)
+        off += n
         positions = None
         if meta.positions:
-            positions = raw[off : off + n * 4].view(np.int32)
-            off += n * 4
-        valid = raw[off : off + n].view(np.int8).astype(bool).reshape(meta.b, meta.s)
+            positions = vals[off : off + n].astype(np.int32)
+            off += n
+        valid = (vals[off : off + n] != 0).reshape(meta.b, meta.s)
         return ids, weights, tokens, positions, valid
 
     def _process(self, meta: _StepMeta, raw: np.ndarray) -> None:
@@ -691,20 +719,25 @@ class Recorder:
         """Stage the rows of the kept tokens ``idx`` of one step, layer-major. ``request_id``, ``pos``
         and (unless scalars) ``step`` and ``phase`` are per kept token; ``ids`` is ``(L, n, k)``."""
         L, k, m = ids.shape[0], ids.shape[2], idx.size
+        whole = m == ids.shape[1]  # every token kept (no padding, no EOS): plain copies, no gathers
 
         def per_row(x: Any) -> Any:
-            return x if np.ndim(x) == 0 or isinstance(x, str) else np.tile(x, L)
+            return x if np.ndim(x) == 0 or isinstance(x, str) else np.broadcast_to(x, (L, m)).reshape(-1)
 
+        def gather(x: np.ndarray) -> np.ndarray:  # (L, n, k) -> rows of the kept tokens; a copy, never a view
+            return (x.copy() if whole else x[:, idx, :]).reshape(L * m, k)
+
+        token_id = tokens if whole else tokens[idx]
         chunk = {
-            "request_id": np.tile(request_id, L),
+            "request_id": per_row(request_id),
             "step": per_row(step),
             "phase": per_row(phase),
-            "pos": np.tile(np.asarray(pos, np.int32), L),
+            "pos": per_row(np.asarray(pos, np.int32)),
             "layer": np.repeat(self._layers, m),
-            "experts": ids[:, idx, :].reshape(L * m, k),
-            "weights": None if weights is None else weights[:, idx, :].reshape(L * m, k),
+            "experts": ids.reshape(L * m, k) if whole else ids[:, idx, :].reshape(L * m, k),  # ids: own array
+            "weights": None if weights is None else gather(weights),  # a view of a reused buffer: copied
             "batch_id": np.int64(meta.batch_id),
-            "token_id": None if (tokens[idx] < 0).any() else np.tile(tokens[idx], L),
+            "token_id": None if (token_id < 0).any() else per_row(token_id),
         }
         self._stage(chunk, L * m)
 
@@ -819,11 +852,10 @@ class _HostPipe:
     def __init__(self, process: Any, block: int = 32) -> None:
         self._process = process
         self._pending: list[tuple[Any, torch.Tensor, int, Any]] = []
-        self._free: list[torch.Tensor] = []
         self._block = max(1, int(block))
-        self._max_free = self._block + 4
 
     def submit(self, meta: Any, packed: torch.Tensor) -> None:
+        packed = packed.view(torch.uint8)
         n = packed.numel()
         if packed.is_cuda:
             host = self._pinned(n)
@@ -857,19 +889,43 @@ class _HostPipe:
                 self._release(host)
 
     def _pinned(self, n: int) -> torch.Tensor:
-        # Allocating pinned memory can synchronise the device: reuse buffers, rounded to powers of 2.
-        fits = [b for b in self._free if b.numel() >= n]
-        if fits:
-            buf = min(fits, key=torch.Tensor.numel)
-            self._free.remove(buf)
-            return buf
-        return torch.empty(1 << max(12, (n - 1).bit_length()), dtype=torch.uint8, pin_memory=True)
+        return _PINNED.take(n)
 
     def _release(self, buf: torch.Tensor) -> None:
         if buf.is_pinned():
+            _PINNED.give(buf)
+
+
+class _PinnedPool:
+    """Pinned host buffers kept for reuse by every capture of this process, sizes rounded to powers of 2.
+
+    Allocating pinned memory can synchronise the device and costs far more than a step's copy, so
+    buffers outlive a capture: a benchmark or a server running many short captures allocates them
+    once. At most ``max_bytes`` are kept.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self._max_bytes = max_bytes
+
+    def take(self, n: int) -> torch.Tensor:
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= n]
+            if fits:
+                buf = min(fits, key=torch.Tensor.numel)
+                self._free.remove(buf)
+                return buf
+        return torch.empty(1 << max(12, (n - 1).bit_length()), dtype=torch.uint8, pin_memory=True)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
             self._free.append(buf)
-            if len(self._free) > self._max_free:
-                self._free.remove(min(self._free, key=torch.Tensor.numel))
+            while sum(b.numel() for b in self._free) > self._max_bytes:
+                self._free.remove(max(self._free, key=torch.Tensor.numel))
+
+
+_PINNED = _PinnedPool()
 
 
 def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
@@ -908,13 +964,13 @@ def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
 
 
 def _positions(position_ids: Any, b: int, s: int) -> torch.Tensor | None:
-    """``(b*s,)`` int32 position ids as a device tensor (no sync), or None when absent or not ``(b, s)``
+    """``(b*s,)`` position ids as a device tensor (no sync, no copy), or None when absent or not ``(b, s)``
     (3-D rotary positions of multimodal models)."""
     if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) not in {(b, s), (1, s)}:
         return None
     if position_ids.shape[0] != b:
         position_ids = position_ids.expand(b, s)
-    return position_ids.reshape(-1).to(torch.int32)
+    return position_ids.reshape(-1)
 
 
 def _eager(hook: Any) -> Any:
@@ -926,8 +982,8 @@ def _eager(hook: Any) -> Any:
     return dynamo.disable(hook, recursive=True)
 
 
-def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torch.device) -> torch.Tensor:
-    """``(b*s,)`` int8: 1 for a real token of this step, 0 for padding, as a device tensor (no sync).
+def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torch.device, filled: Any) -> torch.Tensor:
+    """``(b*s,)``: nonzero for a real token of this step, 0 for padding, as a device tensor (no sync).
 
     - no mask: every token is real;
     - 2-D padding mask ``(b, past + s)`` (dynamic cache): its last ``s`` columns;
@@ -935,16 +991,19 @@ def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torc
       additive float: a token is real iff it may attend to itself. In a prefill the i-th query sits
       at key i; in a decode step generate() feeds no padding (finished rows are handled by EOS);
     - a dict of masks per attention type (sliding-window models): its full-attention entry.
+
+    ``filled(n, value, device)`` gives a cached constant tensor (no launch per step).
     """
     if isinstance(mask, dict):
         mask = mask.get("full_attention", next(iter(mask.values()), None))
     if mask is None:
-        return torch.ones(b * s, dtype=torch.int8, device=device)
+        return filled(b * s, 1, device)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask[:, -s:].reshape(-1).to(torch.int8)
+        part = mask[:, -s:].reshape(-1)
+        return part.to(torch.int8) if part.is_floating_point() else part
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         if not new_sequences:
-            return torch.ones(b * s, dtype=torch.int8, device=device)
+            return filled(b * s, 1, device)
         diag = torch.diagonal(mask[:, 0, :, :s], dim1=-2, dim2=-1)
         allowed = diag if diag.dtype == torch.bool else diag == 0
         return allowed.reshape(-1).to(torch.int8)
