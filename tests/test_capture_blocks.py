@@ -93,3 +93,28 @@ def test_a_bad_decode_step_inside_a_block_keeps_the_steps_before_it(qwen, tmp_pa
     assert rec.steps == 3  # the prefill and the two good decode steps, processed in one block
     routing = Trace.open(tmp_path / "t").routing().collect()
     assert sorted(routing.filter(pl.col("request_id") == 0)["pos"].unique().to_list()) == list(range(8))
+
+
+def test_pinned_pool_reuses_the_smallest_fitting_buffer_and_stays_bounded(monkeypatch):
+    from moeprof.capture.session import _PinnedPool
+
+    made = []
+
+    def allocate(size):  # plain memory: pinning needs a CUDA build; the bookkeeping is what is tested
+        made.append(size)
+        return torch.zeros(size, dtype=torch.uint8)
+
+    pool = _PinnedPool(max_bytes=1 << 16)
+    monkeypatch.setattr(pool, "_allocate", allocate)
+    a, b, c = pool.take(5000), pool.take(100), pool.take(40000)
+    assert made == [8192, 4096, 65536]
+    for buf in (a, b, c):  # buffers of different sizes and equal contents: never compared by value
+        pool.give(buf)
+    assert pool.take(3000) is b and pool.take(6000) is a
+    assert made == [8192, 4096, 65536]
+    pool.give(a)
+    pool.give(b)
+    big = pool.take(1 << 17)  # nothing fits: a new buffer; giving it back exceeds the bound
+    pool.give(big)
+    assert sum(x.numel() for x in pool._free) <= 1 << 16
+    assert all(x is not big for x in pool._free)

@@ -911,18 +911,21 @@ class _PinnedPool:
 
     def take(self, n: int) -> torch.Tensor:
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= n]
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= n]
             if fits:
-                buf = min(fits, key=torch.Tensor.numel)
-                self._free.remove(buf)
-                return buf
-        return torch.empty(1 << max(12, (n - 1).bit_length()), dtype=torch.uint8, pin_memory=True)
+                # by index: list.remove would compare tensors with ==, element by element
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return self._allocate(1 << max(12, (n - 1).bit_length()))
 
     def give(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
             while sum(b.numel() for b in self._free) > self._max_bytes:
-                self._free.remove(max(self._free, key=torch.Tensor.numel))
+                self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
+
+    @staticmethod
+    def _allocate(size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
 
 
 _PINNED = _PinnedPool()
