@@ -840,13 +840,13 @@ class _HostPipe:
     """Moves each packed step to the host and hands finished steps, in order, to ``process`` in blocks.
 
     The forward's thread launches one asynchronous device-to-host copy per step into a reused pinned
-    buffer and records an event. Steps are processed ``block`` at a time, always leaving the newest
-    one pending, so every copy has long finished when it is read (waiting on its event costs
-    nothing) and the host work of a step is vectorised over a block of steps: at small batches, a
-    decode step is bound by the thread that launches kernels, and per-step Python on that thread is
-    what the step pays (measured by ``bench/capture_host_cost.py``). Processing stays in the
-    forward's thread on purpose: a worker thread contends for the GIL with the launching thread.
-    On CPU the packed tensor itself is handed over, through the same path.
+    buffer. Steps are processed ``block`` at a time, always leaving the newest one pending, so every
+    copy has long finished when it is read, and the host work of a step is vectorised over a block
+    of steps: at small batches a decode step is bound by the thread that launches kernels, and what
+    capture does on that thread per step is what the step pays (``bench/capture_host_cost.py``).
+    Copies run in stream order, so one event per block (recorded after its last copy) says the
+    whole block has landed. Processing stays in the forward's thread on purpose: a worker thread
+    contends for the GIL with the launching thread. On CPU the packed tensor itself is handed over.
     """
 
     def __init__(self, process: Any, block: int = 32) -> None:
@@ -857,13 +857,15 @@ class _HostPipe:
     def submit(self, meta: Any, packed: torch.Tensor) -> None:
         packed = packed.view(torch.uint8)
         n = packed.numel()
+        event = None
         if packed.is_cuda:
-            host = self._pinned(n)
+            host = _PINNED.take(n)
             host[:n].copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            if len(self._pending) + 1 == self._block:  # the last of a block: its event covers the block
+                event = torch.cuda.Event()
+                event.record()
         else:
-            host, event = packed, None
+            host = packed
         self._pending.append((meta, host, n, event))
         if len(self._pending) > self._block:
             self._run(keep=1)
@@ -880,24 +882,21 @@ class _HostPipe:
         cut = len(self._pending) - keep
         taken, self._pending = self._pending[:cut], self._pending[cut:]
         try:
-            for _, _, _, event in taken:
-                if event is not None:
-                    event.synchronize()
+            event = taken[-1][3]
+            if event is None and taken[-1][1].is_pinned():
+                event = torch.cuda.Event()  # recorded now: after every copy already queued
+                event.record()
+            if event is not None:
+                event.synchronize()
             self._process([(meta, host[:n].numpy()) for meta, host, n, _ in taken])
         finally:
             for _, host, _, _ in taken:
-                self._release(host)
-
-    def _pinned(self, n: int) -> torch.Tensor:
-        return _PINNED.take(n)
-
-    def _release(self, buf: torch.Tensor) -> None:
-        if buf.is_pinned():
-            _PINNED.give(buf)
+                if host.is_pinned():
+                    _PINNED.give(host)
 
 
 class _PinnedPool:
-    """Pinned host buffers kept for reuse by every capture of this process, sizes rounded to powers of 2.
+    """Pinned host buffers kept for reuse by every capture of this process, by power-of-2 size class.
 
     Allocating pinned memory can synchronise the device and costs far more than a step's copy, so
     buffers outlive a capture: a benchmark or a server running many short captures allocates them
@@ -905,23 +904,28 @@ class _PinnedPool:
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self._free: list[torch.Tensor] = []
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._bytes = 0
         self._lock = threading.Lock()
         self._max_bytes = max_bytes
 
     def take(self, n: int) -> torch.Tensor:
+        size_class = max(12, (n - 1).bit_length())
         with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.numel() >= n]
-            if fits:
-                # by index: list.remove would compare tensors with ==, element by element
-                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        return self._allocate(1 << max(12, (n - 1).bit_length()))
+            bucket = self._free.get(size_class)
+            if bucket:
+                buf = bucket.pop()
+                self._bytes -= buf.numel()
+                return buf
+        return self._allocate(1 << size_class)
 
     def give(self, buf: torch.Tensor) -> None:
+        size = buf.numel()
         with self._lock:
-            self._free.append(buf)
-            while sum(b.numel() for b in self._free) > self._max_bytes:
-                self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
+            if self._bytes + size > self._max_bytes:
+                return  # dropped: freed by torch when no longer referenced
+            self._free.setdefault(size.bit_length() - 1, []).append(buf)
+            self._bytes += size
 
     @staticmethod
     def _allocate(size: int) -> torch.Tensor:
