@@ -157,12 +157,13 @@ def fit_grouping(
     train_prefill_sig: np.ndarray | None,
     train_node: np.ndarray | None,
     slack: float = 0.1,
+    engine: Any = None,
 ) -> GroupingModel:
     """Learn a grouping of ``kind`` from the train requests.
 
     ``train_node`` is the node each train request was given by the policy (kmeans, locality); for
     policies without one, ``prefill`` clusters the prefill signatures into ``nodes`` groups and
-    ``domain`` sends each domain to one node in turn.
+    ``domain`` sends each domain to one node in turn. ``engine`` runs the K-means rounds (None: here).
     """
     if kind not in GROUPINGS:
         raise PlacementError(f"unknown grouping {kind!r}; choose one of {', '.join(GROUPINGS)}")
@@ -180,7 +181,7 @@ def fit_grouping(
             "--grouping prefill needs prefill routing rows and the trace has none; use --grouping random or domain"
         )
     if train_node is None:
-        _, labels = kmeans(train_prefill_sig, nodes, seed)
+        _, labels = kmeans(train_prefill_sig, nodes, seed, engine=engine)
         train_node = balanced_assign(_cos(train_prefill_sig, node_centroids(train_prefill_sig, labels, nodes)), nodes, slack)
     model.centroids = node_centroids(train_prefill_sig, train_node, nodes)
     model.cluster_nodes = [[n] for n in range(nodes)]
