@@ -70,8 +70,10 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, iters: int = 30, engine: Any = 
     centroids[0] = x[first]
     for i in range(1, k):
         d2 = np.concatenate(run(_seed_distances, centroids[:i]))
-        cum = (d2 / d2.sum()).cumsum()
-        centroids[i] = x[int(np.searchsorted(cum, rng.uniform()))]
+        total, u = d2.sum(), rng.uniform()
+        # every row on a centroid already (fewer distinct rows than k): row 0 again, as kmeans2's
+        # all-NaN probabilities gave; the cluster ends up empty and keeps that centroid
+        centroids[i] = x[int(np.searchsorted((d2 / total).cumsum(), u)) if total > 0 else 0]
 
     labels = None
     rounds = 0
