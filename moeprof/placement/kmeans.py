@@ -30,8 +30,8 @@ import numpy as np
 from moeprof.errors import PlacementError
 
 BLOCK_BYTES = 8 << 20
-"""Size of one block of signatures as float64 (8 MiB: 140 requests of DeepSeek-V3's 58 × 256
-signature, tens of thousands of a small model's): a task's share of one round."""
+"""Size of one block of signatures as float64 (8 MiB: 70 requests of DeepSeek-V3's 58 × 256
+signature, 8,192 of the sample trace's 4 × 32): a task's share of one round."""
 
 
 @dataclass
