@@ -9,4 +9,4 @@ pip install -q -e '.[ray]'
 python -c "import ray; print('ray', ray.__version__)"
 # The tests set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 themselves (loopback only); the timeout guards
 # against a cluster that never comes up.
-timeout 1200 python -m pytest -q tests/test_ray.py
+timeout 1200 python -m pytest -q tests/test_ray.py tests/test_ray_placement.py
