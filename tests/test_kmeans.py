@@ -56,6 +56,20 @@ def blobs(n: int, dim: int, k: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def test_known_answer_two_pairs(monkeypatch):
+    """Two pairs of points far apart, one block per row: each pair is a cluster, centred on its middle,
+    inertia 4 × 0.5² (for these seeds k-means++ draws the second centre from the far pair, as it does
+    with probability 201/202)."""
+    monkeypatch.setattr(km, "BLOCK_BYTES", 8 * 2)
+    x = np.array([[0, 0], [0, 1], [10, 0], [10, 1]], dtype=np.float32)
+    for seed in range(5):
+        fit = km.fit_kmeans(x, 2, seed)
+        assert fit.blocks == 4
+        assert fit.labels[0] == fit.labels[1] != fit.labels[2] == fit.labels[3]
+        assert sorted(map(tuple, fit.centroids.tolist())) == [(0.0, 0.5), (10.0, 0.5)]
+        assert fit.inertia == 1.0
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 13 rows of a 40-wide signature (so a few hundred rows make many tasks)."""
