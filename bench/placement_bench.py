@@ -43,10 +43,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="token-routes per request, layer and phase")
     ap.add_argument("--kmeans-requests", type=int, default=None, help="time K-means rounds on the engines instead")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--block-mib", type=float, default=None, help="K-means block size (default: moeprof's)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     L, E = 58, 256
     if args.kmeans_requests:
+        if args.block_mib:
+            from moeprof.placement import kmeans
+
+            kmeans.BLOCK_BYTES = int(args.block_mib * 2**20)
         kmeans_engines(args.kmeans_requests, L, E, args.tokens, args.repeat)
         return
     t0 = time.perf_counter()

@@ -29,9 +29,10 @@ import numpy as np
 
 from moeprof.errors import PlacementError
 
-BLOCK_BYTES = 8 << 20
-"""Size of one block of signatures as float64 (8 MiB: 70 requests of DeepSeek-V3's 58 × 256
-signature, 8,192 of the sample trace's 4 × 32): a task's share of one round."""
+BLOCK_BYTES = 32 << 20
+"""Size of one block of signatures as float64 (32 MiB: 282 requests of DeepSeek-V3's 58 × 256
+signature, 32,768 of the sample trace's 4 × 32): a task's share of one round, 10-25 ms of work,
+above the few ms a Ray task costs (``bench/placement_bench.py --kmeans-requests``)."""
 
 
 @dataclass
