@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI step for `--engine ray` (issue 16): install the ray extra into the main .venv that .ci/run made,
 # then run the tests that start a real two-node Ray cluster on this machine (loopback only).
-# About 3 minutes on 2 shared cores: one cluster for the module, ~20 s to start.
+# About 3 minutes on 2 shared cores (test_ray_placement.py: under 1 more): one cluster per module, ~20 s to start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
