@@ -23,9 +23,11 @@ def qwen():
     return build("qwen3_moe")
 
 
-def _record(model, out, block, run, **kw):
+def _record(model, out, block, run, big=None, **kw):
     rec = capture(model, out, **kw)
     rec._pipe._block = block
+    if big is not None:  # blocks of at least this many bytes are processed by the worker thread
+        rec._pipe._big_bytes = big
     with rec, torch.no_grad():
         run()
     trace = Trace.open(out)
@@ -35,10 +37,11 @@ def _record(model, out, block, run, **kw):
 def _same(model, tmp_path, run, blocks=(3, 32), **kw):
     ref = _record(model, tmp_path / "ref", 1, run, **kw)
     assert ref[0].height > 0
-    for block in blocks:
-        got = _record(model, tmp_path / f"b{block}", block, run, **kw)
-        assert got[0].equals(ref[0]), f"routing rows differ with blocks of {block}"
-        assert got[1].equals(ref[1]), f"requests differ with blocks of {block}"
+    # (block, big): blocks in the calling thread; every hand-over to the worker thread; a mix
+    for block, big in [(b, None) for b in blocks] + [(1, 1), (4, 1), (3, 4000)]:
+        got = _record(model, tmp_path / f"b{block}-{big}", block, run, big=big, **kw)
+        assert got[0].equals(ref[0]), f"routing rows differ with blocks of {block} (worker from {big} bytes)"
+        assert got[1].equals(ref[1]), f"requests differ with blocks of {block} (worker from {big} bytes)"
         assert got[2] == ref[2]
     return ref
 
@@ -78,11 +81,14 @@ def test_blocks_match_step_by_step_in_an_own_loop_without_positions(qwen, tmp_pa
     assert routing.filter(pl.col("request_id") == 0)["pos"].max() == 5 + 9 - 1
 
 
-def test_a_bad_decode_step_inside_a_block_keeps_the_steps_before_it(qwen, tmp_path):
+@pytest.mark.parametrize("block, big", [(32, None), (2, 1)], ids=["calling-thread", "worker-thread"])
+def test_a_bad_decode_step_inside_a_block_keeps_the_steps_before_it(qwen, tmp_path, block, big):
     model, _ = qwen
     ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(0))
     rec = capture(model, tmp_path / "t")
-    rec._pipe._block = 32
+    rec._pipe._block = block
+    if big is not None:
+        rec._pipe._big_bytes = big
     with pytest.raises(CaptureError, match=r"batch row 0 has position_ids 9, but its previous step ended at 7"):
         with rec, torch.no_grad():
             out = model(input_ids=ids, position_ids=torch.arange(6).expand(2, 6), use_cache=True)

@@ -288,6 +288,8 @@ class Recorder:
             self._pipe.close()  # may raise at a step it cannot place, after recording the steps before it
         except BaseException as e:
             error = e
+        finally:
+            self._pipe.shutdown()
         try:
             self._write_staged()
             self._sync_requests()
@@ -845,14 +847,24 @@ class _HostPipe:
     of steps: at small batches a decode step is bound by the thread that launches kernels, and what
     capture does on that thread per step is what the step pays (``bench/capture_host_cost.py``).
     Copies run in stream order, so one event per block (recorded after its last copy) says the
-    whole block has landed. Processing stays in the forward's thread on purpose: a worker thread
-    contends for the GIL with the launching thread. On CPU the packed tensor itself is handed over.
+    whole block has landed.
+
+    Small blocks are processed in the forward's thread: a worker thread would contend for the GIL
+    with the thread that launches kernels. A block of at least ``big_bytes`` (the prefill of a large
+    batch: hundreds of MB, a tenth of a second of copies) goes to one worker thread instead, mostly
+    in numpy calls that release the GIL, while the forward's thread launches the next steps; the
+    next block waits for it, so steps are still processed one at a time and in order, and an error
+    raised there surfaces at the next hand-over or at ``drain``. On CPU the packed tensor itself is
+    handed over, through the same path.
     """
 
-    def __init__(self, process: Any, block: int = 32) -> None:
+    def __init__(self, process: Any, block: int = 32, big_bytes: int = 16 << 20) -> None:
         self._process = process
         self._pending: list[tuple[Any, torch.Tensor, int, Any]] = []
         self._block = max(1, int(block))
+        self._big_bytes = big_bytes
+        self._worker: Any = None
+        self._job: Any = None
 
     def submit(self, meta: Any, packed: torch.Tensor) -> None:
         packed = packed.view(torch.uint8)
@@ -861,20 +873,27 @@ class _HostPipe:
         if packed.is_cuda:
             host = _PINNED.take(n)
             host[:n].copy_(packed, non_blocking=True)
-            if len(self._pending) + 1 == self._block:  # the last of a block: its event covers the block
-                event = torch.cuda.Event()
+            if len(self._pending) + 1 == self._block or n >= self._big_bytes:
+                event = torch.cuda.Event()  # the last of a block, or a big step: covers every copy before it
                 event.record()
         else:
             host = packed
         self._pending.append((meta, host, n, event))
-        if len(self._pending) > self._block:
+        # hand over a full block, or a big step as soon as the next one is queued (its copy has landed)
+        if len(self._pending) > self._block or (len(self._pending) > 1 and self._pending[-2][2] >= self._big_bytes):
             self._run(keep=1)
 
     def drain(self) -> None:
-        """Process every submitted step now."""
+        """Process every submitted step now (and wait for the worker)."""
         self._run(keep=0)
+        self._wait()
 
     close = drain
+
+    def _wait(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()  # re-raises what the worker raised
 
     def _run(self, keep: int) -> None:
         if len(self._pending) <= keep:
@@ -882,17 +901,42 @@ class _HostPipe:
         cut = len(self._pending) - keep
         taken, self._pending = self._pending[:cut], self._pending[cut:]
         try:
-            event = taken[-1][3]
-            if event is None and taken[-1][1].is_pinned():
-                event = torch.cuda.Event()  # recorded now: after every copy already queued
-                event.record()
+            self._wait()
+        except BaseException:
+            self._release(taken)
+            raise
+        event = taken[-1][3]
+        pinned = taken[-1][1].is_pinned()
+        if event is None and pinned:
+            event = torch.cuda.Event()  # recorded now: after every copy already queued
+            event.record()
+        if keep and sum(n for _, _, n, _ in taken) >= self._big_bytes:
+            if self._worker is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="moeprof-capture-host")
+            self._job = self._worker.submit(self._finish, taken, event)
+        else:
+            self._finish(taken, event)
+
+    def _finish(self, taken: list, event: Any) -> None:
+        try:
             if event is not None:
                 event.synchronize()
             self._process([(meta, host[:n].numpy()) for meta, host, n, _ in taken])
         finally:
-            for _, host, _, _ in taken:
-                if host.is_pinned():
-                    _PINNED.give(host)
+            self._release(taken)
+
+    @staticmethod
+    def _release(taken: list) -> None:
+        for _, host, _, _ in taken:
+            if host.is_pinned():
+                _PINNED.give(host)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
 
 class _PinnedPool:
