@@ -10,10 +10,12 @@ How a forward step is recorded:
    host synchronisation and no branch on tensor values, so it can run inside CUDA graphs once the
    slots become a preallocated device ring buffer (the GPU work of issue 7).
 3. A forward hook on the top-level model packs every slot plus the token ids and validity into one
-   byte tensor and makes ONE device-to-host copy of it (asynchronous into pinned memory on CUDA).
-4. The host side, one step behind on CUDA, drops padding, assigns requests, positions, steps and
-   phases, and hands column chunks to :class:`~moeprof.trace.writer.TraceWriter`, whose background
-   thread writes the Parquet shards.
+   tensor (one ``torch.cat``) and makes ONE device-to-host copy of it (asynchronous into pooled
+   pinned memory on CUDA).
+4. The host side (:class:`_HostPipe`) takes finished steps 32 at a time: it drops padding and tokens
+   after EOS, assigns requests, positions, steps and phases, vectorised over a block of decode
+   steps, and hands column chunks to :class:`~moeprof.trace.writer.TraceWriter`, whose background
+   thread writes the Parquet shards. Large blocks (big prefills) are processed by a worker thread.
 
 What is counted: for each request and each MoE layer, one row per prompt token (padding excluded;
 step 0, phase ``prefill``) and one row per generated token fed back to the model (step ``i`` is the
