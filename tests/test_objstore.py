@@ -413,6 +413,7 @@ def cluster(s3):
     try:
         c.add_node(**node)
         ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         yield c
     finally:
         ray.shutdown()
