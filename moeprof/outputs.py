@@ -129,8 +129,9 @@ def refuse_uri(out: str | Path, option: str = "--out") -> None:
     """Raise :class:`OutputError` if ``out`` names object storage: moeprof reads traces there but
     writes its outputs to a local (or mounted) directory."""
     if _URI_LIKE.match(str(out)):
+        shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", str(out))  # as typed, before pathlib
         raise OutputError(
-            f"{option} {out}: moeprof reads traces on object storage but writes its outputs to a local (or "
+            f"{option} {shown}: moeprof reads traces on object storage but writes its outputs to a local (or "
             f"mounted) directory; give a local {option} and copy the result to the bucket afterwards"
         )
 
