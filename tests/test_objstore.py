@@ -193,24 +193,34 @@ def test_analyze_s3_same_as_local(s3, local, cli, tmp_path, name):
     same_analysis(tmp_path / "s3", tmp_path / "local", uri, local / name)
 
 
-def test_every_reader_same_on_s3(s3, local, cli, tmp_path):
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_every_reader_same_on_the_store(store, request, local, cli, tmp_path):
     """inspect, place, simulate --compare, diff, check and report: on the URI as on the local copy."""
-    uri, here = "s3://traces/sample", local / "sample"
-    s3.reset()
+    if store == "s3":
+        s3 = request.getfixturevalue("s3")
+        uri, other = "s3://traces/sample", "s3://traces/other"
+        s3.reset()
+        no_listing = lambda: assert_no_listing(s3.requests())  # noqa: E731
+    else:
+        gcs = request.getfixturevalue("gcs")
+        uri, other = gcs["uri"]("sample"), gcs["uri"]("other")
+        mark = len(gcs["log"].read_text())
+        no_listing = lambda: assert_gcs_reads_only(gcs_requests(gcs["log"], mark))  # noqa: E731
+    here = local / "sample"
     pairs = []
     for args in (["inspect", "{t}", "--json"],
                  ["check", "{t}", "--max-imbalance", "100", "--json"],
                  ["diff", "{t}", "{o}", "--json"]):
         runs = []
-        for t, o in ((uri, "s3://traces/other"), (here, local / "other")):
+        for t, o in ((uri, other), (here, local / "other")):
             res = cli(*[str(a).format(t=t, o=o) for a in args])
             assert res.exit_code == 0, (args, res.stderr)
             runs.append(res.stdout)
         pairs.append((args[0], runs))
-    for what, (on_s3, on_disk) in pairs:
-        assert without(on_s3, (uri, str(here)), ("s3://traces/other", str(local / "other"))) == json.loads(on_disk), what
+    for what, (on_store, on_disk) in pairs:
+        assert without(on_store, (uri, str(here)), (other, str(local / "other"))) == json.loads(on_disk), what
     # place: the same placement from the same train split
-    for t, out in ((uri, tmp_path / "p-s3.json"), (here, tmp_path / "p-local.json")):
+    for t, out in ((uri, tmp_path / "p-store.json"), (here, tmp_path / "p-local.json")):
         res = cli("place", t, "--nodes", "2", "--gpus-per-node", "2", "--policy", "eplb", "--out", out)
         assert res.exit_code == 0, res.stderr
     def placement(doc):  # bar when it was written and how long the fit took
@@ -218,26 +228,27 @@ def test_every_reader_same_on_s3(s3, local, cli, tmp_path):
         doc["policy"].get("info", {}).pop("fit_seconds", None)
         return doc
 
-    assert placement(without((tmp_path / "p-s3.json").read_text(), (uri, str(here)))) == placement(json.loads(
+    assert placement(without((tmp_path / "p-store.json").read_text(), (uri, str(here)))) == placement(json.loads(
         (tmp_path / "p-local.json").read_text()))
     # simulate --compare
-    for t, out in ((uri, tmp_path / "c-s3"), (here, tmp_path / "c-local")):
+    for t, out in ((uri, tmp_path / "c-store"), (here, tmp_path / "c-local")):
         res = cli("simulate", t, "--compare", "--nodes", "2", "--gpus-per-node", "2", "--out", out, "--json")
         assert res.exit_code == 0, res.stderr
     rows = [comparison_rows(compare(t, nodes=2, gpus_per_node=2)) for t in (uri, here)]
     assert rows[0] == rows[1] and len(rows[0]) >= 5
     # report: the page's numbers are the same
-    for t, out in ((uri, tmp_path / "r-s3"), (here, tmp_path / "r-local")):
+    for t, out in ((uri, tmp_path / "r-store"), (here, tmp_path / "r-local")):
         res = cli("report", t, "--out", out)
         assert res.exit_code == 0, res.stderr
-    a = without((tmp_path / "r-s3" / "report.json").read_text(), (uri, str(here)))
+    a = without((tmp_path / "r-store" / "report.json").read_text(), (uri, str(here)))
     b = json.loads((tmp_path / "r-local" / "report.json").read_text())
     def sections(doc):  # figures are embedded from the run's own staging directory: drop where they were
-        return [dict(s, figures=[dict(f, source=None) for f in s.get("figures") or []]) for s in doc["report"]["sections"]]
+        return [dict(s, figures=[dict(f, source=None) for f in s.get("figures") or []])
+                for s in doc["report"]["sections"]]
 
     assert sections(a) == sections(b) and a["summary"] == b["summary"]
-    assert "s3://traces/sample" in (tmp_path / "r-s3" / "index.html").read_text()
-    assert_no_listing(s3.requests())
+    assert uri.partition("?")[0] in (tmp_path / "r-store" / "index.html").read_text()
+    no_listing()
 
 
 def test_endpoint_from_the_uri_query(s3, local, monkeypatch):
@@ -357,7 +368,7 @@ def gcs(tmp_path_factory, local):
                    "-port", str(port), "-data", str(tmp / "data"), "-log-level", "info"], port, log)
     try:
         store = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=f"127.0.0.1:{port}")
-        for name in ("sample", "many"):
+        for name in ("sample", "many", "other"):
             _upload(store, local / name, f"traces/{name}")
         query = f"?scheme=http&endpoint_override=127.0.0.1:{port}&retry_limit_seconds=5"
         yield dict(store=store, uri=lambda name: f"gs://anonymous@traces/{name}{query}", log=log)
@@ -373,6 +384,12 @@ def gcs_requests(log: Path, since: int) -> list[str]:
     return re.findall(r'\\"([A-Z]+ [^ ]+) HTTP', log.read_text()[since:])
 
 
+def assert_gcs_reads_only(seen: list[str]) -> None:
+    """Every request names one object (``GET /storage/v1/b/traces/o/NAME``); a listing is ``.../o?prefix=``."""
+    assert seen, "the server logged no request"
+    assert all(r.startswith("GET /storage/v1/b/traces/o/") and "prefix=" not in r for r in seen), seen
+
+
 @pytest.mark.parametrize("name", ["sample", "many"])
 def test_analyze_gcs_same_as_local(gcs, local, cli, tmp_path, name):
     uri = gcs["uri"](name)
@@ -383,8 +400,7 @@ def test_analyze_gcs_same_as_local(gcs, local, cli, tmp_path, name):
     same_analysis(tmp_path / "gcs", tmp_path / "local", uri, local / name)
     seen = gcs_requests(gcs["log"], mark)
     assert any("routing%2Fpart-00000.parquet" in r for r in seen), seen[:5]
-    # every request names one object (/storage/v1/b/traces/o/NAME); a listing is .../o?prefix=...
-    assert all("/storage/v1/b/traces/o/" in r and "prefix=" not in r for r in seen), seen
+    assert_gcs_reads_only(seen)
 
 
 def test_gcs_missing_corrupt_unreachable(gcs, local, cli, tmp_path):
