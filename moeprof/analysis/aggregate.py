@@ -136,7 +136,7 @@ class Partial:
     """Aggregates of some rows: per-domain counts, counts of sampled requests, flags, sampled tokens.
 
     ``counts`` rows are request-sample slots ``lo .. lo + counts.shape[0] - 1``, or the slots listed
-    in ``slots`` (if not None). ``seen`` holds ``2 * request index + phase`` of every listed request
+    in ``slots`` (if not None); ``keys``/``values`` add more, sparse (requests with few rows). ``seen`` holds ``2 * request index + phase`` of every listed request
     and phase that has rows here, sorted and unique (sparse: a shard names only its own requests).
     """
 
@@ -148,6 +148,9 @@ class Partial:
     phases_seen: np.ndarray  # (2,) bool
     domains: np.ndarray | None = None  # (D + 1, 2, L, E) int64; None: no rows
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # more request-sample counts, sparse: sorted unique flat indices into (S, 2, L, E), and counts
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass
@@ -193,6 +196,8 @@ class Aggregates:
                 self.sampled[part.lo : part.lo + part.counts.shape[0]] += part.counts.astype(np.int32, copy=False)
             else:
                 self.sampled[part.slots] += part.counts.astype(np.int32, copy=False)
+        if part.keys.size:
+            np.add.at(self.sampled.reshape(-1), part.keys, part.values.astype(np.int32))
         if part.domains is not None:
             self.domains += part.domains
         if part.seen.size:
@@ -322,23 +327,28 @@ class _Pass:
         phases_seen = np.bincount(phase, minlength=2)[:2] > 0
         # Step 1: counts. A row counts in its domain group (0..D) or, if its request is in the request
         # sample, in that request's bin (D + 1 + its local slot); the sampled bins are then added to
-        # their domains. Bins are local to the sampled requests present, so they stay few.
+        # their domains. Bins are local to the sampled requests present, so they stay few; where
+        # those requests have few rows each (dense bins would be mostly zeros), their counts are
+        # kept sparse instead: (flat index, count) pairs.
         si = self.sample_slot[ri]
         in_sample = si >= 0
         per_req = 2 * L * E
-        slots, lo, nslots = None, 0, 0
+        slots, lo, nslots, sparse = None, 0, 0, None
+        bins = self.group[ri]
         if in_sample.any():
             s_in = si[in_sample]
             s0, s1 = int(s_in.min()), int(s_in.max())
-            if (s1 - s0 + 1) * per_req <= 4 * s_in.size * k + (1 << 16):
+            budget = 4 * s_in.size * k + (1 << 16)  # dense bins allowed: a few per sampled route
+            if (s1 - s0 + 1) * per_req <= budget:
                 lo, local, nslots = s0, s_in - s0, s1 - s0 + 1
             else:
                 slots, local = np.unique(s_in, return_inverse=True)
                 nslots = slots.size
-            bins = self.group[ri]
-            bins[in_sample] = D + 1 + local.reshape(-1)
-        else:
-            bins = self.group[ri]
+                if nslots * per_req > budget:
+                    sparse, slots, nslots = _sparse_counts(s_in, phase[in_sample], li[in_sample],
+                                                           experts[in_sample], L, E), None, 0
+            if nslots:
+                bins[in_sample] = D + 1 + local.reshape(-1)
         base = ((bins.astype(np.int64) * 2 + phase) * L + li) * E
         # One expert column at a time: (n,) temporaries stay small, where one (n*k,) index array
         # cost several times the counting itself (measured: 40 ms against 230 ms per 1M rows, top-8).
@@ -387,8 +397,20 @@ class _Pass:
                 take = np.flatnonzero(h < self.threshold)
                 h, token, li, experts = h[take], token[take], li[take], experts[take]
         sample = TokenSample(h, token, li.astype(np.int16), experts.astype(np.int16, copy=False))
-        return Partial(lo, np.ascontiguousarray(sampled), slots, sample, int(ri.size), phases_seen,
+        part = Partial(lo, np.ascontiguousarray(sampled), slots, sample, int(ri.size), phases_seen,
                        np.ascontiguousarray(domains), seen)
+        if sparse is not None:
+            part.keys, part.values = sparse
+        return part
+
+
+def _sparse_counts(slot: np.ndarray, phase: np.ndarray, layer: np.ndarray, experts: np.ndarray,
+                   L: int, E: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of rows ``(slot, phase, layer, experts (n, k))`` as sorted unique flat indices into
+    ``(S, 2, L, E)`` and their counts (int64)."""
+    base = ((slot.astype(np.int64) * 2 + phase) * L + layer) * E
+    keys, values = np.unique((base[:, None] + experts).reshape(-1), return_counts=True)
+    return keys, values.astype(np.int64)
 
 
 def _token_key(rid: np.ndarray, step: np.ndarray, pos: np.ndarray) -> np.ndarray:

@@ -63,7 +63,23 @@ def merge_partials(a: Partial, b: Partial, k: int, cap: int, max_rows: int = 0) 
     domains = b.domains if a.domains is None else a.domains if b.domains is None else a.domains + b.domains
     seen = np.union1d(a.seen, b.seen) if a.seen.size and b.seen.size else (a.seen if a.seen.size else b.seen)
     lo, counts, slots = _merge_counts(a, b)
-    return Partial(lo, counts, slots, sample, rows, phases, domains, seen)
+    keys, values = _merge_sparse(a, b)
+    return Partial(lo, counts, slots, sample, rows, phases, domains, seen, keys, values)
+
+
+def _merge_sparse(a: Partial, b: Partial) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse request-sample counts of both: keys united, values summed per key."""
+    if not a.keys.size or not b.keys.size:
+        return (a.keys, a.values) if a.keys.size else (b.keys, b.values)
+    return sum_by_key([a.keys, b.keys], [a.values, b.values])
+
+
+def sum_by_key(keys: list[np.ndarray], values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys of the concatenated ``keys`` and the sum of ``values`` per key (int64)."""
+    uniq, inv = np.unique(np.concatenate(keys), return_inverse=True)
+    out = np.zeros(uniq.size, np.int64)
+    np.add.at(out, inv.reshape(-1), np.concatenate(values))
+    return uniq, out
 
 
 def _merge_counts(a: Partial, b: Partial) -> tuple[int, np.ndarray, np.ndarray | None]:
@@ -126,7 +142,7 @@ def shard_partial(item: tuple[str, str], shared: ShardWork) -> Partial:
         raise TraceIntegrityError(f"{location}: not a readable Parquet file ({exc})") from None
     empty = TokenSample.empty(shared.k)
     acc = shared.work.empty_partial()
-    samples, seen = [], []  # kept apart and joined once: joining at every row group would copy them again and again
+    samples, seen, sparse = [], [], []  # kept apart and joined once: joining at every row group would copy them again and again
     for i in range(groups):
         where = f"{location} (row group {i})"
         try:
@@ -137,10 +153,13 @@ def shard_partial(item: tuple[str, str], shared: ShardWork) -> Partial:
         del table
         samples.append(part.sample)
         seen.append(part.seen)
-        part.sample, part.seen = empty, seen[-1][:0]
+        sparse.append((part.keys, part.values))
+        part.sample, part.seen, part.keys, part.values = empty, seen[-1][:0], part.keys[:0], part.values[:0]
         acc = merge_partials(acc, part, shared.k, shared.cap)
     acc.sample = TokenSample.concat(samples, shared.k)
     acc.seen = np.unique(np.concatenate(seen)) if seen else acc.seen
+    if any(keys.size for keys, _ in sparse):
+        acc.keys, acc.values = sum_by_key([k for k, _ in sparse], [v for _, v in sparse])
     if len(acc.sample.hash) > shared.max_rows:
         acc.sample = bottom_k(acc.sample, shared.cap)
     return acc
