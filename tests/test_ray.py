@@ -124,7 +124,7 @@ def test_request_sample_same_as_local(cluster, many, tmp_path, sample_requests):
 
 def test_short_requests_sparse_counts_same_as_local(cluster, tmp_path):
     """Many sampled requests of a few rows per row group: their counts travel as (index, count) pairs."""
-    t = generate_trace(tmp_path / "short", num_requests=1500, num_layers=4, num_experts=64, top_k=2,
+    t = generate_trace(tmp_path / "short", num_requests=1500, num_layers=4, num_experts=256, top_k=2,
                        prompt_tokens=(1, 2), decode_tokens=(1, 2), shard_rows=2000, seed=4)
     analyze(t.path, out=tmp_path / "local", sample_requests=1000)
     analyze(t.path, out=tmp_path / "ray", sample_requests=1000, engine="ray")
