@@ -13,7 +13,9 @@ everything else exact over every row, the same on every engine.
 from __future__ import annotations
 
 import json
+from importlib import resources
 
+import jsonschema
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -277,4 +279,7 @@ def test_cli_option_reaches_the_summary(trace, cli, tmp_path):
     assert res.exit_code == 0, res.stderr
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert s["selection"]["sample_requests"] == 25 and s["prefill_decode"]["requests"] == 25
+    assert s["classification"]["requests"] == 25 and s["classification"]["whole_trace"] is False
+    schema = json.loads(resources.files("moeprof.schemas").joinpath("summary.schema.json").read_text())
+    jsonschema.validate(s, schema)
     assert pl.read_parquet(tmp_path / "a" / "tables" / "prefill_decode_requests.parquet")["request_id"].n_unique() == 25

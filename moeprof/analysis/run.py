@@ -462,7 +462,7 @@ def _classification(a: Analysis, agg: Aggregates, sampled: np.ndarray, caps: dic
     summary, per_layer = dom.classify(prefill, req_dom.copy(), sel.domains, layers, seed)
     a.tables["classification"] = per_layer
     return dict(available=True, **{k: _finite(v) if not isinstance(v, dict) else v for k, v in summary.items()},
-                per_layer=_records(per_layer),
+                per_layer=_records(per_layer), requests=int((y >= 0).sum()),
                 **_request_sample(agg, int((y >= 0).sum()), in_trace, "classified"))
 
 
