@@ -69,7 +69,7 @@ def generate(path: Path, requests: int, rows_per_request: int, seed: int = 0) ->
                     notes=["benchmark trace: many short requests, rows drawn from pools of top-k patterns"])
     half = max(1, rows_per_request // 2)  # layers per token: one prefill and one decode token per request
     L = len(LAYERS)
-    block = 100_000
+    block = max(1, 1_000_000 // rows_per_request)  # requests per table: ~10^6 rows queued at a time
     for r0 in range(0, requests, block):
         rid = np.arange(r0, min(requests, r0 + block), dtype=np.int64)
         n = rid.size
@@ -150,7 +150,7 @@ def main() -> None:
     per_request = 2 * len(LAYERS) * E * 4  # int32 counts per request x phase x layer x expert
     print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"per-request counts at this shape: 2 x {len(LAYERS)} x {E} x 4 B = {per_request / 1024:.0f} KiB; "
-          f"for 10^6 requests {1e6 * per_request / 1e9:.0f} GB")
+          f"for 10^6 requests {1e6 * per_request / GIB:.0f} GiB")
     print(f"{'requests':>10} {'rows':>12} {'code':>6} {'sample':>7} {'peak RSS GiB':>13} {'seconds':>8}  "
           "prefill->decode requests (whole trace)")
     for n in counts:
@@ -173,7 +173,8 @@ def main() -> None:
                 print(f"{n:>10,} {'':>12} {name:>6} {kw.get('sample_requests', '-'):>7}   failed: {r['error']}")
                 continue
             print(f"{r['requests']:>10,} {r['rows']:>12,} {name:>6} {kw.get('sample_requests', '-'):>7} "
-                  f"{r['peak_rss'] / GIB:>13.2f} {r['seconds']:>8.1f}  {r['pd_requests']} ({r['pd_whole']})",
+                  f"{r['peak_rss'] / GIB:>13.2f} {r['seconds']:>8.1f}  {r['pd_requests']}"
+                  + ("" if r["pd_whole"] is None else f" ({r['pd_whole']})"),
                   flush=True)
 
 
