@@ -7,7 +7,7 @@ Per-request statistics (classification, prefill->decode) keep the counts of a se
 ``--sample-requests`` requests; everything else is summed per domain. This benchmark shows that the
 peak memory stays flat as the number of requests grows: it generates (once, cached under bench/out/)
 a trace per request count with 58 MoE layers (3..60), 256 experts, top-8, four domains and
-``--rows-per-request`` rows per request (one prefill and one decode token, each routed in a window of
+``--rows-per-request`` rows per request (prefill then decode tokens, each routed in a window of
 consecutive layers; rows drawn from per-domain x layer pools of Zipf-skewed top-8 patterns, so
 generation is fast), then runs the whole analysis (every statistic, outputs not written) in a fresh
 subprocess per trace and prints its peak RSS (``ru_maxrss``) and wall time.
@@ -64,31 +64,35 @@ def generate(path: Path, requests: int, rows_per_request: int, seed: int = 0) ->
                       top_k=K, moe_layers=LAYERS, num_layers=61, dense_layers=[0, 1, 2], num_shared_experts=1,
                       hidden_size=7168, dtype="bfloat16")
     schema = routing_schema(K)
-    w = TraceWriter(path, model=model, source="synthetic", force=True, shard_rows=1 << 21, request_shards=True,
+    w = TraceWriter(path, model=model, source="synthetic", force=True, shard_rows=1 << 23, request_shards=True,
                     capture=dict(generator="bench/analyze_memory.py", requests=requests, seed=seed),
                     notes=["benchmark trace: many short requests, rows drawn from pools of top-k patterns"])
-    half = max(1, rows_per_request // 2)  # layers per token: one prefill and one decode token per request
     L = len(LAYERS)
+    ntok = max(2, -(-rows_per_request // L))  # tokens per request, the first half prefill
+    per = max(1, rows_per_request // ntok)  # each routed in a window of `per` consecutive layers
+    n_pre = ntok // 2
     block = max(1, 1_000_000 // rows_per_request)  # requests per table: ~10^6 rows queued at a time
     for r0 in range(0, requests, block):
         rid = np.arange(r0, min(requests, r0 + block), dtype=np.int64)
         n = rid.size
         dom = rid % len(DOMAINS)
         for r in rid.tolist():
-            w.set_request(r, DOMAINS[r % len(DOMAINS)], dataset="bench", prompt_tokens=1, decode_tokens=1)
-        # rows: request-major, then token (prefill, decode), then a window of `half` layers
-        first = rng.integers(0, L - half + 1, size=(n, 2))
-        req = np.repeat(np.arange(n), 2 * half)
-        tok = np.tile(np.repeat(np.arange(2), half), n)
-        li = first[req, tok] + np.tile(np.arange(half), 2 * n)
+            w.set_request(r, DOMAINS[r % len(DOMAINS)], dataset="bench", prompt_tokens=n_pre,
+                          decode_tokens=ntok - n_pre)
+        # rows: request-major, then token, then its window of layers
+        first = rng.integers(0, L - per + 1, size=(n, ntok))
+        req = np.repeat(np.arange(n), ntok * per)
+        tok = np.tile(np.repeat(np.arange(ntok), per), n)
+        li = first[req, tok] + np.tile(np.arange(per), n * ntok)
+        step = np.where(tok < n_pre, 0, tok - n_pre + 1).astype(np.int32)
         pick = rng.integers(0, POOL, size=req.size)
         experts = pool[dom[req], li, pick]
         rows = req.size
         table = pa.Table.from_arrays(
             [
                 pa.array(rid[req]),
-                pa.array(tok.astype(np.int32)),
-                phase_array(tok.astype(np.int8), rows),
+                pa.array(step),
+                phase_array((tok >= n_pre).astype(np.int8), rows),
                 pa.array(tok.astype(np.int32)),
                 pa.array(np.asarray(LAYERS, np.int16)[li]),
                 pa.FixedSizeListArray.from_arrays(pa.array(experts.reshape(-1)), K),

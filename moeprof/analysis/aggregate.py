@@ -14,7 +14,8 @@ nor by its number of requests (phase 0 is prefill, 1 is decode):
             chosen from ``requests.parquet`` before any row is read (every request when the trace
             lists at most that many). Per-request statistics (classification, prefill->decode) read
             these; at DeepSeek-V3 shape a request's counts take 116 KiB, so keeping every request's
-            would cost 116 GB at 10^6 requests.
+            would cost 111 GiB at 10^6 requests. Sampled requests with few rows in a row group are
+            counted sparse ((flat index, count) pairs) rather than in mostly-empty dense bins.
 ``seen``    ``(R, 2)`` bool, whether each listed request has routing rows of each phase (how many
             requests the trace holds, per domain, and how many the sample left out).
 ``sample``  a seeded bottom-k sample of whole tokens (their expert ids in every layer), keyed by a
@@ -136,8 +137,9 @@ class Partial:
     """Aggregates of some rows: per-domain counts, counts of sampled requests, flags, sampled tokens.
 
     ``counts`` rows are request-sample slots ``lo .. lo + counts.shape[0] - 1``, or the slots listed
-    in ``slots`` (if not None); ``keys``/``values`` add more, sparse (requests with few rows). ``seen`` holds ``2 * request index + phase`` of every listed request
-    and phase that has rows here, sorted and unique (sparse: a shard names only its own requests).
+    in ``slots`` (if not None); ``keys``/``values`` add more, sparse (requests with few rows).
+    ``seen`` holds ``2 * request index + phase`` of every listed request and phase that has rows
+    here, sorted and unique (sparse: a shard names only its own requests).
     """
 
     lo: int
@@ -367,7 +369,10 @@ class _Pass:
                 domains[g] += sampled[groups == g].sum(axis=0)
         # Step 2: which listed requests have rows of each phase (2 * index + phase, sorted, unique).
         listed = ri < self.R
-        code = ri[listed].astype(np.int64) * 2 + phase[listed]
+        if listed.all():
+            code = ri.astype(np.int64) * 2 + phase
+        else:
+            code = ri[listed].astype(np.int64) * 2 + phase[listed]
         if code.size:
             c0, c1 = int(code.min()), int(code.max())
             if c1 - c0 < 4 * code.size + 1024:
