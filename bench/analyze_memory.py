@@ -2,6 +2,8 @@
 
     python bench/analyze_memory.py --requests 1e6                      # 10^6 requests, 10^7 rows
     python bench/analyze_memory.py --requests 1e3,3e3,1e6 --old ../main # the same against another checkout
+    python bench/analyze_memory.py --requests 200 --rows-per-request 50000 --old ../main --repeats 3
+                                                                        # long requests: same speed?
 
 Per-request statistics (classification, prefill->decode) keep the counts of a seeded sample of
 ``--sample-requests`` requests; everything else is summed per domain. This benchmark shows that the
@@ -117,12 +119,20 @@ kw = json.loads(sys.argv[3])
 a = analyze_trace(sys.argv[2], **kw)
 dt = time.perf_counter() - t0
 s = a.summary
+# the results without what only the request sample adds, to compare with a checkout that has none
+import hashlib, copy
+c = copy.deepcopy(s)
+c["trace"].pop("path"); c["selection"].pop("sample_requests", None)
+for sec in ("classification", "prefill_decode"):
+    for key in ("requests_in_trace", "whole_trace", "sample_note") + (("requests",) if sec == "classification" else ()):
+        c[sec].pop(key, None)
+digest = hashlib.sha256(json.dumps(c).encode()).hexdigest()[:12]
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps(dict(seconds=dt, peak_rss=ru.ru_maxrss * 1024, requests=s["trace"]["requests"],
                       rows=s["trace"]["rows_analyzed"],
                       pd_requests=s["prefill_decode"].get("requests"),
                       pd_whole=s["prefill_decode"].get("whole_trace"),
-                      cls_test=s["classification"].get("test_requests"))))
+                      cls_test=s["classification"].get("test_requests"), results=digest)))
 """
 
 
@@ -147,6 +157,7 @@ def main() -> None:
     ap.add_argument("--old", type=Path, help="another moeprof checkout (e.g. main) to run the same analysis with")
     ap.add_argument("--old-limit-gib", type=float, default=8.0,
                     help="run --old only where its per-request counts' arithmetic stays below this (default 8)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds per trace, the codes alternating (default 1)")
     ap.add_argument("--regenerate", action="store_true")
     args = ap.parse_args()
     counts = [_num(x) for x in args.requests.split(",") if x.strip()]
@@ -156,7 +167,7 @@ def main() -> None:
     print(f"per-request counts at this shape: 2 x {len(LAYERS)} x {E} x 4 B = {per_request / 1024:.0f} KiB; "
           f"for 10^6 requests {1e6 * per_request / GIB:.0f} GiB")
     print(f"{'requests':>10} {'rows':>12} {'code':>6} {'sample':>7} {'peak RSS GiB':>13} {'seconds':>8}  "
-          "prefill->decode requests (whole trace)")
+          f"{'results':>12}  prefill->decode requests (whole trace)")
     for n in counts:
         trace = OUT / f"memory-{n}-{args.rows_per_request}"
         manifest = trace / "manifest.json"
@@ -171,13 +182,13 @@ def main() -> None:
             else:
                 print(f"{n:>10,} {'':>12} {'old':>6} {'-':>7}   not run: its per-request counts alone take "
                       f"{n * per_request / GIB:.1f} GiB (> --old-limit-gib)")
-        for name, root, kw in runs:
+        for name, root, kw in runs * args.repeats:
             r = _child(root, trace, **kw)
             if "error" in r:
                 print(f"{n:>10,} {'':>12} {name:>6} {kw.get('sample_requests', '-'):>7}   failed: {r['error']}")
                 continue
             print(f"{r['requests']:>10,} {r['rows']:>12,} {name:>6} {kw.get('sample_requests', '-'):>7} "
-                  f"{r['peak_rss'] / GIB:>13.2f} {r['seconds']:>8.1f}  {r['pd_requests']}"
+                  f"{r['peak_rss'] / GIB:>13.2f} {r['seconds']:>8.1f}  {r['results']:>12}  {r['pd_requests']}"
                   + ("" if r["pd_whole"] is None else f" ({r['pd_whole']})"),
                   flush=True)
 
