@@ -12,7 +12,9 @@ a trace per request count with 58 MoE layers (3..60), 256 experts, top-8, four d
 ``--rows-per-request`` rows per request (prefill then decode tokens, each routed in a window of
 consecutive layers; rows drawn from per-domain x layer pools of Zipf-skewed top-8 patterns, so
 generation is fast), then runs the whole analysis (every statistic, outputs not written) in a fresh
-subprocess per trace and prints its peak RSS (``ru_maxrss``) and wall time.
+subprocess per trace and prints its peak RSS (``ru_maxrss``), wall time (from the call), CPU seconds
+of the whole process, and a digest of its results (the summary less the trace's path and what only
+the request sample adds: equal digests, equal results).
 
 ``--old DIR`` runs the same analysis with the moeprof of another checkout (``git worktree add DIR
 main``), whose analyze keeps every request's counts; only request counts whose arithmetic (printed
@@ -128,7 +130,7 @@ for sec in ("classification", "prefill_decode"):
         c[sec].pop(key, None)
 digest = hashlib.sha256(json.dumps(c).encode()).hexdigest()[:12]
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps(dict(seconds=dt, peak_rss=ru.ru_maxrss * 1024, requests=s["trace"]["requests"],
+print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024, requests=s["trace"]["requests"],
                       rows=s["trace"]["rows_analyzed"],
                       pd_requests=s["prefill_decode"].get("requests"),
                       pd_whole=s["prefill_decode"].get("whole_trace"),
@@ -166,7 +168,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"per-request counts at this shape: 2 x {len(LAYERS)} x {E} x 4 B = {per_request / 1024:.0f} KiB; "
           f"for 10^6 requests {1e6 * per_request / GIB:.0f} GiB")
-    print(f"{'requests':>10} {'rows':>12} {'code':>6} {'sample':>7} {'peak RSS GiB':>13} {'seconds':>8}  "
+    print(f"{'requests':>10} {'rows':>12} {'code':>6} {'sample':>7} {'peak RSS GiB':>13} {'seconds':>8} {'CPU s':>6}  "
           f"{'results':>12}  prefill->decode requests (whole trace)")
     for n in counts:
         trace = OUT / f"memory-{n}-{args.rows_per_request}"
@@ -188,7 +190,7 @@ def main() -> None:
                 print(f"{n:>10,} {'':>12} {name:>6} {kw.get('sample_requests', '-'):>7}   failed: {r['error']}")
                 continue
             print(f"{r['requests']:>10,} {r['rows']:>12,} {name:>6} {kw.get('sample_requests', '-'):>7} "
-                  f"{r['peak_rss'] / GIB:>13.2f} {r['seconds']:>8.1f}  {r['results']:>12}  {r['pd_requests']}"
+                  f"{r['peak_rss'] / GIB:>13.2f} {r['seconds']:>8.1f} {r['cpu']:>6.1f}  {r['results']:>12}  {r['pd_requests']}"
                   + ("" if r["pd_whole"] is None else f" ({r['pd_whole']})"),
                   flush=True)
 
