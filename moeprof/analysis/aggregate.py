@@ -50,8 +50,9 @@ DEFAULT_SAMPLE_TOKENS = 1 << 17
 
 DEFAULT_SAMPLE_REQUESTS = 4096
 """Requests whose own counts are kept, for classification and prefill->decode (exact below this number).
-At DeepSeek-V3 shape (58 MoE layers x 256 experts) their counts take 0.45 GiB and the two statistics
-about 2 GiB more at their peak; see ``bench/analyze_memory.py``."""
+At DeepSeek-V3 shape (58 MoE layers x 256 experts) their counts take 0.45 GiB, and the two statistics
+about as much again at their peak: analyze of 10^6 requests peaked at 2.1-2.5 GiB with 4096, 3.3 GiB
+with 8192 (``bench/analyze_memory.py``), against a goal of 4 GiB."""
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
