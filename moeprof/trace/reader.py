@@ -256,12 +256,15 @@ class ShardReader:
         self._lock = threading.Lock()
 
     def read_row_group(self, path: Path, i: int, columns: list[str] | None) -> pa.Table:
-        with self._locks[path]:
-            pf = self._open.get(path)
-            if pf is None:
-                pf = self._open[path] = self.trace.parquet_file(path)
+        # The read holds the shard's lock too: one pq.ParquetFile read from two threads at once
+        # corrupts memory (seen on shards of 8 row groups: "corrupted double-linked list", "ReadRangeCache
+        # did not find matching cache entry"); other shards are still read in parallel.
         try:
-            return pf.read_row_group(i, columns=columns, use_threads=False)
+            with self._locks[path]:
+                pf = self._open.get(path)
+                if pf is None:
+                    pf = self._open[path] = self.trace.parquet_file(path)
+                return pf.read_row_group(i, columns=columns, use_threads=False)
         finally:
             with self._lock:
                 self._left[path] -= 1
