@@ -72,11 +72,7 @@ def main() -> None:
 
 
 def kmeans_engines(R: int, L: int, E: int, tokens: int, repeat: int) -> None:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only; read when Ray is imported
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from moeprof.analysis.engine import LocalEngine, RayEngine
+    from moeprof.analysis.engine import LocalEngine, RayEngine, loopback_cluster
     from moeprof.placement.data import signatures
     from moeprof.placement.kmeans import fit_kmeans
 
@@ -102,19 +98,11 @@ def kmeans_engines(R: int, L: int, E: int, tokens: int, repeat: int) -> None:
           f"{np.bincount(ref.labels).tolist()}", flush=True)
     results["local, 2 threads"], _ = best(LocalEngine(2), ref)
     for workers in (1, 2):
-        node = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=1 << 30)
-        c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
-        try:
-            for _ in range(workers - 1):
-                c.add_node(**node)
-            ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+        with loopback_cluster(workers, object_store_bytes=1 << 30):
             eng = RayEngine()
             assert eng.workers == workers
             results[f"ray, {workers} worker{'s' if workers > 1 else ''} ({workers} node{'s' if workers > 1 else ''})"], _ = \
                 best(eng, ref)
-        finally:
-            ray.shutdown()
-            c.shutdown()
     print(f"{'engine':<26} {'seconds':>8} {'vs one loop':>12}   (labels and centroids: the same bits everywhere)")
     for name, sec in results.items():
         print(f"{name:<26} {sec:8.2f} {results['one loop'] / sec:11.2f}x")

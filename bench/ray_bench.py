@@ -70,10 +70,8 @@ def main() -> None:
                     help="analyze's token sample (default 131072, analyze's own); a trace of 1e11 rows keeps a "
                          "tiny share of its rows in it, a bench trace of 1e7 keeps almost all")
     args = ap.parse_args()
-    import ray
-    from ray.cluster_utils import Cluster
 
-    from moeprof.analysis.engine import RayEngine
+    from moeprof.analysis.engine import RayEngine, loopback_cluster
     from moeprof.analysis.run import build_selection
     from moeprof.trace import Trace
 
@@ -94,19 +92,11 @@ def main() -> None:
     results["local, 1 thread"], ref = _best(trace, sel, None, args.repeat)
     results["local, 2 threads"], _ = _best(trace, sel, 2, args.repeat, ref)
     for workers in (1, 2):
-        node = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=1 << 30)
-        c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
-        try:
-            for _ in range(workers - 1):
-                c.add_node(**node)
-            ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+        with loopback_cluster(workers, object_store_bytes=1 << 30):
             eng = RayEngine()
             assert eng.workers == workers
             results[f"ray, {workers} worker{'s' if workers > 1 else ''} ({workers} node{'s' if workers > 1 else ''})"], _ = \
                 _best(trace, sel, eng, args.repeat, ref)
-        finally:
-            ray.shutdown()
-            c.shutdown()
     base = results["local, 1 thread"]
     print(f"{'engine':<28} {'seconds':>8} {'M rows/s':>9} {'vs local 1 thread':>18}")
     for name, sec in results.items():

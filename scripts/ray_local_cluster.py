@@ -3,10 +3,9 @@
     python scripts/ray_local_cluster.py --nodes 2 --address-file /tmp/ray-address &
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 moeprof analyze TRACE --engine ray --address "$(cat /tmp/ray-address)"
 
-Each node is a separate raylet with its own object store and one CPU (``ray.cluster_utils.Cluster``,
-what Ray's own tests use for multi-node runs on one host); `ray start` refuses a second node on one
-host when loopback is forced. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray from rewriting
-127.0.0.1 into the machine's outward address, where nothing of this cluster listens.
+Each node is a separate raylet with its own object store (:func:`moeprof.analysis.engine.loopback_cluster`).
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray from rewriting 127.0.0.1 into the machine's
+outward address, where nothing of this cluster listens.
 """
 
 from __future__ import annotations
@@ -25,29 +24,23 @@ def main() -> None:
     ap.add_argument("--cpus-per-node", type=int, default=1)
     ap.add_argument("--address-file", help="write the cluster's address here once every node is up")
     args = ap.parse_args()
-    from ray.cluster_utils import Cluster
+    from moeprof.analysis.engine import loopback_cluster
 
-    node = dict(num_cpus=args.cpus_per_node, node_ip_address="127.0.0.1", object_store_memory=512 << 20)
-    cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
-        for _ in range(args.nodes - 1):
-            cluster.add_node(**node)
-        cluster.wait_for_nodes()
-        print(f"{args.nodes} nodes up at {cluster.address}", flush=True)
-        if args.address_file:
-            with open(args.address_file, "w") as fh:
-                fh.write(cluster.address)
-        while not stop:
-            time.sleep(0.5)
+        with loopback_cluster(args.nodes, cpus_per_node=args.cpus_per_node, connect=False) as cluster:
+            print(f"{args.nodes} nodes up at {cluster.address}", flush=True)
+            if args.address_file:
+                with open(args.address_file, "w") as fh:
+                    fh.write(cluster.address)
+            while not stop:
+                time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        cluster.shutdown()
         if args.address_file and os.path.exists(args.address_file):
             os.remove(args.address_file)
-
 
 if __name__ == "__main__":
     main()

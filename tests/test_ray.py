@@ -21,6 +21,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
 
 from moeprof.analysis.engine import RayEngine  # noqa: E402
+from ray_cluster import faulty_cluster, free_port  # noqa: E402
 from moeprof.analysis.run import analyze, analyze_trace  # noqa: E402
 from moeprof.errors import TraceIntegrityError  # noqa: E402
 from moeprof.placement.run import compare  # noqa: E402
@@ -30,37 +31,13 @@ from moeprof.synthetic import generate_trace  # noqa: E402
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "trace"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from ray.cluster_utils import Cluster
-
     faults = tmp_path_factory.mktemp("faults")
-    saved = os.environ.get("MOEPROF_RAY_FAULTS")
-    os.environ["MOEPROF_RAY_FAULTS"] = str(faults)  # inherited by the raylets and their workers
-    node = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 << 20)
-    client_port = _free_port()
-    c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False,
-                                                          ray_client_server_port=client_port))
-    c.client_port = client_port
-    try:
-        c.add_node(**node)
-        ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    with faulty_cluster(faults, client_port=port) as c:
+        c.client_port = port
         yield c, faults
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if saved is None:
-            os.environ.pop("MOEPROF_RAY_FAULTS", None)
-        else:
-            os.environ["MOEPROF_RAY_FAULTS"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +171,19 @@ def test_ray_client_address(cluster, tmp_path):
 
     c, _ = cluster
     port = c.client_port
+    # The head starts its client server in a process of its own: on a loaded machine it can come up
+    # after the nodes do (the one flaky failure of this test). Wait for its port, as a user would.
+    import socket
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, f"the Ray client server never listened on port {port}"
+            time.sleep(0.5)
     from moeprof.report.plots import write_plots
 
     analyze(SAMPLE, out=tmp_path / "local", writers=[write_plots])  # as the CLI does with --out

@@ -24,35 +24,16 @@ from moeprof.analysis.engine import LocalEngine, RayEngine  # noqa: E402
 from moeprof.placement import kmeans as km  # noqa: E402
 from moeprof.placement import simulate as sm  # noqa: E402
 from moeprof.synthetic import generate_trace  # noqa: E402
+from ray_cluster import faulty_cluster  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "trace"
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    import socket
-
-    from ray.cluster_utils import Cluster
-
     faults = tmp_path_factory.mktemp("faults")
-    saved = os.environ.get("MOEPROF_RAY_FAULTS")
-    os.environ["MOEPROF_RAY_FAULTS"] = str(faults)  # inherited by the raylets and their workers
-    node = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 << 20)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False, ray_client_server_port=port))
-    try:
-        c.add_node(**node)
-        ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+    with faulty_cluster(faults):
         yield faults
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if saved is None:
-            os.environ.pop("MOEPROF_RAY_FAULTS", None)
-        else:
-            os.environ["MOEPROF_RAY_FAULTS"] = saved
 
 
 @pytest.fixture

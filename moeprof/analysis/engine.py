@@ -14,11 +14,12 @@ with its own message. For fault-injection tests, a worker that finds the file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from moeprof.errors import MoeprofError, UsageError
 
@@ -190,3 +191,38 @@ def get_engine(name: str | Engine | None = "local", address: str | None = None,
     if name == "ray":
         return RayEngine(address)
     raise UsageError(f"--engine {name!r}: choose one of {', '.join(ENGINES)}")
+
+
+@contextlib.contextmanager
+def loopback_cluster(nodes: int = 2, *, cpus_per_node: int = 1, object_store_bytes: int = 512 << 20,
+                     client_port: int | None = None, connect: bool = True) -> Iterator[Any]:
+    """A Ray cluster of ``nodes`` separate raylets on this machine, bound to 127.0.0.1 only.
+
+    What the tests, the benchmarks and ``scripts/ray_local_cluster.py`` run ``--engine ray`` on: each
+    node has its own object store and ``cpus_per_node`` CPUs (``ray.cluster_utils.Cluster``, which
+    Ray's own tests use for multi-node runs on one host; ``ray start`` refuses a second node on one
+    host when loopback is forced). ``client_port`` also opens a Ray client server (``ray://``) there.
+    With ``connect`` this process joins the cluster (``ray.init``) until the block ends. Yields the
+    ``Cluster``; everything is shut down on leaving, also on error.
+    """
+    # Read when Ray is imported: keeps Ray from rewriting 127.0.0.1 into the machine's outward address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = import_ray()
+    from ray.cluster_utils import Cluster
+
+    node = dict(num_cpus=cpus_per_node, node_ip_address="127.0.0.1", object_store_memory=object_store_bytes)
+    head = dict(node, include_dashboard=False)
+    if client_port is not None:
+        head["ray_client_server_port"] = client_port
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        if connect:
+            ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        yield cluster
+    finally:
+        if connect:
+            ray.shutdown()
+        cluster.shutdown()
