@@ -65,7 +65,37 @@ def _register() -> None:
         if importlib.util.find_spec(qualified) is None:
             continue
         module = importlib.import_module(qualified)
-        app.command(name)(getattr(module, module_name))
+        fn = getattr(module, module_name)
+        app.command(name, help=reflow(fn.__doc__ or ""))(fn)
+
+
+def reflow(doc: str) -> str:
+    """A docstring as help text that wraps to any terminal: the lines of a prose paragraph (and of
+    each ``- `` item) joined into one, indented lines (examples) kept as they are.
+
+    typer keeps a docstring's single line breaks, so text wrapped at 100 columns in the source came
+    out broken twice in an 80-column terminal.
+    """
+    import inspect
+
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = para.split("\n")
+        if all(line.startswith((" ", "\t")) for line in lines):
+            out.append(para)  # an indented block (examples): kept line by line
+            continue
+        items: list[str] = []
+        for line in lines:
+            text = line.strip()
+            indented = line.startswith((" ", "\t"))
+            if indented and not (items and items[-1].startswith("- ")):
+                items.append(line)  # an example line inside a paragraph: its own line
+            elif not items or text.startswith("- ") or items[-1].startswith((" ", "\t")):
+                items.append(text)
+            else:
+                items[-1] += " " + text  # a wrapped line of prose or of the item before
+        out.append("\n".join(items))
+    return "\n\n".join(out)
 
 
 _register()

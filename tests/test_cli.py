@@ -63,3 +63,27 @@ def test_analysis_commands_need_no_torch_and_capture_says_how_to_get_it(tmp_path
     assert r.returncode == 2
     assert "capture needs torch and transformers" in r.stderr and "Traceback" not in r.stderr
     assert "pip install 'moeprof[capture]'" in r.stderr.replace("\n", " ")
+
+
+def test_help_prose_is_reflowed_for_any_terminal_width():
+    from moeprof.commands.main import reflow
+
+    doc = '''Summary line.
+
+        A paragraph wrapped
+        in the source, with --options.
+
+        - an item that
+          goes on
+        - another item
+
+        Examples:
+
+            moeprof analyze trace --out a
+            moeprof analyze trace --out b
+        '''
+    assert reflow(doc) == (
+        "Summary line.\n\nA paragraph wrapped in the source, with --options.\n\n"
+        "- an item that goes on\n- another item\n\nExamples:\n\n"
+        "    moeprof analyze trace --out a\n    moeprof analyze trace --out b"
+    )
