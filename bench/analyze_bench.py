@@ -135,23 +135,22 @@ _ANALYZE = """
 import sys, time, resource, json
 t0 = time.perf_counter()
 from pathlib import Path
-from moeprof.analysis.run import analyze_trace, prepare_out, SUMMARY_FILE
-from moeprof.trace.manifest import write_json_atomic
+from moeprof.analysis.run import analyze_trace, write_outputs
+from moeprof.outputs import check_target, staged_dir
 t1 = time.perf_counter()
 a = analyze_trace(sys.argv[1])
 t2 = time.perf_counter()
 out = Path(sys.argv[2])
-prepare_out(out, True)
-(out / "tables").mkdir()
-for name, df in a.tables.items():
-    df.write_parquet(out / "tables" / f"{name}.parquet")
-write_json_atomic(out / SUMMARY_FILE, a.summary)
+check_target(out, True)
+with staged_dir(out, "analysis", True) as tmp:  # what `analyze --out` does, less the plots' writer
+    write_outputs(a, tmp)
 t3 = time.perf_counter()
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps(dict(seconds=t3 - t1, imports=t1 - t0, statistics=t2 - t1, outputs=t3 - t2,
                       cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024,
                       tokens=a.summary["trace"]["tokens"], requests=a.summary["trace"]["requests"])))
 """
+
 
 _POLARS_COUNTS = """
 import sys, time, resource, json
