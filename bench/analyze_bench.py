@@ -135,19 +135,12 @@ _ANALYZE = """
 import sys, time, resource, json
 t0 = time.perf_counter()
 from pathlib import Path
-from moeprof.analysis.run import analyze_trace, write_outputs
-from moeprof.outputs import check_target, staged_dir
+from moeprof.analysis.run import analyze
 t1 = time.perf_counter()
-a = analyze_trace(sys.argv[1])
+a = analyze(sys.argv[1], out=Path(sys.argv[2]), force=True)  # what `analyze --out` does, less the plots' writer
 t2 = time.perf_counter()
-out = Path(sys.argv[2])
-check_target(out, True)
-with staged_dir(out, "analysis", True) as tmp:  # what `analyze --out` does, less the plots' writer
-    write_outputs(a, tmp)
-t3 = time.perf_counter()
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps(dict(seconds=t3 - t1, imports=t1 - t0, statistics=t2 - t1, outputs=t3 - t2,
-                      cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024,
+print(json.dumps(dict(seconds=t2 - t1, imports=t1 - t0, cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024,
                       tokens=a.summary["trace"]["tokens"], requests=a.summary["trace"]["requests"])))
 """
 
@@ -210,8 +203,7 @@ def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: b
           f"{t.size_bytes / gib:.2f} GiB on disk ({repeats} alternating rounds; median [min - max])")
     print(f"  floor (polars streaming scan, same columns): {_spread(fl)} s, "
           f"peak RSS {max(f['peak_rss'] for f in floors) / gib:.2f} GiB")
-    print(f"  analyze (statistics + summary + tables):    {_spread(an)} s "
-          f"(statistics {_spread([a['statistics'] for a in analyses])} s), "
+    print(f"  analyze (statistics + summary + tables):    {_spread(an)} s, "
           f"peak RSS {_spread([a['peak_rss'] / gib for a in analyses])} GiB")
     print(f"  analyze / floor:                            {_spread(ratio)}x")
     print(f"  CPU seconds, whole process (less sensitive to load): floor {_spread([f['cpu'] for f in floors])}, "
