@@ -3,7 +3,10 @@
 For each point (batch, prompt) it times ``generate()`` with and without ``moeprof.capture`` in pairs
 run back to back, alternating which arm goes first, and keeps adding pairs until the 95% interval of
 the overhead is narrower than ±``--target`` (default 0.5%) or the point's time budget is spent. The
-overhead of a pair is ``capture / plain``; the interval is a t-interval of the mean log ratio over
+overhead of a pair is ``capture / plain``, where the capture arm times
+generate() plus the host processing of the steps still pending at its end (a longer capture does that
+while running) and opening and closing the trace (a fixed cost per capture, not per step) is
+reported apart; the interval is a t-interval of the mean log ratio over
 pairs (pairing cancels the slow drift of a shared GPU that unpaired medians cannot). Every capture
 run's trace is checked row for row against the rows generate() must produce.
 
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older tree can be timed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moeprof  # noqa: E402
@@ -66,11 +69,26 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
     n_moe = None
     calls = 2 if compiled else 1  # compiled: a session's first call re-traces; both calls are recorded
 
+    fixed: list[float] = []
+
     def captured_run(out: Path) -> float:
-        with moeprof.capture(model, out, force=True, eos_token_id=None):
+        """Seconds of the recorded generate() plus the host processing of its last steps, which a
+        long capture would do while running; opening and closing the trace is timed apart (``fixed``)."""
+        t0 = time.perf_counter()
+        rec = moeprof.capture(model, out, force=True, eos_token_id=None).start()
+        opened = time.perf_counter() - t0
+        try:
             if compiled:
                 generate_once(model, inputs, new, compiled)
-            return generate_once(model, inputs, new, compiled)
+            seconds = generate_once(model, inputs, new, compiled)
+            t1 = time.perf_counter()
+            rec._pipe.drain()  # the steps still pending: processed inside a longer run
+            seconds += time.perf_counter() - t1
+        finally:
+            t2 = time.perf_counter()
+            rec.close()
+            fixed.append(opened + time.perf_counter() - t2)
+        return seconds
 
     # Warm-up: both arms, so compilation and allocator growth are not timed.
     generate_once(model, inputs, new, compiled)
@@ -109,6 +127,7 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
         "seconds_plain_median": statistics.median(plain), "seconds_capture_median": statistics.median(cap),
         "tokens_per_s_plain": batch * new / statistics.median(plain),
         "rows_expected_per_run": expected, "runs_with_wrong_rows": bad_rows,
+        "open_close_seconds_median": statistics.median(fixed),
     }
 
 
@@ -132,6 +151,7 @@ def main() -> None:
 
     impl = "grouped_mm" if args.model == "deepseek" else None
     model = build(args.model, args.layers, impl)
+    print(f"moeprof from {Path(moeprof.__file__).parent}", flush=True)
     results = []
     out = Path(args.out or Path(__file__).parent / "results" / f"gpu_grid-{args.model}-{args.mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +178,8 @@ def main() -> None:
                     f"{args.model} x{args.layers} {args.mode} batch {b:>3} prompt {p:>4}: overhead "
                     f"{100 * r['overhead']:+.2f}% [95% {100 * r['ci95'][0]:+.2f}%, {100 * r['ci95'][1]:+.2f}%] "
                     f"over {r['pairs']} pairs, {r['tokens_per_s_plain']:.0f} tok/s plain, "
-                    f"wrong-row runs {r['runs_with_wrong_rows']}",
+                    f"wrong-row runs {r['runs_with_wrong_rows']}; opening + closing the trace "
+                    f"{1000 * r['open_close_seconds_median']:.0f} ms",
                     flush=True,
                 )
     print(f"wrote {out}")

@@ -71,6 +71,11 @@ def analyze(
         int,
         typer.Option("--sample-tokens", min=1, help="Tokens sampled for batch imbalance and co-activation (exact below this)."),
     ] = 1 << 17,
+    sample_requests: Annotated[
+        int,
+        typer.Option("--sample-requests", min=1,
+                     help="Requests whose own counts feed classification and prefill→decode (exact below this)."),
+    ] = 4096,
     force: Force = False,
     engine: EngineOpt = EngineName.local,
     address: AddressOpt = None,
@@ -102,6 +107,7 @@ def analyze(
         batch_sizes=parse_batch_sizes(batch_sizes),
         seed=seed,
         sample_tokens=sample_tokens,
+        sample_requests=sample_requests,
         engine=engine.value,
         address=address,
     )

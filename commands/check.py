@@ -14,9 +14,10 @@ from moeprof.report.console import console
 
 def check(
     inputs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="summary.json, an analyze/simulate output directory, or a trace (analysed on the fly).",
+            help="summary.json, an analyze/simulate output directory, or a trace (analysed on the fly; a "
+                 "directory or an s3://, gs://, hdfs://, file:// URI).",
             show_default=False,
         ),
     ],

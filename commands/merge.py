@@ -13,7 +13,7 @@ from moeprof.report.console import console
 
 
 def merge(
-    traces: Annotated[list[Path], typer.Argument(help="Two or more trace directories (one model, one source).",
+    traces: Annotated[list[str], typer.Argument(help="Two or more trace directories (one model, one source).",
                                                  show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory of the merged trace (manifest and requests).")],
     force: Force = False,

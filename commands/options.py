@@ -15,8 +15,9 @@ from typing import Annotated, Optional
 import typer
 
 TraceArg = Annotated[
-    Path,
-    typer.Argument(help="Trace directory written by `moeprof capture` or `moeprof import`.", show_default=False),
+    str,
+    typer.Argument(help="Trace directory written by `moeprof capture` or `moeprof import`, or its URI "
+                        "(s3://, gs://, hdfs://, file://).", show_default=False),
 ]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]

@@ -13,9 +13,10 @@ from moeprof.report.console import console
 
 def report(
     inputs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="A trace (analysed now), or output directories / files of analyze, place and simulate --compare.",
+            help="A trace (analysed now; a directory or an s3://, gs://, hdfs://, file:// URI), or output "
+                 "directories / files of analyze, place and simulate --compare.",
             show_default=False,
         ),
     ],

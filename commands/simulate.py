@@ -76,8 +76,9 @@ def simulate(
 
         moeprof simulate trace --timeline -n 2 -g 8 --policies linear,eplb --rebalance-every 100,200
 
-    With --engine ray, shards are read by Ray tasks and each policy is fitted and scored by a task
-    of its own; the results are the same as a local run's.
+    With --engine ray, shards are read by Ray tasks; the K-means rounds of the policies' fits and
+    the scoring of blocks of held-out rows run as Ray tasks too; the results are the same as a local
+    run's.
     """
     from moeprof.placement.run import compare, simulate_placement, write_comparison
     from moeprof.report.placement import render_comparison, render_metrics

@@ -24,6 +24,7 @@ import errno
 import fnmatch
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -120,12 +121,28 @@ def foreign_file(directory: str | Path) -> Path | None:
 
 
 # -- checks before work --------------------------------------------------------------------------
+# s3://b/x, or what pathlib makes of it (s3:/b/x): outputs go to local or mounted directories only.
+_URI_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # two letters at least: C:/ is a drive
+
+
+def refuse_uri(out: str | Path, option: str = "--out") -> None:
+    """Raise :class:`OutputError` if ``out`` names object storage: moeprof reads traces there but
+    writes its outputs to a local (or mounted) directory."""
+    if _URI_LIKE.match(str(out)):
+        shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", str(out))  # as typed, before pathlib
+        raise OutputError(
+            f"{option} {shown}: moeprof reads traces on object storage but writes its outputs to a local (or "
+            f"mounted) directory; give a local {option} and copy the result to the bucket afterwards"
+        )
+
+
 def check_target(out: str | Path, force: bool, *, option: str = "--out") -> None:
     """Raise now (before any expensive work) if writing a directory output at ``out`` cannot succeed.
 
     Refuses: ``out`` is a file; ``out`` holds something and ``force`` is false; ``force`` is given but
     something under ``out`` is not moeprof's; the parent cannot be written (read-only, no permission).
     """
+    refuse_uri(out, option)
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
@@ -289,6 +306,7 @@ def check_entries(directory: str | Path, names: list[str], force: bool, *, optio
     """Refuse (before any work) to write the entries ``names`` (files or directories) into ``directory``
     unless each is new, or ``force`` is given and it is moeprof's (listed in the marker, or a nested
     moeprof output). Other things in ``directory`` are never touched."""
+    refuse_uri(directory, option)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OutputExistsError(f"{option} {directory}: exists and is not a directory; choose another {option}")

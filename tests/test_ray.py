@@ -112,6 +112,25 @@ def test_analyze_many_shards_same_as_local(cluster, many, tmp_path, sample_token
         assert summary["coactivation"]["whole_trace"] is False and 0 < summary["coactivation"]["tokens"] <= 900
 
 
+@pytest.mark.parametrize("sample_requests", [20, 1000])  # a request sample, and every request
+def test_request_sample_same_as_local(cluster, many, tmp_path, sample_requests):
+    analyze(many.path, out=tmp_path / "local", sample_requests=sample_requests)
+    analyze(many.path, out=tmp_path / "ray", sample_requests=sample_requests, engine="ray")
+    same_outputs(tmp_path / "local", tmp_path / "ray")
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["prefill_decode"]["whole_trace"] is (sample_requests >= 96)
+    assert summary["prefill_decode"]["requests"] == min(sample_requests, 96)
+
+
+def test_short_requests_sparse_counts_same_as_local(cluster, tmp_path):
+    """Many sampled requests of a few rows per row group: their counts travel as (index, count) pairs."""
+    t = generate_trace(tmp_path / "short", num_requests=1500, num_layers=4, num_experts=256, top_k=2,
+                       prompt_tokens=(1, 2), decode_tokens=(1, 2), shard_rows=2000, seed=4)
+    analyze(t.path, out=tmp_path / "local", sample_requests=1000)
+    analyze(t.path, out=tmp_path / "ray", sample_requests=1000, engine="ray")
+    same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
 def test_trace_by_file_uri(cluster, many):
     local = analyze_trace(many.path, sample_tokens=900)
     remote = analyze_trace(f"file://{many.path.resolve()}", sample_tokens=900, engine="ray")

@@ -61,3 +61,14 @@ def test_uri_errors_name_the_file(tmp_path):
         out.write(b"not parquet")
     with pytest.raises(TraceIntegrityError, match=r"routing/part-00000.parquet: \d+ bytes"):
         Trace.open(uri)
+
+
+def test_hdfs_without_libhdfs_says_what_is_missing(cli):
+    """pyarrow's HadoopFileSystem needs libhdfs and a JVM; without them the error says what to install
+    (in one line, not pyarrow's list of every directory it tried)."""
+    res = cli("analyze", "hdfs://127.0.0.1:1/traces/day1")
+    assert res.exit_code == 2 and "Traceback" not in res.stderr
+    if "libhdfs" not in res.stderr and "libjvm" not in res.stderr:
+        pytest.skip("libhdfs and a JVM load on this machine: the error is about the namenode instead")
+    assert "hdfs://127.0.0.1:1/traces/day1/manifest.json: hdfs:// needs Hadoop's libhdfs and a Java runtime" in res.stderr
+    assert "JAVA_HOME" in res.stderr and "dlopen" not in res.stderr

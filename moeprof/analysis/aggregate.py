@@ -1,13 +1,23 @@
 """Mergeable partial aggregates of a trace: every statistic of ``analyze`` is computed from these.
 
 One streaming pass over the routing rows (row group by row group, on a thread pool) produces, per
-row group, a :class:`Partial`; partials merge by sum (counts) and by union-then-bottom-k (the token
-sample), so the same code runs over one file, many files in parallel, or shards spread over a
-cluster. Memory is bounded by the aggregates, never by the trace:
+row group, a :class:`Partial`; partials merge by sum (counts), by union (flags) and by
+union-then-bottom-k (the token sample), so the same code runs over one file, many files in
+parallel, or shards spread over a cluster. Memory is bounded by the aggregates, never by the trace
+nor by its number of requests (phase 0 is prefill, 1 is decode):
 
-``counts``  ``(R + 1, 2, L, E)`` int32, token-routes per request x phase x layer x expert. Slot ``R``
-            holds rows whose request is not listed in ``requests.parquet``. Phase 0 is prefill, 1 is
-            decode. Per-domain, per-phase and whole-trace counts are sums of it.
+``domains`` ``(D + 1, 2, L, E)`` int64, token-routes per domain x phase x layer x expert, over every
+            row; group ``D`` holds rows whose request is not listed in ``requests.parquet``.
+            Per-phase and whole-trace counts are sums of it: exact, however many requests.
+``sampled`` ``(S, 2, L, E)`` int32, token-routes of each request of the request sample: the
+            ``sample_requests`` listed requests with the smallest hash of (seed, request id),
+            chosen from ``requests.parquet`` before any row is read (every request when the trace
+            lists at most that many). Per-request statistics (classification, prefill->decode) read
+            these; at DeepSeek-V3 shape a request's counts take 116 KiB, so keeping every request's
+            would cost 111 GiB at 10^6 requests. Sampled requests with few rows in a row group are
+            counted sparse ((flat index, count) pairs) rather than in mostly-empty dense bins.
+``seen``    ``(R, 2)`` bool, whether each listed request has routing rows of each phase (how many
+            requests the trace holds, per domain, and how many the sample left out).
 ``sample``  a seeded bottom-k sample of whole tokens (their expert ids in every layer), keyed by a
             hash of the token, or of its forward pass (``batch_id``) when the trace has one, so
             batches drawn from the sample are made of real forward passes. Batch-level imbalance and
@@ -38,6 +48,12 @@ from moeprof.trace.schema import PHASES
 DEFAULT_SAMPLE_TOKENS = 1 << 17
 """Tokens in the sample behind batch-level imbalance and co-activation (exact below this size)."""
 
+DEFAULT_SAMPLE_REQUESTS = 4096
+"""Requests whose own counts are kept, for classification and prefill->decode (exact below this number).
+At DeepSeek-V3 shape (58 MoE layers x 256 experts) their counts take 0.45 GiB, and the two statistics
+about as much again at their peak: analyze of 10^6 requests peaked at 2.1-2.5 GiB with 4096, 3.3 GiB
+with 8192 (``bench/analyze_memory.py``), against a goal of 4 GiB."""
+
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -52,6 +68,28 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return z
 
 
+def request_hash(request_ids: np.ndarray, seed: int) -> np.ndarray:
+    """``(n,)`` uint64 sort key of each request for the request sample: a hash of (seed, request id).
+
+    The seed is hashed first so that the key is unrelated to the token sample's (which hashes the
+    token's identity XOR the seed)."""
+    salt = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], np.uint64) ^ np.uint64(0x5265717565737473))[0]
+    return splitmix64(np.asarray(request_ids).astype(np.uint64) ^ salt)
+
+
+def sample_requests(request_ids: np.ndarray, candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Indices (sorted) of the ``k`` candidates with the smallest ``(request_hash, request id)``.
+
+    ``request_ids (R,)`` int64; ``candidates`` indices into it. Bottom-k by a hash is mergeable and
+    needs no pass over the rows: any engine, any shard order picks the same requests."""
+    candidates = np.asarray(candidates, np.int64)
+    if candidates.size <= k:
+        return np.sort(candidates)
+    ids = request_ids[candidates]
+    order = np.lexsort((ids, request_hash(ids, seed)))
+    return np.sort(candidates[order[:k]])
+
+
 @dataclass
 class Selection:
     """What to analyse: MoE layers (model numbering), requests (by domain), sample settings."""
@@ -64,7 +102,12 @@ class Selection:
     top_k: int
     seed: int = 0
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS
-    keep_unlisted: bool = True  # rows of requests missing from requests.parquet (slot R)
+    keep_unlisted: bool = True  # rows of requests missing from requests.parquet (group D)
+    sampled: np.ndarray | None = None  # (S,) int64 sorted indices into request_ids; None: every selected request
+
+    def __post_init__(self) -> None:
+        if self.sampled is None:
+            self.sampled = np.flatnonzero(self.request_domain >= 0).astype(np.int64)
 
 
 @dataclass
@@ -92,25 +135,35 @@ class TokenSample:
 
 @dataclass
 class Partial:
-    """Aggregates of some rows: counts of requests ``lo .. lo + counts.shape[0] - 1`` plus sampled rows.
+    """Aggregates of some rows: per-domain counts, counts of sampled requests, flags, sampled tokens.
 
-    ``counts`` rows are request slots; ``slots`` (if not None) lists them explicitly instead of a range.
+    ``counts`` rows are request-sample slots ``lo .. lo + counts.shape[0] - 1``, or the slots listed
+    in ``slots`` (if not None); ``keys``/``values`` add more, sparse (requests with few rows).
+    ``seen`` holds ``2 * request index + phase`` of every listed request and phase that has rows
+    here, sorted and unique (sparse: a shard names only its own requests).
     """
 
     lo: int
-    counts: np.ndarray  # (r, 2, L, E) int64
+    counts: np.ndarray  # (s, 2, L, E) int64
     slots: np.ndarray | None
     sample: TokenSample
     rows: int
     phases_seen: np.ndarray  # (2,) bool
+    domains: np.ndarray | None = None  # (D + 1, 2, L, E) int64; None: no rows
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # more request-sample counts, sparse: sorted unique flat indices into (S, 2, L, E), and counts
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass
 class Aggregates:
-    """Merged counts and token sample of a trace (or of any set of its shards)."""
+    """Merged counts, flags and token sample of a trace (or of any set of its shards)."""
 
     selection: Selection
-    counts: np.ndarray  # (R + 1, 2, L, E) int32
+    domains: np.ndarray  # (D + 1, 2, L, E) int64, group D: requests not listed in requests.parquet
+    sampled: np.ndarray  # (S, 2, L, E) int32, the requests of selection.sampled in that order
+    seen: np.ndarray  # (R, 2) bool
     sample_parts: list[TokenSample] = field(default_factory=list)
     rows: int = 0
     tokens_estimate: int = 0
@@ -121,6 +174,17 @@ class Aggregates:
     windows: np.ndarray | None = None  # (W, L, E) counts per window of a count-only trace
     domain_extra: np.ndarray | None = None  # (D, 2, L, E) count rows with a domain but no request
 
+    @classmethod
+    def empty(cls, sel: Selection, **kw) -> "Aggregates":
+        L, E = len(sel.layers), sel.num_experts
+        return cls(
+            selection=sel,
+            domains=np.zeros((len(sel.domains) + 1, 2, L, E), np.int64),
+            sampled=np.zeros((len(sel.sampled), 2, L, E), np.int32),
+            seen=np.zeros((len(sel.request_ids), 2), bool),
+            **kw,
+        )
+
     @property
     def sample(self) -> TokenSample:
         """Every sampled row, concatenated once (partials are kept apart while merging)."""
@@ -129,11 +193,18 @@ class Aggregates:
         return self.sample_parts[0]
 
     def merge(self, part: Partial) -> None:
-        """Add ``part`` into these aggregates (sum of counts, union of sampled rows)."""
-        if part.slots is None:
-            self.counts[part.lo : part.lo + part.counts.shape[0]] += part.counts.astype(np.int32, copy=False)
-        else:
-            self.counts[part.slots] += part.counts.astype(np.int32, copy=False)
+        """Add ``part`` into these aggregates (sums of counts, union of flags and of sampled rows)."""
+        if part.counts.shape[0]:
+            if part.slots is None:
+                self.sampled[part.lo : part.lo + part.counts.shape[0]] += part.counts.astype(np.int32, copy=False)
+            else:
+                self.sampled[part.slots] += part.counts.astype(np.int32, copy=False)
+        if part.keys.size:
+            np.add.at(self.sampled.reshape(-1), part.keys, part.values.astype(np.int32))
+        if part.domains is not None:
+            self.domains += part.domains
+        if part.seen.size:
+            self.seen.reshape(-1)[part.seen] = True
         if len(part.sample.hash):
             self.sample_parts.append(part.sample)
         self.rows += part.rows
@@ -141,7 +212,9 @@ class Aggregates:
 
     def __iadd__(self, other: "Aggregates") -> "Aggregates":
         """Merge another trace's aggregates over the same selection (counts add, samples unite)."""
-        self.counts += other.counts
+        self.domains += other.domains
+        self.sampled += other.sampled
+        self.seen |= other.seen
         if other.domain_extra is not None:
             self.domain_extra = other.domain_extra + (0 if self.domain_extra is None else self.domain_extra)
         self.sample_parts.extend(other.sample_parts)
@@ -152,26 +225,31 @@ class Aggregates:
 
     # -- derived counts ---------------------------------------------------------------------
     @property
-    def by_request(self) -> np.ndarray:
-        """``(R, 2, L, E)`` counts of the requests listed in requests.parquet."""
-        return self.counts[:-1]
+    def listed_routes(self) -> int:
+        """Token-routes of requests listed in requests.parquet."""
+        return int(self.domains[:-1].sum())
+
+    @property
+    def unlisted_routes(self) -> int:
+        """Token-routes of requests not listed in requests.parquet."""
+        return int(self.domains[-1].sum())
+
+    @property
+    def whole_trace_requests(self) -> bool:
+        """True when the request sample holds every selected request."""
+        return len(self.selection.sampled) == int((self.selection.request_domain >= 0).sum())
 
     def total(self, phase: int | None = None) -> np.ndarray:
         """``(L, E)`` int64 token-routes over every selected row (one phase if given)."""
         sl = slice(None) if phase is None else slice(phase, phase + 1)
-        out = self.counts[:, sl].sum(axis=(0, 1), dtype=np.int64)
+        out = self.domains[:, sl].sum(axis=(0, 1))
         if self.domain_extra is not None:
             out += self.domain_extra[:, sl].sum(axis=(0, 1))
         return out
 
     def by_domain(self) -> np.ndarray:
         """``(D, 2, L, E)`` int64 counts per selected domain."""
-        sel = self.selection
-        out = np.zeros((len(sel.domains),) + self.counts.shape[1:], np.int64)
-        for d in range(len(sel.domains)):
-            rows = np.flatnonzero(sel.request_domain == d)
-            if rows.size:
-                out[d] = self.counts[rows].sum(axis=0, dtype=np.int64)
+        out = self.domains[:-1].copy()
         if self.domain_extra is not None:
             out += self.domain_extra
         return out
@@ -179,19 +257,23 @@ class Aggregates:
 
 # -- the streaming pass -------------------------------------------------------------------------
 class _Pass:
-    """Per-row-group work: map ids to dense indices, bincount, keep sampled rows."""
+    """Per-row-group work: map ids to dense indices, bincount, keep sampled rows.
+
+    The maps from request id to request index, domain group and request-sample slot are built once
+    per run (sized by the requests, not by the rows) and shared by every row group."""
 
     def __init__(self, sel: Selection, threshold: np.uint64 | None, use_batch_id: bool) -> None:
         self.sel = sel
         self.L, self.E, self.k = len(sel.layers), sel.num_experts, sel.top_k
         self.R = len(sel.request_ids)
+        self.D = len(sel.domains)
         self.threshold = threshold  # None: keep every row in the sample
         self.use_batch_id = use_batch_id
         self.seed = np.uint64(sel.seed & 0xFFFFFFFFFFFFFFFF)
         self.layer_lut = np.full(1 << 16, -1, np.int32)
         self.layer_lut[np.asarray(sel.layers, np.int64) & 0xFFFF] = np.arange(self.L, dtype=np.int32)
         ids = sel.request_ids
-        # slot per request id: its index, -1 if its domain is left out, R if it is not listed.
+        # index per request id: its position, -1 if its domain is left out, R if it is not listed.
         slot = np.where(sel.request_domain >= 0, np.arange(self.R), -1).astype(np.int32)
         self._dense = ids.size == 0 or (ids[0] >= 0 and ids[-1] < (1 << 24))
         if self._dense:
@@ -199,6 +281,10 @@ class _Pass:
             self.req_lut = np.full(size, self.R if sel.keep_unlisted else -1, np.int32)
             self.req_lut[ids] = slot
         self._slot = slot
+        # per request index (R = not listed): its domain group (D for R) and request-sample slot.
+        self.group = np.append(np.where(sel.request_domain >= 0, sel.request_domain, self.D), self.D).astype(np.int32)
+        self.sample_slot = np.full(self.R + 1, -1, np.int32)
+        self.sample_slot[sel.sampled] = np.arange(len(sel.sampled), dtype=np.int32)
 
     def request_slots(self, rid: np.ndarray) -> np.ndarray:
         unlisted = self.R if self.sel.keep_unlisted else -1
@@ -212,8 +298,12 @@ class _Pass:
         found = (pos < self.R) & (self.sel.request_ids[pos_c] == rid) if self.R else np.zeros(rid.shape, bool)
         return np.where(found, self._slot[pos_c], unlisted).astype(np.int32)
 
+    def empty_partial(self) -> Partial:
+        return Partial(0, np.zeros((0, 2, self.L, self.E), np.int64), None, TokenSample.empty(self.k), 0,
+                       np.zeros(2, bool))
+
     def __call__(self, table: pa.Table, where: str) -> Partial:
-        L, E, k = self.L, self.E, self.k
+        L, E, k, D = self.L, self.E, self.k, self.D
         n = table.num_rows
         rid = _np(table, "request_id")
         layer = _np(table, "layer")
@@ -228,9 +318,8 @@ class _Pass:
             sel_rows = np.flatnonzero(keep)
         else:
             sel_rows = None
-        phases_seen = np.zeros(2, bool)
         if ri.size == 0:
-            return Partial(0, np.zeros((0, 2, L, E), np.int64), None, TokenSample.empty(k), 0, phases_seen)
+            return self.empty_partial()
         lo_e, hi_e = int(experts.min()), int(experts.max())
         if lo_e < 0 or hi_e >= E:
             bad = lo_e if lo_e < 0 else hi_e
@@ -239,26 +328,61 @@ class _Pass:
                 "the trace is inconsistent with its model"
             )
         phases_seen = np.bincount(phase, minlength=2)[:2] > 0
-        # Step 1: counts. Bins are local to the requests present, so they stay in cache.
-        r0, r1 = int(ri.min()), int(ri.max())
+        # Step 1: counts. A row counts in its domain group (0..D) or, if its request is in the request
+        # sample, in that request's bin (D + 1 + its local slot); the sampled bins are then added to
+        # their domains. Bins are local to the sampled requests present, so they stay few; where
+        # those requests have few rows each (dense bins would be mostly zeros), their counts are
+        # kept sparse instead: (flat index, count) pairs.
+        si = self.sample_slot[ri]
+        in_sample = si >= 0
         per_req = 2 * L * E
-        if (r1 - r0 + 1) * per_req <= 4 * ri.size * k + (1 << 16):
-            slots, local = None, ri - r0
-            nslots = r1 - r0 + 1
-        else:
-            slots, local = np.unique(ri, return_inverse=True)
-            nslots = slots.size
-        base = ((local.astype(np.int64) * 2 + phase) * L + li) * E
+        slots, lo, nslots, sparse = None, 0, 0, None
+        bins = self.group[ri]
+        if in_sample.any():
+            s_in = si[in_sample]
+            s0, s1 = int(s_in.min()), int(s_in.max())
+            budget = 4 * s_in.size * k + (1 << 16)  # dense bins allowed: a few per sampled route
+            if (s1 - s0 + 1) * per_req <= budget:
+                lo, local, nslots = s0, s_in - s0, s1 - s0 + 1
+            else:
+                slots, local = np.unique(s_in, return_inverse=True)
+                nslots = slots.size
+                if nslots * per_req > budget:
+                    sparse, slots, nslots = _sparse_counts(s_in, phase[in_sample], li[in_sample],
+                                                           experts[in_sample], L, E), None, 0
+            if nslots:
+                bins[in_sample] = D + 1 + local.reshape(-1)
+        base = ((bins.astype(np.int64) * 2 + phase) * L + li) * E
         # One expert column at a time: (n,) temporaries stay small, where one (n*k,) index array
         # cost several times the counting itself (measured: 40 ms against 230 ms per 1M rows, top-8).
-        size = nslots * per_req
+        size = (D + 1 + nslots) * per_req
         counts = np.zeros(size, np.int64)
         idx = np.empty(base.size, np.int64)
         for column in np.ascontiguousarray(experts.T):
             np.add(base, column, out=idx)
             counts += np.bincount(idx, minlength=size)
-        counts = counts.reshape(nslots, 2, L, E)
-        # Step 2: the sample: rows whose token (or forward pass) hashes below the threshold.
+        counts = counts.reshape(D + 1 + nslots, 2, L, E)
+        domains, sampled = counts[: D + 1], counts[D + 1 :]
+        if nslots:
+            req = (np.arange(lo, lo + nslots) if slots is None else slots)
+            groups = self.group[self.sel.sampled[req]]
+            for g in np.unique(groups):
+                domains[g] += sampled[groups == g].sum(axis=0)
+        # Step 2: which listed requests have rows of each phase (2 * index + phase, sorted, unique).
+        listed = ri < self.R
+        if listed.all():
+            code = ri.astype(np.int64) * 2 + phase
+        else:
+            code = ri[listed].astype(np.int64) * 2 + phase[listed]
+        if code.size:
+            c0, c1 = int(code.min()), int(code.max())
+            if c1 - c0 < 4 * code.size + 1024:
+                seen = c0 + np.flatnonzero(np.bincount(code - c0, minlength=c1 - c0 + 1))
+            else:
+                seen = np.unique(code)
+        else:
+            seen = np.zeros(0, np.int64)
+        # Step 3: the sample: rows whose token (or forward pass) hashes below the threshold.
         step = _np(table, "step")
         pos = _np(table, "pos")
         if sel_rows is not None:
@@ -279,7 +403,20 @@ class _Pass:
                 take = np.flatnonzero(h < self.threshold)
                 h, token, li, experts = h[take], token[take], li[take], experts[take]
         sample = TokenSample(h, token, li.astype(np.int16), experts.astype(np.int16, copy=False))
-        return Partial(r0 if slots is None else 0, counts, slots, sample, int(ri.size), phases_seen)
+        part = Partial(lo, np.ascontiguousarray(sampled), slots, sample, int(ri.size), phases_seen,
+                       np.ascontiguousarray(domains), seen)
+        if sparse is not None:
+            part.keys, part.values = sparse
+        return part
+
+
+def _sparse_counts(slot: np.ndarray, phase: np.ndarray, layer: np.ndarray, experts: np.ndarray,
+                   L: int, E: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of rows ``(slot, phase, layer, experts (n, k))`` as sorted unique flat indices into
+    ``(S, 2, L, E)`` and their counts (int64)."""
+    base = ((slot.astype(np.int64) * 2 + phase) * L + layer) * E
+    keys, values = np.unique((base[:, None] + experts).reshape(-1), return_counts=True)
+    return keys, values.astype(np.int64)
 
 
 def _token_key(rid: np.ndarray, step: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -335,13 +472,8 @@ def plan_routing(trace: Trace, sel: Selection, rows_total: int) -> tuple[Aggrega
     fraction = min(1.0, 1.25 * sel.sample_tokens / tokens_est) if sel.sample_tokens > 0 else 1.0
     threshold = None if fraction >= 1.0 else np.uint64(int(fraction * float(1 << 64)))
     work = _Pass(sel, threshold, use_batch_id)
-    agg = Aggregates(
-        selection=sel,
-        counts=np.zeros((len(sel.request_ids) + 1, 2, L, sel.num_experts), np.int32),
-        tokens_estimate=tokens_est,
-        sample_fraction=fraction,
-        sample_key="batch_id" if use_batch_id else "token",
-    )
+    agg = Aggregates.empty(sel, tokens_estimate=tokens_est, sample_fraction=fraction,
+                           sample_key="batch_id" if use_batch_id else "token")
     return agg, work, ROUTING_COLUMNS + (["batch_id"] if use_batch_id else [])
 
 
@@ -413,11 +545,7 @@ def aggregate_loads(trace: Trace, sel: Selection) -> Aggregates:
 
     frame = trace.loads()
     L, E = len(sel.layers), sel.num_experts
-    agg = Aggregates(
-        selection=sel,
-        counts=np.zeros((len(sel.request_ids) + 1, 2, L, E), np.int32),
-        per_token=False,
-    )
+    agg = Aggregates.empty(sel, per_token=False)
     if frame is None:
         return agg
     table = (
@@ -445,7 +573,13 @@ def aggregate_loads(trace: Trace, sel: Selection) -> Aggregates:
     dom = np.array([dom_lut.get(d, -2) if d is not None else -1 for d in table["domain"].to_list()], np.int64)
     by_domain_only = (rid < 0) & (dom != -1)
     keep = (layer_i >= 0) & (slot >= 0) & ~by_domain_only
-    np.add.at(agg.counts, (slot[keep], phase[keep], layer_i[keep], expert[keep]), cnt[keep].astype(np.int32))
+    slot_k, phase_k, layer_k, expert_k, cnt_k = slot[keep], phase[keep], layer_i[keep], expert[keep], cnt[keep]
+    np.add.at(agg.domains, (work.group[slot_k], phase_k, layer_k, expert_k), cnt_k)
+    sampled = work.sample_slot[slot_k]
+    s = sampled >= 0
+    np.add.at(agg.sampled, (sampled[s], phase_k[s], layer_k[s], expert_k[s]), cnt_k[s].astype(np.int32))
+    listed = (slot_k < len(sel.request_ids)) & (cnt_k > 0)
+    agg.seen[slot_k[listed], phase_k[listed]] = True
     extra = by_domain_only & (dom >= 0) & (layer_i >= 0)
     if extra.any():
         agg.domain_extra = np.zeros((len(sel.domains), 2, L, E), np.int64)

@@ -15,7 +15,7 @@ With p(d, l, .) = n(d, l, .) / sum_e n(d, l, e), the expert distribution of doma
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -122,11 +122,23 @@ def features(prefill: np.ndarray) -> np.ndarray:
 
 def nearest_centroid(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, classes: int) -> np.ndarray:
     """Predict classes of ``test_x (n, F)`` by the nearest L2-normalised class centroid of ``train_x (m, F)``."""
-    cent = np.zeros((classes, train_x.shape[1]))
+    return _nearest(_class_means(lambda rows: train_x[rows], np.arange(len(train_y)), train_y, classes,
+                                 train_x.shape[1]), test_x)
+
+
+def _class_means(rows_of: Callable[[np.ndarray], np.ndarray], train: np.ndarray, train_y: np.ndarray,
+                 classes: int, width: int) -> np.ndarray:
+    """``(classes, width)`` mean of each class's training vectors ``rows_of(train rows) -> (n, width)``,
+    built one class at a time (only one class's vectors are ever held)."""
+    cent = np.zeros((classes, width))
     for c in range(classes):
-        members = train_x[train_y == c]
-        if len(members):
-            cent[c] = members.mean(axis=0)
+        rows = train[train_y == c]
+        if len(rows):
+            cent[c] = rows_of(rows).reshape(len(rows), width).mean(axis=0)
+    return cent
+
+
+def _nearest(cent: np.ndarray, test_x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(cent, axis=1, keepdims=True)
     cent = np.divide(cent, norm, out=np.zeros_like(cent), where=norm > 0)
     tnorm = np.linalg.norm(test_x, axis=1, keepdims=True)
@@ -143,21 +155,25 @@ def classify(prefill: np.ndarray, request_domain: np.ndarray, domains: Sequence[
 
     Returns the summary (overall accuracy over all layers, per-domain accuracy, split sizes, chance
     level) and a per-layer frame (accuracy from that layer's counts alone). Requests without prefill
-    tokens are left out.
+    tokens are left out. Features are computed one class (or the test set) at a time, never for every
+    request at once: float64 features of (R, L, E) counts would take twice the int32 counts.
     """
+    R, L, E = prefill.shape
     has_prefill = prefill.sum(axis=(1, 2)) > 0
     y = np.where(has_prefill, request_domain, -1)
     train, test = split_requests(y, test_fraction, seed)
-    x = features(prefill)
     n_cls = len(domains)
-    pred = nearest_centroid(x[train].reshape(len(train), -1), y[train], x[test].reshape(len(test), -1), n_cls)
+    test_x = features(prefill[test])  # (n_test, L, E)
+    cent = _class_means(lambda rows: features(prefill[rows]), train, y[train], n_cls, L * E)
+    pred = _nearest(cent, test_x.reshape(len(test), -1))
     correct = pred == y[test]
     per_domain = {
         domains[c]: float(correct[y[test] == c].mean()) for c in range(n_cls) if (y[test] == c).any()
     }
     per_layer = []
     for li, layer in enumerate(layers):
-        p = nearest_centroid(x[train, li], y[train], x[test, li], n_cls)
+        cent = _class_means(lambda rows: features(prefill[rows, li]), train, y[train], n_cls, E)
+        p = _nearest(cent, test_x[:, li])
         per_layer.append(dict(layer=layer, accuracy=float((p == y[test]).mean())))
     counts = np.bincount(y[train], minlength=n_cls)
     summary = dict(

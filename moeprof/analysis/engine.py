@@ -44,6 +44,11 @@ class Engine:
                    shared: Any = None, progress: Callable[[int], None] | None = None) -> Any:
         raise NotImplementedError
 
+    def put(self, value: Any) -> Any:
+        """A handle that stands for ``value`` as an item of ``map`` calls: ``value`` itself here, one
+        copy in the object store on Ray (rounds over the same data then ship it once)."""
+        return value
+
 
 class LocalEngine(Engine):
     """Threads of this process (pyarrow and numpy release the GIL in the heavy parts)."""
@@ -131,6 +136,9 @@ class RayEngine(Engine):
             raise EngineError(f"a Ray task failed: {cause if cause is not None else exc}") from None
         except ray.exceptions.RayError as exc:  # worker crashed more often than max_retries, node lost
             raise EngineError(f"a Ray task failed after its retries: {exc}") from None
+
+    def put(self, value):
+        return self.ray.put(value)  # a top-level task argument: Ray hands the task the value
 
     def map(self, fn, items, shared=None):
         ref = self.ray.put(shared)

@@ -132,26 +132,46 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
     spearman.
     """
     R, L, E = prefill.shape
+    B = 128  # requests per block: temporaries of (B, L, E)
     # Step 1: one stable sort per count vector gives its average ranks (Spearman) and its top-m
     # experts (recall); centring and scaling each vector (and each rank vector) once to unit length
-    # turns every Pearson correlation below, own request or control, into one dot product.
+    # turns every Pearson correlation below, own request or control, into one dot product. Decode
+    # vectors are kept for every request (the controls pair a request with a random other one);
+    # prefill vectors only for a block of requests at a time.
     m_max = max(recall_m, default=0)
-    zx, zy = np.empty((R, L, E), np.float32), np.empty((R, L, E), np.float32)
-    zrx, zry = np.empty((R, L, E), np.float32), np.empty((R, L, E), np.float32)
-    top_x, top_y = np.empty((R, L, m_max), np.int64), np.empty((R, L, m_max), np.int64)
-    for i in range(0, R, 128):
-        for counts, z, zr, top in ((prefill, zx, zrx, top_x), (decode, zy, zry, top_y)):
-            block = counts[i : i + 128]
-            order = order_desc(block)
-            z[i : i + 128] = _unit(block)
-            zr[i : i + 128] = _unit(average_ranks(block, order))
-            top[i : i + 128] = order[..., :m_max]
+    zy, zry = np.empty((R, L, E), np.float32), np.empty((R, L, E), np.float32)
+    top_y = np.empty((R, L, m_max), np.int16 if E <= 1 << 15 else np.int64)
+    for i in range(0, R, B):
+        block = decode[i : i + B]
+        order = order_desc(block)
+        zy[i : i + B] = _unit(block)
+        zry[i : i + B] = _unit(average_ranks(block, order))
+        top_y[i : i + B] = order[..., :m_max]
 
     def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.clip(np.einsum("rle,rle->rl", a, b, dtype=np.float64), -1.0, 1.0)
 
     # Step 2: correlations of request r's prefill with a decode vector: its own, then the controls'.
-    own_p, own_s = corr(zx, zy), corr(zrx, zry)
+    controls = {name: control_partners(request_domain, same, seed + (0 if same else 1))
+                for name, same in (("same_domain", True), ("other_domain", False))}
+    own_p, own_s = np.empty((R, L)), np.empty((R, L))
+    ctrl = {name: (np.full((R, L), np.nan), np.full((R, L), np.nan)) for name in controls}
+    recall = {m: np.empty((R, L)) for m in recall_m}
+    for i in range(0, R, B):
+        b = slice(i, i + B)
+        block = prefill[b]
+        order = order_desc(block)
+        zx, zrx, top_x = _unit(block), _unit(average_ranks(block, order)), order[..., :m_max]
+        own_p[b], own_s[b] = corr(zx, zy[b]), corr(zrx, zry[b])
+        for name, partner in controls.items():
+            has = np.flatnonzero(partner[b] >= 0)
+            if has.size:
+                ctrl[name][0][i + has] = corr(zx[has], zy[partner[b][has]])
+                ctrl[name][1][i + has] = corr(zrx[has], zry[partner[b][has]])
+        empty = _empty(block) | _empty(decode[b])
+        for m in recall_m:
+            recall[m][b] = _recall(top_x[..., :m], top_y[b][..., :m], empty)
+    del zy, zry, top_y
     cols: dict[str, object] = {"layer": pl.Series(list(layers), dtype=pl.Int16)}
     cols["pearson"], n = _mean_over_requests(own_p)
     cols["spearman"], _ = _mean_over_requests(own_s)
@@ -159,22 +179,11 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
     agg_x, agg_y = prefill.sum(axis=0), decode.sum(axis=0)
     cols["aggregate_pearson"] = pearson(agg_x, agg_y)
     cols["aggregate_spearman"] = spearman(agg_x, agg_y)
-    for name, same in (("same_domain", True), ("other_domain", False)):
-        partner = control_partners(request_domain, same, seed + (0 if same else 1))
-        has = partner >= 0
-        p = np.full((R, L), np.nan)
-        s = np.full((R, L), np.nan)
-        if has.any():
-            idx = np.flatnonzero(has)
-            for i in range(0, idx.size, 128):
-                b = idx[i : i + 128]
-                p[b] = corr(zx[b], zy[partner[b]])
-                s[b] = corr(zrx[b], zry[partner[b]])
+    for name, (p, s) in ctrl.items():
         cols[f"{name}_pearson"], _ = _mean_over_requests(p)
         cols[f"{name}_spearman"], _ = _mean_over_requests(s)
-    empty = _empty(prefill) | _empty(decode)
     for m in recall_m:
-        cols[f"recall_at_{m}"], _ = _mean_over_requests(_recall(top_x[..., :m], top_y[..., :m], empty))
+        cols[f"recall_at_{m}"], _ = _mean_over_requests(recall[m])
     per_layer = pl.DataFrame(cols)
     per_request = pl.DataFrame(
         {

@@ -24,7 +24,8 @@ from moeprof.analysis import coactivation as co
 from moeprof.analysis import domain as dom
 from moeprof.analysis import load
 from moeprof.analysis import phase as ph
-from moeprof.analysis.aggregate import DEFAULT_SAMPLE_TOKENS, Aggregates, Selection, aggregate_loads, aggregate_routing, row_groups
+from moeprof.analysis.aggregate import (DEFAULT_SAMPLE_REQUESTS, DEFAULT_SAMPLE_TOKENS, Aggregates, Selection,
+                                       aggregate_loads, aggregate_routing, row_groups, sample_requests as pick_requests)
 from moeprof.errors import AnalysisError, UsageError
 from moeprof.trace.reader import Trace
 
@@ -73,8 +74,9 @@ def _records(df: pl.DataFrame) -> list[dict[str, Any]]:
 
 # -- selection ---------------------------------------------------------------------------------
 def build_selection(trace: Trace, layers: Sequence[int] | None, domains: Sequence[str] | None,
-                    seed: int, sample_tokens: int) -> Selection:
-    """Check ``--layers`` / ``--domains`` against the trace and build the :class:`Selection`."""
+                    seed: int, sample_tokens: int, sample_requests: int = DEFAULT_SAMPLE_REQUESTS) -> Selection:
+    """Check ``--layers`` / ``--domains`` against the trace and build the :class:`Selection`, with its
+    request sample: the ``sample_requests`` selected requests of smallest hash of (seed, request id)."""
     model = trace.model
     moe = list(model.moe_layers)
     if layers is not None:
@@ -105,16 +107,18 @@ def build_selection(trace: Trace, layers: Sequence[int] | None, domains: Sequenc
         names = wanted
     index = {d: i for i, d in enumerate(names)}
     req_dom = np.array([index.get(d, -1) for d in requests["domain"].to_list()], np.int32)
+    ids = requests["request_id"].to_numpy().astype(np.int64)
     return Selection(
         layers=chosen,
         domains=names,
-        request_ids=requests["request_id"].to_numpy().astype(np.int64),
+        request_ids=ids,
         request_domain=req_dom,
         num_experts=model.num_experts,
         top_k=model.top_k,
         seed=seed,
         sample_tokens=sample_tokens,
         keep_unlisted=domains is None,
+        sampled=pick_requests(ids, np.flatnonzero(req_dom >= 0), sample_requests, seed),
     )
 
 
@@ -134,6 +138,7 @@ def analyze_trace(
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     seed: int = 0,
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
+    sample_requests: int = DEFAULT_SAMPLE_REQUESTS,
     coactivation_tokens: int = co.DEFAULT_TOKENS,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -158,10 +163,14 @@ def analyze_trace(
         raise UsageError("--batch-sizes: give positive integers, e.g. --batch-sizes 1,8,64,512,4096")
     if sample_tokens < 1:
         raise UsageError(f"--sample-tokens must be at least 1 (valid range: 1 and up), got {sample_tokens}")
+    if isinstance(sample_requests, bool) or not isinstance(sample_requests, (int, np.integer)) or sample_requests < 1:
+        raise UsageError(f"--sample-requests must be a whole number of at least 1, got {sample_requests!r} "
+                         f"(default {DEFAULT_SAMPLE_REQUESTS}: requests whose own counts feed classification and "
+                         "prefill->decode)")
     if coactivation_tokens < 1:
         raise UsageError(f"coactivation_tokens must be at least 1, got {coactivation_tokens}")
     trace = Trace.open(path, verify="rows", check_reads=verify_reads)
-    sel = build_selection(trace, layers, domains, seed, sample_tokens)
+    sel = build_selection(trace, layers, domains, seed, sample_tokens, int(sample_requests))
     notes: list[str] = []
     # Step 1: one pass -> mergeable aggregates.
     if trace.num_routing_rows:
@@ -205,7 +214,7 @@ def analyze_trace(
     a = Analysis(summary={}, tables=_Tables(on_table) if on_table is not None else {})
     s = a.summary
     caps = _capabilities(trace, agg)
-    unlisted = int(agg.counts[-1].sum())
+    unlisted = agg.unlisted_routes
     if unlisted:
         notes.append(f"{unlisted:,} token-routes belong to requests not listed in requests.parquet: counted in "
                      "load statistics, left out of per-domain and per-request ones")
@@ -214,17 +223,20 @@ def analyze_trace(
         moeprof_version=_own_version(),
         trace=_trace_info(trace, agg, sel, keep_l),
         selection=dict(layers=kept_layers, domains=sel.domains, batch_sizes=list(batch_sizes), seed=seed,
-                       sample_tokens=sample_tokens, coactivation_tokens=coactivation_tokens),
+                       sample_tokens=sample_tokens, coactivation_tokens=coactivation_tokens,
+                       sample_requests=int(sample_requests)),
         notes=notes,
         warnings=trace_warnings(trace),
     )
-    counts = agg.counts[:, :, keep_l]  # (R+1, 2, L, E)
+    # (S, 2, L, E) the request sample's counts; a view when no layer is left out (a copy costs 116 KiB
+    # a request at DeepSeek-V3 shape).
+    sampled = agg.sampled if keep_l.size == len(sel.layers) else agg.sampled[:, :, keep_l]
     total = agg.total()[keep_l]
     E, k = sel.num_experts, sel.top_k
     a.arrays.update(layers=kept_layers, load=total, num_experts=E, top_k=k)
 
     # Step 3: imbalance over the whole trace.
-    agg_k = _sliced(agg, counts, keep_l)
+    agg_k = _sliced(agg, keep_l)
     per_layer = load.layer_imbalance(agg_k, caps["phase"] is None)
     a.tables["layer_imbalance"] = per_layer
     a.tables["expert_loads"] = load.expert_loads(agg_k)
@@ -262,8 +274,8 @@ def analyze_trace(
     pool = ThreadPoolExecutor(max_workers=5, thread_name_prefix="moeprof-stats")
     with pool, one_blas_thread():
         token_job = pool.submit(token_step)
-        class_job = pool.submit(_classification, a, agg, counts, caps, sel, kept_layers, seed)
-        phase_job = pool.submit(_prefill_decode, a, counts, caps, sel, kept_layers, seed)
+        class_job = pool.submit(_classification, a, agg, sampled, caps, sel, kept_layers, seed)
+        phase_job = pool.submit(_prefill_decode, a, agg, sampled, caps, sel, kept_layers, seed)
         co_job = pool.submit(coactivation_step)
         s["batch_imbalance"] = pool.submit(batch_step).result()
 
@@ -316,14 +328,16 @@ def _own_version() -> str:
     return __version__
 
 
-def _sliced(agg: Aggregates, counts: np.ndarray, keep_l: np.ndarray) -> Aggregates:
+def _sliced(agg: Aggregates, keep_l: np.ndarray) -> Aggregates:
+    """The per-domain counts of ``agg`` in layers ``keep_l`` (what the whole-trace statistics read)."""
     sel = agg.selection
     sub = Selection(
         layers=[sel.layers[i] for i in keep_l], domains=sel.domains, request_ids=sel.request_ids,
         request_domain=sel.request_domain, num_experts=sel.num_experts, top_k=sel.top_k, seed=sel.seed,
-        sample_tokens=sel.sample_tokens,
+        sample_tokens=sel.sample_tokens, sampled=sel.sampled,
     )
-    out = Aggregates(selection=sub, counts=counts, rows=agg.rows, per_token=agg.per_token)
+    out = Aggregates(selection=sub, domains=agg.domains[:, :, keep_l], sampled=agg.sampled[:0, :, keep_l],
+                     seen=agg.seen, rows=agg.rows, per_token=agg.per_token)
     if agg.domain_extra is not None:
         out.domain_extra = agg.domain_extra[:, :, keep_l]
     return out
@@ -350,7 +364,7 @@ def _capabilities(trace: Trace, agg: Aggregates) -> dict[str, str | None]:
         ph_reason = f"the selection holds {' and '.join(seen) or 'no'} tokens only; it needs both prefill and decode"
     out["phase"] = ph_reason
     req_reason = miss("request_ids", "the trace does not record which request a token belongs to")
-    if req_reason is None and agg.by_request.sum() == 0:
+    if req_reason is None and agg.listed_routes == 0:
         req_reason = "no routed token belongs to a request listed in requests.parquet"
     out["requests"] = req_reason
     if len(agg.selection.domains) == 0:
@@ -365,7 +379,7 @@ def _trace_info(trace: Trace, agg: Aggregates, sel: Selection, keep_l: np.ndarra
     m = trace.manifest
     total = agg.total()[keep_l]
     per_domain = {}
-    req_has = agg.by_request.sum(axis=(1, 2, 3)) > 0
+    req_has = agg.seen.any(axis=1)
     for i, d in enumerate(sel.domains):
         per_domain[d] = int((req_has & (sel.request_domain == i)).sum())
     return dict(
@@ -447,43 +461,64 @@ def _shift_summary(shift: pl.DataFrame, experts: pl.DataFrame, names: list[str])
     )
 
 
-def _classification(a: Analysis, agg: Aggregates, counts: np.ndarray, caps: dict, sel: Selection,
+def _request_sample(agg: Aggregates, used: int, in_trace: int, what: str) -> dict[str, Any]:
+    """What share of the trace's requests a per-request statistic saw (the request sample)."""
+    out: dict[str, Any] = dict(requests_in_trace=in_trace, whole_trace=bool(used == in_trace))
+    if used != in_trace:
+        out["sample_note"] = (f"{what} over a seeded sample of {used:,} of the trace's {in_trace:,} such requests "
+                              "(bottom-k by hash of seed and request id); raise --sample-requests for more")
+    return out
+
+
+def _classification(a: Analysis, agg: Aggregates, sampled: np.ndarray, caps: dict, sel: Selection,
                     layers: list[int], seed: int) -> dict[str, Any]:
     for cap in ("requests", "phase", "domains"):
         if caps[cap] is not None:
             return unavailable(caps[cap])
-    prefill = counts[:-1, 0]  # (R, L, E)
+    prefill = sampled[:, 0]  # (S, L, E) the request sample's prefill counts
+    req_dom = sel.request_domain[sel.sampled]
     has = prefill.sum(axis=(1, 2)) > 0
-    y = np.where(has, sel.request_domain, -1)
+    y = np.where(has, req_dom, -1)
     sizes = {sel.domains[d]: int((y == d).sum()) for d in range(len(sel.domains))}
     usable = [d for d, n in sizes.items() if n >= 2]
+    in_trace = int((agg.seen[:, 0] & (sel.request_domain >= 0)).sum())
     if len(usable) < 2:
+        where = "" if agg.whole_trace_requests else f" of the request sample ({len(sel.sampled):,} of the trace's requests; raise --sample-requests)"
         return unavailable(
             "needs at least two domains with two or more requests that have prefill tokens "
-            f"(requests with prefill per domain: {', '.join(f'{d} {n}' for d, n in sizes.items()) or 'none'})"
+            f"(requests with prefill per domain{where}: {', '.join(f'{d} {n}' for d, n in sizes.items()) or 'none'})"
         )
-    summary, per_layer = dom.classify(prefill, sel.request_domain.copy(), sel.domains, layers, seed)
+    summary, per_layer = dom.classify(prefill, req_dom.copy(), sel.domains, layers, seed)
     a.tables["classification"] = per_layer
     return dict(available=True, **{k: _finite(v) if not isinstance(v, dict) else v for k, v in summary.items()},
-                per_layer=_records(per_layer))
+                per_layer=_records(per_layer), requests=int((y >= 0).sum()),
+                **_request_sample(agg, int((y >= 0).sum()), in_trace, "classified"))
 
 
-def _prefill_decode(a: Analysis, counts: np.ndarray, caps: dict, sel: Selection, layers: list[int],
-                    seed: int) -> dict[str, Any]:
+def _prefill_decode(a: Analysis, agg: Aggregates, sampled: np.ndarray, caps: dict, sel: Selection,
+                    layers: list[int], seed: int) -> dict[str, Any]:
     for cap in ("requests", "phase"):
         if caps[cap] is not None:
             return unavailable(caps[cap])
-    prefill, decode = counts[:-1, 0], counts[:-1, 1]
+    prefill, decode = sampled[:, 0], sampled[:, 1]  # (S, L, E) each: the request sample's counts
     both = (prefill.sum(axis=(1, 2)) > 0) & (decode.sum(axis=(1, 2)) > 0)
     if not both.any():
+        if agg.seen.all(axis=1).any():
+            return unavailable(f"no request of the request sample ({len(sel.sampled):,} of the trace's requests) has "
+                               "both prefill and decode tokens in the selection; raise --sample-requests")
         return unavailable("no request has both prefill and decode tokens in the selection")
     idx = np.flatnonzero(both)
-    req_dom = sel.request_domain[idx]
+    if idx.size == both.size:  # every sampled request: views, not copies of (S, L, E)
+        x, y = prefill, decode
+    else:
+        x, y = prefill[idx], decode[idx]
+    req_dom = sel.request_domain[sel.sampled[idx]]
     k, E = sel.top_k, sel.num_experts
     ms = sorted({k, load.hot_count(E)})
-    per_layer, per_request = ph.correlations(prefill[idx], decode[idx], req_dom, layers, ms, seed)
+    per_layer, per_request = ph.correlations(x, y, req_dom, layers, ms, seed)
+    del x, y
     per_request = per_request.with_columns(
-        pl.Series("request_id", sel.request_ids[idx][per_request["request"].to_numpy()])
+        pl.Series("request_id", sel.request_ids[sel.sampled[idx]][per_request["request"].to_numpy()])
     ).drop("request")
     a.tables["prefill_decode"] = per_layer
     a.tables["prefill_decode_requests"] = per_request.select(["request_id", "layer", "pearson", "spearman"])
@@ -504,6 +539,7 @@ def _prefill_decode(a: Analysis, counts: np.ndarray, caps: dict, sel: Selection,
                                   spearman=_finite(per_layer[f"{name}_spearman"].mean()))
         else:
             controls[name] = unavailable(why)
+    in_trace = int(agg.seen.all(axis=1).sum())
     return dict(
         available=True,
         requests=n_req,
@@ -516,6 +552,7 @@ def _prefill_decode(a: Analysis, counts: np.ndarray, caps: dict, sel: Selection,
         note="pearson/spearman: mean over requests, then over layers; aggregate: per layer on counts summed over "
              "requests, then mean over layers",
         per_layer=_records(per_layer),
+        **_request_sample(agg, n_req, in_trace, "correlations"),
     )
 
 

@@ -4,8 +4,10 @@ A task opens its shard itself (a local path or a URI: every worker reads from st
 runs the same per-row-group work as the local pass (:class:`moeprof.analysis.aggregate._Pass`) and
 merges its row groups into one :class:`Partial`. Partials merge exactly:
 
-* counts add over the union of their request slots (a range when the slots are near each other, an
-  explicit list otherwise), so a shard holding a few requests returns a few requests' counts;
+* per-domain counts add; the request sample's counts add over the union of their sample slots (a
+  range when the slots are near each other, an explicit list otherwise), so a shard holding a few
+  sampled requests returns a few requests' counts, and none for requests outside the sample;
+* the (request, phase) flags unite as sorted lists of what each shard saw;
 * samples unite and are cut to their bottom ``sample_tokens`` tokens by ``(hash, token)``, the
   order in which :func:`moeprof.analysis.load.token_matrix` takes tokens. Bottom-k of a union is
   the bottom-k of the parts' bottom-ks, so the cut changes nothing the statistics read and a merged
@@ -57,10 +59,34 @@ def merge_partials(a: Partial, b: Partial, k: int, cap: int, max_rows: int = 0) 
     sample = TokenSample.concat([a.sample, b.sample], k)
     if len(sample.hash) > max_rows:
         sample = bottom_k(sample, cap)
-    rows, seen = a.rows + b.rows, a.phases_seen | b.phases_seen
+    rows, phases = a.rows + b.rows, a.phases_seen | b.phases_seen
+    domains = b.domains if a.domains is None else a.domains if b.domains is None else a.domains + b.domains
+    seen = np.union1d(a.seen, b.seen) if a.seen.size and b.seen.size else (a.seen if a.seen.size else b.seen)
+    lo, counts, slots = _merge_counts(a, b)
+    keys, values = _merge_sparse(a, b)
+    return Partial(lo, counts, slots, sample, rows, phases, domains, seen, keys, values)
+
+
+def _merge_sparse(a: Partial, b: Partial) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse request-sample counts of both: keys united, values summed per key."""
+    if not a.keys.size or not b.keys.size:
+        return (a.keys, a.values) if a.keys.size else (b.keys, b.values)
+    return sum_by_key([a.keys, b.keys], [a.values, b.values])
+
+
+def sum_by_key(keys: list[np.ndarray], values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys of the concatenated ``keys`` and the sum of ``values`` per key (int64)."""
+    uniq, inv = np.unique(np.concatenate(keys), return_inverse=True)
+    out = np.zeros(uniq.size, np.int64)
+    np.add.at(out, inv.reshape(-1), np.concatenate(values))
+    return uniq, out
+
+
+def _merge_counts(a: Partial, b: Partial) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """The request sample's counts of both, summed per slot: ``(lo, counts, slots)`` as in :class:`Partial`."""
     if b.counts.shape[0] == 0 or a.counts.shape[0] == 0:
         c = b if b.counts.shape[0] else a
-        return Partial(c.lo, c.counts, c.slots, sample, rows, seen)
+        return c.lo, c.counts, c.slots
     if a.slots is None and b.slots is None:
         lo = min(a.lo, b.lo)
         hi = max(a.lo + a.counts.shape[0], b.lo + b.counts.shape[0])
@@ -68,13 +94,13 @@ def merge_partials(a: Partial, b: Partial, k: int, cap: int, max_rows: int = 0) 
             counts = np.zeros((hi - lo,) + a.counts.shape[1:], np.int64)
             counts[a.lo - lo : a.lo - lo + a.counts.shape[0]] += a.counts
             counts[b.lo - lo : b.lo - lo + b.counts.shape[0]] += b.counts
-            return Partial(lo, counts, None, sample, rows, seen)
+            return lo, counts, None
     sa, sb = _slots(a), _slots(b)
     slots = np.union1d(sa, sb)
     counts = np.zeros((slots.size,) + a.counts.shape[1:], np.int64)
     counts[np.searchsorted(slots, sa)] += a.counts
     counts[np.searchsorted(slots, sb)] += b.counts
-    return Partial(0, counts, slots, sample, rows, seen)
+    return 0, counts, slots
 
 
 class ShardWork:
@@ -115,8 +141,8 @@ def shard_partial(item: tuple[str, str], shared: ShardWork) -> Partial:
     except (pa.ArrowInvalid, OSError) as exc:
         raise TraceIntegrityError(f"{location}: not a readable Parquet file ({exc})") from None
     empty = TokenSample.empty(shared.k)
-    acc = Partial(0, np.zeros((0, 2, shared.work.L, shared.work.E), np.int64), None, empty, 0, np.zeros(2, bool))
-    samples = []  # kept apart and joined once: joining at every row group would copy them again and again
+    acc = shared.work.empty_partial()
+    samples, seen, sparse = [], [], []  # kept apart and joined once: joining at every row group would copy them again and again
     for i in range(groups):
         where = f"{location} (row group {i})"
         try:
@@ -126,9 +152,14 @@ def shard_partial(item: tuple[str, str], shared: ShardWork) -> Partial:
         part = shared.work(table, where)
         del table
         samples.append(part.sample)
-        part.sample = empty
+        seen.append(part.seen)
+        sparse.append((part.keys, part.values))
+        part.sample, part.seen, part.keys, part.values = empty, seen[-1][:0], part.keys[:0], part.values[:0]
         acc = merge_partials(acc, part, shared.k, shared.cap)
     acc.sample = TokenSample.concat(samples, shared.k)
+    acc.seen = np.unique(np.concatenate(seen)) if seen else acc.seen
+    if any(keys.size for keys, _ in sparse):
+        acc.keys, acc.values = sum_by_key([k for k, _ in sparse], [v for _, v in sparse])
     if len(acc.sample.hash) > shared.max_rows:
         acc.sample = bottom_k(acc.sample, shared.cap)
     return acc

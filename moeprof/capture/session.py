@@ -10,10 +10,12 @@ How a forward step is recorded:
    host synchronisation and no branch on tensor values, so it can run inside CUDA graphs once the
    slots become a preallocated device ring buffer (the GPU work of issue 7).
 3. A forward hook on the top-level model packs every slot plus the token ids and validity into one
-   byte tensor and makes ONE device-to-host copy of it (asynchronous into pinned memory on CUDA).
-4. The host side, one step behind on CUDA, drops padding, assigns requests, positions, steps and
-   phases, and hands column chunks to :class:`~moeprof.trace.writer.TraceWriter`, whose background
-   thread writes the Parquet shards.
+   tensor (one ``torch.cat``) and makes ONE device-to-host copy of it (asynchronous into pooled
+   pinned memory on CUDA).
+4. The host side (:class:`_HostPipe`) takes finished steps 32 at a time: it drops padding and tokens
+   after EOS, assigns requests, positions, steps and phases, vectorised over a block of decode
+   steps, and hands column chunks to :class:`~moeprof.trace.writer.TraceWriter`, whose background
+   thread writes the Parquet shards. Large blocks (big prefills) are processed by a worker thread.
 
 What is counted: for each request and each MoE layer, one row per prompt token (padding excluded;
 step 0, phase ``prefill``) and one row per generated token fed back to the model (step ``i`` is the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,12 +99,13 @@ class StepSink:
         self.ids: list[torch.Tensor | None] = [None] * num_layers
         self.w: list[torch.Tensor | None] = [None] * num_layers
         self.active = False
+        self._devices: bool | None = None  # the layers' outputs lie on more than one device
+        self._empty = [None] * num_layers
 
     def reset(self) -> None:
         # In place: compiled code guards on these lists, so they must stay the same objects.
-        for i in range(self.num_layers):
-            self.ids[i] = None
-            self.w[i] = None
+        self.ids[:] = self._empty
+        self.w[:] = self._empty
         self.active = True
 
     def record(self, ordinal: int, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
@@ -115,15 +119,32 @@ class StepSink:
         return [i for i, t in enumerate(self.ids) if t is None]
 
     def pack(self, tokens: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-        """One uint8 tensor: ids (L, n, k) int16 | weights (L, n, k) float32 | tokens (n,) int32 |
-        positions (n,) int32 (when given) | valid (n,) int8."""
-        device = self.ids[0].device  # a model spread over devices (device_map) gathers on the first
-        # int16: expert ids of format v1 (one conversion for all layers, after the stack).
-        parts = [torch.stack([t.to(device) for t in self.ids]).to(torch.int16)]
+        """One 1-D tensor, in this order: ids ``(L, n, k)`` | weights ``(L, n, k)`` | tokens ``(n,)`` |
+        positions ``(n,)`` (when given) | valid ``(n,)``.
+
+        Every part goes in as it is and ``torch.cat`` converts them all at once (type promotion): to
+        float32 when weights are recorded (exact for ids, token ids and positions below 2**24), to
+        int64 otherwise. At small batches a step's cost is the number of tensor calls on the
+        launching thread, so this is four or five calls whatever the number of layers.
+        """
+        ids, w = self.ids, self.w
+        if self._devices is None:  # a model spread over devices (device_map) gathers on the first
+            self._devices = len({t.device for t in ids}) > 1
+        if self._devices:
+            device = ids[0].device
+            ids = [t.to(device) for t in ids]
+            w = [t.to(device) for t in w] if self.weights else w
+            tokens, valid = tokens.to(device), valid.to(device)
+            positions = positions.to(device) if positions is not None else None
+        parts = [torch.stack(ids).reshape(-1)]
         if self.weights:
-            parts.append(torch.stack([t.to(device) for t in self.w]).to(torch.float32))
-        parts += [tokens.to(device)] + ([positions.to(device)] if positions is not None else []) + [valid.to(device)]
-        return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
+            # float32 first: promoting int64 ids with bfloat16 weights would round the ids to bfloat16
+            parts.append(torch.stack(w).reshape(-1).float())
+        parts.append(tokens)
+        if positions is not None:
+            parts.append(positions)
+        parts.append(valid)
+        return torch.cat(parts)
 
 
 class Recorder:
@@ -180,7 +201,9 @@ class Recorder:
         self._tap = PlanTap()
         self._flush_seconds = float(flush_seconds)
         self._last_handoff = time.monotonic()
-        self._pipe = _HostPipe(self._process)
+        self._pipe = _HostPipe(self._process_steps)
+        self._constants: dict[tuple, torch.Tensor] = {}
+        self._packed_dtype = np.float32 if weights else np.int64
         self._batch_running = False
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
@@ -260,15 +283,23 @@ class Recorder:
         self._handles.clear()
         self._tap.remove()
         self._restore_compile_settings()
+        error: BaseException | None = None
         try:
             if self._tap.error is not None:
                 raise self._tap.error
-            self._pipe.close()
+            self._pipe.close()  # may raise at a step it cannot place, after recording the steps before it
+        except BaseException as e:
+            error = e
+        finally:
+            self._pipe.shutdown()
+        try:
             self._write_staged()
             self._sync_requests()
-        except BaseException:
+        except BaseException as e:
+            error = error or e
+        if error is not None:
             self.writer.close(complete=False)
-            raise
+            raise error
         return self.writer.close(complete=complete)
 
     def __enter__(self) -> "Recorder":
@@ -402,35 +433,70 @@ class Recorder:
         input_ids, position_ids, mask, device = self._inputs
         self._inputs = None
         n = meta.b * meta.s
-        if input_ids is not None:
-            tokens = input_ids.reshape(-1).to(torch.int32)
-        else:
-            tokens = torch.full((n,), -1, dtype=torch.int32, device=device)
+        tokens = input_ids.reshape(-1) if input_ids is not None else self._filled(n, -1, device)
         positions = _positions(position_ids, meta.b, meta.s) if position_ids is not None else None
-        if meta.plan is not None:
-            valid = torch.ones(n, dtype=torch.int8, device=device)
+        if meta.plan is not None or mask is None:
+            valid = self._filled(n, 1, device)
         else:
-            valid = _token_validity(mask, meta.b, meta.s, meta.new_sequences, device)
+            valid = _token_validity(mask, meta.b, meta.s, meta.new_sequences, device, self._filled)
         self._pipe.submit(meta, sink.pack(tokens, positions, valid))
+
+    def _filled(self, n: int, value: int, device: torch.device) -> torch.Tensor:
+        """A constant ``(n,)`` int8 device tensor, made once per shape (no kernel launch per step)."""
+        key = (n, value, device)
+        t = self._constants.get(key)
+        if t is None:
+            if len(self._constants) > 64:
+                self._constants.clear()
+            t = self._constants[key] = torch.full((n,), value, dtype=torch.int8, device=device)
+        return t
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
 
-    def _process(self, meta: _StepMeta, raw: np.ndarray) -> None:
+    def _process_steps(self, steps: list[tuple[_StepMeta, np.ndarray]]) -> None:
+        """Process finished steps in order: runs of one-token decode steps of the running batch as
+        one block (:meth:`_process_decode_block`), every other step on its own."""
+        i = 0
+        while i < len(steps):
+            meta = steps[i][0]
+            j = i + 1
+            if self._decode_shaped(meta):
+                while j < len(steps) and self._decode_shaped(steps[j][0]) and steps[j][0].b == meta.b \
+                        and steps[j][0].positions == meta.positions:
+                    j += 1
+            if j - i > 1 and self._batch is not None and len(self._batch) == meta.b:
+                self._process_decode_block(steps[i:j])
+            else:
+                for m, raw in steps[i:j]:
+                    self._process(m, raw)
+            i = j
+
+    @staticmethod
+    def _decode_shaped(meta: _StepMeta) -> bool:
+        return meta.plan is None and not meta.new_sequences and meta.s == 1
+
+    def _unpack(self, meta: _StepMeta, raw: np.ndarray) -> tuple:
+        """Views of one packed step: ids ``(L, n, k)``, weights or None, tokens ``(n,)``, positions
+        ``(n,)`` or None, valid ``(b, s)`` bool."""
         L, n, k = len(self.layout.points), meta.b * meta.s, self._top_k
-        off = 0
-        ids = raw[off : off + L * n * k * 2].view(np.int16).reshape(L, n, k)
-        off += L * n * k * 2
+        vals = raw.view(self._packed_dtype)  # see StepSink.pack
+        ids = vals[: L * n * k].astype(np.int16).reshape(L, n, k)
+        off = L * n * k
         weights = None
         if self._weights:
-            weights = raw[off : off + L * n * k * 4].view(np.float32).reshape(L, n, k)
-            off += L * n * k * 4
-        tokens = raw[off : off + n * 4].view(np.int32)
-        off += n * 4
+            weights = vals[off : off + L * n * k].reshape(L, n, k)
+            off += L * n * k
+        tokens = vals[off : off + n].astype(np.int32)
+        off += n
         positions = None
         if meta.positions:
-            positions = raw[off : off + n * 4].view(np.int32)
-            off += n * 4
-        valid = raw[off : off + n].view(np.int8).astype(bool).reshape(meta.b, meta.s)
+            positions = vals[off : off + n].astype(np.int32)
+            off += n
+        valid = (vals[off : off + n] != 0).reshape(meta.b, meta.s)
+        return ids, weights, tokens, positions, valid
+
+    def _process(self, meta: _StepMeta, raw: np.ndarray) -> None:
+        ids, weights, tokens, positions, valid = self._unpack(meta, raw)
         if meta.plan is not None:
             self._process_packed(meta, ids, weights, tokens, positions)
             return
@@ -479,6 +545,75 @@ class Recorder:
         phase = "prefill" if self._batch_step == 0 else "decode"
         self._stage_rows(meta, idx, ids, weights, tokens, request_of_token[idx], step, phase, pos.reshape(-1)[idx])
         self.steps += 1
+
+    def _process_decode_block(self, steps: list[tuple[_StepMeta, np.ndarray]]) -> None:
+        """``T`` one-token decode steps of the running batch at once: what :meth:`_process` does for
+        each in turn, vectorised over the steps (a row's EOS ends it for the later steps of the block).
+
+        A step whose positions do not continue its row is not handled here: the block is then
+        processed step by step, which records the good steps before it and raises at the bad one.
+        """
+        T, b = len(steps), steps[0][0].b
+        parts = [self._unpack(meta, raw) for meta, raw in steps]
+        valid = np.stack([p[4][:, 0] for p in parts])  # (T, b)
+        tokens = np.stack([p[2] for p in parts])  # (T, b)
+        given = np.stack([p[3] for p in parts]).astype(np.int64) if steps[0][0].positions else None
+        fin0 = self._finished
+        if self._eos_ids.size:
+            hit = valid & np.isin(tokens, self._eos_ids) & ~fin0
+            first = np.where(hit.any(axis=0), hit.argmax(axis=0), T)  # a row's first kept EOS
+            finished = fin0 | (np.arange(T)[:, None] > first)  # (T, b): finished before step t
+        else:
+            first, finished = None, np.broadcast_to(fin0, (T, b))
+        keep = valid & ~finished
+        if given is not None:
+            prev = np.empty_like(given)
+            prev[1:] = given[:-1]
+            checked = keep.copy()
+            if self._last_position is not None and len(self._last_position) == b:
+                prev[0] = self._last_position
+            else:
+                checked[0] = False
+            if (checked & (given != prev + 1)).any():
+                for meta, raw in steps:
+                    self._process(meta, raw)
+                return
+        pos = self._pos + np.cumsum(keep, axis=0) - keep  # (T, b): position of each kept token
+        kept = keep.sum(axis=0)
+        step0 = self._batch_step
+        self._batch_step += T
+        self._pos += kept
+        self._decode += kept
+        if first is not None:
+            self._finished = fin0 | (first < T)
+        self._last_position = given[-1] if given is not None else None
+        self.steps += T
+        m = int(kept.sum())
+        if m == 0:
+            return
+        L, k = len(self.layout.points), self._top_k
+        sel = np.broadcast_to(keep[:, None, :], (T, L, b)).reshape(-1)
+        whole = m == T * b
+
+        def rows(x: np.ndarray) -> np.ndarray:  # (T, L, b) broadcast -> kept rows, (step, layer, token) order
+            flat = np.broadcast_to(x, (T, L, b)).reshape(-1)
+            return flat.copy() if whole else flat[sel]
+
+        ids = np.stack([p[0] for p in parts]).reshape(T * L * b, k)
+        weights = np.stack([p[1] for p in parts]).reshape(T * L * b, k) if self._weights else None
+        batch_ids = np.fromiter((meta.batch_id for meta, _ in steps), np.int64, T)
+        chunk = {
+            "request_id": rows(self._rid[None, None, :]),
+            "step": rows((step0 + 1 + np.arange(T, dtype=np.int32))[:, None, None]),
+            "phase": "decode",
+            "pos": rows(pos.astype(np.int32)[:, None, :]),
+            "layer": rows(self._layers[None, :, None]),
+            "experts": ids if whole else ids[sel],
+            "weights": None if weights is None else (weights if whole else weights[sel]),
+            "batch_id": rows(batch_ids[:, None, None]),
+            "token_id": None if (tokens[keep] < 0).any() else rows(tokens[:, None, :]),
+        }
+        self._stage(chunk, L * m)
 
     def _check_positions(self, meta: _StepMeta, given: np.ndarray, keep: np.ndarray, valid: np.ndarray) -> None:
         """Cross-check the cache signal with the step's position_ids, row by row; ``(b, s)`` arrays.
@@ -588,20 +723,25 @@ class Recorder:
         """Stage the rows of the kept tokens ``idx`` of one step, layer-major. ``request_id``, ``pos``
         and (unless scalars) ``step`` and ``phase`` are per kept token; ``ids`` is ``(L, n, k)``."""
         L, k, m = ids.shape[0], ids.shape[2], idx.size
+        whole = m == ids.shape[1]  # every token kept (no padding, no EOS): plain copies, no gathers
 
         def per_row(x: Any) -> Any:
-            return x if np.ndim(x) == 0 or isinstance(x, str) else np.tile(x, L)
+            return x if np.ndim(x) == 0 or isinstance(x, str) else np.broadcast_to(x, (L, m)).reshape(-1)
 
+        def gather(x: np.ndarray) -> np.ndarray:  # (L, n, k) -> rows of the kept tokens; a copy, never a view
+            return (x.copy() if whole else x[:, idx, :]).reshape(L * m, k)
+
+        token_id = tokens if whole else tokens[idx]
         chunk = {
-            "request_id": np.tile(request_id, L),
+            "request_id": per_row(request_id),
             "step": per_row(step),
             "phase": per_row(phase),
-            "pos": np.tile(np.asarray(pos, np.int32), L),
+            "pos": per_row(np.asarray(pos, np.int32)),
             "layer": np.repeat(self._layers, m),
-            "experts": ids[:, idx, :].reshape(L * m, k),
-            "weights": None if weights is None else weights[:, idx, :].reshape(L * m, k),
+            "experts": ids.reshape(L * m, k) if whole else ids[:, idx, :].reshape(L * m, k),  # ids: own array
+            "weights": None if weights is None else gather(weights),  # a view of a reused buffer: copied
             "batch_id": np.int64(meta.batch_id),
-            "token_id": None if (tokens[idx] < 0).any() else np.tile(tokens[idx], L),
+            "token_id": None if (token_id < 0).any() else per_row(token_id),
         }
         self._stage(chunk, L * m)
 
@@ -701,64 +841,144 @@ def _concat_chunks(chunks: list[dict[str, Any]], rows: int) -> dict[str, Any]:
 
 
 class _HostPipe:
-    """Moves each packed step to the host and hands it, in order, to ``process``, one step late.
+    """Moves each packed step to the host and hands finished steps, in order, to ``process`` in blocks.
 
-    The forward's thread launches one asynchronous device-to-host copy into a reused pinned buffer
-    and records an event. The step is processed when the next one is submitted, so its copy
-    overlaps the next forward and waiting on its event costs nothing in steady state. Processing
-    stays in the forward's thread on purpose: a worker thread would contend for the GIL with the
-    thread that launches kernels and slow it down more than the work it takes over (measured).
-    On CPU the packed tensor itself is handed over, through the same path.
+    The forward's thread launches one asynchronous device-to-host copy per step into a reused pinned
+    buffer. Steps are processed ``block`` at a time, always leaving the newest one pending, so every
+    copy has long finished when it is read, and the host work of a step is vectorised over a block
+    of steps: at small batches a decode step is bound by the thread that launches kernels, and what
+    capture does on that thread per step is what the step pays (``bench/capture_host_cost.py``).
+    Copies run in stream order, so one event per block (recorded after its last copy) says the
+    whole block has landed.
+
+    Small blocks are processed in the forward's thread: a worker thread would contend for the GIL
+    with the thread that launches kernels. A block of at least ``big_bytes`` (the prefill of a large
+    batch: hundreds of MB, a tenth of a second of copies) goes to one worker thread instead, mostly
+    in numpy calls that release the GIL, while the forward's thread launches the next steps; the
+    next block waits for it, so steps are still processed one at a time and in order, and an error
+    raised there surfaces at the next hand-over or at ``drain``. On CPU the packed tensor itself is
+    handed over, through the same path.
     """
 
-    def __init__(self, process: Any, max_free: int = 8) -> None:
+    def __init__(self, process: Any, block: int = 32, big_bytes: int = 16 << 20) -> None:
         self._process = process
         self._pending: list[tuple[Any, torch.Tensor, int, Any]] = []
-        self._free: list[torch.Tensor] = []
-        self._max_free = max_free
+        self._block = max(1, int(block))
+        self._big_bytes = big_bytes
+        self._worker: Any = None
+        self._job: Any = None
 
     def submit(self, meta: Any, packed: torch.Tensor) -> None:
+        packed = packed.view(torch.uint8)
         n = packed.numel()
+        event = None
         if packed.is_cuda:
-            host = self._pinned(n)
+            host = _PINNED.take(n)
             host[:n].copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            if len(self._pending) + 1 == self._block or n >= self._big_bytes:
+                event = torch.cuda.Event()  # the last of a block, or a big step: covers every copy before it
+                event.record()
         else:
-            host, event = packed, None
+            host = packed
         self._pending.append((meta, host, n, event))
-        self._run(keep=1 if event is not None else 0)
+        # hand over a full block, or a big step as soon as the next one is queued (its copy has landed)
+        if len(self._pending) > self._block or (len(self._pending) > 1 and self._pending[-2][2] >= self._big_bytes):
+            self._run(keep=1)
 
     def drain(self) -> None:
-        """Process every submitted step now."""
+        """Process every submitted step now (and wait for the worker)."""
         self._run(keep=0)
+        self._wait()
 
     close = drain
 
+    def _wait(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()  # re-raises what the worker raised
+
     def _run(self, keep: int) -> None:
-        while len(self._pending) > keep:
-            meta, host, n, event = self._pending.pop(0)
-            try:
-                if event is not None:
-                    event.synchronize()
-                self._process(meta, host[:n].numpy())
-            finally:
-                self._release(host)
+        if len(self._pending) <= keep:
+            return
+        cut = len(self._pending) - keep
+        taken, self._pending = self._pending[:cut], self._pending[cut:]
+        try:
+            self._wait()
+        except BaseException:
+            self._release(taken)
+            raise
+        event = taken[-1][3]
+        pinned = taken[-1][1].is_pinned()
+        if event is None and pinned:
+            event = torch.cuda.Event()  # recorded now: after every copy already queued
+            event.record()
+        if keep and sum(n for _, _, n, _ in taken) >= self._big_bytes:
+            if self._worker is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-    def _pinned(self, n: int) -> torch.Tensor:
-        # Allocating pinned memory can synchronise the device: reuse buffers, rounded to powers of 2.
-        fits = [b for b in self._free if b.numel() >= n]
-        if fits:
-            buf = min(fits, key=torch.Tensor.numel)
-            self._free.remove(buf)
-            return buf
-        return torch.empty(1 << max(12, (n - 1).bit_length()), dtype=torch.uint8, pin_memory=True)
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="moeprof-capture-host")
+            self._job = self._worker.submit(self._finish, taken, event)
+        else:
+            self._finish(taken, event)
 
-    def _release(self, buf: torch.Tensor) -> None:
-        if buf.is_pinned():
-            self._free.append(buf)
-            if len(self._free) > self._max_free:
-                self._free.remove(min(self._free, key=torch.Tensor.numel))
+    def _finish(self, taken: list, event: Any) -> None:
+        try:
+            if event is not None:
+                event.synchronize()
+            self._process([(meta, host[:n].numpy()) for meta, host, n, _ in taken])
+        finally:
+            self._release(taken)
+
+    @staticmethod
+    def _release(taken: list) -> None:
+        for _, host, _, _ in taken:
+            if host.is_pinned():
+                _PINNED.give(host)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+
+class _PinnedPool:
+    """Pinned host buffers kept for reuse by every capture of this process, by power-of-2 size class.
+
+    Allocating pinned memory can synchronise the device and costs far more than a step's copy, so
+    buffers outlive a capture: a benchmark or a server running many short captures allocates them
+    once. At most ``max_bytes`` are kept.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._max_bytes = max_bytes
+
+    def take(self, n: int) -> torch.Tensor:
+        size_class = max(12, (n - 1).bit_length())
+        with self._lock:
+            bucket = self._free.get(size_class)
+            if bucket:
+                buf = bucket.pop()
+                self._bytes -= buf.numel()
+                return buf
+        return self._allocate(1 << size_class)
+
+    def give(self, buf: torch.Tensor) -> None:
+        size = buf.numel()
+        with self._lock:
+            if self._bytes + size > self._max_bytes:
+                return  # dropped: freed by torch when no longer referenced
+            self._free.setdefault(size.bit_length() - 1, []).append(buf)
+            self._bytes += size
+
+    @staticmethod
+    def _allocate(size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+
+_PINNED = _PinnedPool()
 
 
 def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
@@ -797,13 +1017,13 @@ def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
 
 
 def _positions(position_ids: Any, b: int, s: int) -> torch.Tensor | None:
-    """``(b*s,)`` int32 position ids as a device tensor (no sync), or None when absent or not ``(b, s)``
+    """``(b*s,)`` position ids as a device tensor (no sync, no copy), or None when absent or not ``(b, s)``
     (3-D rotary positions of multimodal models)."""
     if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) not in {(b, s), (1, s)}:
         return None
     if position_ids.shape[0] != b:
         position_ids = position_ids.expand(b, s)
-    return position_ids.reshape(-1).to(torch.int32)
+    return position_ids.reshape(-1)
 
 
 def _eager(hook: Any) -> Any:
@@ -815,8 +1035,8 @@ def _eager(hook: Any) -> Any:
     return dynamo.disable(hook, recursive=True)
 
 
-def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torch.device) -> torch.Tensor:
-    """``(b*s,)`` int8: 1 for a real token of this step, 0 for padding, as a device tensor (no sync).
+def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torch.device, filled: Any) -> torch.Tensor:
+    """``(b*s,)``: nonzero for a real token of this step, 0 for padding, as a device tensor (no sync).
 
     - no mask: every token is real;
     - 2-D padding mask ``(b, past + s)`` (dynamic cache): its last ``s`` columns;
@@ -824,16 +1044,19 @@ def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torc
       additive float: a token is real iff it may attend to itself. In a prefill the i-th query sits
       at key i; in a decode step generate() feeds no padding (finished rows are handled by EOS);
     - a dict of masks per attention type (sliding-window models): its full-attention entry.
+
+    ``filled(n, value, device)`` gives a cached constant tensor (no launch per step).
     """
     if isinstance(mask, dict):
         mask = mask.get("full_attention", next(iter(mask.values()), None))
     if mask is None:
-        return torch.ones(b * s, dtype=torch.int8, device=device)
+        return filled(b * s, 1, device)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask[:, -s:].reshape(-1).to(torch.int8)
+        part = mask[:, -s:].reshape(-1)
+        return part.to(torch.int8) if part.is_floating_point() else part
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         if not new_sequences:
-            return torch.ones(b * s, dtype=torch.int8, device=device)
+            return filled(b * s, 1, device)
         diag = torch.diagonal(mask[:, 0, :, :s], dim1=-2, dim2=-1)
         allowed = diag if diag.dtype == torch.bool else diag == 0
         return allowed.reshape(-1).to(torch.int8)

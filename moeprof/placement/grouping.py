@@ -9,7 +9,6 @@ requests are assigned most-confident first and the overflow goes to the next-nea
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,25 +109,19 @@ def _weighted_round_robin(domains: np.ndarray, shares: dict[str, list[float]], n
     return out
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 30) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 30, engine: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded K-means (k-means++ start) of the rows of ``x``; returns ``(centroids[k, D], label[R])``.
 
-    ``k`` is capped at the number of rows (not of distinct rows: duplicate rows can leave a
-    cluster empty). scipy's ``missing="warn"`` keeps an empty cluster's previous centroid rather than
-    re-seeding it, so a cluster can end with no member and ``label`` may use fewer than ``k`` ids;
-    callers count the clusters they got (``label.max() + 1``).
+    Runs as mergeable rounds over blocks of rows (:mod:`moeprof.placement.kmeans`), on ``engine``'s
+    tasks when one is given, with the same result whatever runs them. ``k`` is capped at the number of
+    rows (not of distinct rows: duplicate rows can leave a cluster empty). An empty cluster keeps its
+    previous centroid rather than being re-seeded, so a cluster can end with no member and ``label``
+    may use fewer than ``k`` ids; callers count the clusters they got (``label.max() + 1``).
     """
-    if len(x) == 0:
-        raise PlacementError("no requests to cluster")
-    k = max(1, min(k, len(x)))
-    from scipy.cluster.vq import kmeans2  # here, not at import: scipy.cluster slows every start of moeprof
+    from moeprof.placement.kmeans import fit_kmeans
 
-    rng = np.random.default_rng(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # an empty cluster keeps its centroid; callers count labels
-        centroids, labels = kmeans2(x.astype(np.float64), k, iter=iters, minit="++", seed=rng, missing="warn",
-                                   check_finite=False)
-    return centroids, labels
+    fit = fit_kmeans(x, k, seed, iters=iters, engine=engine)
+    return fit.centroids, fit.labels
 
 
 def one_hot(index: np.ndarray, n: int) -> np.ndarray:
@@ -164,12 +157,13 @@ def fit_grouping(
     train_prefill_sig: np.ndarray | None,
     train_node: np.ndarray | None,
     slack: float = 0.1,
+    engine: Any = None,
 ) -> GroupingModel:
     """Learn a grouping of ``kind`` from the train requests.
 
     ``train_node`` is the node each train request was given by the policy (kmeans, locality); for
     policies without one, ``prefill`` clusters the prefill signatures into ``nodes`` groups and
-    ``domain`` sends each domain to one node in turn.
+    ``domain`` sends each domain to one node in turn. ``engine`` runs the K-means rounds (None: here).
     """
     if kind not in GROUPINGS:
         raise PlacementError(f"unknown grouping {kind!r}; choose one of {', '.join(GROUPINGS)}")
@@ -187,7 +181,7 @@ def fit_grouping(
             "--grouping prefill needs prefill routing rows and the trace has none; use --grouping random or domain"
         )
     if train_node is None:
-        _, labels = kmeans(train_prefill_sig, nodes, seed)
+        _, labels = kmeans(train_prefill_sig, nodes, seed, engine=engine)
         train_node = balanced_assign(_cos(train_prefill_sig, node_centroids(train_prefill_sig, labels, nodes)), nodes, slack)
     model.centroids = node_centroids(train_prefill_sig, train_node, nodes)
     model.cluster_nodes = [[n] for n in range(nodes)]

@@ -43,6 +43,7 @@ class FitInput:
     domains: np.ndarray  # [R]
     topology: Topology
     seed: int = 0
+    engine: Any = None  # runs K-means rounds (moeprof.analysis.engine); None: in this process
 
 
 @dataclass
@@ -171,7 +172,7 @@ def kmeans_policy(fit: FitInput, clusters: int | None = None) -> PolicyResult:
     if K < 1 or t.nodes % K:
         raise PlacementError(f"kmeans: {t.nodes} nodes do not split into {K} node groups")
     per_group = t.nodes // K
-    _, label = kmeans(signatures(fit.load), K, fit.seed)
+    _, label = kmeans(signatures(fit.load), K, fit.seed, engine=fit.engine)
     K_found = int(label.max()) + 1 if len(label) else 1
     # requests of cluster c are dealt over its group's nodes
     train_node = np.empty(len(label), dtype=np.int64)
@@ -480,7 +481,7 @@ def locality(
         half = np.random.default_rng(fit.seed).permutation(R) < R // 2
         folds = []
         for a in (half, ~half):
-            sub = FitInput(fit.load[a], fit.prefill[a], fit.domains[a], t, fit.seed)
+            sub = FitInput(fit.load[a], fit.prefill[a], fit.domains[a], t, fit.seed, fit.engine)
             cap_a = bound * sub.load.sum((0, 2)).astype(np.float64) / t.num_gpus
             _, p_a, _, model_a, _ = _locality_fit(sub, sig[a], cap_a, **params)
             folds.append(_held_out_ratio(fit.load[~a], sig[~a], fit.domains[~a], p_a, model_a, t))
@@ -539,7 +540,7 @@ def _locality_fit(fit: FitInput, sig: np.ndarray, gpu_cap: np.ndarray, *, replic
     R, L, E = fit.load.shape
     N = t.nodes
     model = fit_grouping("prefill", nodes=N, seed=fit.seed, train_domains=fit.domains,
-                         train_prefill_sig=sig, train_node=None, slack=capacity_slack)
+                         train_prefill_sig=sig, train_node=None, slack=capacity_slack, engine=fit.engine)
     node = model.assign(domains=fit.domains, prefill_signatures=sig)
     flat = fit.load.reshape(R, -1).astype(np.float64)
     best: tuple[float, np.ndarray, np.ndarray, GroupingModel] | None = None

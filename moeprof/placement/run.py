@@ -58,8 +58,11 @@ def fit_policy(
     grouping: str | None = None,
     seed: int = 0,
     params: dict[str, Any] | None = None,
+    engine: Any = None,
 ) -> Placement:
-    """Fit ``policy`` on the requests where ``train[R]`` is true; return the placement (no metrics)."""
+    """Fit ``policy`` on the requests where ``train[R]`` is true; return the placement (no metrics).
+    ``engine`` (:mod:`moeprof.analysis.engine`) runs the K-means rounds of the fit; the placement does
+    not depend on it."""
     fn = get_policy(policy)
     grouping = grouping or DEFAULT_GROUPING[policy]
     if grouping not in GROUPINGS:
@@ -71,6 +74,7 @@ def fit_policy(
         domains=data.domains[train],
         topology=topo,
         seed=seed,
+        engine=engine,
     )
     t0 = time.perf_counter()
     res = fn(fit, **params)
@@ -80,7 +84,7 @@ def fit_policy(
     else:
         sig = signatures(fit.prefill) if grouping == "prefill" else None
         model = fit_grouping(grouping, nodes=topo.nodes, seed=seed, train_domains=fit.domains,
-                             train_prefill_sig=sig, train_node=res.train_node)
+                             train_prefill_sig=sig, train_node=res.train_node, engine=engine)
     m = data.model
     placement = Placement(
         topology=topo,
@@ -98,21 +102,22 @@ def fit_policy(
 
 
 def score(data: RoutingData, placement: Placement, test: np.ndarray, cfg: SimConfig,
-          train: np.ndarray | None = None) -> dict[str, Any]:
+          train: np.ndarray | None = None, engine: Any = None) -> dict[str, Any]:
     """Simulate ``placement`` on the requests where ``test[R]`` is true; with ``train[R]``, also report
-    the GPU load on those requests (``train_gpu_load_max_mean``) next to the held-out one."""
+    the GPU load on those requests (``train_gpu_load_max_mean``) next to the held-out one. With an
+    ``engine``, blocks of the scored rows are its tasks (the same metrics, bit for bit)."""
     idx = np.flatnonzero(test)
     sig = signatures(data.prefill[idx]) if placement.grouping.kind == "prefill" else None
     node_sel = placement.grouping.assign(domains=data.domains[idx], prefill_signatures=sig)
     node = np.zeros(data.num_requests, dtype=np.int64)
     node[idx] = node_sel
     rows = data.rows.subset(test)
-    metrics = simulate(rows, placement.phy2log, placement.topology, node, cfg)
+    metrics = simulate(rows, placement.phy2log, placement.topology, node, cfg, engine=engine)
     if train is not None and train.any():
         # the same load measure on the requests the placement was fitted on: a bound that holds there
         # and not here did not generalise
         light = replace(cfg, capacity_batch_sizes=(), node_limits=())  # the load is all it needs
-        metrics["train_gpu_load_max_mean"] = score(data, placement, train, light)["gpu_load_max_mean"]
+        metrics["train_gpu_load_max_mean"] = score(data, placement, train, light, engine=engine)["gpu_load_max_mean"]
     metrics["requests"] = int(len(idx))
     metrics["grouping"] = placement.grouping.kind
     metrics["phase"] = data.phase
@@ -198,7 +203,8 @@ def simulate_placement(
 ) -> tuple[Placement, dict[str, Any], list[str]]:
     """``moeprof simulate --placement``: score a placement on a trace's held-out requests (the same
     split as at fit time when it is the trace the placement was fitted on, else every request).
-    ``engine`` (:mod:`moeprof.analysis.engine`) reads the shards; the scores do not depend on it."""
+    ``engine`` (:mod:`moeprof.analysis.engine`) reads the shards and scores blocks of the held-out rows;
+    the scores do not depend on it."""
     placement = read_placement(placement_path)
     opened = Trace.open(trace)
     data = load_routing(opened, placement.fit.get("phase", "decode"), engine=engine)
@@ -213,7 +219,7 @@ def simulate_placement(
         test = np.ones(data.num_requests, dtype=bool)
         notes.append("the placement was fitted on another trace: every request of this one is held out")
         train = None
-    return placement, score(data, placement, test, cfg, train=train), notes
+    return placement, score(data, placement, test, cfg, train=train, engine=engine), notes
 
 
 @dataclass
@@ -254,9 +260,10 @@ def compare(
 ) -> Comparison:
     """``moeprof simulate --compare``: fit every policy on the train split, score all on the held-out split.
 
-    With an ``engine`` (:mod:`moeprof.analysis.engine`), shards are read by its tasks and every policy
-    is fitted and scored on held-out requests by a task of its own, in parallel; everything is
-    seeded, so the table is the same as a local run's (bar the measured fit seconds)."""
+    With an ``engine`` (:mod:`moeprof.analysis.engine`), shards are read by its tasks; the policies are
+    fitted here one after another, their K-means rounds and the scoring of blocks of held-out rows
+    run as its tasks (the work that grows with the requests). Everything is seeded and every merge is
+    in a fixed order or exact, so the table is the same as a local run's (bar the measured fit seconds)."""
     opened = Trace.open(trace)
     data = load_routing(opened, phase, engine=engine)
     topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
@@ -273,10 +280,7 @@ def compare(
             cmp.notes.append(f"{policy}: skipped, the trace has no prefill rows to group requests by")
             continue
         todo.append((policy, grouping))
-    if engine is None:
-        fitted = [_fit_and_score(item, (data, test, topo, cfg, seed)) for item in todo]
-    else:
-        fitted = engine.map(_fit_and_score, todo, (data, test, topo, cfg, seed))
+    fitted = [_fit_and_score(item, (data, test, topo, cfg, seed), engine) for item in todo]
     for (policy, grouping), p in zip(todo, fitted):
         g = grouping or DEFAULT_GROUPING[policy]
         p.fit = cmp.split
@@ -290,12 +294,12 @@ def compare(
     return cmp
 
 
-def _fit_and_score(item: tuple[str, str | None], shared: tuple) -> Placement:
+def _fit_and_score(item: tuple[str, str | None], shared: tuple, engine: Any = None) -> Placement:
     """One ``--compare`` run: fit ``item = (policy, grouping)`` on the train split, score the held-out one."""
     policy, grouping = item
     data, test, topo, cfg, seed = shared
-    p = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed)
-    p.metrics = score(data, p, test, cfg, train=~test)
+    p = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, engine=engine)
+    p.metrics = score(data, p, test, cfg, train=~test, engine=engine)
     return p
 
 

@@ -130,17 +130,26 @@ def _distinct_per_row(x: np.ndarray) -> np.ndarray:
     return s, first
 
 
+SCORE_BLOCK_ROWS = 1 << 18
+"""Token-layer rows of the scored split in one engine task (with an engine; without one, a single pass)."""
+
+
 def simulate(
     rows: TokenRows,
     phy2log: np.ndarray,
     topo: Topology,
     node_of_request: np.ndarray,
     cfg: SimConfig | None = None,
+    engine: Any = None,
 ) -> dict[str, Any]:
-    """Score a placement on ``rows`` (the held-out tokens); ``node_of_request[R]`` from the grouping."""
+    """Score a placement on ``rows`` (the held-out tokens); ``node_of_request[R]`` from the grouping.
+
+    The rows are scored in blocks, each to integer totals (crossings, own-node routes, token-routes
+    per slot and micro-batch) that add up exactly; the ratios are taken from the sums. With an
+    ``engine`` (:mod:`moeprof.analysis.engine`) each block of ``SCORE_BLOCK_ROWS`` rows is a task and
+    the totals merge in a tree; the metrics are the same as from one pass, bit for bit."""
     cfg = cfg or SimConfig()
     L, P = phy2log.shape
-    G, S = topo.gpus_per_node, topo.slots_per_gpu
     k = rows.experts.shape[1] if rows.experts.ndim == 2 else 0
     n_tokens = rows.num_tokens
     if n_tokens == 0:
@@ -148,27 +157,10 @@ def simulate(
             "no tokens of the simulated phase among the held-out requests; use a trace with more requests "
             "or a larger --test-fraction"
         )
-    src_of_request = source_gpus(node_of_request, topo)
-    src = src_of_request[rows.request]  # [n]
-    home = src // G
+    src = source_gpus(node_of_request, topo)[rows.request]  # [n]
     cand, count = dispatch_table(phy2log, topo)
-    e = rows.experts
-    c = count[rows.layer[:, None], src[:, None], e]
-    pick = rows.token[:, None] % c
-    slot = cand[rows.layer[:, None], src[:, None], e, pick]  # [n, k]
-    gpu = slot // S
-    node = gpu // G
 
-    sn, first_n = _distinct_per_row(node)
-    dest_nodes = first_n.sum(1)
-    remote_nodes = dest_nodes - (node == home[:, None]).any(1)
-    sg, first_g = _distinct_per_row(gpu)
-    dest_gpus = first_g.sum(1)
-    entries = (first_g & (sg % G == (src % G)[:, None])).sum(1)
-    intra = dest_gpus - entries
-    per_crossing = 2 * cfg.hidden_size * cfg.dtype_bytes
-
-    # micro-batches of B tokens in (step, request) order
+    # micro-batches of B tokens in (step, request) order: a token's rank in that order, per row
     tok_step = np.zeros(n_tokens, dtype=np.int64)
     tok_req = np.zeros(n_tokens, dtype=np.int64)
     tok_step[rows.token] = rows.step
@@ -176,40 +168,99 @@ def simulate(
     order = np.lexsort((tok_req, tok_step))
     rank = np.empty(n_tokens, dtype=np.int64)
     rank[order] = np.arange(n_tokens)
-
-    def batch_slot_loads(B: int) -> np.ndarray | None:
-        nb = n_tokens // B
-        if nb == 0:
-            return None
-        tb = rank // B
-        keep = tb[rows.token] < nb
-        b = tb[rows.token][keep]
-        idx = ((b[:, None] * L + rows.layer[keep][:, None]) * P + slot[keep]).ravel()
-        return np.bincount(idx, minlength=nb * L * P).reshape(nb, L, P).astype(np.float64)
-
     B = min(cfg.batch_size, n_tokens)
-    loads = batch_slot_loads(B)
-    ratio = gpu_max_mean(loads, topo).ravel()
-    whole = gpu_max_mean(np.bincount((rows.layer[:, None] * P + slot).ravel(), minlength=L * P).reshape(L, P).astype(float), topo)
+    batches = {b: n_tokens // b for b in sorted({B, *cfg.capacity_batch_sizes}) if n_tokens // b > 0}
 
+    shared = (cand, count, topo.gpus_per_node, topo.slots_per_gpu, topo.nodes, L, P, batches)
+    n = len(rows.token)
+    step = SCORE_BLOCK_ROWS if engine is not None else max(n, 1)
+    items = [(f"score-block-{i:05d}", src[a:a + step], rows.token[a:a + step], rank[rows.token[a:a + step]],
+              rows.layer[a:a + step], rows.experts[a:a + step]) for i, a in enumerate(range(0, n, step))]
+    if engine is None:
+        t = _score_block(items[0], shared)
+    else:
+        t = engine.map_reduce(_score_block, items, _add_totals, shared)
+
+    def batch_slot_loads(b: int) -> np.ndarray | None:
+        if b not in batches:
+            return None
+        keys, counts = t["batch"][b]
+        dense = np.zeros(batches[b] * L * P, dtype=np.int64)
+        dense[keys] = counts
+        return dense.reshape(batches[b], L, P).astype(np.float64)
+
+    per_crossing = 2 * cfg.hidden_size * cfg.dtype_bytes
+    routes = t["rows"] * k
+    ratio = gpu_max_mean(batch_slot_loads(B), topo).ravel()
+    whole = gpu_max_mean(t["whole"].reshape(L, P).astype(float), topo)
     metrics: dict[str, Any] = dict(
         tokens=int(n_tokens),
-        token_routes=int(slot.size),
+        token_routes=int(routes),
         hidden_size=cfg.hidden_size,
         dtype_bytes=cfg.dtype_bytes,
-        cross_node_bytes_per_token=float(remote_nodes.sum() * per_crossing / n_tokens),
-        intra_node_bytes_per_token=float(intra.sum() * per_crossing / n_tokens),
-        remote_nodes_per_token_layer=float(remote_nodes.mean()),
-        local_node_share=float((node == home[:, None]).mean()),
-        local_gpu_share=float((gpu == src[:, None]).mean()),
+        cross_node_bytes_per_token=float(t["remote"] * per_crossing / n_tokens),
+        intra_node_bytes_per_token=float(t["intra"] * per_crossing / n_tokens),
+        remote_nodes_per_token_layer=float(t["remote"] / t["rows"]),
+        local_node_share=float(t["own_node"] / routes),
+        local_gpu_share=float(t["own_gpu"] / routes),
         batch_size=int(B),
         gpu_load_max_mean=dict(
             median=float(np.median(ratio)), p90=float(np.percentile(ratio, 90)), whole_split=float(whole.mean())
         ),
-        node_limit={str(m): float((dest_nodes > m).mean()) for m in cfg.node_limits if m < topo.nodes},
+        node_limit={str(m): float(t["dest_nodes"][m + 1:].sum() / t["rows"]) for m in cfg.node_limits
+                    if m < topo.nodes},
         capacity=_capacity_report(batch_slot_loads, topo, k, cfg),
     )
     return metrics
+
+
+def _score_block(item: tuple, shared: tuple) -> dict[str, Any]:
+    """Integer totals of one block of token-layer rows (see :func:`simulate`); numpy int64 throughout,
+    so that sums and the ratios taken from them are those of a single pass."""
+    _, src, token, rank, layer, experts = item
+    cand, count, G, S, N, L, P, batches = shared
+    c = count[layer[:, None], src[:, None], experts]
+    pick = token[:, None] % c
+    slot = cand[layer[:, None], src[:, None], experts, pick]  # [n, k]
+    gpu = slot // S
+    node = gpu // G
+    home = src // G
+    own_node = node == home[:, None]
+    _, first_n = _distinct_per_row(node)
+    dest_nodes = first_n.sum(1)
+    remote_nodes = dest_nodes - own_node.any(1)
+    sg, first_g = _distinct_per_row(gpu)
+    entries = (first_g & (sg % G == (src % G)[:, None])).sum(1)
+    intra = first_g.sum(1) - entries
+    batch = {}
+    for b, nb in batches.items():
+        tb = rank // b
+        keep = tb < nb
+        idx = ((tb[keep][:, None] * L + layer[keep][:, None]) * P + slot[keep]).ravel()
+        batch[b] = np.unique(idx, return_counts=True)  # sparse: a block touches few (batch, layer, slot)
+    return dict(
+        rows=np.int64(len(token)),
+        remote=remote_nodes.sum(dtype=np.int64),
+        intra=intra.sum(dtype=np.int64),
+        own_node=own_node.sum(dtype=np.int64),
+        own_gpu=(gpu == src[:, None]).sum(dtype=np.int64),
+        dest_nodes=np.bincount(dest_nodes, minlength=N + 1).astype(np.int64),
+        whole=np.bincount((layer[:, None] * P + slot).ravel(), minlength=L * P).astype(np.int64),
+        batch=batch,
+    )
+
+
+def _add_totals(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two blocks' totals as one (exact: integers)."""
+    out = {key: a[key] + b[key] for key in a if key != "batch"}
+    out["batch"] = {}
+    for size, (ka, ca) in a["batch"].items():
+        kb, cb = b["batch"][size]
+        keys, inv = np.unique(np.concatenate([ka, kb]), return_inverse=True)
+        counts = np.zeros(len(keys), dtype=np.int64)
+        np.add.at(counts, inv, np.concatenate([ca, cb]))
+        out["batch"][size] = (keys, counts)
+    return out
 
 
 def _capacity_report(batch_slot_loads, topo: Topology, k: int, cfg: SimConfig) -> list[dict[str, Any]]:

@@ -124,6 +124,7 @@ def _domain(d: dict[str, Any], c: dict[str, Any], con: Console) -> None:
         con.print(
             f"[bold]Domain from prefill counts[/]: accuracy [bold]{100 * c['accuracy']:.1f}%[/] on "
             f"{c['test_requests']} held-out requests (chance {100 * (c['chance'] or 0):.0f}%); {per}"
+            + _request_sample(c)
         )
         con.print()
 
@@ -146,7 +147,15 @@ def _phase(p: dict[str, Any], con: Console) -> None:
     caption = "recall of decode's top-m among prefill's top-m: " + ", ".join(
         f"m={k[3:]} {_f(v)}" for k, v in p["recall"].items()
     )
-    _show(con, f"Prefill → decode correlation ({p['requests']:,} requests; mean over layers)", tab, caption)
+    _show(con, f"Prefill → decode correlation ({p['requests']:,} requests; mean over layers)", tab,
+          caption + _request_sample(p))
+
+
+def _request_sample(s: dict[str, Any]) -> str:
+    """`` (a sample of N of the trace's M requests)`` when a per-request statistic saw a sample."""
+    if s.get("whole_trace", True):
+        return ""
+    return f"; a seeded sample of {s['requests']:,} of the trace's {s['requests_in_trace']:,} requests (--sample-requests)"
 
 
 def _coactivation(c: dict[str, Any], con: Console) -> None:

@@ -39,7 +39,7 @@ SECTIONS = [
 def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None) -> Inputs:
     """Discover the inputs; if a trace came without a summary, analyse it (into ``analysis_dir``, or a
     temporary directory whose figures are read before it goes)."""
-    inputs = view.discover([Path(p) for p in paths])
+    inputs = view.discover(list(paths))
     if inputs.summary is None and inputs.trace_path is not None:
         out = analysis_dir or Path(tempfile.mkdtemp(prefix="moeprof-report-"))
         run_analysis(inputs.trace_path, out)
@@ -548,7 +548,7 @@ def write_report(paths: list[Path], out: Path, *, force: bool = False) -> tuple[
 
 def _needs_analysis(paths: list[Path]) -> bool:
     """True when the inputs hold a trace but no analysis: the report analyses it into ``out/analysis``."""
-    inputs = view.discover([Path(p) for p in paths])
+    inputs = view.discover(list(paths))
     return inputs.summary is None and inputs.trace_path is not None
 
 

@@ -134,7 +134,12 @@ def discover(paths: list[Path]) -> Inputs:
     """Find a trace / summary / compare result / placement in ``paths`` (and one level below dirs)."""
     found: dict[str, list[Path]] = {"trace": [], "summary": [], "compare": [], "placement": [], "timeline": []}
     figure_dirs: list[Path] = []
+    from moeprof.trace.fs import is_uri
+
     for given in paths:
+        if is_uri(str(given)):  # a trace on object storage: opening it checks its manifest
+            found["trace"].append(str(given))
+            continue
         given = Path(given)
         if not given.exists():
             raise UsageError(f"{given}: no such file or directory")

@@ -5,6 +5,14 @@ A trace on object storage is read the same way as a local one: the manifest name
 path relative to the trace, so nothing ever lists a bucket; each reader (a thread, or a Ray task on
 another machine) opens the shards it needs directly. Local paths stay :class:`pathlib.Path` and take
 the plain code path; only strings of the form ``scheme://...`` go through ``pyarrow.fs``.
+
+Endpoints and credentials are ``pyarrow.fs``'s, read by every process that opens a URI (so on every
+Ray node): for ``s3://`` the AWS variables (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE``, ``AWS_REGION``) or the URI's query
+(``?endpoint_override=HOST:PORT&scheme=http&region=...``); for ``gs://`` Google's default credentials,
+``gs://anonymous@BUCKET/...`` for none, and the same query keys. A store that fails (unreachable,
+credentials refused, libhdfs missing) raises a :class:`TraceError` naming the URI and what to check;
+a missing object stays ``FileNotFoundError``, so that the reader can name the manifest entry.
 """
 
 from __future__ import annotations
@@ -23,6 +31,24 @@ from moeprof.errors import TraceError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
+# What to check when a store refuses or cannot be reached, by scheme.
+_HINTS = {
+    "s3": "check the endpoint (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, or ?endpoint_override=HOST:PORT&scheme=http), "
+          "the region (AWS_REGION) and the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)",
+    "gs": "check the endpoint (?endpoint_override=HOST:PORT&scheme=http) and the credentials "
+          "(GOOGLE_APPLICATION_CREDENTIALS; gs://anonymous@BUCKET/... reads public data without any)",
+    "hdfs": "check the namenode's host and port in the URI, and that it runs",
+}
+_HINTS["gcs"] = _HINTS["gs"]
+
+# pyarrow's HadoopFileSystem loads libhdfs and a JVM when first used, and its error lists every
+# directory it tried: say instead what to install.
+_NO_LIBHDFS = (
+    "hdfs:// needs Hadoop's libhdfs and a Java runtime, which pyarrow could not load ({why}); install a JDK "
+    "and Hadoop, then set JAVA_HOME, HADOOP_HOME (or ARROW_LIBHDFS_DIR, the directory of libhdfs.so) and "
+    "CLASSPATH=$(hadoop classpath --glob), as pyarrow's HadoopFileSystem documents"
+)
+
 
 def is_uri(location: Any) -> bool:
     """True for ``scheme://...`` strings (a trace on a ``pyarrow.fs`` filesystem), false for local paths."""
@@ -39,6 +65,18 @@ def join(location: str | Path, relative: str) -> str | Path:
     # a merged trace lists shards as ../other/...; object stores do not resolve "..", so do it here
     path = posixpath.normpath(posixpath.join("/" + path, relative)).lstrip("/")
     return f"{scheme}://{bucket}/{path}{sep}{query}"
+
+
+def store_error(location: str, exc: BaseException, doing: str = "cannot be read") -> TraceError:
+    """A :class:`TraceError` for a store that failed on ``location``: the URI, the first line of the
+    store's own message, and what to check."""
+    scheme = location.partition("://")[0].lower()
+    text = str(exc).strip()
+    why = text.splitlines()[0] if text else type(exc).__name__
+    if scheme in ("hdfs", "viewfs") and ("libjvm" in text or "libhdfs" in text):
+        return TraceError(f"{location}: " + _NO_LIBHDFS.format(why=why))
+    hint = _HINTS.get(scheme)
+    return TraceError(f"{location}: {doing} ({why})" + (f"; {hint}" if hint else ""))
 
 
 @functools.lru_cache(maxsize=64)
@@ -59,7 +97,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         fs, root = _filesystem(f"{scheme}://{bucket}/{sep}{query}")
         return fs, (root.rstrip("/") + "/" + path) if path else root
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
-        raise TraceError(f"{location}: cannot open this location through pyarrow.fs ({exc})") from None
+        raise store_error(location, exc, "cannot open this location through pyarrow.fs") from None
 
 
 def file_info(location: str | Path) -> tuple[bool, int]:
@@ -68,16 +106,27 @@ def file_info(location: str | Path) -> tuple[bool, int]:
         path = Path(location)
         return (True, path.stat().st_size) if path.is_file() else (False, 0)
     fs, path = resolve(str(location))
-    info = fs.get_file_info(path)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise store_error(str(location), exc) from None
     return info.type == pafs.FileType.File, int(info.size or 0)
 
 
 def read_bytes(location: str | Path) -> bytes:
+    """The whole file; a missing one raises ``FileNotFoundError``, local or remote."""
     if not is_uri(location):
         return Path(location).read_bytes()
     fs, path = resolve(str(location))
-    with fs.open_input_stream(path) as fh:
-        return fh.read()
+    try:
+        # a file, not a stream: its size is known, so the store serves it in one request, not in
+        # the stream's 256 KiB pieces
+        with fs.open_input_file(path) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise store_error(str(location), exc) from None
 
 
 def parquet_file(location: str | Path) -> pq.ParquetFile:
@@ -85,7 +134,13 @@ def parquet_file(location: str | Path) -> pq.ParquetFile:
     if not is_uri(location):
         return pq.ParquetFile(location)
     fs, path = resolve(str(location))
-    return pq.ParquetFile(fs.open_input_file(path))
+    try:
+        handle = fs.open_input_file(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise store_error(str(location), exc) from None
+    return pq.ParquetFile(handle)
 
 
 def read_table(location: str | Path, columns: list[str] | None = None) -> pa.Table:

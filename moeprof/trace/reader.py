@@ -252,7 +252,7 @@ class ShardReader:
 
     A pyarrow ``ParquetFile`` must not be read by two threads at once: its read-ahead cache then
     hands one thread's row group the other's byte ranges ("ReadRangeCache did not find matching cache
-    entry", which reads as a corrupt shard). Each read takes a reader of its own over the shard's
+    entry", which reads as a corrupt shard), corrupts memory or deadlocks. Each read takes a reader of its own over the shard's
     verified bytes (parsing the footer again costs far less than reading the row group), and gives
     it back for the next one."""
 

@@ -1,18 +1,19 @@
 """A trace on object storage or a shared filesystem (``s3://``, ``gs://``, ``hdfs://``, ``file://``).
 
-Same checks as a local :class:`~moeprof.trace.reader.Trace`, read through ``pyarrow.fs``: the manifest,
-then each listed shard's size, footer row count and schema (``verify="full"`` also hashes each one).
-``path`` is the URI string (``pathlib`` would fold ``s3://`` into ``s3:/``) and ``shard_paths`` gives
-URIs, which :func:`moeprof.trace.fs.parquet_file` opens wherever the reader runs.
+Same checks as a local :class:`~moeprof.trace.reader.Trace`, read through ``pyarrow.fs``: on open the
+manifest, then each listed shard's size, footer row count and schema (``verify="full"`` also hashes
+each one); every read of shard data is then checked against the manifest's size and sha256, as
+locally. ``path`` is the URI string (``pathlib`` would fold ``s3://`` into ``s3:/``) and ``shard_paths``
+gives URIs, which :func:`moeprof.trace.fs.read_bytes` opens wherever the reader runs (a thread here,
+a Ray task on another node).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Iterable
+from typing import Callable
 
-import polars as pl
 import pyarrow as pa
 
 from moeprof.errors import TraceError, TraceIntegrityError
@@ -29,8 +30,11 @@ def read_remote_manifest(location: str) -> Manifest:
         raise TraceError(f"{where}: not found; {location} is not a moeprof trace (or its capture wrote nothing yet)")
     try:
         data = json.loads(fs.read_bytes(where).decode("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TraceError(f"{where}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    except FileNotFoundError:  # deleted between the two requests
+        raise TraceError(f"{where}: not found; {location} is not a moeprof trace") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise TraceError(f"{where}: not valid JSON{line}: {getattr(exc, 'msg', exc)}") from None
     if not isinstance(data, dict):
         raise TraceError(f"{where}: expected a JSON object")
     manifest = Manifest.from_dict(data, where=where)
@@ -45,9 +49,13 @@ class RemoteTrace(Trace):
     def __init__(self, location: str, manifest: Manifest) -> None:
         self.path = location.rstrip("/")  # type: ignore[assignment]  # a URI, not a local Path
         self.manifest = manifest
+        # Reads are always checked: a remote shard is fetched whole anyway, and hashing it costs
+        # little next to the transfer. Reader methods look shards up by this URI.
+        self.check_reads = True
+        self._by_path = {str(fs.join(self.path, s.path)): s for s in manifest.shards}
 
     @classmethod
-    def open(cls, path, *, verify="rows") -> "RemoteTrace":  # type: ignore[override]
+    def open(cls, path, *, verify="rows", check_reads=None) -> "RemoteTrace":  # type: ignore[override]
         trace = cls(str(path), read_remote_manifest(str(path)))
         if verify != "none":
             trace.verify(full=verify == "full")
@@ -69,6 +77,8 @@ class RemoteTrace(Trace):
                 )
             try:
                 pf = fs.parquet_file(where)
+            except FileNotFoundError:
+                raise TraceIntegrityError(f"{where}: listed in the manifest but missing") from None
             except (pa.ArrowInvalid, OSError) as exc:
                 raise TraceIntegrityError(f"{where}: not a readable Parquet file ({exc})") from None
             if pf.metadata.num_rows != shard.rows:
@@ -87,27 +97,3 @@ class RemoteTrace(Trace):
                     )
             if progress is not None:
                 progress(shard)
-
-    # polars reads local paths itself; remote shards are read through pyarrow.fs and handed over.
-    def _frame(self, kind: str, columns: list[str] | None = None) -> pl.DataFrame | None:
-        paths = self.shard_paths(kind)
-        if not paths:
-            return None
-        return pl.from_arrow(pa.concat_tables([fs.read_table(p, columns) for p in paths]))
-
-    def routing(self, columns: Iterable[str] | None = None) -> pl.LazyFrame:
-        cols = list(columns) if columns is not None else None
-        frame = self._frame("routing", cols)
-        if frame is None:
-            frame = pl.from_arrow(routing_schema(self.model.top_k).empty_table())
-            frame = frame.select(cols) if cols is not None else frame
-        return frame.lazy()
-
-    def requests(self) -> pl.DataFrame:
-        frame = self._frame("requests")
-        return frame if frame is not None else pl.from_arrow(REQUESTS_SCHEMA.empty_table())
-
-    def loads(self) -> pl.LazyFrame | None:
-        frame = self._frame("loads")
-        return frame.lazy() if frame is not None else None
-
