@@ -2,6 +2,7 @@
 
     python bench/analyze_bench.py --rows 1e6,1e7,1e8 --repeats 5     # the grid quoted in the README
     python bench/analyze_bench.py --rows 1e7 --compare-polars
+    python bench/analyze_bench.py --rows 1e6,1e7 --baseline /tmp/main-venv/bin/python   # before / after
 
 Generates (once, cached under bench/out/) a trace per size with 58 MoE layers (3..60), 256 experts,
 top-8 and realistic skew: per layer a Zipf(1.1) popularity, per domain a mixture with its own Zipf
@@ -14,6 +15,8 @@ alternating so that load from other processes falls on both alike:
 - analyze: every statistic, then summary.json and the tables written (what `moeprof analyze --out`
   writes, less the plots, which the report layer draws), timed from the call, after imports;
   its whole process (interpreter start, imports, analysis, outputs) is timed too;
+- optionally (``--baseline``) analyze again under another interpreter, e.g. a virtual environment with
+  the main branch installed, to compare two versions at the same load;
 - optionally the same counts with a polars explode + group_by, to compare with numpy bincount.
 Prints, per size, medians with [min - max]: floor, analyze, analyze / floor (per round), the whole
 process, and peak RSS.
@@ -135,23 +138,15 @@ _ANALYZE = """
 import sys, time, resource, json
 t0 = time.perf_counter()
 from pathlib import Path
-from moeprof.analysis.run import analyze_trace, prepare_out, SUMMARY_FILE
-from moeprof.trace.manifest import write_json_atomic
+from moeprof.analysis.run import analyze
 t1 = time.perf_counter()
-a = analyze_trace(sys.argv[1])
+a = analyze(sys.argv[1], out=Path(sys.argv[2]), force=True)  # what `analyze --out` does, less the plots' writer
 t2 = time.perf_counter()
-out = Path(sys.argv[2])
-prepare_out(out, True)
-(out / "tables").mkdir()
-for name, df in a.tables.items():
-    df.write_parquet(out / "tables" / f"{name}.parquet")
-write_json_atomic(out / SUMMARY_FILE, a.summary)
-t3 = time.perf_counter()
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps(dict(seconds=t3 - t1, imports=t1 - t0, statistics=t2 - t1, outputs=t3 - t2,
-                      cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024,
+print(json.dumps(dict(seconds=t2 - t1, imports=t1 - t0, cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024,
                       tokens=a.summary["trace"]["tokens"], requests=a.summary["trace"]["requests"])))
 """
+
 
 _POLARS_COUNTS = """
 import sys, time, resource, json
@@ -166,9 +161,10 @@ print(json.dumps(dict(seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SE
 """
 
 
-def _child(code: str, *args: str) -> dict:
+def _child(code: str, *args: str, python: str = sys.executable) -> dict:
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    # -P: the code imports moeprof from the interpreter's environment, not from the current directory
+    res = subprocess.run([python, "-P", "-c", code, *args], capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(res.stderr)
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -184,7 +180,7 @@ def _spread(xs: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(float(np.median(xs)))} [{fmt.format(min(xs))} - {fmt.format(max(xs))}]"
 
 
-def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: bool) -> dict:
+def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: bool, baseline: str | None = None) -> dict:
     trace = OUT / f"trace-{rows_wanted}"
     manifest = trace / "manifest.json"
     cached = manifest.exists() and json.loads(manifest.read_text()).get("complete")
@@ -198,10 +194,12 @@ def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: b
     rows = t.num_routing_rows
     for p in t.shard_paths("routing"):  # warm the page cache so both runs read from memory alike
         p.read_bytes()
-    floors, analyses = [], []
+    floors, analyses, befores = [], [], []
     for _ in range(repeats):
         floors.append(_child(_FLOOR, str(trace)))
         analyses.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}")))
+        if baseline:
+            befores.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}-baseline"), python=baseline))
     gib = 1 << 30
     fl = [f["seconds"] for f in floors]
     an = [a["seconds"] for a in analyses]
@@ -211,14 +209,18 @@ def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: b
           f"{t.size_bytes / gib:.2f} GiB on disk ({repeats} alternating rounds; median [min - max])")
     print(f"  floor (polars streaming scan, same columns): {_spread(fl)} s, "
           f"peak RSS {max(f['peak_rss'] for f in floors) / gib:.2f} GiB")
-    print(f"  analyze (statistics + summary + tables):    {_spread(an)} s "
-          f"(statistics {_spread([a['statistics'] for a in analyses])} s), "
+    print(f"  analyze (statistics + summary + tables):    {_spread(an)} s, "
           f"peak RSS {_spread([a['peak_rss'] / gib for a in analyses])} GiB")
     print(f"  analyze / floor:                            {_spread(ratio)}x")
     print(f"  CPU seconds, whole process (less sensitive to load): floor {_spread([f['cpu'] for f in floors])}, "
           f"analyze {_spread([a['cpu'] for a in analyses])}")
     print(f"  analyze's whole process (start, imports):   {_spread([a['process'] for a in analyses])} s "
           f"(imports {_spread([a['imports'] for a in analyses])} s)")
+    if befores:
+        print(f"  baseline analyze ({baseline}): {_spread([b['seconds'] for b in befores])} s, "
+              f"{_spread([b['seconds'] / f for b, f in zip(befores, fl)])}x the floor, "
+              f"CPU {_spread([b['cpu'] for b in befores])} s, peak RSS {_spread([b['peak_rss'] / gib for b in befores])} GiB; "
+              f"analyze / baseline {_spread([a / b['seconds'] for a, b in zip(an, befores)])}x")
     if compare_polars:
         pc = _child(_POLARS_COUNTS, str(trace))
         print(f"  counts only, polars explode + group_by:     {pc['seconds']:.2f} s, "
@@ -233,10 +235,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating floor/analyze rounds per size (default 3)")
     ap.add_argument("--compare-polars", action="store_true", help="also time the counts as a polars group_by")
     ap.add_argument("--regenerate", action="store_true")
+    ap.add_argument("--baseline", metavar="PYTHON", help="also time analyze with this interpreter (a virtual "
+                    "environment holding another checkout of moeprof), in the same alternating rounds")
     args = ap.parse_args()
     sizes = [_rows(x) for x in args.rows.split(",") if x.strip()]
     print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the start")
-    results = [run_size(n, args.repeats, args.regenerate, args.compare_polars) for n in sizes]
+    results = [run_size(n, args.repeats, args.regenerate, args.compare_polars, args.baseline) for n in sizes]
     print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     print("\nsize         analyze / floor (median [min - max])   analyze s   peak RSS GiB")
     for r in results:

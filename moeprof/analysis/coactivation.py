@@ -27,14 +27,17 @@ def pair_counts(tokens: np.ndarray, num_experts: int) -> np.ndarray:
     T, L, k = tokens.shape
     E = num_experts
     out = np.zeros((L, E, E), np.int64)
-    ia, ib = np.triu_indices(k, 1)
     for li in range(L):
         x = tokens[:, li]
-        x = x[(x >= 0).all(axis=1)].astype(np.int32)
+        x = x[(x >= 0).all(axis=1)].astype(np.intp)  # intp: what bincount counts in, so it copies nothing
         if x.size == 0:
             continue
-        a, b = x[:, ia].ravel(), x[:, ib].ravel()
-        c = np.bincount(a * E + b, minlength=E * E).reshape(E, E)
+        c = np.zeros(E * E, np.int64)
+        # Slot c1 against the slots after it: (T, k - 1 - c1) ids per call stay in cache, where one
+        # (T, k(k-1)/2) array of every pair cost twice as much (measured at T = 32768, k = 8).
+        for c1 in range(k - 1):
+            c += np.bincount((x[:, c1, None] * E + x[:, c1 + 1 :]).ravel(), minlength=E * E)
+        c = c.reshape(E, E)
         out[li] = c + c.T
     return out
 
@@ -55,16 +58,20 @@ def transition_counts(tokens: np.ndarray, pairs: Sequence[tuple[int, int]], num_
     """``(P, E, E)`` int64: tokens routed to e in layer i and e' in layer j, for each (i, j) in ``pairs``."""
     T, L, k = tokens.shape
     E = num_experts
-    out = np.zeros((len(pairs), E, E), np.int64)
+    out = np.zeros((len(pairs), E * E), np.int64)
     for p, (i, j) in enumerate(pairs):
-        a, b = tokens[:, i].astype(np.int32), tokens[:, j].astype(np.int32)
+        a, b = tokens[:, i], tokens[:, j]
         ok = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
-        a, b = a[ok], b[ok]
-        if a.size == 0:
+        if not ok.all():
+            a, b = a[ok], b[ok]
+        if a.shape[0] == 0:
             continue
-        idx = (a[:, :, None] * E + b[:, None, :]).ravel()
-        out[p] = np.bincount(idx, minlength=E * E).reshape(E, E)
-    return out
+        a, b = a.astype(np.intp) * E, b.astype(np.intp)
+        # One slot of the first layer at a time: (T, k) ids per call stay in cache (measured 2x faster
+        # than one (T, k, k) array at T = 32768, k = 8).
+        for c in range(k):
+            out[p] += np.bincount((a[:, c, None] + b).ravel(), minlength=E * E)
+    return out.reshape(len(pairs), E, E)
 
 
 def layer_counts(tokens: np.ndarray, num_experts: int) -> np.ndarray:
@@ -87,15 +94,19 @@ def conditional(transitions: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
 def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int]) -> pl.DataFrame:
     """Non-zero pairs (a < b) per layer with count and lift; ``loads (L, E)``, ``tokens_per_layer (L,)``."""
     L, E, _ = pairs.shape
-    li, a, b = np.nonzero(np.triu(pairs, 1))
-    count = pairs[li, a, b]
+    upper = np.flatnonzero(np.triu(np.ones((E, E), bool), 1))  # flat (a, b) ids with a < b, ascending
+    nz = np.flatnonzero(pairs.reshape(L, E * E)[:, upper])  # in (layer, a, b) order, as np.nonzero gives
+    li, ab = np.divmod(nz, upper.size)
+    a, b = np.divmod(upper[ab], E)
+    count = pairs.reshape(-1)[li * (E * E) + upper[ab]]
     T = tokens_per_layer[li].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         lift = (count / T) / ((loads[li, a] / T) * (loads[li, b] / T))
+    # Layer and expert ids are int16 in the trace: cast in numpy, several times cheaper than polars' checked cast.
     return pl.DataFrame({
-        "layer": pl.Series(np.asarray(layers)[li], dtype=pl.Int16),
-        "expert_a": pl.Series(a, dtype=pl.Int16),
-        "expert_b": pl.Series(b, dtype=pl.Int16),
+        "layer": pl.Series(np.asarray(layers, np.int16)[li]),
+        "expert_a": pl.Series(a.astype(np.int16)),
+        "expert_b": pl.Series(b.astype(np.int16)),
         "count": count,
         "lift": lift,
     })
@@ -104,16 +115,19 @@ def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarra
 def transition_table(trans: np.ndarray, cond: np.ndarray, pairs: Sequence[tuple[int, int]],
                      layers: Sequence[int]) -> pl.DataFrame:
     """Non-zero transitions with count and P(e'|e)."""
-    p, e, e2 = np.nonzero(trans)
-    src = np.array([layers[i] for i, _ in pairs], np.int64)
-    dst = np.array([layers[j] for _, j in pairs], np.int64)
+    E = trans.shape[-1]
+    nz = np.flatnonzero(trans)  # flat ids in (pair, e, e') order; 1-D takes beat 3-D fancy indexing
+    p, rest = np.divmod(nz, E * E)
+    e, e2 = np.divmod(rest, E)
+    src = np.array([layers[i] for i, _ in pairs], np.int16)  # int16 ids, as in pair_table
+    dst = np.array([layers[j] for _, j in pairs], np.int16)
     return pl.DataFrame({
-        "layer": pl.Series(src[p] if len(pairs) else [], dtype=pl.Int16),
-        "next_layer": pl.Series(dst[p] if len(pairs) else [], dtype=pl.Int16),
-        "expert": pl.Series(e, dtype=pl.Int16),
-        "next_expert": pl.Series(e2, dtype=pl.Int16),
-        "count": trans[p, e, e2],
-        "p_next_given_expert": cond[p, e, e2],
+        "layer": pl.Series(src[p], dtype=pl.Int16),
+        "next_layer": pl.Series(dst[p], dtype=pl.Int16),
+        "expert": pl.Series(e.astype(np.int16)),
+        "next_expert": pl.Series(e2.astype(np.int16)),
+        "count": trans.reshape(-1).take(nz),
+        "p_next_given_expert": cond.reshape(-1).take(nz),
     })
 
 

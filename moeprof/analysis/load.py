@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from moeprof.analysis.aggregate import Aggregates
 
@@ -115,42 +117,62 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
     L, k = len(agg.selection.layers), agg.selection.top_k
     if len(s.hash) == 0:
         return np.full((0, L, k), -1, np.int16), np.zeros(0, bool)
-    # Step 1: one sort of the row keys gives each row its token; tokens are then few to order.
+    # Step 1: each row's token by hashing the row keys (a hash table, not a sort of every row: the
+    # sample holds up to ~1.25 x 58 rows per token); tokens, far fewer, are then sorted by (hash, token).
     key = s.token ^ s.hash  # (hash, token) identify a token; rows of one token share both
-    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    codes = pc.dictionary_encode(pa.array(key, pa.uint64())).indices.to_numpy()  # codes in order of first sight
+    first = np.flatnonzero(np.diff(np.maximum.accumulate(codes), prepend=-1) > 0)  # (U,) first row of each
     order = np.lexsort((s.token[first], s.hash[first]))
-    T = min(uniq.size, max_tokens)
-    rank = np.empty(uniq.size, np.int64)
-    rank[order] = np.arange(uniq.size)
-    tid = rank[inv.reshape(-1)]
-    keep = tid < T
-    tid, lay, ex = tid[keep], s.layer[keep], s.experts[keep]
+    U = first.size
+    T = min(U, max_tokens)
+    rank = np.empty(U, np.int64)
+    rank[order] = np.arange(U)
+    tid = rank[codes]
+    if T < U:
+        keep = np.flatnonzero(tid < T)  # indices, not a mask: compressing (n, k) rows by a mask is slower
+        tid, lay, ex = tid[keep], s.layer[keep], s.experts[keep]
+    else:
+        lay, ex = s.layer, s.experts
     # Step 2: scatter rows into (token, layer); a second row for one (token, layer) marks a duplicate.
-    out = np.full((T, L, k), -1, np.int16)
-    out[tid, lay] = ex
     cell = tid * L + lay
+    out = np.full((T * L, k), -1, np.int16)
+    out[cell] = ex
     seen = np.bincount(cell, minlength=T * L)
     dup = (seen.reshape(T, L) > 1).any(axis=1)
-    return out, dup
+    return out.reshape(T, L, k), dup
 
 
-def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batches: int = MAX_BATCHES) -> np.ndarray:
-    """Counts ``(nb, L, E)`` of the first ``nb`` windows of ``batch_size`` consecutive tokens of ``tokens (T, L, k)``."""
+def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batches: int = MAX_BATCHES,
+                 finer: tuple[int, np.ndarray] | None = None) -> np.ndarray:
+    """Counts ``(nb, L, E)`` of the first ``nb`` windows of ``batch_size`` consecutive tokens of ``tokens (T, L, k)``.
+
+    ``finer`` = ``(b, counts)``: counts of windows of ``b`` tokens computed before (``b`` divides
+    ``batch_size``); when they cover the ``nb`` windows, each window is the sum of its ``batch_size / b``
+    finer ones (the same integers, without reading the tokens again).
+    """
     T, L, k = tokens.shape
+    E = num_experts
     nb = min(max_batches, T // batch_size)
     if nb == 0:
-        return np.zeros((0, L, num_experts), np.int64)
-    out = np.zeros((nb, L, num_experts), np.int64)
-    lay = (np.arange(L, dtype=np.int64) * num_experts)[None, :, None]
-    step = max(1, (1 << 22) // (batch_size * L * k))  # windows per chunk: bounded temporaries
-    for b0 in range(0, nb, step):
-        b1 = min(nb, b0 + step)
+        return np.zeros((0, L, E), np.int64)
+    if finer is not None:
+        b, fc = finer
+        m = batch_size // b
+        if batch_size % b == 0 and fc.shape[0] >= nb * m:
+            return fc[: nb * m].reshape(nb, m, L, E).sum(axis=1)
+    out = np.zeros((nb, L * E), np.int64)
+    # Several windows per bincount (ids offset by window): small windows cost one call, not one each;
+    # at most about 2^18 ids and 2^18 bins per call keep the temporaries in cache.
+    per_call = max(1, min((1 << 18) // (batch_size * L * k), (1 << 18) // (L * E)))
+    lay = np.arange(L, dtype=np.intp)[:, None] * E  # (L, 1)
+    for b0 in range(0, nb, per_call):
+        b1 = min(nb, b0 + per_call)
         win = tokens[b0 * batch_size : b1 * batch_size].reshape(b1 - b0, batch_size, L, k)
-        for j in range(b1 - b0):
-            w = win[j]
-            idx = (lay + w)[w >= 0]
-            out[b0 + j] = np.bincount(idx, minlength=L * num_experts).reshape(L, num_experts)
-    return out
+        idx = win + (np.arange(b1 - b0, dtype=np.intp) * (L * E))[:, None, None, None] + lay
+        if (win < 0).any():  # a layer absent for some token: its -1 slots count nowhere
+            idx = idx[win >= 0]
+        out[b0:b1] = np.bincount(idx.ravel(), minlength=(b1 - b0) * L * E).reshape(b1 - b0, L * E)
+    return out.reshape(nb, L, E)
 
 
 def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int = BOOTSTRAP_REPS,
@@ -169,8 +191,9 @@ def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int
     idx = rng.integers(0, n, size=(reps, n))
     # How often each row is drawn: a resample is its rows' values repeated, so its quantile can be
     # read off the values sorted once, without building (reps, n, m) copies and sorting each.
-    drawn = np.bincount((idx + (np.arange(reps) * n)[:, None]).ravel(), minlength=reps * n)
-    drawn = drawn.astype(np.float64).reshape(reps, n)
+    drawn = np.bincount((idx + (np.arange(reps) * n)[:, None]).ravel(), minlength=reps * n).reshape(reps, n)
+    # Every sum below counts values (at most n * m): exact in float32 below 2^24, at half the cost.
+    drawn = drawn.astype(np.float32 if n * m < (1 << 24) else np.float64)
     if per_column:
         point = np.quantile(rows, q, axis=0)
         order = np.argsort(rows, axis=0, kind="stable")  # (n, m)
@@ -185,6 +208,12 @@ def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int
     return point, lo, hi
 
 
+def _lerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """numpy's lerp in np.quantile: from the nearer end, so that t = 0.5 and t = 1 give what it gives."""
+    d = b - a
+    return b - d * (1 - t) if t >= 0.5 else a + d * t
+
+
 def _resampled_quantile(srt: np.ndarray, owner: np.ndarray, drawn: np.ndarray, q: float) -> np.ndarray:
     """``(reps,)`` quantile ``q`` of each resample, exactly as ``np.quantile`` (method "linear") gives it.
 
@@ -197,26 +226,24 @@ def _resampled_quantile(srt: np.ndarray, owner: np.ndarray, drawn: np.ndarray, q
     h = (N - 1) * q
     prev = int(math.floor(h))
     t = h - prev
-    size = 64
+    size = min(64, N)
     blocks = -(-N // size)
     per_block = np.bincount(owner * blocks + np.arange(N) // size, minlength=n * blocks).reshape(n, blocks)
-    # einsum, not @: a product this small runs faster on one thread than through BLAS threads
-    cum_block = np.cumsum(np.einsum("rn,nb->rb", drawn, per_block.astype(np.float64)), axis=1)  # exact integers
+    cum_block = np.cumsum(drawn @ per_block.astype(drawn.dtype), axis=1)  # (reps, blocks) exact integers
+    # The owners of srt padded to whole blocks with a row n that no resample holds: no bounds checks.
+    owner_pad = np.full(blocks * size, n, np.intp)
+    owner_pad[:N] = owner
+    drawn_pad = np.zeros((reps, n + 1), drawn.dtype)
+    drawn_pad[:, :n] = drawn
     rep = np.arange(reps)
-    cols = np.arange(size)
     ends = []
     for p in (prev, min(prev + 1, N - 1)):
-        blk = (cum_block <= p).sum(axis=1)  # the block holding position p
-        before = np.where(blk > 0, cum_block[rep, np.maximum(blk - 1, 0)], 0.0)
-        j = blk[:, None] * size + cols  # (reps, size) positions in srt
-        inside = j < N
-        w = np.where(inside, drawn[rep[:, None], owner[np.minimum(j, N - 1)]], 0)
-        j_p = blk * size + (before[:, None] + np.cumsum(w, axis=1) <= p).sum(axis=1)
+        blk = np.count_nonzero(cum_block <= p, axis=1)  # the block holding position p
+        before = np.where(blk > 0, cum_block[rep, np.maximum(blk - 1, 0)], 0)
+        w = np.take_along_axis(drawn_pad, owner_pad[blk[:, None] * size + np.arange(size)], axis=1)  # (reps, size)
+        j_p = blk * size + np.count_nonzero(before[:, None] + np.cumsum(w, axis=1) <= p, axis=1)
         ends.append(srt[np.minimum(j_p, N - 1)])
-    a, b = ends
-    d = b - a
-    # numpy's lerp: from the nearer end, so that t = 0.5 and t = 1 give what np.quantile gives
-    return b - d * (1 - t) if t >= 0.5 else a + d * t
+    return _lerp(ends[0], ends[1], t)
 
 
 def _resampled_quantile_columns(srt: np.ndarray, order: np.ndarray, drawn: np.ndarray, q: float) -> np.ndarray:
@@ -230,24 +257,35 @@ def _resampled_quantile_columns(srt: np.ndarray, order: np.ndarray, drawn: np.nd
     size = min(16, n)
     blocks = -(-n // size)
     col = np.arange(m)
-    in_block = np.zeros((n, m, blocks))  # in_block[r, c, b] = 1: row r's value in column c has its rank in block b
-    in_block[order, col, (np.arange(n) // size)[:, None]] = 1.0
+    in_block = np.zeros((n, m, blocks), drawn.dtype)  # in_block[r, c, b] = 1: row r's value in column c has its rank in block b
+    in_block[order, col, (np.arange(n) // size)[:, None]] = 1
     cum_block = np.cumsum((drawn @ in_block.reshape(n, m * blocks)).reshape(reps, m, blocks), axis=2)
-    # flat 1-D takes: much cheaper than 2-D fancy indexing
-    order_flat = order.T.ravel()  # [c * n + rank] -> row
-    rep_base = (np.arange(reps) * n)[:, None, None]
-    ends = []
-    for p in (prev, min(prev + 1, n - 1)):
-        blk = np.count_nonzero(cum_block <= p, axis=2)  # (reps, m) the block holding position p
-        before = np.where(blk > 0, np.take_along_axis(cum_block, np.maximum(blk - 1, 0)[..., None], axis=2)[..., 0], 0.0)
-        j = blk[..., None] * size + np.arange(size)  # (reps, m, size) ranks
-        rows = order_flat.take(np.minimum(j, n - 1) + (col * n)[:, None])
-        w = np.where(j < n, drawn.ravel().take(rows + rep_base), 0.0)
-        j_p = blk * size + np.count_nonzero(before[..., None] + np.cumsum(w, axis=2) <= p, axis=2)
-        ends.append(srt[np.minimum(j_p, n - 1), col])
-    a, b = ends
-    d = b - a
-    return b - d * (1 - t) if t >= 0.5 else a + d * t
+    # The rows of each column's ranks, padded to whole blocks with a row n that no resample holds.
+    rows_pad = np.full((m * blocks, size), n, np.intp)
+    rows_pad.reshape(m, blocks * size)[:, :n] = order.T
+    drawn_pad = np.zeros((reps, n + 1), drawn.dtype)
+    drawn_pad[:, :n] = drawn
+    flat_pad = drawn_pad.ravel()
+    rep_base = (np.arange(reps) * (n + 1))[:, None, None]
+    p0, p1 = prev, min(prev + 1, n - 1)
+    blk0, blk1 = (np.count_nonzero(cum_block <= p, axis=2) for p in (p0, p1))  # (reps, m) blocks holding p0, p1
+
+    def rank_in(blk: np.ndarray, cols: np.ndarray, reps_of: np.ndarray, ps: tuple[int, ...]) -> list[np.ndarray]:
+        """Ranks of positions ``ps`` in the resamples ``reps_of`` x columns ``cols``, all in block ``blk``."""
+        before = np.where(blk > 0, cum_block[reps_of, cols, np.maximum(blk - 1, 0)], 0)
+        w = flat_pad.take(rows_pad[cols * blocks + blk] + rep_base.reshape(-1)[reps_of][..., None])  # (..., size) draws
+        cw = np.cumsum(w, axis=-1)
+        return [blk * size + np.count_nonzero(cw <= (p - before)[..., None], axis=-1) for p in ps]
+
+    rep = np.arange(reps)[:, None]
+    same = blk0 == blk1  # nearly always: p0 and p1 = p0 + 1 fall in one block, read it once
+    j0, j1 = rank_in(blk0, col[None, :], rep, (p0, p1))
+    if not same.all():
+        r_, c_ = np.nonzero(~same)
+        j1[r_, c_] = rank_in(blk1[r_, c_], c_, r_, (p1,))[0]
+    a = srt[np.minimum(j0, n - 1), col]
+    b = srt[np.minimum(j1, n - 1), col]
+    return _lerp(a, b, t)
 
 
 def straggler(counts: np.ndarray) -> np.ndarray:
@@ -270,8 +308,10 @@ def batch_imbalance(
     """
     rng = np.random.default_rng(seed)
     pooled, per_layer = [], []
+    finer: tuple[int, np.ndarray] | None = None
     for B in batch_sizes:
-        counts = batch_counts(tokens, B, num_experts)
+        counts = batch_counts(tokens, B, num_experts, finer=finer)
+        finer = (B, counts)
         nb = counts.shape[0]
         row = {"batch_size": B, "batches": nb}
         if nb == 0:

@@ -170,8 +170,12 @@ class Trace:
         reads are not checked); its row count is checked against the manifest."""
         if not self.check_reads:
             return fs.parquet_file(path)
+        return self._parse_shard(path, self.shard_bytes(path))
+
+    def _parse_shard(self, path: Path, data: bytes) -> pq.ParquetFile:
+        """A Parquet reader over ``data``, the verified bytes of shard ``path``; its row count checked."""
         try:
-            pf = pq.ParquetFile(pa.BufferReader(self.shard_bytes(path)))
+            pf = pq.ParquetFile(pa.BufferReader(data))
         except (pa.ArrowInvalid, OSError) as exc:
             raise TraceIntegrityError(f"{path}: not a readable Parquet file ({exc})") from None
         shard = self._by_path.get(str(path))
@@ -244,28 +248,47 @@ class Trace:
 
 class ShardReader:
     """Row groups of verified shards for a pool of threads: each shard's bytes are read and hashed
-    once (by the first thread that needs it) and dropped after its last row group is read."""
+    once (by the first thread that needs it) and dropped after its last row group is read.
+
+    A pyarrow ``ParquetFile`` must not be read by two threads at once: its read-ahead cache then
+    hands one thread's row group the other's byte ranges ("ReadRangeCache did not find matching cache
+    entry", which reads as a corrupt shard), corrupts memory or deadlocks. Each read takes a reader of its own over the shard's
+    verified bytes (parsing the footer again costs far less than reading the row group), and gives
+    it back for the next one."""
 
     def __init__(self, trace: Trace, units: Iterable[tuple[Path, int]]) -> None:
         self.trace = trace
         self._left: dict[Path, int] = {}
         for path, _ in units:
             self._left[path] = self._left.get(path, 0) + 1
-        self._open: dict[Path, pq.ParquetFile] = {}
+        self._open: dict[Path, tuple[Callable[[], pq.ParquetFile], list[pq.ParquetFile]]] = {}
         self._locks = {p: threading.Lock() for p in self._left}
         self._lock = threading.Lock()
 
+    def _opener(self, path: Path) -> tuple[Callable[[], pq.ParquetFile], pq.ParquetFile]:
+        """A function that makes another reader of shard ``path``, and a first reader (verified)."""
+        if not self.trace.check_reads:
+            return (lambda: fs.parquet_file(path)), fs.parquet_file(path)
+        data = self.trace.shard_bytes(path)  # size and sha256 checked
+        first = self.trace._parse_shard(path, data)
+        meta = first.metadata
+        return (lambda: pq.ParquetFile(pa.BufferReader(data), metadata=meta)), first
+
     def read_row_group(self, path: Path, i: int, columns: list[str] | None) -> pa.Table:
-        # The read holds the shard's lock too: one pq.ParquetFile read from two threads at once
-        # corrupts memory (seen on shards of 8 row groups: "corrupted double-linked list", "ReadRangeCache
-        # did not find matching cache entry"); other shards are still read in parallel.
+        with self._locks[path]:
+            entry = self._open.get(path)
+            if entry is None:
+                opener, first = self._opener(path)
+                entry = self._open[path] = (opener, [first])
+            opener, idle = entry
+            pf = idle.pop() if idle else None
+        if pf is None:
+            pf = opener()
         try:
-            with self._locks[path]:
-                pf = self._open.get(path)
-                if pf is None:
-                    pf = self._open[path] = self.trace.parquet_file(path)
-                return pf.read_row_group(i, columns=columns, use_threads=False)
+            return pf.read_row_group(i, columns=columns, use_threads=False)
         finally:
+            with self._locks[path]:
+                idle.append(pf)
             with self._lock:
                 self._left[path] -= 1
                 if self._left[path] == 0:
