@@ -50,3 +50,28 @@ def test_shard_tasks_on_threads_equal_the_local_pass(tmp_path, monkeypatch, samp
                         aggregate_shards(t, sel, LocalEngine(2), progress))
     sharded = analysis_run.analyze_trace(trace.path, sample_tokens=sample_tokens)
     assert json.dumps(local.summary) == json.dumps(sharded.summary)
+
+
+def test_ray_client_connection_is_retried_then_reported(monkeypatch):
+    """A ray:// client whose server fails to start on a busy head is tried again (3 times in all)."""
+    ray = pytest.importorskip("ray")
+    from moeprof.analysis import engine as eng_mod
+
+    calls = []
+
+    def init(**kw):
+        calls.append(kw["address"])
+        if len(calls) < 3:
+            raise ConnectionError("Starting Ray client server failed")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(eng_mod.time, "sleep", lambda s: None)
+    assert eng_mod.RayEngine("ray://127.0.0.1:1").workers == 2
+    assert calls == ["ray://127.0.0.1:1"] * 3
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: (calls.append(kw), (_ for _ in ()).throw(ConnectionError("refused"))))
+    with pytest.raises(eng_mod.EngineError, match=r"--address ray://127.0.0.1:1: cannot start or reach a Ray cluster \(refused\)"):
+        eng_mod.RayEngine("ray://127.0.0.1:1")
+    assert len(calls) == 3

@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Iterator, Sequence
 
@@ -116,11 +117,20 @@ class RayEngine(Engine):
         self.ray = import_ray()
         ray = self.ray
         if not ray.is_initialized():
-            try:
-                ray.init(address=address, log_to_driver=False, include_dashboard=False,
-                         configure_logging=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise EngineError(f"--address {address or '(local)'}: cannot start or reach a Ray cluster ({exc})") from None
+            # A Ray client (ray://) gets a server process of its own on the head, which can fail to
+            # start when the head is busy ("Starting Ray client server failed"): try a few times.
+            attempts = 3 if str(address or "").startswith("ray://") else 1
+            for attempt in range(1, attempts + 1):
+                try:
+                    ray.init(address=address, log_to_driver=False, include_dashboard=False,
+                             configure_logging=False)
+                    break
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    if attempt == attempts or isinstance(exc, ValueError):
+                        raise EngineError(
+                            f"--address {address or '(local)'}: cannot start or reach a Ray cluster ({exc})"
+                        ) from None
+                    time.sleep(2.0 * attempt)
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # SPREAD: shard tasks read storage; spreading them over nodes adds up the nodes' bandwidth.
         self._task = ray.remote(max_retries=max_retries, retry_exceptions=False, scheduling_strategy="SPREAD")(_call)
