@@ -122,3 +122,41 @@ def test_pinned_pool_reuses_buffers_by_size_class_and_stays_bounded(monkeypatch)
     pool.give(a)
     pool.give(b)
     assert pool._bytes == 8192 + 4096 <= 1 << 16
+
+
+def test_without_weights_and_with_int32_token_ids(qwen, tmp_path):
+    """The packed step's dtype does not depend on the inputs' (int32 ids, no weights: still int64)."""
+    model, _ = qwen
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(4), dtype=torch.int32)
+
+    def loop():
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        nxt = out.logits[:, -1:].argmax(-1).to(torch.int32)
+        for _ in range(4):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1).to(torch.int32)
+
+    routing, _, _ = _same(model, tmp_path, loop, weights=False)
+    assert routing["weights"].null_count() == routing.height
+    first = routing.filter((pl.col("request_id") == 0) & (pl.col("step") == 0)).sort(["layer", "pos"])
+    assert first["token_id"].to_list()[:5] == ids[0].tolist()
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_pack_has_one_dtype_whatever_the_routers_give(weights):
+    """int32 expert ids (some routers), int32 tokens, bool validity: packed as int64, or float32 with weights."""
+    from moeprof.capture.session import StepSink
+
+    sink = StepSink(2, weights)
+    sink.reset()
+    for layer in range(2):
+        ids = torch.tensor([[3, 1], [2, 0]], dtype=torch.int32) + layer
+        sink.record(layer, ids, torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.bfloat16))
+    packed = sink.pack(torch.tensor([7, 9], dtype=torch.int32), None, torch.tensor([True, False]))
+    assert packed.dtype == (torch.float32 if weights else torch.int64)
+    n_ids = 2 * 2 * 2
+    assert packed[:n_ids].tolist() == [3, 1, 2, 0, 4, 2, 3, 1]
+    assert packed[-4:].tolist() == [7, 9, 1, 0]  # tokens, then validity
+    if weights:
+        assert packed[n_ids : 2 * n_ids].tolist() == [0.75, 0.25, 0.5, 0.5] * 2

@@ -137,6 +137,8 @@ class StepSink:
             tokens, valid = tokens.to(device), valid.to(device)
             positions = positions.to(device) if positions is not None else None
         parts = [torch.stack(ids).reshape(-1)]
+        if not self.weights and parts[0].dtype != torch.int64:
+            parts[0] = parts[0].long()  # so that the cat is int64 (the host reads it so) whatever the inputs
         if self.weights:
             # float32 first: promoting int64 ids with bfloat16 weights would round the ids to bfloat16
             parts.append(torch.stack(w).reshape(-1).float())
