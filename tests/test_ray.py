@@ -21,12 +21,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
 
 from moeprof.analysis.engine import RayEngine  # noqa: E402
-from ray_cluster import faulty_cluster, free_port  # noqa: E402
 from moeprof.analysis.run import analyze, analyze_trace  # noqa: E402
 from moeprof.errors import TraceIntegrityError  # noqa: E402
 from moeprof.placement.run import compare  # noqa: E402
 from moeprof.report.diff import diff  # noqa: E402
 from moeprof.synthetic import generate_trace  # noqa: E402
+from ray_cluster import faulty_cluster, free_port  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "trace"
 
