@@ -421,6 +421,7 @@ def test_gcs_missing_corrupt_unreachable(gcs, local, cli, tmp_path):
 @pytest.fixture(scope="module")
 def cluster(s3):
     """Two Ray nodes of one CPU each, started after ``s3`` set the AWS variables (the workers inherit them)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported (see tests/test_ray.py)
     ray = pytest.importorskip("ray")
     from moeprof.analysis.engine import loopback_cluster
 

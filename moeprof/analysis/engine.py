@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -215,8 +216,11 @@ def loopback_cluster(nodes: int = 2, *, cpus_per_node: int = 1, object_store_byt
     With ``connect`` this process joins the cluster (``ray.init``) until the block ends. Yields the
     ``Cluster``; everything is shut down on leaving, also on error.
     """
-    # Read when Ray is imported: keeps Ray from rewriting 127.0.0.1 into the machine's outward address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Read when Ray is imported: keeps Ray from rewriting 127.0.0.1 into the machine's outward
+    # address, where nothing of this cluster listens (ray.init would then wait forever).
+    if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        raise RuntimeError("loopback_cluster: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray = import_ray()
     from ray.cluster_utils import Cluster
 
