@@ -638,7 +638,9 @@ class TableEncoder:
         self._jobs: dict[str, Any] = {}
 
     def __call__(self, name: str, frame: pl.DataFrame) -> None:
-        self._jobs[name] = (frame, self._pool.submit(_parquet_bytes, frame))
+        # A clone (no data copied) for the thread: polars 1.3, the oldest admitted, refuses a frame used by two threads
+        # at once ("Already mutably borrowed"), and the statistics go on reading this one.
+        self._jobs[name] = (frame, self._pool.submit(_parquet_bytes, frame.clone()))
 
     def encoded(self, name: str, frame: pl.DataFrame) -> bytes | None:
         """The bytes of table ``name`` if they were encoded from this very frame, else None."""
