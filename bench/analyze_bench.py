@@ -67,18 +67,24 @@ def _pool(rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def bench_model():
+    """The model section of every benchmark trace here: DeepSeek-V3's shape (also bench/analyze_memory.py)."""
+    from moeprof.trace import ModelInfo
+
+    return ModelInfo(name="synthetic-deepseek-v3-shape", architecture="DeepseekV3ForCausalLM", num_experts=E,
+                     top_k=K, moe_layers=LAYERS, num_layers=61, dense_layers=[0, 1, 2], num_shared_experts=1,
+                     hidden_size=7168, dtype="bfloat16")
+
+
 def generate(path: Path, rows: int, seed: int = 0) -> None:
-    from moeprof.trace import ModelInfo, TraceWriter
+    from moeprof.trace import TraceWriter
     from moeprof.trace.writer import phase_array
     from moeprof.trace.schema import routing_schema
 
     rng = np.random.default_rng(seed)
     pool = _pool(rng)
-    model = ModelInfo(name="synthetic-deepseek-v3-shape", architecture="DeepseekV3ForCausalLM", num_experts=E,
-                      top_k=K, moe_layers=LAYERS, num_layers=61, dense_layers=[0, 1, 2], num_shared_experts=1,
-                      hidden_size=7168, dtype="bfloat16")
     schema = routing_schema(K)
-    w = TraceWriter(path, model=model, source="synthetic", force=True, shard_rows=1 << 21,
+    w = TraceWriter(path, model=bench_model(), source="synthetic", force=True, shard_rows=1 << 21,
                     capture=dict(generator="bench/analyze_bench.py", rows=rows, seed=seed),
                     notes=["benchmark trace: rows drawn from pools of top-k patterns per domain x layer"])
     written, rid, batch = 0, 0, 0

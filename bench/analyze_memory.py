@@ -37,9 +37,9 @@ import pyarrow as pa
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
-LAYERS = list(range(3, 61))  # DeepSeek-V3: layers 0-2 dense, 3-60 MoE
-E, K = 256, 8
-DOMAINS = ("code", "math", "chat", "general")
+sys.path.insert(0, str(HERE))
+from analyze_bench import DOMAINS, LAYERS, E, K, bench_model  # noqa: E402  the same model and domains
+
 POOL = 1024  # top-k patterns per domain x layer
 GIB = 1 << 30
 
@@ -58,17 +58,14 @@ def _pool(rng: np.random.Generator) -> np.ndarray:
 
 
 def generate(path: Path, requests: int, rows_per_request: int, seed: int = 0) -> None:
-    from moeprof.trace import ModelInfo, TraceWriter
+    from moeprof.trace import TraceWriter
     from moeprof.trace.schema import routing_schema
     from moeprof.trace.writer import phase_array
 
     rng = np.random.default_rng(seed)
     pool = _pool(rng)
-    model = ModelInfo(name="synthetic-deepseek-v3-shape", architecture="DeepseekV3ForCausalLM", num_experts=E,
-                      top_k=K, moe_layers=LAYERS, num_layers=61, dense_layers=[0, 1, 2], num_shared_experts=1,
-                      hidden_size=7168, dtype="bfloat16")
     schema = routing_schema(K)
-    w = TraceWriter(path, model=model, source="synthetic", force=True, shard_rows=1 << 23, request_shards=True,
+    w = TraceWriter(path, model=bench_model(), source="synthetic", force=True, shard_rows=1 << 23, request_shards=True,
                     capture=dict(generator="bench/analyze_memory.py", requests=requests, seed=seed),
                     notes=["benchmark trace: many short requests, rows drawn from pools of top-k patterns"])
     L = len(LAYERS)

@@ -68,9 +68,11 @@ class Timers:
         return timed
 
     def wrap(self, owner: object, name: str, part: str) -> None:
-        fn = getattr(owner, name)
-        self._saved.append((owner, name, fn))
-        setattr(owner, name, self.timed(fn, part))
+        self.replace(owner, name, self.timed(getattr(owner, name), part))
+
+    def replace(self, owner: object, name: str, new: object) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, new)
 
     def restore(self) -> None:
         for owner, name, fn in reversed(self._saved):
@@ -104,9 +106,7 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dic
             times_plain.append(plain())
             timers = Timers()
             # the top-level hooks as torch calls them: through the torch.compile guard (S._eager)
-            eager = S._eager
-            timers.wrap(S, "_eager", "unused")
-            S._eager = lambda hook, _e=eager, _t=timers: _t.timed(_e(hook), "hook_calls")
+            timers.replace(S, "_eager", lambda hook, _e=S._eager, _t=timers: _t.timed(_e(hook), "hook_calls"))
             rec = S.capture(model, Path(tmp) / f"t{r}", force=True, eos_token_id=None)
             timers.wrap(rec, "_on_forward_start", "forward_start")
             timers.wrap(rec, "_on_forward_end", "forward_end")

@@ -40,6 +40,27 @@ from moeprof.trace.writer import sha256_file
 Verify = Literal["none", "rows", "full"]
 
 
+
+def check_shard(shard: Shard, where: str, num_rows: int, schema: pa.Schema, expected: dict[str, pa.Schema],
+                digest: Callable[[], str] | None) -> None:
+    """What every reader checks of a shard it opened against its manifest entry (a local file or an
+    object on a store): the row count, the schema of its kind and, when ``digest`` is given (a full
+    verify), the sha256. Raises :class:`TraceIntegrityError` naming ``where``."""
+    if num_rows != shard.rows:
+        raise TraceIntegrityError(f"{where}: {num_rows} rows, the manifest says {shard.rows}")
+    if shard.kind in expected:
+        try:
+            check_schema(schema, expected[shard.kind], where)
+        except Exception as exc:  # TraceError -> integrity, with the same message
+            raise TraceIntegrityError(str(exc)) from None
+    if digest is not None:
+        got = digest()
+        if got != shard.sha256:
+            raise TraceIntegrityError(
+                f"{where}: sha256 {got[:12]}… differs from the manifest's {shard.sha256[:12]}…; "
+                "the file was altered after capture"
+            )
+
 class Trace:
     """A validated trace directory. Open it with :meth:`Trace.open`."""
 
@@ -123,22 +144,8 @@ class Trace:
                 schema = pq.read_schema(path)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise TraceIntegrityError(f"{path}: not a readable Parquet file ({exc})") from None
-            if meta.num_rows != shard.rows:
-                raise TraceIntegrityError(
-                    f"{path}: {meta.num_rows} rows, the manifest says {shard.rows}"
-                )
-            if shard.kind in expected:
-                try:
-                    check_schema(schema, expected[shard.kind], str(path))
-                except Exception as exc:  # TraceError -> integrity, with the same message
-                    raise TraceIntegrityError(str(exc)) from None
-            if full:
-                digest = sha256_file(path)
-                if digest != shard.sha256:
-                    raise TraceIntegrityError(
-                        f"{path}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…; "
-                        "the file was altered after capture"
-                    )
+            check_shard(shard, str(path), meta.num_rows, schema, expected,
+                        (lambda: sha256_file(path)) if full else None)
             if progress is not None:
                 progress(shard)
 

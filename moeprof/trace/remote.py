@@ -19,8 +19,8 @@ import pyarrow as pa
 from moeprof.errors import TraceError, TraceIntegrityError
 from moeprof.trace import fs
 from moeprof.trace.manifest import Manifest, Shard
-from moeprof.trace.reader import Trace
-from moeprof.trace.schema import LOADS_SCHEMA, MANIFEST_FILE, REQUESTS_SCHEMA, SOURCES, check_schema, routing_schema
+from moeprof.trace.reader import Trace, check_shard
+from moeprof.trace.schema import LOADS_SCHEMA, MANIFEST_FILE, REQUESTS_SCHEMA, SOURCES, routing_schema
 
 
 def read_remote_manifest(location: str) -> Manifest:
@@ -81,19 +81,7 @@ class RemoteTrace(Trace):
                 raise TraceIntegrityError(f"{where}: listed in the manifest but missing") from None
             except (pa.ArrowInvalid, OSError) as exc:
                 raise TraceIntegrityError(f"{where}: not a readable Parquet file ({exc})") from None
-            if pf.metadata.num_rows != shard.rows:
-                raise TraceIntegrityError(f"{where}: {pf.metadata.num_rows} rows, the manifest says {shard.rows}")
-            if shard.kind in expected:
-                try:
-                    check_schema(pf.schema_arrow, expected[shard.kind], where)
-                except Exception as exc:  # TraceError -> integrity, with the same message
-                    raise TraceIntegrityError(str(exc)) from None
-            if full:
-                digest = hashlib.sha256(fs.read_bytes(where)).hexdigest()
-                if digest != shard.sha256:
-                    raise TraceIntegrityError(
-                        f"{where}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…; "
-                        "the file was altered after capture"
-                    )
+            check_shard(shard, where, pf.metadata.num_rows, pf.schema_arrow, expected,
+                        (lambda: hashlib.sha256(fs.read_bytes(where)).hexdigest()) if full else None)
             if progress is not None:
                 progress(shard)
