@@ -600,7 +600,7 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
         layer_pairs=len(steps),
         uniform_baseline=k / E,
         independent_baseline_mean=_finite(float(np.mean(baseline))),
-        concentration_mean=_finite(float(np.nanmean(conc))),
+        concentration_mean=_finite(float(np.nanmean(conc)) if np.isfinite(conc).any() else float("nan")),
         most_above_baseline=dict(layer=layers[steps[best][0]], next_layer=layers[steps[best][1]],
                                  concentration=_finite(conc[best]), independent_baseline=_finite(baseline[best])),
         definition=("P(e'|e) = tokens routed to e then e' / tokens routed to e; concentration = load-weighted mean of "
