@@ -114,7 +114,10 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dic
             timers.wrap(rec, name, "process")
             timers.wrap(rec, "_write_staged", "handoff")
             timers.wrap(rec._sink, "record", "layer_hooks")
-            timers.wrap(rec._sink, "pack", "pack")
+            if hasattr(rec._sink, "pack"):  # trees before moeprof.capture.pipe packed each step in the sink
+                timers.wrap(rec._sink, "pack", "pack")
+            else:  # gathering on the device and the copy to the host, a step or a block of steps at a time
+                timers.wrap(rec._pipe, "_gather", "pack")
             timers.wrap(rec._pipe, "submit", "submit")
             # the pipe holds the bound method it was made with: point it at the timed one
             rec._pipe._process = getattr(rec, name)

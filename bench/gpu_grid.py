@@ -8,7 +8,10 @@ generate() plus the host processing of the steps still pending at its end (a lon
 while running) and opening and closing the trace (a fixed cost per capture, not per step) is
 reported apart; the interval is a t-interval of the mean log ratio over
 pairs (pairing cancels the slow drift of a shared GPU that unpaired medians cannot). Every capture
-run's trace is checked row for row against the rows generate() must produce.
+run's trace is checked: its number of rows against the rows generate() must produce, and its
+routing values (request, step, layer, position, experts, weights, token), row for row, against a
+reference capture of the same generation in which every step was gathered and copied as it ended
+(no deferred steps).
 
     python bench/gpu_grid.py --model qwen3 --layers 12 --batches 1,8,32,128 --prompts 64,512,2048 --mode eager
     python bench/gpu_grid.py --model qwen3 --layers 12 --batches 1,32 --prompts 64,512 --mode compiled
@@ -62,6 +65,19 @@ def rows_in(out: Path) -> int:
     return sum(s["rows"] for s in manifest["shards"] if s["kind"] == "routing")
 
 
+VALUE_COLUMNS = ["request_id", "step", "layer", "pos", "experts", "weights", "token_id"]
+
+
+def routing_values(out: Path):
+    """The trace's routing rows, value columns only, in file order (pyarrow: the GPU machine has no polars)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    tables = [pq.read_table(out / s["path"], columns=VALUE_COLUMNS) for s in manifest["shards"] if s["kind"] == "routing"]
+    return pa.concat_tables(tables)
+
+
 def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pairs, workdir) -> dict:
     g = torch.Generator(device="cpu").manual_seed(batch * 10007 + prompt)
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=g).cuda()
@@ -90,12 +106,23 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
             fixed.append(opened + time.perf_counter() - t2)
         return seconds
 
-    # Warm-up: both arms, so compilation and allocator growth are not timed.
+    # Warm-up: both arms, so compilation and allocator growth are not timed. The reference capture
+    # gathers every step as it ends (no deferred steps): every timed capture must give its values.
     generate_once(model, inputs, new, compiled)
     captured_run(workdir / "warm")
+    rec = moeprof.capture(model, workdir / "reference", force=True, eos_token_id=None).start()
+    if hasattr(rec._pipe, "_defer"):
+        rec._pipe._defer = False
+    try:
+        if compiled:
+            generate_once(model, inputs, new, compiled)
+        generate_once(model, inputs, new, compiled)
+    finally:
+        rec.close()
+    reference = routing_values(workdir / "reference")
     n_moe = len(json.loads((workdir / "warm" / "manifest.json").read_text())["model"]["moe_layers"])
     expected = n_moe * batch * (prompt + new - 1) * calls
-    plain, cap, logs, bad_rows = [], [], [], 0
+    plain, cap, logs, bad_rows, bad_values = [], [], [], 0, 0
     started = time.perf_counter()
     i = 0
     while True:
@@ -109,6 +136,7 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
                 out = workdir / f"run{i % 2}"
                 pair[arm] = captured_run(out)
                 bad_rows += rows_in(out) != expected
+                bad_values += not routing_values(out).equals(reference)
         plain.append(pair["plain"])
         cap.append(pair["capture"])
         logs.append(math.log(pair["capture"] / pair["plain"]))
@@ -127,6 +155,7 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
         "seconds_plain_median": statistics.median(plain), "seconds_capture_median": statistics.median(cap),
         "tokens_per_s_plain": batch * new / statistics.median(plain),
         "rows_expected_per_run": expected, "runs_with_wrong_rows": bad_rows,
+        "runs_with_wrong_values": bad_values, "reference_rows": reference.num_rows,
         "open_close_seconds_median": statistics.median(fixed),
     }
 
@@ -178,7 +207,8 @@ def main() -> None:
                     f"{args.model} x{args.layers} {args.mode} batch {b:>3} prompt {p:>4}: overhead "
                     f"{100 * r['overhead']:+.2f}% [95% {100 * r['ci95'][0]:+.2f}%, {100 * r['ci95'][1]:+.2f}%] "
                     f"over {r['pairs']} pairs, {r['tokens_per_s_plain']:.0f} tok/s plain, "
-                    f"wrong-row runs {r['runs_with_wrong_rows']}; opening + closing the trace "
+                    f"wrong-row runs {r['runs_with_wrong_rows']}, wrong-value runs {r['runs_with_wrong_values']}"
+                    f"; opening + closing the trace "
                     f"{1000 * r['open_close_seconds_median']:.0f} ms",
                     flush=True,
                 )

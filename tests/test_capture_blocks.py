@@ -8,6 +8,7 @@ and compares every routing row and every request, in order.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -23,9 +24,10 @@ def qwen():
     return build("qwen3_moe")
 
 
-def _record(model, out, block, run, big=None, **kw):
+def _record(model, out, block, run, big=None, defer=True, **kw):
     rec = capture(model, out, **kw)
     rec._pipe._block = block
+    rec._pipe._defer = defer  # decode steps held by reference and gathered a block at a time
     if big is not None:  # blocks of at least this many bytes are processed by the worker thread
         rec._pipe._big_bytes = big
     with rec, torch.no_grad():
@@ -35,11 +37,13 @@ def _record(model, out, block, run, big=None, **kw):
 
 
 def _same(model, tmp_path, run, blocks=(3, 32), **kw):
-    ref = _record(model, tmp_path / "ref", 1, run, **kw)
+    ref = _record(model, tmp_path / "ref", 1, run, defer=False, **kw)
     assert ref[0].height > 0
-    # (block, big): blocks in the calling thread; every hand-over to the worker thread; a mix
-    for block, big in [(b, None) for b in blocks] + [(1, 1), (4, 1), (3, 4000)]:
-        got = _record(model, tmp_path / f"b{block}-{big}", block, run, big=big, **kw)
+    # (block, big, defer): blocks in the calling thread; every hand-over to the worker thread; a mix;
+    # each step gathered as it ends
+    cases = [(b, None, True) for b in blocks] + [(1, 1, True), (4, 1, True), (3, 4000, True), (32, None, False)]
+    for block, big, defer in cases:
+        got = _record(model, tmp_path / f"b{block}-{big}-{defer}", block, run, big=big, defer=defer, **kw)
         assert got[0].equals(ref[0]), f"routing rows differ with blocks of {block} (worker from {big} bytes)"
         assert got[1].equals(ref[1]), f"requests differ with blocks of {block} (worker from {big} bytes)"
         assert got[2] == ref[2]
@@ -102,7 +106,7 @@ def test_a_bad_decode_step_inside_a_block_keeps_the_steps_before_it(qwen, tmp_pa
 
 
 def test_pinned_pool_reuses_buffers_by_size_class_and_stays_bounded(monkeypatch):
-    from moeprof.capture.session import _PinnedPool
+    from moeprof.capture.pipe import PinnedPool as _PinnedPool
 
     made = []
 
@@ -143,20 +147,74 @@ def test_without_weights_and_with_int32_token_ids(qwen, tmp_path):
     assert first["token_id"].to_list()[:5] == ids[0].tolist()
 
 
-@pytest.mark.parametrize("weights", [False, True])
-def test_pack_has_one_dtype_whatever_the_routers_give(weights):
-    """int32 expert ids (some routers), int32 tokens, bool validity: packed as int64, or float32 with weights."""
-    from moeprof.capture.session import StepSink
+@pytest.mark.parametrize("wdtype", [None, torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_gathered_steps_decode_to_what_the_layers_gave(wdtype, steps):
+    """int32 or int64 expert ids (routers differ), weights in any float dtype or none, one step or a
+    deferred group: the host side reads back exactly the values recorded, every part in its place."""
+    from types import SimpleNamespace
 
-    sink = StepSink(2, weights)
-    sink.reset()
-    for layer in range(2):
-        ids = torch.tensor([[3, 1], [2, 0]], dtype=torch.int32) + layer
-        sink.record(layer, ids, torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.bfloat16))
-    packed = sink.pack(torch.tensor([7, 9], dtype=torch.int32), None, torch.tensor([True, False]))
-    assert packed.dtype == (torch.float32 if weights else torch.int64)
-    n_ids = 2 * 2 * 2
-    assert packed[:n_ids].tolist() == [3, 1, 2, 0, 4, 2, 3, 1]
-    assert packed[-4:].tolist() == [7, 9, 1, 0]  # tokens, then validity
-    if weights:
-        assert packed[n_ids : 2 * n_ids].tolist() == [0.75, 0.25, 0.5, 0.5] * 2
+    from moeprof.capture.pipe import HostPipe
+
+    got = []
+    pipe = HostPipe(got.extend, block=steps, defer=True)
+    g = torch.Generator().manual_seed(1)
+    L, n, k = 3, 4, 2
+    want = []
+    for t in range(steps + 1):  # the first decode step is never deferred (nothing to compare with yet)
+        ids = [torch.randint(0, 60, (n, k), generator=g, dtype=torch.int32 if layer == 1 else torch.int64)
+               for layer in range(L)]
+        w = None if wdtype is None else [torch.rand(n, k, generator=g).to(wdtype) for _ in range(L)]
+        small = [torch.randint(0, 900, (n,), generator=g), torch.arange(n) + t, torch.tensor([1, 0, 1, 1])]
+        meta = SimpleNamespace(b=n, s=1, t=t)
+        pipe.submit(meta, ids, w, small, deferrable=True)
+        want.append((meta, ids, w, small))
+    assert pipe._eager  # the second step was seen at new addresses: deferred
+    pipe.drain()
+    assert [s[0].t for s in got] == list(range(steps + 1))
+    for (meta, ids, w, small), (m, gids, gw, tokens, positions, valid) in zip(want, got):
+        assert gids.dtype == np.int16
+        assert (gids == torch.stack(ids).numpy()).all()
+        if w is None:
+            assert gw is None
+        else:
+            assert gw.dtype == np.float32 and (gw == torch.stack(w).float().numpy()).all()
+        assert tokens.tolist() == small[0].tolist() and positions.tolist() == small[1].tolist()
+        assert valid.reshape(-1).tolist() == [True, False, True, True] and valid.shape == (n, 1)
+
+
+def test_a_step_at_the_address_of_a_held_one_is_an_error_not_a_wrong_row():
+    """A model that writes its routing into one static buffer while decoding eagerly: the pipe sees the
+    address come back while holding an earlier step and stops, instead of recording overwritten ids."""
+    from types import SimpleNamespace
+
+    from moeprof.capture.pipe import HostPipe
+
+    pipe = HostPipe(lambda steps: None, block=32)
+    fresh = [torch.zeros(2, 2, dtype=torch.int64) for _ in range(2)]
+    static = torch.zeros(2, 2, dtype=torch.int64)
+    small = [torch.zeros(2, dtype=torch.int64)] * 2
+    for ids in (fresh[0], fresh[1], static):  # two fresh outputs: deferred from the second on
+        pipe.submit(SimpleNamespace(b=2, s=1), [ids], None, small, deferrable=True)
+    assert pipe._eager
+    with pytest.raises(CaptureError, match="static buffer"):
+        pipe.submit(SimpleNamespace(b=2, s=1), [static], None, small, deferrable=True)
+
+
+def test_the_same_address_every_step_is_never_deferred():
+    """CUDA-graph replays return their outputs in the same memory every step: each step is gathered
+    and copied as it ends, and every step reads back its own values."""
+    from types import SimpleNamespace
+
+    from moeprof.capture.pipe import HostPipe
+
+    got = []
+    pipe = HostPipe(got.extend, block=4)
+    static = torch.zeros(2, 2, dtype=torch.int64)
+    for t in range(6):
+        static.fill_(t)  # the replay writes this step's routing over the last one's
+        pipe.submit(SimpleNamespace(b=2, s=1), [static], None, [torch.zeros(2, dtype=torch.int64)] * 2,
+                    deferrable=True)
+        assert not pipe._group and not pipe._eager
+    pipe.drain()
+    assert [int(step[1].max()) for step in got] == list(range(6))

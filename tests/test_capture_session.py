@@ -159,25 +159,29 @@ def test_small_buffers_spill_into_many_shards(olmoe, tmp_path):
     assert t.num_routing_rows == 2 * 3 * (6 + 3)
 
 
-def test_one_pack_and_one_host_copy_per_forward(qwen, tmp_path, monkeypatch):
-    model, expected = qwen
-    packs, records = [], []
-    orig_pack, orig_record = session_mod.StepSink.pack, session_mod.StepSink.record
+def test_decode_steps_are_gathered_in_blocks_with_one_copy_each(qwen, tmp_path, monkeypatch):
+    """Per layer only a reference; per forward one hand-over; the prefill and the first decode step
+    are gathered on their own, later decode steps (fresh outputs every step: eager) 32 at a time."""
+    from moeprof.capture.pipe import HostPipe
 
-    def pack(self, *a):
-        packs.append(1)
-        return orig_pack(self, *a)
+    model, expected = qwen
+    gathers, records = [], []
+    orig_gather, orig_record = HostPipe._gather, session_mod.StepSink.record
+
+    def gather(self, metas, *a):
+        gathers.append(len(metas))
+        return orig_gather(self, metas, *a)
 
     def record(self, *a):
         records.append(a[0])
         return orig_record(self, *a)
 
-    monkeypatch.setattr(session_mod.StepSink, "pack", pack)
+    monkeypatch.setattr(HostPipe, "_gather", gather)
     monkeypatch.setattr(session_mod.StepSink, "record", record)
     with capture(model, tmp_path / "t", weights=False) as rec:
-        model.generate(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert len(packs) == rec.steps == 4
-    assert len(records) == 4 * len(expected.moe_layers)
+        model.generate(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert rec.steps == 40 and gathers == [1, 1, 32, 6]
+    assert len(records) == 40 * len(expected.moe_layers)
     t = Trace.open(tmp_path / "t")
     assert "weights" in t.manifest.missing
     assert t.routing(["weights"]).collect()["weights"].null_count() == t.num_routing_rows

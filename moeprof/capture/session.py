@@ -9,13 +9,15 @@ How a forward step is recorded:
    ``(b*s, k)`` and weights into that layer's slot of :class:`StepSink`. This per-layer path has no
    host synchronisation and no branch on tensor values, so it can run inside CUDA graphs once the
    slots become a preallocated device ring buffer (the GPU work of issue 7).
-3. A forward hook on the top-level model packs every slot plus the token ids and validity into one
-   tensor (one ``torch.cat``) and makes ONE device-to-host copy of it (asynchronous into pooled
-   pinned memory on CUDA).
-4. The host side (:class:`_HostPipe`) takes finished steps 32 at a time: it drops padding and tokens
-   after EOS, assigns requests, positions, steps and phases, vectorised over a block of decode
-   steps, and hands column chunks to :class:`~moeprof.trace.writer.TraceWriter`, whose background
-   thread writes the Parquet shards. Large blocks (big prefills) are processed by a worker thread.
+3. A forward hook on the top-level model hands the slots, with the step's token ids, positions and
+   validity, to :class:`~moeprof.capture.pipe.HostPipe`, which gathers them into one device buffer
+   (one stack per dtype) and makes ONE device-to-host copy (asynchronous, into pooled pinned
+   memory on CUDA). In eager decoding it keeps only references to a decode step's outputs and
+   gathers 32 steps at once (see :mod:`moeprof.capture.pipe` for when that is safe).
+4. The host side takes finished steps 32 at a time: it drops padding and tokens after EOS, assigns
+   requests, positions, steps and phases, vectorised over a block of decode steps, and hands
+   column chunks to :class:`~moeprof.trace.writer.TraceWriter`, whose background thread writes the
+   Parquet shards. Large blocks (big prefills) are processed by a worker thread.
 
 What is counted: for each request and each MoE layer, one row per prompt token (padding excluded;
 step 0, phase ``prefill``) and one row per generated token fed back to the model (step ``i`` is the
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from torch import nn
 
 from moeprof.capture.continuous import BatchPlan, PlanTap, is_packed_forward
 from moeprof.capture.hooks import MoeLayout, RoutingPoint, discover
+from moeprof.capture.pipe import HostPipe, Step
 from moeprof.errors import CaptureError
 from moeprof.trace.manifest import Manifest
 from moeprof.trace.schema import PHASES
@@ -89,8 +91,8 @@ class _StepMeta:
 class StepSink:
     """Per-forward-step slots, one per MoE layer, filled by the routing hooks on the device.
 
-    ``record`` is the whole per-layer cost: a dtype conversion into a slot. It never reads a value
-    back to the host. ``pack`` turns the filled slots into one contiguous byte tensor.
+    ``record`` is the whole per-layer cost: a reference into a slot. It never reads a value back to
+    the host; :class:`~moeprof.capture.pipe.HostPipe` gathers the slots.
     """
 
     def __init__(self, num_layers: int, weights: bool) -> None:
@@ -118,35 +120,15 @@ class StepSink:
     def missing(self) -> list[int]:
         return [i for i, t in enumerate(self.ids) if t is None]
 
-    def pack(self, tokens: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
-        """One 1-D tensor, in this order: ids ``(L, n, k)`` | weights ``(L, n, k)`` | tokens ``(n,)`` |
-        positions ``(n,)`` (when given) | valid ``(n,)``.
-
-        Every part goes in as it is and ``torch.cat`` converts them all at once (type promotion): to
-        float32 when weights are recorded (exact for ids, token ids and positions below 2**24), to
-        int64 otherwise. At small batches a step's cost is the number of tensor calls on the
-        launching thread, so this is four or five calls whatever the number of layers.
-        """
-        ids, w = self.ids, self.w
-        if self._devices is None:  # a model spread over devices (device_map) gathers on the first
-            self._devices = len({t.device for t in ids}) > 1
+    def on_devices(self, device: torch.device) -> tuple[list, list | None]:
+        """The slots on ``device``: a model spread over devices (``device_map``) gathers them there."""
+        ids, w = self.ids, self.w if self.weights else None
+        if self._devices is None:
+            self._devices = len({t.device for t in ids}) > 1 or ids[0].device != device
         if self._devices:
-            device = ids[0].device
             ids = [t.to(device) for t in ids]
-            w = [t.to(device) for t in w] if self.weights else w
-            tokens, valid = tokens.to(device), valid.to(device)
-            positions = positions.to(device) if positions is not None else None
-        parts = [torch.stack(ids).reshape(-1)]
-        if not self.weights and parts[0].dtype != torch.int64:
-            parts[0] = parts[0].long()  # so that the cat is int64 (the host reads it so) whatever the inputs
-        if self.weights:
-            # float32 first: promoting int64 ids with bfloat16 weights would round the ids to bfloat16
-            parts.append(torch.stack(w).reshape(-1).float())
-        parts.append(tokens)
-        if positions is not None:
-            parts.append(positions)
-        parts.append(valid)
-        return torch.cat(parts)
+            w = [t.to(device) for t in w] if w is not None else None
+        return ids, w
 
 
 class Recorder:
@@ -203,10 +185,10 @@ class Recorder:
         self._tap = PlanTap()
         self._flush_seconds = float(flush_seconds)
         self._last_handoff = time.monotonic()
-        self._pipe = _HostPipe(self._process_steps)
+        self._pipe = HostPipe(self._process_steps)
         self._constants: dict[tuple, torch.Tensor] = {}
-        self._packed_dtype = np.float32 if weights else np.int64
         self._batch_running = False
+        self._static_cache = False  # the step's KV cache is static: compiled decoding, CUDA graphs
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
         self.steps = 0
@@ -363,6 +345,7 @@ class Recorder:
         else:
             cache_name, cache = _find_cache(kwargs)
             new_sequences = self._starts_new_sequences(cache, s)
+            self._static_cache = bool(getattr(cache, "is_compileable", False))
             mask = kwargs.get("attention_mask")
             labels: list[_Label] = []
             if new_sequences:
@@ -435,27 +418,32 @@ class Recorder:
         input_ids, position_ids, mask, device = self._inputs
         self._inputs = None
         n = meta.b * meta.s
-        tokens = input_ids.reshape(-1) if input_ids is not None else self._filled(n, -1, device)
-        positions = _positions(position_ids, meta.b, meta.s) if position_ids is not None else None
+        small = [_int64(input_ids.reshape(-1)) if input_ids is not None else self._filled(n, -1, device)]
+        if position_ids is not None:
+            small.append(_int64(_positions(position_ids, meta.b, meta.s)))
         if meta.plan is not None or mask is None:
-            valid = self._filled(n, 1, device)
+            small.append(self._filled(n, 1, device))
         else:
-            valid = _token_validity(mask, meta.b, meta.s, meta.new_sequences, device, self._filled)
-        self._pipe.submit(meta, sink.pack(tokens, positions, valid))
+            small.append(_token_validity(mask, meta.b, meta.s, meta.new_sequences, device, self._filled))
+        ids, weights = sink.on_devices(device)
+        # Held by reference until 32 steps are gathered: only one-token decode steps of eager
+        # decoding (a static cache means compiled decoding, whose CUDA graphs reuse their outputs).
+        deferrable = self._decode_shaped(meta) and not sink._devices and not self._static_cache
+        self._pipe.submit(meta, ids, weights, small, deferrable)
 
     def _filled(self, n: int, value: int, device: torch.device) -> torch.Tensor:
-        """A constant ``(n,)`` int8 device tensor, made once per shape (no kernel launch per step)."""
+        """A constant ``(n,)`` int64 device tensor, made once per shape (no kernel launch per step)."""
         key = (n, value, device)
         t = self._constants.get(key)
         if t is None:
             if len(self._constants) > 64:
                 self._constants.clear()
-            t = self._constants[key] = torch.full((n,), value, dtype=torch.int8, device=device)
+            t = self._constants[key] = torch.full((n,), value, dtype=torch.int64, device=device)
         return t
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
 
-    def _process_steps(self, steps: list[tuple[_StepMeta, np.ndarray]]) -> None:
+    def _process_steps(self, steps: list[Step]) -> None:
         """Process finished steps in order: runs of one-token decode steps of the running batch as
         one block (:meth:`_process_decode_block`), every other step on its own."""
         i = 0
@@ -469,36 +457,16 @@ class Recorder:
             if j - i > 1 and self._batch is not None and len(self._batch) == meta.b:
                 self._process_decode_block(steps[i:j])
             else:
-                for m, raw in steps[i:j]:
-                    self._process(m, raw)
+                for step in steps[i:j]:
+                    self._process(step)
             i = j
 
     @staticmethod
     def _decode_shaped(meta: _StepMeta) -> bool:
         return meta.plan is None and not meta.new_sequences and meta.s == 1
 
-    def _unpack(self, meta: _StepMeta, raw: np.ndarray) -> tuple:
-        """Views of one packed step: ids ``(L, n, k)``, weights or None, tokens ``(n,)``, positions
-        ``(n,)`` or None, valid ``(b, s)`` bool."""
-        L, n, k = len(self.layout.points), meta.b * meta.s, self._top_k
-        vals = raw.view(self._packed_dtype)  # see StepSink.pack
-        ids = vals[: L * n * k].astype(np.int16).reshape(L, n, k)
-        off = L * n * k
-        weights = None
-        if self._weights:
-            weights = vals[off : off + L * n * k].reshape(L, n, k)
-            off += L * n * k
-        tokens = vals[off : off + n].astype(np.int32)
-        off += n
-        positions = None
-        if meta.positions:
-            positions = vals[off : off + n].astype(np.int32)
-            off += n
-        valid = (vals[off : off + n] != 0).reshape(meta.b, meta.s)
-        return ids, weights, tokens, positions, valid
-
-    def _process(self, meta: _StepMeta, raw: np.ndarray) -> None:
-        ids, weights, tokens, positions, valid = self._unpack(meta, raw)
+    def _process(self, step: Step) -> None:
+        meta, ids, weights, tokens, positions, valid = step
         if meta.plan is not None:
             self._process_packed(meta, ids, weights, tokens, positions)
             return
@@ -548,7 +516,7 @@ class Recorder:
         self._stage_rows(meta, idx, ids, weights, tokens, request_of_token[idx], step, phase, pos.reshape(-1)[idx])
         self.steps += 1
 
-    def _process_decode_block(self, steps: list[tuple[_StepMeta, np.ndarray]]) -> None:
+    def _process_decode_block(self, steps: list[Step]) -> None:
         """``T`` one-token decode steps of the running batch at once: what :meth:`_process` does for
         each in turn, vectorised over the steps (a row's EOS ends it for the later steps of the block).
 
@@ -556,7 +524,7 @@ class Recorder:
         processed step by step, which records the good steps before it and raises at the bad one.
         """
         T, b = len(steps), steps[0][0].b
-        parts = [self._unpack(meta, raw) for meta, raw in steps]
+        parts = [p[1:] for p in steps]  # (ids, weights, tokens, positions, valid) of each step
         valid = np.stack([p[4][:, 0] for p in parts])  # (T, b)
         tokens = np.stack([p[2] for p in parts])  # (T, b)
         given = np.stack([p[3] for p in parts]).astype(np.int64) if steps[0][0].positions else None
@@ -577,8 +545,8 @@ class Recorder:
             else:
                 checked[0] = False
             if (checked & (given != prev + 1)).any():
-                for meta, raw in steps:
-                    self._process(meta, raw)
+                for step in steps:
+                    self._process(step)
                 return
         pos = self._pos + np.cumsum(keep, axis=0) - keep  # (T, b): position of each kept token
         kept = keep.sum(axis=0)
@@ -603,7 +571,7 @@ class Recorder:
 
         ids = np.stack([p[0] for p in parts]).reshape(T * L * b, k)
         weights = np.stack([p[1] for p in parts]).reshape(T * L * b, k) if self._weights else None
-        batch_ids = np.fromiter((meta.batch_id for meta, _ in steps), np.int64, T)
+        batch_ids = np.fromiter((step[0].batch_id for step in steps), np.int64, T)
         chunk = {
             "request_id": rows(self._rid[None, None, :]),
             "step": rows((step0 + 1 + np.arange(T, dtype=np.int32))[:, None, None]),
@@ -842,147 +810,6 @@ def _concat_chunks(chunks: list[dict[str, Any]], rows: int) -> dict[str, Any]:
     return out
 
 
-class _HostPipe:
-    """Moves each packed step to the host and hands finished steps, in order, to ``process`` in blocks.
-
-    The forward's thread launches one asynchronous device-to-host copy per step into a reused pinned
-    buffer. Steps are processed ``block`` at a time, always leaving the newest one pending, so every
-    copy has long finished when it is read, and the host work of a step is vectorised over a block
-    of steps: at small batches a decode step is bound by the thread that launches kernels, and what
-    capture does on that thread per step is what the step pays (``bench/capture_host_cost.py``).
-    Copies run in stream order, so one event per block (recorded after its last copy) says the
-    whole block has landed.
-
-    Small blocks are processed in the forward's thread: a worker thread would contend for the GIL
-    with the thread that launches kernels. A block of at least ``big_bytes`` (the prefill of a large
-    batch: hundreds of MB, a tenth of a second of copies) goes to one worker thread instead, mostly
-    in numpy calls that release the GIL, while the forward's thread launches the next steps; the
-    next block waits for it, so steps are still processed one at a time and in order, and an error
-    raised there surfaces at the next hand-over or at ``drain``. On CPU the packed tensor itself is
-    handed over, through the same path.
-    """
-
-    def __init__(self, process: Any, block: int = 32, big_bytes: int = 16 << 20) -> None:
-        self._process = process
-        self._pending: list[tuple[Any, torch.Tensor, int, Any]] = []
-        self._block = max(1, int(block))
-        self._big_bytes = big_bytes
-        self._worker: Any = None
-        self._job: Any = None
-
-    def submit(self, meta: Any, packed: torch.Tensor) -> None:
-        packed = packed.view(torch.uint8)
-        n = packed.numel()
-        event = None
-        if packed.is_cuda:
-            host = _PINNED.take(n)
-            host[:n].copy_(packed, non_blocking=True)
-            if len(self._pending) + 1 == self._block or n >= self._big_bytes:
-                event = torch.cuda.Event()  # the last of a block, or a big step: covers every copy before it
-                event.record()
-        else:
-            host = packed
-        self._pending.append((meta, host, n, event))
-        # hand over a full block, or a big step as soon as the next one is queued (its copy has landed)
-        if len(self._pending) > self._block or (len(self._pending) > 1 and self._pending[-2][2] >= self._big_bytes):
-            self._run(keep=1)
-
-    def drain(self) -> None:
-        """Process every submitted step now (and wait for the worker)."""
-        self._run(keep=0)
-        self._wait()
-
-    close = drain
-
-    def _wait(self) -> None:
-        job, self._job = self._job, None
-        if job is not None:
-            job.result()  # re-raises what the worker raised
-
-    def _run(self, keep: int) -> None:
-        if len(self._pending) <= keep:
-            return
-        cut = len(self._pending) - keep
-        taken, self._pending = self._pending[:cut], self._pending[cut:]
-        try:
-            self._wait()
-        except BaseException:
-            self._release(taken)
-            raise
-        event = taken[-1][3]
-        pinned = taken[-1][1].is_pinned()
-        if event is None and pinned:
-            event = torch.cuda.Event()  # recorded now: after every copy already queued
-            event.record()
-        if keep and sum(n for _, _, n, _ in taken) >= self._big_bytes:
-            if self._worker is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="moeprof-capture-host")
-            self._job = self._worker.submit(self._finish, taken, event)
-        else:
-            self._finish(taken, event)
-
-    def _finish(self, taken: list, event: Any) -> None:
-        try:
-            if event is not None:
-                event.synchronize()
-            self._process([(meta, host[:n].numpy()) for meta, host, n, _ in taken])
-        finally:
-            self._release(taken)
-
-    @staticmethod
-    def _release(taken: list) -> None:
-        for _, host, _, _ in taken:
-            if host.is_pinned():
-                _PINNED.give(host)
-
-    def shutdown(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
-
-
-class _PinnedPool:
-    """Pinned host buffers kept for reuse by every capture of this process, by power-of-2 size class.
-
-    Allocating pinned memory can synchronise the device and costs far more than a step's copy, so
-    buffers outlive a capture: a benchmark or a server running many short captures allocates them
-    once. At most ``max_bytes`` are kept.
-    """
-
-    def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._max_bytes = max_bytes
-
-    def take(self, n: int) -> torch.Tensor:
-        size_class = max(12, (n - 1).bit_length())
-        with self._lock:
-            bucket = self._free.get(size_class)
-            if bucket:
-                buf = bucket.pop()
-                self._bytes -= buf.numel()
-                return buf
-        return self._allocate(1 << size_class)
-
-    def give(self, buf: torch.Tensor) -> None:
-        size = buf.numel()
-        with self._lock:
-            if self._bytes + size > self._max_bytes:
-                return  # dropped: freed by torch when no longer referenced
-            self._free.setdefault(size.bit_length() - 1, []).append(buf)
-            self._bytes += size
-
-    @staticmethod
-    def _allocate(size: int) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-
-
-_PINNED = _PinnedPool()
-
-
 def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
     """Register the routing hook of one MoE layer; it only writes into ``sink``'s slot ``ordinal``."""
     if point.kind == "experts_input":
@@ -1055,18 +882,23 @@ def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torc
         return filled(b * s, 1, device)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         part = mask[:, -s:].reshape(-1)
-        return part.to(torch.int8) if part.is_floating_point() else part
+        return _int64(part)
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         if not new_sequences:
             return filled(b * s, 1, device)
         diag = torch.diagonal(mask[:, 0, :, :s], dim1=-2, dim2=-1)
         allowed = diag if diag.dtype == torch.bool else diag == 0
-        return allowed.reshape(-1).to(torch.int8)
+        return allowed.reshape(-1).to(torch.int64)
     raise CaptureError(
         f"capture: unsupported attention mask ({type(mask).__name__}"
         + (f" of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
         + "); capture reads 2-D padding masks and 4-D masks of (static-cache) generate()"
     )
+
+
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int64 (the host side reads a step's small parts so); a launch only when it is not."""
+    return t if t.dtype == torch.int64 else t.to(torch.int64)
 
 
 def _eos_set(eos: Any) -> frozenset[int]:

@@ -1,0 +1,352 @@
+"""Moving recorded steps from the device to the host side of a capture, at few tensor calls per step.
+
+At small batches an eager decode step on a GPU is bound by the thread that launches kernels: every
+tensor call capture makes there (about 14 µs each on an H200 host, ``bench/capture_pack_variants.py``)
+is paid by the step. So:
+
+- **Groups of one dtype.** A step's parts are gathered into one device byte buffer with one
+  ``torch.stack`` per group: the ids of every layer, the weights of every layer, and the step's
+  tokens, positions and validity as int64 rows. A promoting ``torch.cat`` over mixed dtypes, as
+  before, falls back to one copy per input on CUDA.
+- **Deferred decode steps.** In eager decoding every forward allocates its routing outputs afresh,
+  so holding a reference keeps them intact: one-token decode steps of a running batch keep only
+  references (and one stack of their small inputs, which a caller's loop may overwrite in place),
+  and are gathered ``block`` at a time, with one copy to the host per block. Outputs of CUDA-graph
+  replays are static buffers overwritten by the next replay, so steps are deferred only once two
+  decode steps in a row were seen to return routing outputs at different addresses, never with a
+  static (compileable) KV cache, and never with the routing of a step at the address of one held.
+- **One copy, one event.** Each gathered unit makes one asynchronous copy into pooled pinned host
+  memory; one CUDA event per block says every copy before it has landed.
+
+The host side decodes a unit into per-step numpy views and hands them, in order, to ``process``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from moeprof.errors import CaptureError
+
+# (meta, ids (L, n, k) int16, weights (L, n, k) float32 | None, tokens (n,) int32, positions (n,) int32 | None,
+#  valid (b, s) bool)
+Step = tuple[Any, np.ndarray, "np.ndarray | None", np.ndarray, "np.ndarray | None", np.ndarray]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the parts of ``steps`` gathered steps lie in a unit's bytes (each part 8-byte aligned)."""
+
+    steps: int
+    layers: int
+    n: int
+    k: int
+    ids_dtype: torch.dtype
+    w_dtype: torch.dtype | None
+    rows: int  # int64 rows of n per step: tokens, [positions], valid
+
+    def sizes(self) -> list[int]:
+        per = self.steps * self.layers * self.n * self.k
+        parts = [per * _itemsize(self.ids_dtype)]
+        parts.append(per * _itemsize(self.w_dtype) if self.w_dtype is not None else 0)
+        parts.append(self.steps * self.rows * self.n * 8)
+        return parts
+
+    def offsets(self) -> list[int]:
+        out = [0]
+        for size in self.sizes():
+            out.append(out[-1] + -(-size // 8) * 8)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets()[-1]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.uint8: np.uint8,
+          torch.int8: np.int8, torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def decode(layout: Layout, raw: np.ndarray, metas: list) -> list[Step]:
+    """Per-step views of one unit's bytes (``raw``: uint8, ``layout.nbytes`` long)."""
+    T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
+    o = layout.offsets()
+    ids = raw[o[0] : o[0] + layout.sizes()[0]].view(_NUMPY[layout.ids_dtype]).astype(np.int16).reshape(T, L, n, k)
+    weights = None
+    if layout.w_dtype is not None:
+        w = raw[o[1] : o[1] + layout.sizes()[1]]
+        if layout.w_dtype == torch.bfloat16:  # the high half of a float32: exact
+            w = (w.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            w = w.view(_NUMPY[layout.w_dtype]).astype(np.float32, copy=False)
+        weights = w.reshape(T, L, n, k)
+    small = raw[o[2] : o[2] + layout.sizes()[2]].view(np.int64).reshape(T, layout.rows, n)
+    tokens = small[:, 0].astype(np.int32)
+    valid = small[:, -1] != 0
+    positions = small[:, 1].astype(np.int32) if layout.rows == 3 else None
+    return [
+        (meta, ids[t], None if weights is None else weights[t], tokens[t],
+         None if positions is None else positions[t], valid[t].reshape(meta.b, meta.s))
+        for t, meta in enumerate(metas)
+    ]
+
+
+@dataclass
+class _Unit:
+    metas: list
+    layout: Layout
+    host: torch.Tensor  # uint8: pinned (CUDA) or the gathered buffer itself (CPU)
+    event: Any = None
+
+
+class HostPipe:
+    """Gathers steps on the device, copies them to the host and hands them, in order, to ``process``.
+
+    ``submit(meta, ids, weights, small, deferrable)`` takes one step: the per-layer ids and weights
+    as the routing hooks left them, and ``small``, the step's tokens, positions (or not) and
+    validity as ``(n,)`` int64 tensors. Finished steps are processed ``block`` at a time, always
+    leaving the newest unit pending, so its copy has long landed when it is read.
+
+    Small blocks are processed in the forward's thread: a worker thread would contend for the GIL
+    with the thread that launches kernels. A block of at least ``big_bytes`` (the prefill of a
+    large batch) goes to one worker thread instead, mostly in numpy calls that release the GIL;
+    the next block waits for it, so steps are still processed in order, and an error raised there
+    surfaces at the next hand-over or at ``drain``.
+    """
+
+    def __init__(self, process: Callable[[list[Step]], None], block: int = 32, big_bytes: int = 16 << 20,
+                 defer: bool = True) -> None:
+        self._process = process
+        self._block = max(1, int(block))
+        self._big_bytes = big_bytes
+        self._defer = defer
+        self._pending: list[_Unit] = []
+        self._pending_steps = 0
+        self._group: list[tuple] = []  # deferred steps: (meta, ids, weights, small)
+        self._group_key: tuple | None = None
+        self._group_ptrs: set[int] = set()
+        self._eager = False  # two decode steps in a row returned routing at different addresses
+        self._last_ids: torch.Tensor | None = None  # the last decode step's first ids, held for the check
+        self._buffers: dict[tuple, tuple] = {}
+        self._worker: Any = None
+        self._job: Any = None
+
+    # -- the forward's thread ---------------------------------------------------------------------------
+    def submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool) -> None:
+        if torch.is_grad_enabled():  # a forward run with autograd on: the copies are part of no graph
+            with torch.no_grad():
+                return self._submit(meta, ids, weights, small, deferrable)
+        return self._submit(meta, ids, weights, small, deferrable)
+
+    def _submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool) -> None:
+        if deferrable and self._defer and self._deferrable(meta, ids[0]):
+            key = (meta.b, meta.s, len(small))
+            if self._group and key != self._group_key:
+                self._flush_group()
+            self._group_key = key
+            self._group.append((meta, list(ids), None if weights is None else list(weights), torch.stack(small)))
+            if len(self._group) >= self._block:
+                self._flush_group()
+            return
+        if not deferrable:
+            self._eager, self._last_ids = False, None
+        self._flush_group()
+        self._add(self._gather([meta], ids, weights, small))
+
+    @torch.no_grad()
+    def drain(self) -> None:
+        """Process every submitted step now (and wait for the worker)."""
+        self._flush_group()
+        self._run(keep=0)
+        self._wait()
+
+    close = drain
+
+    def _deferrable(self, meta: Any, first: torch.Tensor) -> bool:
+        ptr = first.data_ptr()
+        if self._eager:
+            if ptr in self._group_ptrs:
+                self._group, self._group_ptrs = [], set()  # their routing was overwritten: never recorded
+                raise CaptureError(
+                    "capture: a MoE layer returned its routing at the address of a step still held, so the "
+                    "model reuses a static buffer (CUDA graphs?) while decoding eagerly; recorded steps were "
+                    "kept up to the last full block. Capture such a model with a static KV cache "
+                    "(cache_implementation='static'), which records every step as it ends"
+                )
+            self._group_ptrs.add(ptr)
+            return True
+        last, self._last_ids = self._last_ids, first
+        if last is not None and last.shape == first.shape and last.data_ptr() != ptr:
+            self._eager, self._last_ids = True, None
+            self._group_ptrs = {ptr}
+            return True
+        return False
+
+    def _flush_group(self) -> None:
+        if not self._group:
+            return
+        group, self._group, self._group_ptrs = self._group, [], set()
+        metas = [g[0] for g in group]
+        ids = [t for g in group for t in g[1]]
+        weights = None if group[0][2] is None else [t for g in group for t in g[2]]
+        self._add(self._gather(metas, ids, weights, [g[3] for g in group]))
+
+    def _gather(self, metas: list, ids: list, weights: list | None, small: list) -> _Unit:
+        """One unit: every part stacked into one device byte buffer, then one copy to the host.
+
+        ``ids`` and ``weights`` hold every layer of every step, step-major; ``small`` holds one step's
+        ``(n,)`` rows, or one ``(rows, n)`` stack per step."""
+        first = ids[0]
+        rows = len(small) if small[0].dim() == 1 else small[0].shape[0]
+        layout = Layout(len(metas), len(ids) // len(metas), first.shape[0], first.shape[1],
+                        _common(ids), None if weights is None else _common(weights), rows)
+        buf, v_ids, v_w, v_steps, v_step = self._buffer(layout, first.device)
+        torch.stack(ids, out=v_ids)
+        if weights is not None:
+            torch.stack(weights, out=v_w)
+        torch.stack(small, out=v_step if small[0].dim() == 1 else v_steps)
+        unit = _Unit(metas, layout, buf)
+        if buf.is_cuda:
+            unit.host = _PINNED.take(layout.nbytes)
+            unit.host[: layout.nbytes].copy_(buf, non_blocking=True)
+            if len(metas) > 1 or self._pending_steps + 1 >= self._block or layout.nbytes >= self._big_bytes:
+                unit.event = torch.cuda.Event()  # covers every copy before it
+                unit.event.record()
+        return unit
+
+    def _buffer(self, layout: Layout, device: torch.device) -> tuple:
+        """The device buffer of a layout and its typed views. On CUDA it is kept per layout: the copy
+        that reads it and the stacks that next write it run in stream order. On CPU the buffer is
+        what the host side reads, so each unit has its own."""
+        key = (layout, device)
+        got = self._buffers.get(key) if device.type == "cuda" else None
+        if got is None:
+            buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+            o, sizes = layout.offsets(), layout.sizes()
+            T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
+            v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
+            v_w = buf[o[1] : o[1] + sizes[1]].view(layout.w_dtype).view(T * L, n, k) if layout.w_dtype else None
+            v_small = buf[o[2] : o[2] + sizes[2]].view(torch.int64).view(T, layout.rows, n)
+            got = (buf, v_ids, v_w, v_small, v_small[0])
+            if device.type == "cuda":
+                if len(self._buffers) >= 16:
+                    self._buffers.clear()
+                self._buffers[key] = got
+        return got
+
+    def _add(self, unit: _Unit) -> None:
+        self._pending.append(unit)
+        self._pending_steps += len(unit.metas)
+        # hand over a full block, or a big unit as soon as the next one is queued (its copy has landed)
+        before = self._pending_steps - len(unit.metas)
+        if before >= self._block or (len(self._pending) > 1 and self._pending[-2].layout.nbytes >= self._big_bytes):
+            self._run(keep=1)
+
+    # -- hand-over ------------------------------------------------------------------------------------
+    def _wait(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()  # re-raises what the worker raised
+
+    def _run(self, keep: int) -> None:
+        if len(self._pending) <= keep:
+            return
+        cut = len(self._pending) - keep
+        taken, self._pending = self._pending[:cut], self._pending[cut:]
+        self._pending_steps = sum(len(u.metas) for u in self._pending)
+        try:
+            self._wait()
+        except BaseException:
+            self._release(taken)
+            raise
+        event = taken[-1].event
+        if event is None and taken[-1].host.is_pinned():
+            event = torch.cuda.Event()  # recorded now: after every copy already queued
+            event.record()
+        if keep and sum(u.layout.nbytes for u in taken) >= self._big_bytes:
+            if self._worker is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="moeprof-capture-host")
+            self._job = self._worker.submit(self._finish, taken, event)
+        else:
+            self._finish(taken, event)
+
+    def _finish(self, taken: list[_Unit], event: Any) -> None:
+        try:
+            if event is not None:
+                event.synchronize()
+            steps: list[Step] = []
+            for u in taken:
+                steps += decode(u.layout, u.host[: u.layout.nbytes].numpy(), u.metas)
+            self._process(steps)
+        finally:
+            self._release(taken)
+
+    @staticmethod
+    def _release(taken: list[_Unit]) -> None:
+        for u in taken:
+            if u.host.is_pinned():
+                _PINNED.give(u.host)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+
+def _common(tensors: list) -> torch.dtype:
+    """The dtype every tensor fits in (the first's, unless a layer differs)."""
+    dtype = tensors[0].dtype
+    for t in tensors:
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+class PinnedPool:
+    """Pinned host buffers kept for reuse by every capture of this process, by power-of-2 size class.
+
+    Allocating pinned memory can synchronise the device and costs far more than a step's copy, so
+    buffers outlive a capture: a benchmark or a server running many short captures allocates them
+    once. At most ``max_bytes`` are kept.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._max_bytes = max_bytes
+
+    def take(self, n: int) -> torch.Tensor:
+        size_class = max(12, (n - 1).bit_length())
+        with self._lock:
+            bucket = self._free.get(size_class)
+            if bucket:
+                buf = bucket.pop()
+                self._bytes -= buf.numel()
+                return buf
+        return self._allocate(1 << size_class)
+
+    def give(self, buf: torch.Tensor) -> None:
+        size = buf.numel()
+        with self._lock:
+            if self._bytes + size > self._max_bytes:
+                return  # dropped: freed by torch when no longer referenced
+            self._free.setdefault(size.bit_length() - 1, []).append(buf)
+            self._bytes += size
+
+    @staticmethod
+    def _allocate(size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+
+_PINNED = PinnedPool()
