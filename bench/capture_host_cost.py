@@ -80,17 +80,24 @@ class Timers:
         self._saved.clear()
 
 
-def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dict:
+def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compiled: bool = False) -> dict:
     g = torch.Generator().manual_seed(batch * 7919 + prompt)
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=g).to(device)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if compiled:  # static cache + torch.compile with CUDA graphs, as bench/gpu_capture.py --mode compiled
+        from transformers.generation.configuration_utils import CompileConfig
+
+        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=False, mode="reduce-overhead"))
 
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
     def plain() -> float:
+        if compiled:  # after a capture (hooks gone) the first call re-traces, as in the capture arm: untimed
+            with torch.inference_mode():
+                model.generate(**inputs, **kw)
         sync()
         t = time.perf_counter()
         with torch.inference_mode():
@@ -98,7 +105,7 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dic
         sync()
         return time.perf_counter() - t
 
-    plain()  # warm-up
+    plain()  # warm-up (compiled: compiles)
     times_plain, times_cap, per_part = [], [], defaultdict(list)
     L = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +120,8 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dic
             name = "_process_steps" if hasattr(rec, "_process_steps") else "_process"  # older trees
             timers.wrap(rec, name, "process")
             timers.wrap(rec, "_write_staged", "handoff")
-            timers.wrap(rec._sink, "record", "layer_hooks")
+            if not compiled:  # compiled, the layer hooks are traced into the graph: no Python runs there
+                timers.wrap(rec._sink, "record", "layer_hooks")
             if hasattr(rec._sink, "pack"):  # trees before moeprof.capture.pipe packed each step in the sink
                 timers.wrap(rec._sink, "pack", "pack")
             else:  # gathering on the device and the copy to the host, a step or a block of steps at a time
@@ -124,6 +132,11 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dic
             sync()
             t = time.perf_counter()
             with rec, torch.inference_mode():
+                if compiled:  # capture drops code compiled without its hooks: the first call re-traces, untimed
+                    model.generate(**inputs, **kw)
+                    sync()
+                    timers.ns.clear()
+                    t = time.perf_counter()
                 model.generate(**inputs, **kw)
                 t_drain = time.perf_counter_ns()
                 rec._pipe.drain()  # steps still pending: a longer capture processes them while running
@@ -133,7 +146,7 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dic
             timers.restore()
             steps = new  # one prefill and new - 1 decode steps
             L = len(rec.layout.points)
-            expected = L * batch * (prompt + new - 1)
+            expected = L * batch * (prompt + new - 1) * (2 if compiled else 1)
             if rec.rows != expected:
                 raise SystemExit(f"wrong rows: {rec.rows} != {expected}")
             for part in PARTS:
@@ -143,7 +156,7 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int) -> dic
     # hook_calls: the two top-level hooks as called (forward_start and forward_end inside, which hold
     # pack, submit and the processing of finished blocks); the rest of processing runs at close.
     added = med["hook_calls"] + med["layer_hooks"] + med["drain"]
-    return dict(batch=batch, prompt=prompt, new=new, layers=L, step_us_plain=step_us,
+    return dict(batch=batch, prompt=prompt, new=new, layers=L, compiled=compiled, step_us_plain=step_us,
                 host_us_per_step=med, added_us_per_step=added, share_of_step=added / step_us,
                 wall_ratio=statistics.median(times_cap) / statistics.median(times_plain))
 
@@ -157,6 +170,8 @@ def main() -> None:
     ap.add_argument("--prompts", default="64")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--mode", default="eager", choices=("eager", "compiled"),
+                    help="compiled: static cache + torch.compile with CUDA graphs (CUDA only)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.model == "tiny":
@@ -172,14 +187,14 @@ def main() -> None:
     results = []
     for b in map(int, args.batches.split(",")):
         for p in map(int, args.prompts.split(",")):
-            r = run(model, b, p, args.new, args.device, args.reps)
+            r = run(model, b, p, args.new, args.device, args.reps, args.mode == "compiled")
             results.append(r)
             parts = "  ".join(f"{k} {v:7.1f}" for k, v in r["host_us_per_step"].items())
             print(f"batch {b:4d} prompt {p:5d}: step {r['step_us_plain']:9.1f} us  capture adds "
                   f"{r['added_us_per_step']:7.1f} us ({100 * r['share_of_step']:5.2f}% of a step)  [{parts}]  "
                   f"wall ratio {r['wall_ratio']:.3f}", flush=True)
     if args.out:
-        args.out.write_text(json.dumps(dict(device=args.device, model=args.model, torch=torch.__version__,
+        args.out.write_text(json.dumps(dict(device=args.device, model=args.model, mode=args.mode, torch=torch.__version__,
                                             results=results), indent=1))
 
 

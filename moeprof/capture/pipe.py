@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -49,26 +50,24 @@ class Layout:
     w_dtype: torch.dtype | None
     rows: int  # int64 rows of n per step: tokens, [positions], valid
 
+    @cached_property
     def sizes(self) -> list[int]:
         per = self.steps * self.layers * self.n * self.k
-        parts = [per * _itemsize(self.ids_dtype)]
-        parts.append(per * _itemsize(self.w_dtype) if self.w_dtype is not None else 0)
+        parts = [per * self.ids_dtype.itemsize]
+        parts.append(per * self.w_dtype.itemsize if self.w_dtype is not None else 0)
         parts.append(self.steps * self.rows * self.n * 8)
         return parts
 
+    @cached_property
     def offsets(self) -> list[int]:
         out = [0]
-        for size in self.sizes():
+        for size in self.sizes:
             out.append(out[-1] + -(-size // 8) * 8)
         return out
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
-        return self.offsets()[-1]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return self.offsets[-1]
 
 
 _NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.uint8: np.uint8,
@@ -78,17 +77,17 @@ _NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, t
 def decode(layout: Layout, raw: np.ndarray, metas: list) -> list[Step]:
     """Per-step views of one unit's bytes (``raw``: uint8, ``layout.nbytes`` long)."""
     T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
-    o = layout.offsets()
-    ids = raw[o[0] : o[0] + layout.sizes()[0]].view(_NUMPY[layout.ids_dtype]).astype(np.int16).reshape(T, L, n, k)
+    o, sizes = layout.offsets, layout.sizes
+    ids = raw[o[0] : o[0] + sizes[0]].view(_NUMPY[layout.ids_dtype]).astype(np.int16).reshape(T, L, n, k)
     weights = None
     if layout.w_dtype is not None:
-        w = raw[o[1] : o[1] + layout.sizes()[1]]
+        w = raw[o[1] : o[1] + sizes[1]]
         if layout.w_dtype == torch.bfloat16:  # the high half of a float32: exact
             w = (w.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
             w = w.view(_NUMPY[layout.w_dtype]).astype(np.float32, copy=False)
         weights = w.reshape(T, L, n, k)
-    small = raw[o[2] : o[2] + layout.sizes()[2]].view(np.int64).reshape(T, layout.rows, n)
+    small = raw[o[2] : o[2] + sizes[2]].view(np.int64).reshape(T, layout.rows, n)
     tokens = small[:, 0].astype(np.int32)
     valid = small[:, -1] != 0
     positions = small[:, 1].astype(np.int32) if layout.rows == 3 else None
@@ -206,9 +205,13 @@ class HostPipe:
         ``(n,)`` rows, or one ``(rows, n)`` stack per step."""
         first = ids[0]
         rows = len(small) if small[0].dim() == 1 else small[0].shape[0]
-        layout = Layout(len(metas), len(ids) // len(metas), first.shape[0], first.shape[1],
-                        _common(ids), None if weights is None else _common(weights), rows)
-        buf, v_ids, v_w, v_steps, v_step = self._buffer(layout, first.device)
+        key = (len(metas), len(ids), first.shape, _common(ids), None if weights is None else _common(weights),
+               rows, first.device)
+        got = self._buffers.get(key)  # CUDA only: see _buffer
+        if got is None:
+            layout = Layout(len(metas), len(ids) // len(metas), first.shape[0], first.shape[1], key[3], key[4], rows)
+            got = self._buffer(key, layout, first.device)
+        layout, buf, v_ids, v_w, v_steps, v_step = got
         torch.stack(ids, out=v_ids)
         if weights is not None:
             torch.stack(weights, out=v_w)
@@ -222,24 +225,21 @@ class HostPipe:
                 unit.event.record()
         return unit
 
-    def _buffer(self, layout: Layout, device: torch.device) -> tuple:
+    def _buffer(self, key: tuple, layout: Layout, device: torch.device) -> tuple:
         """The device buffer of a layout and its typed views. On CUDA it is kept per layout: the copy
         that reads it and the stacks that next write it run in stream order. On CPU the buffer is
         what the host side reads, so each unit has its own."""
-        key = (layout, device)
-        got = self._buffers.get(key) if device.type == "cuda" else None
-        if got is None:
-            buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-            o, sizes = layout.offsets(), layout.sizes()
-            T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
-            v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
-            v_w = buf[o[1] : o[1] + sizes[1]].view(layout.w_dtype).view(T * L, n, k) if layout.w_dtype else None
-            v_small = buf[o[2] : o[2] + sizes[2]].view(torch.int64).view(T, layout.rows, n)
-            got = (buf, v_ids, v_w, v_small, v_small[0])
-            if device.type == "cuda":
-                if len(self._buffers) >= 16:
-                    self._buffers.clear()
-                self._buffers[key] = got
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+        o, sizes = layout.offsets, layout.sizes
+        T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
+        v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
+        v_w = buf[o[1] : o[1] + sizes[1]].view(layout.w_dtype).view(T * L, n, k) if layout.w_dtype else None
+        v_small = buf[o[2] : o[2] + sizes[2]].view(torch.int64).view(T, layout.rows, n)
+        got = (layout, buf, v_ids, v_w, v_small, v_small[0])
+        if device.type == "cuda":
+            if len(self._buffers) >= 16:
+                self._buffers.clear()
+            self._buffers[key] = got
         return got
 
     def _add(self, unit: _Unit) -> None:
