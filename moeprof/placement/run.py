@@ -222,7 +222,7 @@ def _load_split(opened: Trace, phase: str, seed: int, test_fraction: float, samp
     return load_routing(opened, phase, engine=engine, sample=sample, totals=True)
 
 
-def sample_notes(sample: RequestSample) -> list[str]:
+def sample_notes(sample: RequestSample, fit: bool = True) -> list[str]:
     """What the user should know when the sample left requests out."""
     if sample.complete:
         return []
@@ -230,7 +230,7 @@ def sample_notes(sample: RequestSample) -> list[str]:
     return [f"a request sample: {rec['sampled_requests']:,} of the trace's {rec['requests_in_trace']:,} requests "
             f"({rec['train_requests']:,} train, {rec['test_requests']:,} held out; {rec['rows']:,} "
             f"token rows), bounded by {sample.limited_by} (--sample-requests {sample.max_requests}, --sample-rows "
-            f"{sample.max_rows}); eplb's load is summed over every train request"]
+            f"{sample.max_rows})" + ("; eplb's load is summed over every train request" if fit else "")]
 
 
 def simulate_placement(
@@ -268,8 +268,8 @@ def simulate_placement(
                                    ("--sample-rows", sample_rows, "max_rows")):
             if given is not None and key in rec and int(given) != int(rec[key]):
                 raise UsageError(
-                    f"{option} {given}: {placement_path} was fitted on this trace with {option} {rec[key]}, and "
-                    f"scoring it on another request sample would mix its train requests into the held-out ones; "
+                    f"{option} {given}: {placement_path} was fitted and scored on this trace with {option} {rec[key]}; "
+                    f"another budget draws other held-out requests than those `moeprof place` scored it on; "
                     f"leave {option} out (or give {rec[key]})")
         sample.held_out_all = split_requests(len(sample.request_ids), float(fit["test_fraction"]), int(fit["split_seed"]))
     data = load_routing(opened, phase, engine=engine, sample=sample)
@@ -288,7 +288,7 @@ def simulate_placement(
         test = np.ones(data.num_requests, dtype=bool)
         notes.append("the placement was fitted on another trace: every request of this one is held out")
         train = None
-    notes += sample_notes(sample)
+    notes += sample_notes(sample, fit=False)
     return placement, score(data, placement, test, cfg, train=train, engine=engine), notes
 
 

@@ -237,7 +237,7 @@ def plan_sample(trace: Trace, *, phase: str = "decode", seed: int = 0, held_out:
 def check_sides(sample: RequestSample, test_fraction: float) -> None:
     """A fit needs train and held-out requests in the sample: say which option to raise when not."""
     held = sample.held_out
-    if len(held) >= 2 and held.all() == held.any() and not sample.complete:
+    if not sample.complete and (len(held) < 2 or held.all() or not held.any()):
         side = "held-out" if not held.any() else "train"
         raise PlacementError(
             f"the request sample ({len(held)} of {len(sample.request_ids)} requests: --sample-requests "
