@@ -169,3 +169,13 @@ def test_bad_budgets(many, tmp_path, cli):
         check_sides(plan_sample(many, seed=0, held_out=lambda n: np.zeros(n, bool), max_requests=5), 0.3)
     r = cli("simulate", many.path, "--timeline", "-n", "2", "-g", "2", "--sample-rows", "10")
     assert r.exit_code == 2 and "--timeline" in r.stderr
+
+
+def test_a_corrupt_shard_is_named(tmp_path, cli):
+    trace = generate_trace(tmp_path / "t", num_requests=40, shard_rows=2000, seed=1)
+    shard = trace.shard_paths("routing")[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = cli("place", trace.path, "-n", "2", "-g", "2", "--policy", "eplb", "--out", tmp_path / "p.json")
+    assert r.exit_code == 2 and shard.name in r.stderr and not (tmp_path / "p.json").exists(), r.stderr
