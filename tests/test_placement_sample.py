@@ -22,7 +22,7 @@ import pytest
 
 from moeprof.errors import PlacementError, UsageError
 from moeprof.placement.data import load_routing, split_requests
-from moeprof.placement.plan import read_placement
+from moeprof.placement.plan import read_placement, validate_placement_dict
 from moeprof.placement.sample import check_budget, ids_digest, plan_sample
 from moeprof.synthetic import generate_trace
 from moeprof.trace import Trace
@@ -119,6 +119,7 @@ def test_place_and_simulate_score_the_same_held_out_requests(many, tmp_path, cli
     assert r.exit_code == 0, r.stderr
     placed = json.loads(r.stdout)
     assert any("request sample" in n for n in placed["notes"])
+    validate_placement_dict(json.loads(out.read_text()), str(out))  # fit.sample as the schema says
     rec = read_placement(out).fit["sample"]
     assert rec["sampled_requests"] <= 80 and rec["rows"] <= 2000 < rec["rows_read"]
     assert rec["requests_in_trace"] == 240 and rec["max_rows"] == 2000 and rec["seed"] == 2
