@@ -166,6 +166,7 @@ def place(
     records it for ``simulate``."""
     get_policy(policy)
     check_budget(*_budget(sample_requests, sample_rows))
+    engine = _engine(engine)
     for fmt in exports:
         if fmt not in EXPORTERS:
             raise PlacementError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORTERS)}")
@@ -202,6 +203,14 @@ def _fit_record(opened: Trace, data: RoutingData, test: np.ndarray, seed: int, t
     return dict(trace=str(opened.path), requests_sha256=data.requests_sha256, phase=data.phase,
                 split_seed=int(seed), test_fraction=float(test_fraction),
                 train_requests=int((~test).sum()), test_requests=int(test.sum()), sample=data.sample.record())
+
+
+def _engine(engine: Any) -> Any:
+    """The engine of a command: local threads by default, so that held-out rows are scored in blocks
+    of ``SCORE_BLOCK_ROWS`` (bounded temporaries; the same metrics as one pass, bit for bit)."""
+    from moeprof.analysis.engine import get_engine
+
+    return get_engine(engine)
 
 
 def _budget(sample_requests: int | None, sample_rows: int | None) -> tuple[int, int]:
@@ -250,6 +259,7 @@ def simulate_placement(
     the scores do not depend on it."""
     placement = read_placement(placement_path)
     opened = Trace.open(trace)
+    engine = _engine(engine)
     fit = placement.fit
     phase = fit.get("phase", "decode")
     rec = fit.get("sample") or {}
@@ -337,6 +347,7 @@ def compare(
     run as its tasks (the work that grows with the requests). Everything is seeded and every merge is
     in a fixed order or exact, so the table is the same as a local run's (bar the measured fit seconds)."""
     opened = Trace.open(trace)
+    engine = _engine(engine)
     data = _load_split(opened, phase, seed, test_fraction, sample_requests, sample_rows, engine)
     topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
                           redundant=redundant)
