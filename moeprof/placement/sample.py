@@ -118,8 +118,8 @@ def _hash_order(ids: np.ndarray, seed: int) -> np.ndarray:
     return np.lexsort((ids, request_hash(ids, seed)))
 
 
-def _shard_items(trace: Trace, wanted: np.ndarray | None) -> list[tuple[str, str, int]]:
-    """``(location, sha256, shard ordinal)`` of the routing shards that may hold a ``wanted`` request
+def _shard_items(trace: Trace, wanted: np.ndarray | None) -> list[tuple[str, str, int, list[int] | None]]:
+    """``(location, sha256, shard ordinal, request-id range)`` of the routing shards that may hold a ``wanted`` request
     (sorted ids; None: every shard), by the request-id range the manifest records for each shard."""
     items = []
     for i, (path, shard) in enumerate(zip(trace.shard_paths("routing"), trace.manifest.shards_of("routing"))):
@@ -128,7 +128,7 @@ def _shard_items(trace: Trace, wanted: np.ndarray | None) -> list[tuple[str, str
             lo, hi = np.searchsorted(wanted, rng[0], "left"), np.searchsorted(wanted, rng[1], "right")
             if lo == hi:
                 continue
-        items.append((str(path), shard.sha256, i))
+        items.append((str(path), shard.sha256, i, rng))
     return items
 
 
@@ -162,7 +162,7 @@ def read_shard(location: str, sha256: str, columns: list[str]):
 
 
 # -- pass 1: which requests there are and how many rows each has ---------------------------------------
-def _census_shard(item: tuple[str, str, int], shared: tuple) -> tuple[np.ndarray, np.ndarray]:
+def _census_shard(item: tuple, shared: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Sorted request ids of the shard's rows (of ``candidates`` only, when given) and their rows of
     the simulated phase."""
     candidates, phase = shared
@@ -257,6 +257,7 @@ class _Shared:
     all_ids: np.ndarray  # [R] sorted
     held_all: np.ndarray  # [R] bool
     slot: np.ndarray  # [R] int64: position in the sample, -1 outside it
+    sample_ids: np.ndarray  # [S] sorted
     layer_index: np.ndarray
     L: int
     E: int
@@ -265,10 +266,20 @@ class _Shared:
     totals: bool
     trace: str
 
+    @property
+    def per_request(self) -> int:
+        return 2 * self.L * self.E
 
-def _gather_shard(item: tuple[str, str, int], s: _Shared) -> dict[str, Any]:
-    location, sha, ordinal = item
-    keys, values, chunks = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
+
+def _gather_shard(item: tuple[str, str, int, Any], s: _Shared) -> dict[str, Any]:
+    """One shard's part: the counts of its sampled requests as one dense block over the sample slots
+    its request-id range spans (``[lo, hi)``; a request-major shard spans few), its sampled rows of
+    the simulated phase as chunks tagged with their place in the trace, the splits' totals."""
+    location, sha, ordinal, rng = item
+    lo, hi = (0, len(s.sample_ids)) if rng is None else (int(np.searchsorted(s.sample_ids, rng[0], "left")),
+                                                          int(np.searchsorted(s.sample_ids, rng[1], "right")))
+    block = np.zeros((hi - lo) * s.per_request, np.int32)
+    chunks = []
     totals = np.zeros(4 * s.L * s.E, np.int64) if s.totals else None
     rows = 0
     for g, frame in enumerate(read_shard(location, sha, ROUTING_COLUMNS)):
@@ -292,52 +303,51 @@ def _gather_shard(item: tuple[str, str, int], s: _Shared) -> dict[str, Any]:
         m = slot >= 0
         if not m.any():
             continue
-        base = (slot[m] * 2 + ~is_prefill[m]) * s.L + li[m]
+        if slot[m].min() < lo or slot[m].max() >= hi:
+            raise TraceIntegrityError(f"{location}: holds rows of requests outside the request-id range "
+                                      f"{rng} the manifest records for it")
+        base = ((slot[m] - lo) * 2 + ~is_prefill[m]) * s.L + li[m]
         u, c = np.unique((base[:, None] * s.E + experts[m]).ravel(), return_counts=True)
-        keys.append(u)
-        values.append(c.astype(np.int64))
+        block[u] += c.astype(np.int32)
         sim = m & (is_prefill if s.phase == "prefill" else ~is_prefill)
         if sim.any():
             chunks.append(((ordinal, g), slot[sim], frame["step"].to_numpy()[sim].astype(np.int64),
                            frame["pos"].to_numpy()[sim].astype(np.int64), li[sim], experts[sim]))
-    k, v = _sum_by_key(keys, values)
-    return dict(keys=k, values=v, dense=None, chunks=chunks, totals=totals, shards=1, rows_read=rows)
+    return dict(lo=lo, counts=block, chunks=chunks, totals=totals, shards=1, rows_read=rows)
 
 
-def _merge_gathered(a: dict[str, Any], b: dict[str, Any], size: int) -> dict[str, Any]:
-    """Both parts as one: counts summed (sparse while that is smaller than dense ``[S, 2, L, E]``
-    int32), row chunks joined (ordered once at the end), totals added."""
-    out = dict(chunks=a["chunks"] + b["chunks"], shards=a["shards"] + b["shards"],
-               rows_read=a["rows_read"] + b["rows_read"],
-               totals=None if a["totals"] is None else a["totals"] + b["totals"])
-    if a["dense"] is None and b["dense"] is None and 12 * (len(a["keys"]) + len(b["keys"])) < 4 * size:
-        out["keys"], out["values"] = _sum_by_key([a["keys"], b["keys"]], [a["values"], b["values"]])
-        out["dense"] = None
-        return out
-    dense = None
-    for part in (a, b):
-        if part["dense"] is not None:
-            if dense is None:  # the accumulator's own array when writable (local threads); Ray's are read-only
-                dense = part["dense"] if part["dense"].flags.writeable else part["dense"].copy()
-            else:
-                dense += part["dense"]
-    if dense is None:
-        dense = np.zeros(size, np.int32)
-    for part in (a, b):
-        if len(part["keys"]):
-            dense[part["keys"]] += part["values"].astype(np.int32)  # keys are unique within a part
-    out["dense"], out["keys"], out["values"] = dense, np.empty(0, np.int64), np.empty(0, np.int64)
-    return out
+def _merge_gathered(a: dict[str, Any], b: dict[str, Any], per_request: int, size: int) -> dict[str, Any]:
+    """Both parts as one: counts added over the union of their slot ranges, row chunks joined
+    (ordered once at the end), totals added. Integer sums: the order of merges changes nothing."""
+    lo_a, lo_b = a["lo"], b["lo"]
+    hi_a, hi_b = lo_a + len(a["counts"]) // per_request, lo_b + len(b["counts"]) // per_request
+    if hi_b == lo_b:
+        lo, counts = lo_a, a["counts"]
+    elif hi_a == lo_a:
+        lo, counts = lo_b, b["counts"]
+    else:
+        lo, hi = min(lo_a, lo_b), max(hi_a, hi_b)
+        if a["counts"].flags.writeable and (lo, hi) != (lo_a, hi_a):
+            lo, hi = 0, size  # local threads: one accumulator over the whole sample, grown once
+        if (lo, hi) == (lo_a, hi_a) and a["counts"].flags.writeable:  # the accumulator (local threads)
+            counts = a["counts"]
+        else:  # Ray hands tasks read-only arrays: a block over the union of both ranges
+            counts = np.zeros((hi - lo) * per_request, np.int32)
+            counts[(lo_a - lo) * per_request:(hi_a - lo) * per_request] += a["counts"]
+        counts[(lo_b - lo) * per_request:(hi_b - lo) * per_request] += b["counts"]
+    return dict(lo=lo, counts=counts, chunks=a["chunks"] + b["chunks"], shards=a["shards"] + b["shards"],
+                rows_read=a["rows_read"] + b["rows_read"],
+                totals=None if a["totals"] is None else a["totals"] + b["totals"])
 
 
 class _Merger:
-    """The merge with the dense size bound, picklable for Ray's merge tasks."""
+    """The merge with its block width, picklable for Ray's merge tasks."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, per_request: int, size: int) -> None:
+        self.per_request, self.size = per_request, size
 
     def __call__(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        return _merge_gathered(a, b, self.size)
+        return _merge_gathered(a, b, self.per_request, self.size)
 
 
 @dataclass
@@ -368,20 +378,21 @@ def gather(trace: Trace, sample: RequestSample, *, phase: str, engine: Any = Non
     R, S = len(sample.request_ids), len(sample.index)
     slot = np.full(R, -1, np.int64)
     slot[sample.index] = np.arange(S)
-    shared = _Shared(sample.request_ids, sample.held_out_all, slot, layer_index, L, E, k, phase, totals,
+    shared = _Shared(sample.request_ids, sample.held_out_all, slot, sample.ids, layer_index, L, E, k, phase, totals,
                      str(trace.path))
     items = _shard_items(trace, None if totals or sample.complete else sample.ids)
-    size = S * 2 * L * E
-    part = engine.map_reduce(_gather_shard, items, _Merger(size), shared)
+    per_request = 2 * L * E
+    part = engine.map_reduce(_gather_shard, items, _Merger(per_request, S), shared)
+    counts = np.zeros(S * per_request, np.int32)
+    if part is not None and len(part["counts"]):
+        if part["lo"] == 0 and len(part["counts"]) == len(counts):
+            counts = part["counts"] if part["counts"].flags.writeable else part["counts"].copy()
+        else:
+            counts[part["lo"] * per_request:part["lo"] * per_request + len(part["counts"])] = part["counts"]
     if part is None:
-        part = dict(keys=np.empty(0, np.int64), values=np.empty(0, np.int64), dense=None, chunks=[],
-                    totals=np.zeros(4 * L * E, np.int64) if totals else None, shards=0, rows_read=0)
-    dense = part["dense"]
-    if dense is None:
-        dense = np.zeros(size, np.int32)
-        dense[part["keys"]] = part["values"]
-    counts = dense.reshape(S, 2, L, E)
-    chunks = sorted(part["chunks"], key=lambda c: c[0])  # shard order, then row-group order: the trace's
+        part = dict(chunks=[], totals=np.zeros(4 * L * E, np.int64) if totals else None, shards=0, rows_read=0)
+    counts = counts.reshape(S, 2, L, E)
+    chunks = sorted(part["chunks"], key=lambda c: c[0])  # shard order, then batch order: the trace's
     cols = [np.concatenate([c[i] for c in chunks]) if chunks else np.empty(0, np.int64) for i in range(1, 5)]
     experts = np.concatenate([c[5] for c in chunks]) if chunks else np.empty((0, k), np.int64)
     tot = part["totals"].reshape(2, 2, L, E) if part["totals"] is not None else None
