@@ -181,7 +181,7 @@ def place(
                           redundant=redundant)
     test = data.held_out
     cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes)
-    notes += sample_notes(data.sample)
+    notes += sample_notes(data.sample, fit=policy == "eplb")
     placement = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, params=params, engine=engine)
     placement.fit = _fit_record(opened, data, test, seed, test_fraction)
     placement.metrics = score(data, placement, test, cfg, train=~test, engine=engine)
@@ -239,7 +239,9 @@ def sample_notes(sample: RequestSample, fit: bool = True) -> list[str]:
     return [f"a request sample: {rec['sampled_requests']:,} of the trace's {rec['requests_in_trace']:,} requests "
             f"({rec['train_requests']:,} train, {rec['test_requests']:,} held out; {rec['rows']:,} "
             f"token rows), bounded by {sample.limited_by} (--sample-requests {sample.max_requests}, --sample-rows "
-            f"{sample.max_rows})" + ("; eplb's load is summed over every train request" if fit else "")]
+            f"{sample.max_rows})" + ("; eplb fits on the load of every train request of the trace" if fit else "")
+            + (f"; read {rec['shards_read']} of the {rec['shards_in_trace']} routing shards (by the request-id "
+               "range the manifest records for each)" if rec.get("shards_read", 0) < rec.get("shards_in_trace", 0) else "")]
 
 
 def simulate_placement(
