@@ -20,9 +20,12 @@ for a bounded request sample only, and a budget sets its size, not the trace:
    joining lists of row chunks, restored to shard order at the end, so the rows come out in the
    trace's order and the result does not depend on the engine.
 
-Where the manifest records each shard's request-id range (every moeprof writer does; the synthetic
-generator and ``--request-shards`` captures keep a request's rows in one shard), shards that hold
-no sampled request are not read at all when only the sample is needed (``simulate --placement``).
+The manifest records each shard's request-id range (``TraceWriter`` does for every routing shard;
+with ``request_shards=True``, as the synthetic generator and the benchmark traces write, a request's
+rows stay in one shard, so the ranges do not overlap). A shard task keeps its counts over the sample
+slots of its range only, and when only the sample is needed (``simulate --placement``) shards whose
+range holds no sampled request are not read at all. Captures of interleaved requests give wide,
+overlapping ranges: correct, only less pruned.
 
 Since both budgets and the seed fix the sample, ``place`` records them in ``placement.json``
 (``fit.sample``, with a digest of the held-out sample's ids) and ``simulate --placement`` draws the
@@ -78,7 +81,6 @@ class RequestSample:
     seed: int
     max_requests: int
     max_rows: int
-    rows: int | None = None  # simulated-phase rows of the sample, when counted (the trace was over budget)
     limited_by: str | None = None  # None, "--sample-requests" or "--sample-rows"
     requests_sha256: str = ""
     stats: dict[str, Any] = field(default_factory=dict)  # filled as the shards are read
@@ -119,8 +121,8 @@ def _hash_order(ids: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _shard_items(trace: Trace, wanted: np.ndarray | None) -> list[tuple[str, str, int, list[int] | None]]:
-    """``(location, sha256, shard ordinal, request-id range)`` of the routing shards that may hold a ``wanted`` request
-    (sorted ids; None: every shard), by the request-id range the manifest records for each shard."""
+    """``(location, sha256, shard ordinal, request-id range)`` of the routing shards that may hold a
+    ``wanted`` request (sorted ids; None: every shard), by the range the manifest records for each."""
     items = []
     for i, (path, shard) in enumerate(zip(trace.shard_paths("routing"), trace.manifest.shards_of("routing"))):
         rng = shard.request_ids
@@ -216,7 +218,6 @@ def plan_sample(trace: Trace, *, phase: str = "decode", seed: int = 0, held_out:
     order = _hash_order(ids, seed)
     cand = order[:max_requests]
     limited = "--sample-requests" if R > max_requests else None
-    rows = None
     if trace.num_routing_rows > max_rows:  # the budget may bind: count the candidates' rows
         cand_ids = np.sort(ids[cand])
         if census is None:
@@ -233,11 +234,10 @@ def plan_sample(trace: Trace, *, phase: str = "decode", seed: int = 0, held_out:
                     f"--sample-rows {max_rows}: the first request of the sample (request {int(ids[cand[0]])}) alone "
                     f"has {int(per[cand[0]]):,} {phase} rows; raise --sample-rows")
             cand, limited = cand[:fit], "--sample-rows"
-        rows = int(cum[len(cand) - 1]) if len(cand) else 0
     shards = trace.manifest.shards_of("requests")
     sha = shards[0].sha256 if shards else hashlib.sha256(ids.tobytes()).hexdigest()
     return RequestSample(ids, domains, held, np.sort(cand).astype(np.int64), int(seed), max_requests, max_rows,
-                         rows, limited, sha)
+                         limited, sha)
 
 
 def check_sides(sample: RequestSample, test_fraction: float) -> None:
