@@ -10,6 +10,8 @@
   a polars sum over the raw rows; ``place`` fits on the sample's train requests and ``simulate
   --placement`` scores the same held-out requests (the same metrics as ``place`` reported), reading
   only the shards that hold them; another budget is refused naming the option.
+- The same rows rewritten without a request list, or in shards that interleave every request (as a
+  capture of concurrent requests writes them): the same sample, counts, totals and token rows.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from moeprof.placement.plan import read_placement, validate_placement_dict
 from moeprof.placement.sample import check_budget, ids_digest, plan_sample
 from moeprof.synthetic import generate_trace
 from moeprof.trace import Trace
+from moeprof.trace.schema import UNLABELLED
 
 from test_request_sample import bottom_k, splitmix64  # noqa: F401  (the documented rule, in plain Python)
 
@@ -180,3 +183,38 @@ def test_a_corrupt_shard_is_named(tmp_path, cli):
     shard.write_bytes(bytes(data))
     r = cli("place", trace.path, "-n", "2", "-g", "2", "--policy", "eplb", "--out", tmp_path / "p.json")
     assert r.exit_code == 2 and shard.name in r.stderr and not (tmp_path / "p.json").exists(), r.stderr
+
+
+def _rewritten(many, out, *, listed: bool, interleave: bool):
+    """``many``'s rows rewritten: without requests.parquet (ids from the rows) and/or with shards that
+    interleave requests (wide, overlapping request-id ranges, as a capture of concurrent requests)."""
+    from moeprof.trace import TraceWriter
+
+    frame = raw(many)
+    if interleave:  # every shard holds rows of requests from the whole id range
+        frame = frame.with_columns((pl.col("request_id") * 7919 % 97).alias("k")).sort("k", maintain_order=True).drop("k")
+    with TraceWriter(out, model=many.model, source=many.manifest.source, shard_rows=3000) as w:
+        if listed:
+            for r in many.requests().to_dicts():
+                w.set_request(r["request_id"], r["domain"], prompt_tokens=r["prompt_tokens"],
+                              decode_tokens=r["decode_tokens"])
+        w.write_routing(frame.to_arrow().cast(raw(many).to_arrow().schema))
+    return Trace.open(out)
+
+
+@pytest.mark.parametrize("listed, interleave", [(False, False), (True, True)])
+def test_same_sample_whatever_the_layout(many, tmp_path, listed, interleave):
+    other = _rewritten(many, tmp_path / "t", listed=listed, interleave=interleave)
+    if interleave:
+        ranges = [s.request_ids for s in other.manifest.shards_of("routing")]
+        assert all(hi - lo > 150 for lo, hi in ranges)  # every shard spans most requests
+    budget = dict(max_requests=60, max_rows=1500)
+    a, b = sampled(many, **budget), sampled(other, **budget)
+    assert np.array_equal(a.request_ids, b.request_ids) and np.array_equal(a.held_out, b.held_out)
+    assert np.array_equal(a.prefill, b.prefill) and np.array_equal(a.decode, b.decode)
+    assert np.array_equal(a.totals, b.totals)
+    key = lambda d: np.lexsort((d.rows.layer, d.rows.token, d.rows.request))  # noqa: E731 (row order follows the file)
+    for f in ("request", "step", "layer", "experts"):
+        assert np.array_equal(getattr(a.rows, f)[key(a)], getattr(b.rows, f)[key(b)]), f
+    if not listed:
+        assert set(b.domains) == {UNLABELLED} and other.requests().height == 0
