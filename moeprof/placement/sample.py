@@ -208,7 +208,8 @@ def plan_sample(trace: Trace, *, phase: str = "decode", seed: int = 0, held_out:
         )
     req = trace.requests().sort("request_id")
     census = None
-    if req.height == 0:  # an import without a request list: the ids come from the rows
+    from_rows = req.height == 0
+    if from_rows:  # an import without a request list: the ids come from the rows
         census = engine.map_reduce(_census_shard, _shard_items(trace, None), _merge_census, (None, phase))
         req = pl.DataFrame({"request_id": census[0], "domain": [UNLABELLED] * len(census[0])})
     ids = req["request_id"].to_numpy().astype(np.int64)
@@ -235,7 +236,8 @@ def plan_sample(trace: Trace, *, phase: str = "decode", seed: int = 0, held_out:
                     f"has {int(per[cand[0]]):,} {phase} rows; raise --sample-rows")
             cand, limited = cand[:fit], "--sample-rows"
     shards = trace.manifest.shards_of("requests")
-    sha = shards[0].sha256 if shards else hashlib.sha256(ids.tobytes()).hexdigest()
+    # an empty request list is the same file in every trace: then the ids from the rows tell traces apart
+    sha = shards[0].sha256 if shards and not from_rows else hashlib.sha256(ids.tobytes()).hexdigest()
     return RequestSample(ids, domains, held, np.sort(cand).astype(np.int64), int(seed), max_requests, max_rows,
                          limited, sha)
 
