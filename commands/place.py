@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeprof.commands.options import EXPORTER_NAMES, GROUPING_NAMES, POLICY_NAMES, Force, JsonFlag, TraceArg
+from moeprof.commands.options import (EXPORTER_NAMES, GROUPING_NAMES, POLICY_NAMES, AddressOpt, EngineName, EngineOpt,
+                                      Force, JsonFlag, TraceArg)
 from moeprof.report.console import console
 
 Nodes = Annotated[int, typer.Option("--nodes", "-n", help="Nodes (network between them).")]
@@ -33,6 +34,18 @@ DtypeBytes = Annotated[
 ]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the train/test split and of every random choice.")]
 TestFraction = Annotated[float, typer.Option("--test-fraction", help="Share of requests held out for scoring.")]
+SampleRequests = Annotated[
+    Optional[int],
+    typer.Option("--sample-requests", min=1, show_default=False,
+                 help="Requests read at most: those of smallest hash of (seed, request id), as analyze's "
+                      "(default 4096; every request of a smaller trace)."),
+]
+SampleRows = Annotated[
+    Optional[int],
+    typer.Option("--sample-rows", min=1, show_default=False,
+                 help="Token rows of the simulated phase held at most: the sample stops, in hash order, "
+                      "before it would exceed them (default 8388608)."),
+]
 
 
 def place(
@@ -63,6 +76,10 @@ def place(
     test_fraction: TestFraction = 0.3,
     force: Force = False,
     as_json: JsonFlag = False,
+    sample_requests: SampleRequests = None,
+    sample_rows: SampleRows = None,
+    engine: EngineOpt = EngineName.local,
+    address: AddressOpt = None,
 ) -> None:
     """Place experts on N nodes × G GPUs with a policy fitted on the trace's train split.
 
@@ -75,6 +92,13 @@ def place(
     Example:
 
         moeprof place trace --nodes 2 --gpus-per-node 4 --policy locality --out placement.json --export sglang
+
+    Memory is set by a budget, not by the trace: only a request sample is read (every request of a
+    trace under --sample-requests and --sample-rows), fitted on its train requests and scored on its
+    held-out ones; placement.json records it, and `simulate --placement` scores the same requests.
+    One task per shard reads it (--engine ray: on a Ray cluster). For a fleet's trace:
+
+        moeprof place s3://traces/fleet -n 8 -g 8 --policy eplb --sample-requests 8192 --sample-rows 20000000
     """
     from moeprof.placement.run import place as run_place
     from moeprof.report.placement import render_placement
@@ -82,10 +106,16 @@ def place(
     params = None
     if policy == "locality":
         params = {"robust": robust} | ({"load_bound": load_bound} if load_bound is not None else {})
+    runner = None
+    if engine is EngineName.ray or address is not None:
+        from moeprof.analysis.engine import get_engine
+
+        runner = get_engine(engine.value, address)
     placement, written, notes = run_place(
         trace, nodes=nodes, gpus_per_node=gpus_per_node, policy=policy, out=out, slots_per_gpu=slots_per_gpu,
         redundant=redundant, grouping=grouping, exports=export, seed=seed, test_fraction=test_fraction,
         params=params, hidden_size=hidden_size, dtype_bytes=dtype_bytes, force=force,
+        sample_requests=sample_requests, sample_rows=sample_rows, engine=runner,
     )
     if as_json:
         typer.echo(json.dumps(dict(written=[str(p) for p in written], metrics=placement.metrics,

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from moeprof.commands.options import AddressOpt, EngineName, EngineOpt, Force, JsonFlag, TraceLocation
-from moeprof.commands.place import DtypeBytes, HiddenSize, Redundant, Seed, SlotsPerGpu, TestFraction
+from moeprof.commands.place import (DtypeBytes, HiddenSize, Redundant, SampleRequests, SampleRows, Seed, SlotsPerGpu,
+                                    TestFraction)
 from moeprof.errors import UsageError
 from moeprof.report.console import console
 
@@ -53,6 +54,8 @@ def simulate(
                                              '{"rank_cost_matrix": [[...]]}; placements then prefer cheap links.'),
     engine: EngineOpt = EngineName.local,
     address: AddressOpt = None,
+    sample_requests: SampleRequests = None,
+    sample_rows: SampleRows = None,
 ) -> None:
     """Simulate the all-to-all traffic and GPU load of expert placements on held-out requests.
 
@@ -79,6 +82,12 @@ def simulate(
     With --engine ray, shards are read by Ray tasks; the K-means rounds of the policies' fits and
     the scoring of blocks of held-out rows run as Ray tasks too; the results are the same as a local
     run's.
+
+    --placement and --compare read only a request sample (--sample-requests, --sample-rows; every
+    request of a trace under both). With --placement the default is the sample the placement was
+    scored on in `moeprof place` (recorded in it); a different budget on the same trace is refused.
+
+        moeprof simulate trace --compare -n 8 -g 8 --sample-requests 2048 --sample-rows 4000000 --out moeprof-compare
     """
     from moeprof.placement.run import compare, simulate_placement, write_comparison
     from moeprof.report.placement import render_comparison, render_metrics
@@ -92,6 +101,9 @@ def simulate(
         runner = get_engine(engine.value, address)
     con = console()
     if timeline:
+        if sample_requests is not None or sample_rows is not None:
+            raise UsageError("--sample-requests and --sample-rows apply to --placement and --compare; --timeline "
+                             "replays every request of the trace")
         _timeline(trace, nodes, gpus_per_node, slots_per_gpu, redundant, hidden_size, dtype_bytes, seed, out, force,
                   as_json, policies, rebalance_every, window, concurrency, report_windows, moe_intermediate_size,
                   weight_bytes, gpu, intra_fabric, inter_fabric, intra_bw, inter_bw, gpu_tflops, gpu_hbm_bw,
@@ -99,7 +111,8 @@ def simulate(
         return
     if placement is not None:
         p, metrics, notes = simulate_placement(trace, placement, hidden_size=hidden_size, dtype_bytes=dtype_bytes,
-                                               batch_size=batch_size, engine=runner)
+                                               batch_size=batch_size, engine=runner, sample_requests=sample_requests,
+                                               sample_rows=sample_rows)
         if as_json:
             typer.echo(json.dumps(dict(metrics=metrics, notes=notes), indent=2))
             return
@@ -116,7 +129,8 @@ def simulate(
     check_entries(out, ["compare.json"], force)  # before the policies are fitted
     cmp = compare(trace, nodes=nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu,
                   redundant=redundant, seed=seed, test_fraction=test_fraction, hidden_size=hidden_size,
-                  dtype_bytes=dtype_bytes, batch_size=batch_size, engine=runner)
+                  dtype_bytes=dtype_bytes, batch_size=batch_size, engine=runner, sample_requests=sample_requests,
+                  sample_rows=sample_rows)
     from moeprof.report.placement_plot import plot_comparison
 
     files = write_comparison(cmp, out, force=force, plot=plot_comparison)

@@ -109,3 +109,32 @@ def test_dead_kmeans_and_scoring_tasks_are_retried(cluster, small_blocks, tmp_pa
     assert remote.exit_code == 0, remote.stderr
     assert not any(f.exists() for f in armed)  # each fault fired: a worker died mid-task, the task ran again
     same_dirs(tmp_path / "local", tmp_path / "ray")
+
+
+def test_request_sample_same_as_local(cluster, small_blocks, many, tmp_path, cli):
+    """Over the budget (``--sample-requests``, ``--sample-rows``): ``place`` and ``simulate`` read the
+    sample's counts and rows and the splits' per-expert loads in shard tasks; Ray's are the local
+    engine's, bit for bit, and ``simulate --placement`` scores the held-out requests ``place`` scored."""
+    budget = ["--sample-requests", "70", "--sample-rows", "3000"]
+    armed = cluster / "part-00003.parquet"  # the task reading this shard dies once: Ray runs it again
+    armed.write_text("die once")
+    for engine in ("local", "ray"):
+        r = cli("place", many.path, "-n", "2", "-g", "2", "--policy", "eplb", "--out", tmp_path / f"{engine}.json",
+                "--engine", engine, "--json", *budget)
+        assert r.exit_code == 0, r.stderr
+    local, remote = (json.loads((tmp_path / f"{e}.json").read_text()) for e in ("local", "ray"))
+    for d in (local, remote):
+        d.pop("created_at")
+        d["policy"]["info"].pop("fit_seconds")
+    assert local == remote and not armed.exists()
+    sample = local["fit"]["sample"]
+    assert sample["rows"] <= 3000 < sample["rows_read"] and sample["sampled_requests"] <= 70 < 160
+    for engine in ("local", "ray"):
+        sim = cli("simulate", many.path, "--placement", tmp_path / "local.json", "--json", "--engine", engine)
+        assert sim.exit_code == 0, sim.stderr
+        assert json.loads(sim.stdout)["metrics"] == local["metrics"]
+    args = ["simulate", many.path, "--compare", "-n", "2", "-g", "2", "--json", *budget]
+    assert cli(*args, "--out", tmp_path / "cmp-local").exit_code == 0
+    r = cli(*args, "--out", tmp_path / "cmp-ray", "--engine", "ray")
+    assert r.exit_code == 0, r.stderr
+    same_dirs(tmp_path / "cmp-local", tmp_path / "cmp-ray")

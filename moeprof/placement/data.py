@@ -1,5 +1,8 @@
 """What placement and simulation read from a trace: per-request counts and per-token expert sets.
 
+Of a request sample only, within a budget (:mod:`moeprof.placement.sample`: R below is the number of
+sampled requests, every request of a trace under the budget).
+
 Kept small on purpose (``moeprof.analysis`` has the full statistics). Shapes, with R requests, L MoE
 layers (in ``manifest.model.moe_layers`` order), E experts, k experts per token, n routing rows of
 one phase:
@@ -12,16 +15,14 @@ one phase:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import polars as pl
 
 from moeprof.errors import PlacementError
 from moeprof.trace.manifest import ModelInfo
 from moeprof.trace.reader import Trace
-from moeprof.trace.schema import UNLABELLED
 
 
 @dataclass
@@ -54,6 +55,20 @@ class RoutingData:
     rows: TokenRows  # the simulated phase
     phase: str
     requests_sha256: str
+    sample: Any = None  # the RequestSample these requests are (moeprof.placement.sample)
+    totals: np.ndarray | None = None  # [2 (train, held out), 2 (prefill, decode), L, E] over every row
+
+    @property
+    def held_out(self) -> np.ndarray:
+        """``[R]`` bool: the sample's requests that the split over the whole trace holds out."""
+        return self.sample.held_out
+
+    def train_total(self, train: np.ndarray) -> np.ndarray | None:
+        """``[L, E]`` token-routes of the simulated phase over every train request of the trace
+        (not only the sampled ones), when ``train`` is the sample's own train side; else None."""
+        if self.totals is None or self.sample is None or not np.array_equal(train, ~self.sample.held_out):
+            return None
+        return self.totals[0, 0 if self.phase == "prefill" else 1]
 
     @property
     def num_requests(self) -> int:
@@ -63,74 +78,26 @@ class RoutingData:
         return self.prefill if phase == "prefill" else self.decode
 
 
-ROUTING_COLUMNS = ["request_id", "step", "phase", "pos", "layer", "experts"]
-
-
-def _read_shard(item: tuple[str], columns: list[str]) -> "pa.Table":
-    """One routing shard's columns, read where the engine runs it (a thread or a Ray worker)."""
-    from moeprof.trace.fs import read_table
-
-    return read_table(item[0], columns)
-
-
-def load_routing(trace: Trace, phase: str = "decode", engine=None) -> RoutingData:
+def load_routing(trace: Trace, phase: str = "decode", engine=None, sample=None, totals: bool = False) -> RoutingData:
     """Read the counts and token rows a placement needs from ``trace``; ``phase`` is the one simulated.
 
-    With a non-local ``engine`` (:mod:`moeprof.analysis.engine`) each shard is read and decoded by a
-    task of its own, where it runs; the rows come back in shard order, so the result is the same."""
-    model = trace.model
-    if not trace.manifest.shards_of("routing"):
-        raise PlacementError(
-            f"{trace.path}: the trace has no per-token routing rows (source {trace.manifest.source!r}); "
-            "place and simulate need a trace from `moeprof capture` or a per-token import"
-        )
-    layers = list(model.moe_layers)
-    L, E, k = len(layers), model.num_experts, model.top_k
-    req = trace.requests().sort("request_id")
-    if engine is None or engine.name == "local":
-        frame = trace.routing(ROUTING_COLUMNS).collect()
-    else:
-        import pyarrow as pa
+    Only the requests of ``sample`` (a :class:`~moeprof.placement.sample.RequestSample`; default: the
+    default budgets, every request held out) are kept; one task per shard reads them on ``engine``
+    (:mod:`moeprof.analysis.engine`), and the rows come back in the trace's order, so the result is
+    the same on any engine. ``totals``: also the per-expert loads of both splits over every row."""
+    from moeprof.placement.sample import gather, plan_sample
 
-        items = [(str(p),) for p in trace.shard_paths("routing")]
-        frame = pl.from_arrow(pa.concat_tables(engine.map(_read_shard, items, ROUTING_COLUMNS)))
-    if req.height == 0:
-        ids = np.unique(frame["request_id"].to_numpy())
-        req = pl.DataFrame({"request_id": ids, "domain": [UNLABELLED] * len(ids)})
-    request_ids = req["request_id"].to_numpy().astype(np.int64)
-    domains = np.asarray(req["domain"].to_list(), dtype=object)
-    r = np.searchsorted(request_ids, frame["request_id"].to_numpy())
-    r = np.clip(r, 0, len(request_ids) - 1)
-    if len(frame) and not np.array_equal(request_ids[r], frame["request_id"].to_numpy()):
-        raise PlacementError(f"{trace.path}: routing rows name requests that requests.parquet does not list")
-    layer_index = np.full(max(layers) + 1 if layers else 1, -1, dtype=np.int64)
-    layer_index[layers] = np.arange(L)
-    raw_layer = frame["layer"].to_numpy().astype(np.int64)
-    if len(raw_layer) and (raw_layer.max() >= len(layer_index) or (layer_index[raw_layer] < 0).any()):
-        raise PlacementError(f"{trace.path}: routing rows name layers outside manifest.model.moe_layers {layers}")
-    li = layer_index[raw_layer]
-    experts = frame["experts"].to_numpy().astype(np.int64).reshape(-1, k)
-    is_prefill = (frame["phase"].cast(pl.String) == "prefill").to_numpy()
-
-    def count(mask: np.ndarray) -> np.ndarray:
-        idx = ((r[mask] * L + li[mask])[:, None] * E + experts[mask]).ravel()
-        return np.bincount(idx, minlength=len(request_ids) * L * E).astype(np.int32).reshape(len(request_ids), L, E)
-
-    prefill, decode = count(is_prefill), count(~is_prefill)
-    sim = is_prefill if phase == "prefill" else ~is_prefill
-    step = frame["step"].to_numpy()[sim].astype(np.int64)
-    pos = frame["pos"].to_numpy()[sim].astype(np.int64)
-    rs = r[sim]
+    if sample is None:
+        sample = plan_sample(trace, phase=phase, engine=engine)
+    got = gather(trace, sample, phase=phase, engine=engine, totals=totals)
+    rs, step, pos = got.request, got.step, got.pos
     key = (rs * (int(step.max(initial=0)) + 1) + step) * (int(pos.max(initial=0)) + 1) + pos
     _, token = np.unique(key, return_inverse=True)
-    rows = TokenRows(rs, step, token.astype(np.int64), li[sim], experts[sim])
-    sha = ""
-    shards = trace.manifest.shards_of("requests")
-    if shards:
-        sha = shards[0].sha256
-    else:
-        sha = hashlib.sha256(request_ids.tobytes()).hexdigest()
-    return RoutingData(model, request_ids, domains, prefill, decode, rows, phase, sha)
+    rows = TokenRows(rs, step, token.reshape(-1).astype(np.int64), got.layer, got.experts)
+    sample.stats = dict(rows=int(len(rs)), shards_read=got.shards_read,
+                        shards_in_trace=len(trace.manifest.shards_of("routing")), rows_read=got.rows_read)
+    return RoutingData(trace.model, sample.ids, sample.domains[sample.index], got.prefill, got.decode, rows, phase,
+                       sample.requests_sha256, sample=sample, totals=got.totals)
 
 
 def split_requests(num_requests: int, test_fraction: float, seed: int) -> np.ndarray:

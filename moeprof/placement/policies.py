@@ -44,6 +44,9 @@ class FitInput:
     topology: Topology
     seed: int = 0
     engine: Any = None  # runs K-means rounds (moeprof.analysis.engine); None: in this process
+    total: np.ndarray | None = None  # [L, E] the train split's token-routes over the whole trace
+    # (summed in shard tasks; None: ``load.sum(0)``); differs from that sum only when the request
+    # sample (moeprof.placement.sample) left train requests out
 
 
 @dataclass
@@ -100,7 +103,7 @@ def eplb(fit: FitInput, num_groups: int = 1) -> PolicyResult:
     t = fit.topology
     if num_groups < 1 or t.num_experts % num_groups:
         raise PlacementError(f"eplb: {t.num_experts} experts do not split into {num_groups} expert groups")
-    weight = fit.load.sum(0).astype(np.float64)
+    weight = (fit.load.sum(0) if fit.total is None else fit.total).astype(np.float64)
     phy2log, _, _ = _eplb.rebalance_experts(weight, t.num_slots, num_groups, t.nodes, t.num_gpus)
     mode = "hierarchical" if num_groups % t.nodes == 0 else "global"
     return PolicyResult(phy2log, info=dict(mode=mode, num_groups=num_groups))

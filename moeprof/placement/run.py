@@ -18,6 +18,7 @@ from moeprof.placement.export import EXPORTERS, write_export
 from moeprof.placement.grouping import GROUPINGS, fit_grouping
 from moeprof.placement.plan import Placement, _jsonable, read_placement, write_placement
 from moeprof.placement.policies import DEFAULT_GROUPING, POLICIES, FitInput, get_policy
+from moeprof.placement.sample import RequestSample, check_budget, check_sides, ids_digest, plan_sample
 from moeprof.placement.simulate import SimConfig, simulate
 from moeprof.placement.topology import Topology, build_topology
 from moeprof.trace.reader import Trace
@@ -75,6 +76,7 @@ def fit_policy(
         topology=topo,
         seed=seed,
         engine=engine,
+        total=data.train_total(train),
     )
     t0 = time.perf_counter()
     res = fn(fit, **params)
@@ -151,10 +153,20 @@ def place(
     hidden_size: int | None = None,
     dtype_bytes: int | None = None,
     force: bool = False,
+    sample_requests: int | None = None,
+    sample_rows: int | None = None,
+    engine: Any = None,
 ) -> tuple[Placement, list[Path], list[str]]:
     """``moeprof place``: fit on the train split, simulate on the held-out split, write placement.json
-    and the engine exports. Returns the placement, the files written and notes for the user."""
+    and the engine exports. Returns the placement, the files written and notes for the user.
+
+    Only a request sample is read into this process (``sample_requests`` requests and ``sample_rows``
+    token rows at most; :mod:`moeprof.placement.sample`), by one task per shard on ``engine``; the
+    fit is on its train requests, the scores on its held-out ones, and ``placement.fit.sample``
+    records it for ``simulate``."""
     get_policy(policy)
+    check_budget(*_budget(sample_requests, sample_rows))
+    engine = _engine(engine)
     for fmt in exports:
         if fmt not in EXPORTERS:
             raise PlacementError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORTERS)}")
@@ -164,14 +176,15 @@ def place(
     names = [out.name] + [export_path(out, fmt).name for fmt in exports]
     check_entries(out.parent, names, force)  # before the trace is read
     opened = Trace.open(trace)
-    data = load_routing(opened, phase)
+    data = _load_split(opened, phase, seed, test_fraction, sample_requests, sample_rows, engine)
     topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
                           redundant=redundant)
-    test = split_requests(data.num_requests, test_fraction, seed)
+    test = data.held_out
     cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes)
-    placement = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, params=params)
+    notes += sample_notes(data.sample, fit=policy == "eplb")
+    placement = fit_policy(data, ~test, topo, policy, grouping=grouping, seed=seed, params=params, engine=engine)
     placement.fit = _fit_record(opened, data, test, seed, test_fraction)
-    placement.metrics = score(data, placement, test, cfg, train=~test)
+    placement.metrics = score(data, placement, test, cfg, train=~test, engine=engine)
     for fmt in exports:  # an engine that cannot take this placement refuses it before anything is written
         EXPORTERS[fmt].build(placement)
     with staged_files(out.parent, names, force, kind="placement") as tmp:
@@ -189,7 +202,46 @@ def export_path(out: Path, fmt: str) -> Path:
 def _fit_record(opened: Trace, data: RoutingData, test: np.ndarray, seed: int, test_fraction: float) -> dict:
     return dict(trace=str(opened.path), requests_sha256=data.requests_sha256, phase=data.phase,
                 split_seed=int(seed), test_fraction=float(test_fraction),
-                train_requests=int((~test).sum()), test_requests=int(test.sum()))
+                train_requests=int((~test).sum()), test_requests=int(test.sum()), sample=data.sample.record())
+
+
+def _engine(engine: Any) -> Any:
+    """The engine of a command: local threads by default, so that held-out rows are scored in blocks
+    of ``SCORE_BLOCK_ROWS`` (bounded temporaries; the same metrics as one pass, bit for bit)."""
+    from moeprof.analysis.engine import get_engine
+
+    return get_engine(engine)
+
+
+def _budget(sample_requests: int | None, sample_rows: int | None) -> tuple[int, int]:
+    from moeprof.placement.sample import DEFAULT_SAMPLE_ROWS, default_sample_requests
+
+    return (default_sample_requests() if sample_requests is None else sample_requests,
+            DEFAULT_SAMPLE_ROWS if sample_rows is None else sample_rows)
+
+
+def _load_split(opened: Trace, phase: str, seed: int, test_fraction: float, sample_requests: int | None,
+                sample_rows: int | None, engine: Any) -> RoutingData:
+    """The request sample of a fit (its split drawn over every request of the trace) and its data,
+    with the splits' per-expert loads over every row."""
+    max_requests, max_rows = check_budget(*_budget(sample_requests, sample_rows))
+    sample = plan_sample(opened, phase=phase, seed=seed, held_out=lambda n: split_requests(n, test_fraction, seed),
+                         max_requests=max_requests, max_rows=max_rows, engine=engine)
+    check_sides(sample, test_fraction)
+    return load_routing(opened, phase, engine=engine, sample=sample, totals=True)
+
+
+def sample_notes(sample: RequestSample, fit: bool = True) -> list[str]:
+    """What the user should know when the sample left requests out."""
+    if sample.complete:
+        return []
+    rec = sample.record()
+    return [f"a request sample: {rec['sampled_requests']:,} of the trace's {rec['requests_in_trace']:,} requests "
+            f"({rec['train_requests']:,} train, {rec['test_requests']:,} held out; {rec['rows']:,} "
+            f"token rows), bounded by {sample.limited_by} (--sample-requests {sample.max_requests}, --sample-rows "
+            f"{sample.max_rows})" + ("; eplb fits on the load of every train request of the trace" if fit else "")
+            + (f"; read {rec['shards_read']} of the {rec['shards_in_trace']} routing shards (by the request-id "
+               "range the manifest records for each)" if rec.get("shards_read", 0) < rec.get("shards_in_trace", 0) else "")]
 
 
 def simulate_placement(
@@ -200,6 +252,8 @@ def simulate_placement(
     dtype_bytes: int | None = None,
     batch_size: int | None = None,
     engine: Any = None,
+    sample_requests: int | None = None,
+    sample_rows: int | None = None,
 ) -> tuple[Placement, dict[str, Any], list[str]]:
     """``moeprof simulate --placement``: score a placement on a trace's held-out requests (the same
     split as at fit time when it is the trace the placement was fitted on, else every request).
@@ -207,18 +261,46 @@ def simulate_placement(
     the scores do not depend on it."""
     placement = read_placement(placement_path)
     opened = Trace.open(trace)
-    data = load_routing(opened, placement.fit.get("phase", "decode"), engine=engine)
+    engine = _engine(engine)
+    fit = placement.fit
+    phase = fit.get("phase", "decode")
+    rec = fit.get("sample") or {}
+    budget = list(_budget(sample_requests, sample_rows))
+    check_budget(*budget)
+    same = None
+    for i, (option, given) in enumerate((("--sample-requests", sample_requests), ("--sample-rows", sample_rows))):
+        key = "max_requests" if i == 0 else "max_rows"
+        if given is None and key in rec:
+            budget[i] = int(rec[key])  # by default the sample the placement was scored on at fit time
+    seed = int(rec.get("seed", fit.get("split_seed", 0)))
+    sample = plan_sample(opened, phase=phase, seed=seed, max_requests=budget[0], max_rows=budget[1], engine=engine)
+    if fit.get("requests_sha256") == sample.requests_sha256:
+        same = True
+        for option, given, key in (("--sample-requests", sample_requests, "max_requests"),
+                                   ("--sample-rows", sample_rows, "max_rows")):
+            if given is not None and key in rec and int(given) != int(rec[key]):
+                raise UsageError(
+                    f"{option} {given}: {placement_path} was fitted and scored on this trace with {option} {rec[key]}; "
+                    f"another budget draws other held-out requests than those `moeprof place` scored it on; "
+                    f"leave {option} out (or give {rec[key]})")
+        sample.held_out_all = split_requests(len(sample.request_ids), float(fit["test_fraction"]), int(fit["split_seed"]))
+    data = load_routing(opened, phase, engine=engine, sample=sample)
     _check_model(data, placement, str(placement_path))
     cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes, batch_size=batch_size)
-    fit = placement.fit
-    if fit.get("requests_sha256") == data.requests_sha256:
-        test = split_requests(data.num_requests, float(fit["test_fraction"]), int(fit["split_seed"]))
+    if same:
+        test = data.held_out
+        if "test_ids_sha256" in rec and ids_digest(data.request_ids[test]) != rec["test_ids_sha256"]:
+            raise PlacementError(
+                f"{placement_path}: the held-out requests drawn now (--sample-requests {budget[0]}, --sample-rows "
+                f"{budget[1]}) are not those the placement was scored on at fit time (fit.sample.test_ids_sha256); "
+                "the trace's routing rows changed since: refit with `moeprof place`")
         notes.append(f"scored on the {int(test.sum())} held-out requests of the split the placement was fitted on")
         train = ~test
     else:
         test = np.ones(data.num_requests, dtype=bool)
         notes.append("the placement was fitted on another trace: every request of this one is held out")
         train = None
+    notes += sample_notes(sample, fit=False)
     return placement, score(data, placement, test, cfg, train=train, engine=engine), notes
 
 
@@ -257,6 +339,8 @@ def compare(
     batch_size: int | None = None,
     runs: tuple[tuple[str, str | None], ...] = COMPARE_RUNS,
     engine: Any = None,
+    sample_requests: int | None = None,
+    sample_rows: int | None = None,
 ) -> Comparison:
     """``moeprof simulate --compare``: fit every policy on the train split, score all on the held-out split.
 
@@ -265,11 +349,13 @@ def compare(
     run as its tasks (the work that grows with the requests). Everything is seeded and every merge is
     in a fixed order or exact, so the table is the same as a local run's (bar the measured fit seconds)."""
     opened = Trace.open(trace)
-    data = load_routing(opened, phase, engine=engine)
+    engine = _engine(engine)
+    data = _load_split(opened, phase, seed, test_fraction, sample_requests, sample_rows, engine)
     topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
                           redundant=redundant)
-    test = split_requests(data.num_requests, test_fraction, seed)
+    test = data.held_out
     cfg, notes = sim_config(data, hidden_size=hidden_size, dtype_bytes=dtype_bytes, batch_size=batch_size)
+    notes += sample_notes(data.sample)
     has_prefill = bool(data.prefill.any())
     cmp = Comparison(topology=topo.to_dict(), notes=notes,
                      split=_fit_record(opened, data, test, seed, test_fraction))

@@ -185,9 +185,9 @@ def simulate(
         if b not in batches:
             return None
         keys, counts = t["batch"][b]
-        dense = np.zeros(batches[b] * L * P, dtype=np.int64)
+        dense = np.zeros(batches[b] * L * P, dtype=np.float64)  # counts, exact in float64: no int copy
         dense[keys] = counts
-        return dense.reshape(batches[b], L, P).astype(np.float64)
+        return dense.reshape(batches[b], L, P)
 
     per_crossing = 2 * cfg.hidden_size * cfg.dtype_bytes
     routes = t["rows"] * k
@@ -274,19 +274,24 @@ def _capacity_report(batch_slot_loads, topo: Topology, k: int, cfg: SimConfig) -
             continue
         total = loads.sum()
         base = B * k / P
+        buf = np.empty_like(loads)  # one scratch array for the 40 bisection steps (the same sums)
 
         def drop_share(cap: float) -> float:
-            return float(np.maximum(loads - cap, 0).sum() / total) if total else 0.0
+            if not total:
+                return 0.0
+            np.subtract(loads, cap, out=buf)
+            return float(np.maximum(buf, 0, out=buf).sum() / total)
 
         rows = []
         for cf in cfg.capacity_factors:
             cap = max(base * cf, cfg.min_capacity)
-            kept = np.minimum(loads, cap)
+            dropped = drop_share(cap)
+            kept = np.minimum(loads, cap, out=buf)
             rows.append(
                 dict(
                     capacity_factor=cf,
                     capacity=cap,
-                    dropped_share=drop_share(cap),
+                    dropped_share=dropped,
                     straggler_median=float(np.median(gpu_max_mean(kept, topo))),
                 )
             )

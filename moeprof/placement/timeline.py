@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from moeprof.placement.data import RoutingData, load_routing
 from moeprof.placement.latency import ExpertShape, Hardware
 from moeprof.placement.policies import POLICIES
 from moeprof.placement.run import sim_config
+from moeprof.placement.sample import plan_sample
 from moeprof.placement.replay import LOAD_FREE, Replay, Run, pass_of_rows, replay, schedules
 from moeprof.placement.topology import Topology, build_topology
 from moeprof.trace.reader import Trace
@@ -146,7 +148,10 @@ def timeline(
     if report_windows < 1:
         raise UsageError(f"--report-windows must be at least 1, got {report_windows}")
     opened = Trace.open(trace)
-    data = load_routing(opened, "decode")
+    # every request: the replay needs each pass whole (a request sample would thin every pass), so
+    # --timeline is for traces whose decode rows fit this process (moeprof.placement.sample)
+    whole = plan_sample(opened, phase="decode", max_requests=sys.maxsize, max_rows=sys.maxsize)
+    data = load_routing(opened, "decode", sample=whole)
     if data.rows.num_tokens == 0:
         raise PlacementError(f"{opened.path}: no decode rows to replay; --timeline needs decode steps")
     topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,
