@@ -17,17 +17,15 @@ merges its row groups into one :class:`Partial`. Partials merge exactly:
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from moeprof.analysis.aggregate import Aggregates, Partial, Selection, TokenSample, plan_routing
 from moeprof.analysis.engine import Engine
 from moeprof.errors import TraceIntegrityError
-from moeprof.trace.fs import read_bytes
+from moeprof.trace.fs import checked_parquet
 from moeprof.trace.reader import Trace
 
 
@@ -127,19 +125,8 @@ def shard_partial(item: tuple[str, str], shared: ShardWork) -> Partial:
     hashing costs little next to decoding (the local engine checks footers only, like ``analyze``).
     """
     location, sha256 = item
-    try:
-        data = read_bytes(location)
-    except OSError as exc:
-        raise TraceIntegrityError(f"{location}: cannot be read ({exc})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise TraceIntegrityError(f"{location}: sha256 {digest[:12]}… differs from the manifest's {sha256[:12]}…; "
-                                  "the shard is corrupt or was altered after capture")
-    try:
-        pf = pq.ParquetFile(pa.BufferReader(data))
-        groups = pf.num_row_groups
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise TraceIntegrityError(f"{location}: not a readable Parquet file ({exc})") from None
+    pf = checked_parquet(location, sha256)
+    groups = pf.num_row_groups
     empty = TokenSample.empty(shared.k)
     acc = shared.work.empty_partial()
     samples, seen, sparse = [], [], []  # kept apart and joined once: joining at every row group would copy them again and again

@@ -143,20 +143,11 @@ def read_shard(location: str, sha256: str, columns: list[str]):
     """Batches of ``BATCH_ROWS`` rows of a routing shard as polars frames, from bytes checked against
     the manifest."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from moeprof.trace.fs import read_bytes
+    from moeprof.trace.fs import checked_parquet
 
+    pf = checked_parquet(location, sha256)
     try:
-        data = read_bytes(location)
-    except OSError as exc:
-        raise TraceIntegrityError(f"{location}: cannot be read ({exc})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise TraceIntegrityError(f"{location}: sha256 {digest[:12]}… differs from the manifest's {sha256[:12]}…; "
-                                  "the shard is corrupt or was altered after capture")
-    try:
-        pf = pq.ParquetFile(pa.BufferReader(data))
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
             yield pl.from_arrow(batch)
     except (pa.ArrowException, OSError) as exc:

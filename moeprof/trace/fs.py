@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from moeprof.errors import TraceError
+from moeprof.errors import TraceError, TraceIntegrityError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -141,6 +141,26 @@ def parquet_file(location: str | Path) -> pq.ParquetFile:
     except OSError as exc:
         raise store_error(str(location), exc) from None
     return pq.ParquetFile(handle)
+
+
+def checked_parquet(location: str | Path, sha256: str) -> pq.ParquetFile:
+    """A shard read whole and checked against its manifest sha256 before any decoding (a flipped byte
+    inside a compressed page can decode to valid-looking expert ids), opened from those bytes.
+    Raises :class:`TraceIntegrityError` naming ``location``."""
+    import hashlib
+
+    try:
+        data = read_bytes(location)
+    except OSError as exc:
+        raise TraceIntegrityError(f"{location}: cannot be read ({exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise TraceIntegrityError(f"{location}: sha256 {digest[:12]}… differs from the manifest's {sha256[:12]}…; "
+                                  "the shard is corrupt or was altered after capture")
+    try:
+        return pq.ParquetFile(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise TraceIntegrityError(f"{location}: not a readable Parquet file ({exc}); the shard is corrupt") from None
 
 
 def read_table(location: str | Path, columns: list[str] | None = None) -> pa.Table:
