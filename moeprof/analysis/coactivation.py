@@ -9,6 +9,11 @@ where a layer is absent; see :func:`moeprof.analysis.load.token_matrix`):
   l_{i+1}; ``P(e'|e)`` = transitions / tokens routed to e in l_i, the chance that a token sent to e
   is sent to e' next (rows sum to k, since a token picks k experts in the next layer). The uniform
   baseline is k/E.
+
+Tables (``tables``): ``"full"`` writes every non-zero pair and transition (about 1.4 M and 3.4 M rows
+at DeepSeek-V3 shape, whatever the trace's size); ``"top"`` (the default) keeps the rows of those
+tables where one expert is the other's most frequent partner (pairs) or ``e'`` is e's most frequent
+next expert (transitions), ties kept: about E rows per layer, in the same columns and order.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import polars as pl
 
 DEFAULT_TOKENS = 1 << 15
 """Tokens of the sample used for co-activation: k*k transitions per token and layer pair add up fast."""
+TABLES = ("top", "full")
+"""What the co-activation tables hold: each expert's most frequent partners, or every non-zero row."""
+TOP_MIN_COUNT = 10
+"""Pairs seen fewer times are left out of the summary's top pairs by lift (a lift from 2 tokens is noise)."""
 
 
 def pair_counts(tokens: np.ndarray, num_experts: int) -> np.ndarray:
@@ -91,11 +100,33 @@ def conditional(transitions: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
         return np.where(from_counts[..., None] > 0, transitions / np.maximum(from_counts[..., None], 1), np.nan)
 
 
-def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int]) -> pl.DataFrame:
-    """Non-zero pairs (a < b) per layer with count and lift; ``loads (L, E)``, ``tokens_per_layer (L,)``."""
+def most_frequent(counts: np.ndarray) -> np.ndarray:
+    """``(..., E, E)`` bool: cells holding the largest non-zero count of their row (ties all kept)."""
+    best = counts.max(axis=-1, keepdims=True)
+    return (counts == best) & (best > 0)
+
+
+def top_pairs(pairs: np.ndarray) -> np.ndarray:
+    """``(L, E, E)`` bool, symmetric: (a, b) where b is a's most frequent partner or a is b's."""
+    top = most_frequent(pairs)
+    return top | top.transpose(0, 2, 1)
+
+
+def _upper(num_experts: int) -> np.ndarray:
+    """Flat (a, b) ids with a < b of an (E, E) matrix, ascending."""
+    return np.flatnonzero(np.triu(np.ones((num_experts, num_experts), bool), 1))
+
+
+def nonzero_pairs(pairs: np.ndarray) -> int:
+    """Pairs (a < b) seen together at least once, over every layer: the rows of the full pair table."""
     L, E, _ = pairs.shape
-    upper = np.flatnonzero(np.triu(np.ones((E, E), bool), 1))  # flat (a, b) ids with a < b, ascending
-    nz = np.flatnonzero(pairs.reshape(L, E * E)[:, upper])  # in (layer, a, b) order, as np.nonzero gives
+    return int(np.count_nonzero(pairs.reshape(L, E * E)[:, _upper(E)]))
+
+
+def _pair_rows(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
+               nz: np.ndarray, upper: np.ndarray) -> pl.DataFrame:
+    """Rows ``nz`` (flat ids into ``(L, upper.size)``, ascending) of the pair table."""
+    E = pairs.shape[1]
     li, ab = np.divmod(nz, upper.size)
     a, b = np.divmod(upper[ab], E)
     count = pairs.reshape(-1)[li * (E * E) + upper[ab]]
@@ -112,11 +143,40 @@ def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarra
     })
 
 
+def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
+               keep: np.ndarray | None = None) -> pl.DataFrame:
+    """Non-zero pairs (a < b) per layer with count and lift; ``loads (L, E)``, ``tokens_per_layer (L,)``.
+    ``keep (L, E, E)`` bool: only those pairs (e.g. :func:`top_pairs`)."""
+    L, E, _ = pairs.shape
+    upper = _upper(E)
+    counts = pairs.reshape(L, E * E)[:, upper]
+    if keep is not None:
+        counts = counts * keep.reshape(L, E * E)[:, upper]
+    nz = np.flatnonzero(counts)  # in (layer, a, b) order, as np.nonzero gives
+    return _pair_rows(pairs, loads, tokens_per_layer, layers, nz, upper)
+
+
+def top_by_lift(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
+                n: int = 10, min_count: int = TOP_MIN_COUNT) -> pl.DataFrame:
+    """The ``n`` pairs of highest lift among those seen ``min_count`` times or more: the rows of the full
+    :func:`pair_table` filtered and sorted (stable) by lift, built from the few candidates alone."""
+    L, E, _ = pairs.shape
+    upper = _upper(E)
+    cand = np.flatnonzero(pairs.reshape(L, E * E)[:, upper] >= min_count)
+    rows = _pair_rows(pairs, loads, tokens_per_layer, layers, cand, upper)
+    if rows.height > n:  # lifts are finite here (count > 0); rows tied with the n-th largest stay, so the
+        lift = rows["lift"].to_numpy()  # stable sort picks among them as it would among all rows
+        rows = rows.filter(pl.col("lift") >= np.partition(lift, lift.size - n)[lift.size - n])
+    return rows.sort("lift", descending=True, maintain_order=True).head(n)
+
+
 def transition_table(trans: np.ndarray, cond: np.ndarray, pairs: Sequence[tuple[int, int]],
-                     layers: Sequence[int]) -> pl.DataFrame:
-    """Non-zero transitions with count and P(e'|e)."""
+                     layers: Sequence[int], keep: np.ndarray | None = None) -> pl.DataFrame:
+    """Non-zero transitions with count and P(e'|e); ``keep (P, E, E)`` bool: only those (e.g.
+    :func:`most_frequent`, each expert's most frequent next experts)."""
     E = trans.shape[-1]
-    nz = np.flatnonzero(trans)  # flat ids in (pair, e, e') order; 1-D takes beat 3-D fancy indexing
+    # flat ids in (pair, e, e') order; 1-D takes beat 3-D fancy indexing
+    nz = np.flatnonzero(trans if keep is None else keep & (trans > 0))
     p, rest = np.divmod(nz, E * E)
     e, e2 = np.divmod(rest, E)
     src = np.array([layers[i] for i, _ in pairs], np.int16)  # int16 ids, as in pair_table
