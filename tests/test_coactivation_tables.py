@@ -89,3 +89,31 @@ def test_bad_value_in_the_library_is_a_usage_error(trace):
 
     with pytest.raises(UsageError, match="--coactivation-tables must be one of top, full"):
         analyze_trace(trace, coactivation_tables="all")
+
+
+def test_token_matrix_over_several_parts_by_hand():
+    """Rows of the sample spread over row groups: tokens ordered by (hash, token), a layer a token lacks
+    is -1, a token with two rows in one layer is flagged, rows of tokens past max_tokens are left out."""
+    import numpy as np
+
+    from moeprof.analysis import load
+    from moeprof.analysis.aggregate import Aggregates, Selection, TokenSample
+
+    sel = Selection(layers=[0, 1, 2], domains=["d"], request_ids=np.array([0]), request_domain=np.array([0]),
+                    num_experts=8, top_k=2)
+    agg = Aggregates.empty(sel)
+    # (hash, token, layer, experts) rows; tokens by (hash, token): 10 (h 1), 11 (h 2), 12 (h 2), 13 (h 5)
+    rows = [(2, 12, 0, (1, 2)), (1, 10, 2, (5, 6)), (5, 13, 0, (7, 0)), (2, 11, 1, (3, 4)),
+            (1, 10, 0, (0, 1)), (2, 12, 1, (2, 3)), (2, 12, 1, (4, 5)), (5, 13, 1, (1, 1))]
+    for chunk in (rows[:3], rows[3:5], rows[5:]):
+        h, t, lay, ex = zip(*chunk)
+        agg.sample_parts.append(TokenSample(np.array(h, np.uint64), np.array(t, np.uint64),
+                                            np.array(lay, np.int16), np.array(ex, np.int16)))
+    m, dup = load.token_matrix(agg, 3)
+    assert m.shape == (3, 3, 2)
+    assert m[0].tolist() == [[0, 1], [-1, -1], [5, 6]]  # token 10
+    assert m[1].tolist() == [[-1, -1], [3, 4], [-1, -1]]  # token 11
+    assert m[2, 0].tolist() == [1, 2] and m[2, 2].tolist() == [-1, -1]  # token 12: two rows in layer 1
+    assert dup.tolist() == [False, False, True]
+    m4, dup4 = load.token_matrix(agg, 10)
+    assert m4.shape == (4, 3, 2) and m4[3].tolist() == [[7, 0], [1, 1], [-1, -1]] and not dup4[3]
