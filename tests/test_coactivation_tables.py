@@ -117,3 +117,24 @@ def test_token_matrix_over_several_parts_by_hand():
     assert dup.tolist() == [False, False, True]
     m4, dup4 = load.token_matrix(agg, 10)
     assert m4.shape == (4, 3, 2) and m4[3].tolist() == [[7, 0], [1, 1], [-1, -1]] and not dup4[3]
+
+
+def test_one_row_group_counted_in_slices_gives_the_same_aggregates(trace, monkeypatch):
+    import numpy as np
+
+    from moeprof.analysis import aggregate, load
+    from moeprof.analysis.run import build_selection
+    from moeprof.trace import Trace
+
+    t = Trace.open(trace)
+    assert len(aggregate.row_groups(t)) == 1
+    sel = build_selection(t, None, None, 0, 1 << 17, 4096)
+    whole = aggregate.aggregate_routing(t, sel, threads=1)
+    monkeypatch.setattr(aggregate, "MIN_SLICE_ROWS", 1000)
+    sliced = aggregate.aggregate_routing(t, sel, threads=3)
+    assert len(sliced.sample_parts) == 3 and len(whole.sample_parts) == 1
+    for name in ("domains", "sampled", "seen", "phases_seen"):
+        assert np.array_equal(getattr(whole, name), getattr(sliced, name)), name
+    assert whole.rows == sliced.rows
+    for x, y in zip(load.token_matrix(whole, 1 << 17), load.token_matrix(sliced, 1 << 17)):
+        assert np.array_equal(x, y)

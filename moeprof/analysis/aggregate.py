@@ -54,6 +54,10 @@ At DeepSeek-V3 shape (58 MoE layers x 256 experts) their counts take 0.45 GiB, a
 about as much again at their peak: analyze of 10^6 requests peaked at 2.1-2.5 GiB with 4096, 3.3 GiB
 with 8192 (``bench/analyze_memory.py``), against a goal of 4 GiB."""
 
+MIN_SLICE_ROWS = 1 << 18
+"""A row group is counted in slices on several threads when there are fewer row groups than threads (a
+trace of one row group, 10^6 rows); below this many rows a slice's fixed cost (its bins) is not worth it."""
+
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -504,14 +508,22 @@ def aggregate_routing(
             table = shards.read_row_group(path, i, columns)
         except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
             raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
-        part = work(table, f"{path} (row group {i})")
+        where = f"{path} (row group {i})"
+        if pieces == 1:
+            parts = [work(table, where)]
+        else:  # fewer row groups than threads: count slices of this one side by side (partials merge by sum)
+            step = -(-table.num_rows // pieces)
+            with ThreadPoolExecutor(max_workers=pieces, thread_name_prefix="moeprof-slice") as inner:
+                parts = list(inner.map(lambda lo: work(table.slice(lo, step), where), range(0, table.num_rows, step)))
         del table
         with lock:
-            agg.merge(part)
+            for part in parts:
+                agg.merge(part)
         if progress is not None:
             progress(1)
 
     threads = threads or os.cpu_count() or 1
+    pieces = max(1, min(threads // max(1, len(units)), rows_total // max(1, len(units)) // MIN_SLICE_ROWS))
     if threads == 1 or len(units) <= 1:
         for u in units:
             run(u)

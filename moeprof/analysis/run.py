@@ -275,15 +275,17 @@ def analyze_trace(
     def coactivation_step() -> dict:
         # Step 7: co-activation.
         tokens, dup = token_job.result()
-        return _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens, coactivation_tables)
+        return _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens, coactivation_tables,
+                             pool)
 
-    pool = ThreadPoolExecutor(max_workers=5, thread_name_prefix="moeprof-stats")
+    pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="moeprof-stats")  # 5 steps + transition counts
     with pool, one_blas_thread():
         token_job = pool.submit(token_step)
         class_job = pool.submit(_classification, a, agg, sampled, caps, sel, kept_layers, seed)
         phase_job = pool.submit(_prefill_decode, a, agg, sampled, caps, sel, kept_layers, seed)
         co_job = pool.submit(coactivation_step)
         s["batch_imbalance"] = pool.submit(batch_step).result()
+        co_job.exception()  # done before the pool shuts down: co-activation submits a job of its own
 
     # Step 5: domain shift and classification.
     by_domain = agg.by_domain()[:, :, keep_l]  # (D, 2, L, E)
@@ -563,7 +565,8 @@ def _prefill_decode(a: Analysis, agg: Aggregates, sampled: np.ndarray, caps: dic
 
 
 def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None, agg: Aggregates, caps: dict,
-                  trace: Trace, layers: list[int], max_tokens: int, tables: str = "top") -> dict[str, Any]:
+                  trace: Trace, layers: list[int], max_tokens: int, tables: str = "top",
+                  pool: ThreadPoolExecutor | None = None) -> dict[str, Any]:
     if tokens is None:
         return unavailable(caps["per_token"])
     E, k = agg.selection.num_experts, agg.selection.top_k
@@ -575,6 +578,9 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
                        f"{agg.tokens_estimate:,}; raise the sample size for more")
     if dup is not None and dup.any():
         return unavailable(f"tokens cannot be told apart: {caps['positions'] or 'several routing rows share one (request, step, pos) in a layer'}")
+    steps = co.consecutive_pairs(layers, trace.model.moe_layers)
+    # Transitions count on a thread of their own, beside the pairs (about as long as each other).
+    trans_job = pool.submit(co.transition_counts, tokens, steps, E) if pool is not None and steps else None
     loads = co.layer_counts(tokens, E)
     tok_per_layer = loads.sum(axis=1) // k
     pairs = co.pair_counts(tokens, E)
@@ -585,11 +591,10 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
     top = co.top_by_lift(pairs, loads, tok_per_layer, layers, min_count=co.TOP_MIN_COUNT)
     out["pairs"] = dict(available=True, nonzero_pairs=co.nonzero_pairs(pairs), top_by_lift=_records(top),
                         min_count_for_top=co.TOP_MIN_COUNT)
-    steps = co.consecutive_pairs(layers, trace.model.moe_layers)
     if not steps:
         out["transitions"] = unavailable("the selection holds no two consecutive MoE layers")
         return out
-    trans = co.transition_counts(tokens, steps, E)
+    trans = trans_job.result() if trans_job is not None else co.transition_counts(tokens, steps, E)
     from_counts = np.stack([loads[i] for i, _ in steps])
     cond = co.conditional(trans, from_counts)
     conc = co.concentration(cond, from_counts)
