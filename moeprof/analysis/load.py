@@ -249,7 +249,8 @@ def _resampled_quantile(srt: np.ndarray, owner: np.ndarray, drawn: np.ndarray, q
     size = min(64, N)
     blocks = -(-N // size)
     per_block = np.bincount(owner * blocks + np.arange(N) // size, minlength=n * blocks).reshape(n, blocks)
-    cum_block = np.cumsum(drawn @ per_block.astype(drawn.dtype), axis=1)  # (reps, blocks) exact integers
+    # (reps, blocks) exact integers; the cumulative sum taken over the few rows before the product, not after
+    cum_block = drawn @ np.cumsum(per_block, axis=1).astype(drawn.dtype)
     # The owners of srt padded to whole blocks with a row n that no resample holds: no bounds checks.
     owner_pad = np.full(blocks * size, n, np.intp)
     owner_pad[:N] = owner
@@ -279,7 +280,8 @@ def _resampled_quantile_columns(srt: np.ndarray, order: np.ndarray, drawn: np.nd
     col = np.arange(m)
     in_block = np.zeros((n, m, blocks), drawn.dtype)  # in_block[r, c, b] = 1: row r's value in column c has its rank in block b
     in_block[order, col, (np.arange(n) // size)[:, None]] = 1
-    cum_block = np.cumsum((drawn @ in_block.reshape(n, m * blocks)).reshape(reps, m, blocks), axis=2)
+    # The product of cumulative sums is the cumulative sum of the product (exact integers), on n rows, not reps.
+    cum_block = (drawn @ np.cumsum(in_block, axis=2).reshape(n, m * blocks)).reshape(reps, m, blocks)
     # The rows of each column's ranks, padded to whole blocks with a row n that no resample holds.
     rows_pad = np.full((m * blocks, size), n, np.intp)
     rows_pad.reshape(m, blocks * size)[:, :n] = order.T
