@@ -113,23 +113,22 @@ def top_pairs(pairs: np.ndarray) -> np.ndarray:
 
 
 def _upper(num_experts: int) -> np.ndarray:
-    """Flat (a, b) ids with a < b of an (E, E) matrix, ascending."""
-    return np.flatnonzero(np.triu(np.ones((num_experts, num_experts), bool), 1))
+    """``(E, E)`` bool: the cells (a, b) with a < b."""
+    return np.triu(np.ones((num_experts, num_experts), bool), 1)
 
 
 def nonzero_pairs(pairs: np.ndarray) -> int:
     """Pairs (a < b) seen together at least once, over every layer: the rows of the full pair table."""
-    L, E, _ = pairs.shape
-    return int(np.count_nonzero(pairs.reshape(L, E * E)[:, _upper(E)]))
+    return int(np.count_nonzero((pairs != 0) & _upper(pairs.shape[-1])))
 
 
 def _pair_rows(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
-               nz: np.ndarray, upper: np.ndarray) -> pl.DataFrame:
-    """Rows ``nz`` (flat ids into ``(L, upper.size)``, ascending) of the pair table."""
+               flat: np.ndarray) -> pl.DataFrame:
+    """Rows of the pair table at ``flat``, ascending flat ids into ``pairs (L, E, E)`` with a < b."""
     E = pairs.shape[1]
-    li, ab = np.divmod(nz, upper.size)
-    a, b = np.divmod(upper[ab], E)
-    count = pairs.reshape(-1)[li * (E * E) + upper[ab]]
+    li, ab = np.divmod(flat, E * E)
+    a, b = np.divmod(ab, E)
+    count = pairs.reshape(-1)[flat]
     T = tokens_per_layer[li].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         lift = (count / T) / ((loads[li, a] / T) * (loads[li, b] / T))
@@ -147,32 +146,29 @@ def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarra
                keep: np.ndarray | None = None) -> pl.DataFrame:
     """Non-zero pairs (a < b) per layer with count and lift; ``loads (L, E)``, ``tokens_per_layer (L,)``.
     ``keep (L, E, E)`` bool: only those pairs (e.g. :func:`top_pairs`)."""
-    L, E, _ = pairs.shape
-    upper = _upper(E)
-    counts = pairs.reshape(L, E * E)[:, upper]
+    mask = (pairs != 0) & _upper(pairs.shape[-1])
     if keep is not None:
-        counts = counts * keep.reshape(L, E * E)[:, upper]
-    nz = np.flatnonzero(counts)  # in (layer, a, b) order, as np.nonzero gives
-    return _pair_rows(pairs, loads, tokens_per_layer, layers, nz, upper)
+        mask &= keep
+    # flat ids in (layer, a, b) order, as np.nonzero gives; 1-D takes beat 3-D fancy indexing
+    return _pair_rows(pairs, loads, tokens_per_layer, layers, np.flatnonzero(mask))
 
 
 def top_by_lift(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
                 n: int = 10, min_count: int = TOP_MIN_COUNT) -> pl.DataFrame:
     """The ``n`` pairs of highest lift among those seen ``min_count`` times or more: the rows of the full
     :func:`pair_table` filtered and sorted (stable) by lift, built from the few candidates alone."""
-    L, E, _ = pairs.shape
-    upper = _upper(E)
-    cand = np.flatnonzero(pairs.reshape(L, E * E)[:, upper] >= min_count)
-    rows = _pair_rows(pairs, loads, tokens_per_layer, layers, cand, upper)
+    cand = np.flatnonzero((pairs >= min_count) & _upper(pairs.shape[-1]))
+    rows = _pair_rows(pairs, loads, tokens_per_layer, layers, cand)
     if rows.height > n:  # lifts are finite here (count > 0); rows tied with the n-th largest stay, so the
         lift = rows["lift"].to_numpy()  # stable sort picks among them as it would among all rows
         rows = rows.filter(pl.col("lift") >= np.partition(lift, lift.size - n)[lift.size - n])
     return rows.sort("lift", descending=True, maintain_order=True).head(n)
 
 
-def transition_table(trans: np.ndarray, cond: np.ndarray, pairs: Sequence[tuple[int, int]],
+def transition_table(trans: np.ndarray, from_counts: np.ndarray, pairs: Sequence[tuple[int, int]],
                      layers: Sequence[int], keep: np.ndarray | None = None) -> pl.DataFrame:
-    """Non-zero transitions with count and P(e'|e); ``keep (P, E, E)`` bool: only those (e.g.
+    """Non-zero transitions with count and P(e'|e) (as :func:`conditional` gives it); ``from_counts
+    (P, E)`` tokens routed to e in the first layer; ``keep (P, E, E)`` bool: only those (e.g.
     :func:`most_frequent`, each expert's most frequent next experts)."""
     E = trans.shape[-1]
     # flat ids in (pair, e, e') order; 1-D takes beat 3-D fancy indexing
@@ -181,19 +177,24 @@ def transition_table(trans: np.ndarray, cond: np.ndarray, pairs: Sequence[tuple[
     e, e2 = np.divmod(rest, E)
     src = np.array([layers[i] for i, _ in pairs], np.int16)  # int16 ids, as in pair_table
     dst = np.array([layers[j] for _, j in pairs], np.int16)
+    count = trans.reshape(-1).take(nz)
     return pl.DataFrame({
         "layer": pl.Series(src[p], dtype=pl.Int16),
         "next_layer": pl.Series(dst[p], dtype=pl.Int16),
         "expert": pl.Series(e.astype(np.int16)),
         "next_expert": pl.Series(e2.astype(np.int16)),
-        "count": trans.reshape(-1).take(nz),
-        "p_next_given_expert": cond.reshape(-1).take(nz),
+        "count": count,
+        # a transition from e means e has tokens: the same division as conditional's, for these rows only
+        "p_next_given_expert": count / from_counts.reshape(-1).take(nz // E),
     })
 
 
-def concentration(cond: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
-    """``(P,)`` load-weighted mean over e of max_e' P(e'|e): 1.0 when e fixes a next expert."""
-    best = np.nan_to_num(np.nanmax(np.where(np.isnan(cond), -np.inf, cond), axis=-1), neginf=0.0)
+def concentration(trans: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
+    """``(P,)`` load-weighted mean over e of max_e' P(e'|e): 1.0 when e fixes a next expert.
+
+    From the counts ``trans (P, E, E)``: max_e' (n(e, e') / n(e)) is max_e' n(e, e') / n(e), the same
+    float (dividing by a positive number keeps the order), without the (P, E, E) division."""
     w = from_counts.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
+        best = np.where(from_counts > 0, trans.max(axis=-1) / np.maximum(from_counts, 1), 0.0)
         return (best * w).sum(axis=-1) / w.sum(axis=-1)

@@ -596,16 +596,15 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
         return out
     trans = trans_job.result() if trans_job is not None else co.transition_counts(tokens, steps, E)
     from_counts = np.stack([loads[i] for i, _ in steps])
-    cond = co.conditional(trans, from_counts)
-    conc = co.concentration(cond, from_counts)
-    a.tables[f"transitions{suffix}"] = co.transition_table(trans, cond, steps, layers,
+    conc = co.concentration(trans, from_counts)
+    a.tables[f"transitions{suffix}"] = co.transition_table(trans, from_counts, steps, layers,
                                                            keep=None if full else co.most_frequent(trans))
     to_counts = np.stack([loads[j] for _, j in steps])
     # If the next expert were independent of e, max_e' P(e'|e) would be the next layer's top share.
     baseline = to_counts.max(axis=1) / np.maximum(to_counts.sum(axis=1) / k, 1)
     excess = conc - baseline
     best = int(np.nanargmax(excess)) if np.isfinite(excess).any() else 0
-    a.arrays.update(transition_cond=cond[best], transition_pair=(layers[steps[best][0]], layers[steps[best][1]]),
+    a.arrays.update(transition_cond=co.conditional(trans[best], from_counts[best]), transition_pair=(layers[steps[best][0]], layers[steps[best][1]]),
                     transition_concentration=[(layers[i], layers[j], float(c), float(b))
                                               for (i, j), c, b in zip(steps, conc, baseline)])
     out["transitions"] = dict(
