@@ -1,4 +1,6 @@
-"""Co-activation tables: ``top`` (the default) against ``full``, and the outputs downstream commands read."""
+"""What cuts analyze's fixed cost, against the plain computation: the co-activation tables (``top``, the default,
+against ``full``) and the outputs downstream commands read; the token matrix over row groups' samples; one row
+group counted in slices; the radix sort of count vectors."""
 
 from __future__ import annotations
 
@@ -138,3 +140,18 @@ def test_one_row_group_counted_in_slices_gives_the_same_aggregates(trace, monkey
     assert whole.rows == sliced.rows
     for x, y in zip(load.token_matrix(whole, 1 << 17), load.token_matrix(sliced, 1 << 17)):
         assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("high", [3, 200, 60_000, 1 << 20])
+def test_order_desc_is_the_stable_argsort_of_minus_the_counts(high):
+    import numpy as np
+
+    from moeprof.analysis.phase import order_desc
+
+    rng = np.random.default_rng(high)
+    for dtype in (np.int32, np.int64):
+        a = rng.integers(0, high, size=(7, 5, 256)).astype(dtype)
+        assert np.array_equal(order_desc(a), np.argsort(-a, axis=-1, kind="stable"))
+    f = rng.random((4, 32))  # floats and negative counts keep the plain sort
+    assert np.array_equal(order_desc(f), np.argsort(-f, axis=-1, kind="stable"))
+    assert np.array_equal(order_desc(-a), np.argsort(a, axis=-1, kind="stable"))
