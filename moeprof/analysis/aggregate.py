@@ -318,8 +318,8 @@ class _Pass:
         li = self.layer_lut[layer.astype(np.int16, copy=False).view(np.uint16)]  # == layer & 0xFFFF
         keep = (ri >= 0) & (li >= 0)
         if not keep.all():
-            rid, ri, li, phase, experts = rid[keep], ri[keep], li[keep], phase[keep], experts[keep]
             sel_rows = np.flatnonzero(keep)
+            rid, ri, li, phase, experts = (np.take(x, sel_rows, axis=0) for x in (rid, ri, li, phase, experts))
         else:
             sel_rows = None
         if ri.size == 0:
@@ -360,11 +360,14 @@ class _Pass:
         # One expert column at a time: (n,) temporaries stay small, where one (n*k,) index array
         # cost several times the counting itself (measured: 40 ms against 230 ms per 1M rows, top-8).
         size = (D + 1 + nslots) * per_req
-        counts = np.zeros(size, np.int64)
+        counts = None  # the first column's counts, not zeros, take the others (one (size,) pass fewer)
         idx = np.empty(base.size, np.int64)
         for column in np.ascontiguousarray(experts.T):
             np.add(base, column, out=idx)
-            counts += np.bincount(idx, minlength=size)
+            if counts is None:
+                counts = np.bincount(idx, minlength=size).astype(np.int64, copy=False)
+            else:
+                counts += np.bincount(idx, minlength=size)
         counts = counts.reshape(D + 1 + nslots, 2, L, E)
         domains, sampled = counts[: D + 1], counts[D + 1 :]
         if nslots:
@@ -398,14 +401,15 @@ class _Pass:
             h = splitmix64(bid.astype(np.uint64) ^ self.seed)
             if self.threshold is not None:
                 take = np.flatnonzero(h < self.threshold)
-                h, rid, step, pos, li, experts = h[take], rid[take], step[take], pos[take], li[take], experts[take]
+                # np.take: along the first axis of (n, k) experts it copies rows several times faster than [take]
+                h, rid, step, pos, li, experts = (np.take(x, take, axis=0) for x in (h, rid, step, pos, li, experts))
             token = _token_key(rid, step, pos)
         else:
             token = _token_key(rid, step, pos)
             h = splitmix64(token ^ self.seed)
             if self.threshold is not None:
                 take = np.flatnonzero(h < self.threshold)
-                h, token, li, experts = h[take], token[take], li[take], experts[take]
+                h, token, li, experts = (np.take(x, take, axis=0) for x in (h, token, li, experts))
         sample = TokenSample(h, token, li.astype(np.int16), experts.astype(np.int16, copy=False))
         part = Partial(lo, np.ascontiguousarray(sampled), slots, sample, int(ri.size), phases_seen,
                        np.ascontiguousarray(domains), seen)
