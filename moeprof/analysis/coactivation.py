@@ -122,9 +122,9 @@ def nonzero_pairs(pairs: np.ndarray) -> int:
     return int(np.count_nonzero((pairs != 0) & _upper(pairs.shape[-1])))
 
 
-def _pair_rows(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
-               flat: np.ndarray) -> pl.DataFrame:
-    """Rows of the pair table at ``flat``, ascending flat ids into ``pairs (L, E, E)`` with a < b."""
+def _pair_values(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, flat: np.ndarray
+                 ) -> tuple[np.ndarray, ...]:
+    """Layer index, a, b, count and lift of the pairs at ``flat`` (flat ids into ``pairs (L, E, E)``)."""
     E = pairs.shape[1]
     li, ab = np.divmod(flat, E * E)
     a, b = np.divmod(ab, E)
@@ -132,6 +132,13 @@ def _pair_rows(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarra
     T = tokens_per_layer[li].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         lift = (count / T) / ((loads[li, a] / T) * (loads[li, b] / T))
+    return li, a, b, count, lift
+
+
+def _pair_rows(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
+               flat: np.ndarray) -> pl.DataFrame:
+    """Rows of the pair table at ``flat``, ascending flat ids into ``pairs (L, E, E)`` with a < b."""
+    li, a, b, count, lift = _pair_values(pairs, loads, tokens_per_layer, flat)
     # Layer and expert ids are int16 in the trace: cast in numpy, several times cheaper than polars' checked cast.
     return pl.DataFrame({
         "layer": pl.Series(np.asarray(layers, np.int16)[li]),
@@ -158,10 +165,10 @@ def top_by_lift(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarr
     """The ``n`` pairs of highest lift among those seen ``min_count`` times or more: the rows of the full
     :func:`pair_table` filtered and sorted (stable) by lift, built from the few candidates alone."""
     cand = np.flatnonzero((pairs >= min_count) & _upper(pairs.shape[-1]))
+    if cand.size > n:  # lifts are finite here (count > 0); pairs tied with the n-th largest stay, so the
+        lift = _pair_values(pairs, loads, tokens_per_layer, cand)[-1]  # stable sort picks as among all rows
+        cand = cand[lift >= np.partition(lift, lift.size - n)[lift.size - n]]
     rows = _pair_rows(pairs, loads, tokens_per_layer, layers, cand)
-    if rows.height > n:  # lifts are finite here (count > 0); rows tied with the n-th largest stay, so the
-        lift = rows["lift"].to_numpy()  # stable sort picks among them as it would among all rows
-        rows = rows.filter(pl.col("lift") >= np.partition(lift, lift.size - n)[lift.size - n])
     return rows.sort("lift", descending=True, maintain_order=True).head(n)
 
 

@@ -254,7 +254,8 @@ def analyze_trace(
         if not agg.per_token:
             return None, None
         tokens, dup = load.token_matrix(agg, sample_tokens if sample_tokens > 0 else 1 << 62)
-        return tokens[:, keep_l], dup
+        # every layer kept (nearly always): the matrix itself, not a copy (121 MB at 131,072 tokens x 58 layers)
+        return (tokens if keep_l.size == tokens.shape[1] else tokens[:, keep_l]), dup
 
     def batch_step() -> dict:
         # Step 4: imbalance over batches of B tokens.
