@@ -232,7 +232,8 @@ def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: b
     if befores:
         print(f"  baseline analyze ({baseline}): {_spread([b['seconds'] for b in befores])} s, "
               f"{_spread([b['seconds'] / f for b, f in zip(befores, fl)])}x the floor, "
-              f"CPU {_spread([b['cpu'] for b in befores])} s, peak RSS {_spread([b['peak_rss'] / gib for b in befores])} GiB; "
+              f"CPU {_spread([b['cpu'] for b in befores])} s, whole process {_spread([b['process'] for b in befores])} s, "
+              f"peak RSS {_spread([b['peak_rss'] / gib for b in befores])} GiB; "
               f"analyze / baseline {_spread([a / b['seconds'] for a, b in zip(an, befores)])}x")
     if fulls:
         print(f"  analyze, --coactivation-tables full:        {_spread([x['seconds'] for x in fulls])} s, "
