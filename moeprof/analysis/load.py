@@ -113,8 +113,8 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
     Tokens are ordered by their sample hash (a random order, or random forward passes with their
     tokens kept together when the key is ``batch_id``), then by identity; the first ``max_tokens``.
     """
-    # The row groups' samples are read where they are, never concatenated (at 10^7 rows that copy of
-    # 9.6 M rows cost 0.44 s of CPU, as much as the rest of this function).
+    # The row groups' samples are read where they are, never concatenated (at 10^7 rows the sample holds
+    # 9.6 M rows, 0.3 GB: a copy that cost about as much as the rest of this function).
     parts = [p for p in agg.sample_parts if len(p.hash)]
     L, k = len(agg.selection.layers), agg.selection.top_k
     if not parts:
@@ -241,7 +241,8 @@ def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int
 
 FEW_VALUES_COLUMNS, FEW_VALUES_POOLED = 16, 128
 """Up to this many distinct values, resample quantiles are read off counts per value (exact, and cheaper
-than blocks of ranks): max/mean over B tokens takes at most B + 1 values, 1 at B = 1, about 8 at B = 8."""
+than blocks of ranks): max/mean over B tokens takes at most B + 1 values (1 at B = 1 and 7 at B = 8 on
+bench/analyze_bench.py's 10^6-row trace)."""
 
 
 def _resampled_quantile_values(vals: np.ndarray, inv: np.ndarray, drawn: np.ndarray, q: float,
