@@ -17,6 +17,8 @@ alternating so that load from other processes falls on both alike:
   its whole process (interpreter start, imports, analysis, outputs) is timed too;
 - optionally (``--baseline``) analyze again under another interpreter, e.g. a virtual environment with
   the main branch installed, to compare two versions at the same load;
+- optionally (``--full-tables``) analyze again with ``coactivation_tables="full"`` (every co-activation
+  row, as analyze wrote before ``top`` became the default), to tell that change from the others;
 - optionally the same counts with a polars explode + group_by, to compare with numpy bincount.
 Prints, per size, medians with [min - max]: floor, analyze, analyze / floor (per round), the whole
 process, and peak RSS.
@@ -146,7 +148,8 @@ t0 = time.perf_counter()
 from pathlib import Path
 from moeprof.analysis.run import analyze
 t1 = time.perf_counter()
-a = analyze(sys.argv[1], out=Path(sys.argv[2]), force=True)  # what `analyze --out` does, less the plots' writer
+options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+a = analyze(sys.argv[1], out=Path(sys.argv[2]), force=True, **options)  # what `analyze --out` does, less the plots' writer
 t2 = time.perf_counter()
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps(dict(seconds=t2 - t1, imports=t1 - t0, cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024,
@@ -186,7 +189,8 @@ def _spread(xs: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(float(np.median(xs)))} [{fmt.format(min(xs))} - {fmt.format(max(xs))}]"
 
 
-def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: bool, baseline: str | None = None) -> dict:
+def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: bool, baseline: str | None = None,
+             full_tables: bool = False) -> dict:
     trace = OUT / f"trace-{rows_wanted}"
     manifest = trace / "manifest.json"
     cached = manifest.exists() and json.loads(manifest.read_text()).get("complete")
@@ -200,12 +204,15 @@ def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: b
     rows = t.num_routing_rows
     for p in t.shard_paths("routing"):  # warm the page cache so both runs read from memory alike
         p.read_bytes()
-    floors, analyses, befores = [], [], []
+    floors, analyses, befores, fulls = [], [], [], []
     for _ in range(repeats):
         floors.append(_child(_FLOOR, str(trace)))
         analyses.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}")))
         if baseline:
             befores.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}-baseline"), python=baseline))
+        if full_tables:
+            fulls.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}-full"),
+                                json.dumps({"coactivation_tables": "full"})))
     gib = 1 << 30
     fl = [f["seconds"] for f in floors]
     an = [a["seconds"] for a in analyses]
@@ -225,8 +232,13 @@ def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: b
     if befores:
         print(f"  baseline analyze ({baseline}): {_spread([b['seconds'] for b in befores])} s, "
               f"{_spread([b['seconds'] / f for b, f in zip(befores, fl)])}x the floor, "
-              f"CPU {_spread([b['cpu'] for b in befores])} s, peak RSS {_spread([b['peak_rss'] / gib for b in befores])} GiB; "
+              f"CPU {_spread([b['cpu'] for b in befores])} s, whole process {_spread([b['process'] for b in befores])} s, "
+              f"peak RSS {_spread([b['peak_rss'] / gib for b in befores])} GiB; "
               f"analyze / baseline {_spread([a / b['seconds'] for a, b in zip(an, befores)])}x")
+    if fulls:
+        print(f"  analyze, --coactivation-tables full:        {_spread([x['seconds'] for x in fulls])} s, "
+              f"{_spread([x['seconds'] / f for x, f in zip(fulls, fl)])}x the floor, "
+              f"CPU {_spread([x['cpu'] for x in fulls])} s, whole process {_spread([x['process'] for x in fulls])} s")
     if compare_polars:
         pc = _child(_POLARS_COUNTS, str(trace))
         print(f"  counts only, polars explode + group_by:     {pc['seconds']:.2f} s, "
@@ -241,12 +253,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating floor/analyze rounds per size (default 3)")
     ap.add_argument("--compare-polars", action="store_true", help="also time the counts as a polars group_by")
     ap.add_argument("--regenerate", action="store_true")
+    ap.add_argument("--full-tables", action="store_true", help="also time analyze with --coactivation-tables full "
+                    "(every co-activation row) in the same rounds")
     ap.add_argument("--baseline", metavar="PYTHON", help="also time analyze with this interpreter (a virtual "
                     "environment holding another checkout of moeprof), in the same alternating rounds")
     args = ap.parse_args()
     sizes = [_rows(x) for x in args.rows.split(",") if x.strip()]
     print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the start")
-    results = [run_size(n, args.repeats, args.regenerate, args.compare_polars, args.baseline) for n in sizes]
+    results = [run_size(n, args.repeats, args.regenerate, args.compare_polars, args.baseline, args.full_tables)
+               for n in sizes]
     print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     print("\nsize         analyze / floor (median [min - max])   analyze s   peak RSS GiB")
     for r in results:

@@ -6,7 +6,9 @@
 
 Compares summary.json (every key, every number to a relative 1e-9) and every table under tables/
 (same columns, same rows in the same order). Keys that name the run (moeprof_version, outputs) are
-left out. Exits 1 and lists the differences when the results differ.
+left out. Exits 1 and lists the differences when the results differ. Against an output of a version
+before ``--coactivation-tables`` (which wrote every co-activation row), write the new one with
+``--coactivation-tables full``: the default ``top`` tables have other names.
 """
 
 from __future__ import annotations

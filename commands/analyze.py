@@ -18,6 +18,11 @@ class Format(str, Enum):
     json = "json"
 
 
+class CoactivationTables(str, Enum):
+    top = "top"
+    full = "full"
+
+
 def parse_layers(text: str) -> list[int]:
     """``"0,3-5"`` -> ``[0, 3, 4, 5]``; a clear error for anything else."""
     out: list[int] = []
@@ -76,6 +81,12 @@ def analyze(
         typer.Option("--sample-requests", min=1,
                      help="Requests whose own counts feed classification and prefill→decode (exact below this)."),
     ] = 4096,
+    coactivation_tables: Annotated[
+        CoactivationTables,
+        typer.Option("--coactivation-tables",
+                     help="Co-activation tables in --out: 'top' (each expert's most frequent partners and next "
+                          "experts) or 'full' (every non-zero pair and transition; millions of rows at 256 experts)."),
+    ] = CoactivationTables.top,
     force: Force = False,
     engine: EngineOpt = EngineName.local,
     address: AddressOpt = None,
@@ -108,6 +119,7 @@ def analyze(
         seed=seed,
         sample_tokens=sample_tokens,
         sample_requests=sample_requests,
+        coactivation_tables=coactivation_tables.value,
         engine=engine.value,
         address=address,
     )

@@ -154,11 +154,16 @@ def test_correlation_functions_on_hand_vectors():
     assert ph.recall_at(x, np.array([2, 3, 0, 0.0]), 2) == pytest.approx(1.0)
 
 
-def test_coactivation_counts_by_hand(hand_analysis):
-    pairs = hand_analysis.tables["coactivation_pairs"]
+def test_coactivation_counts_by_hand(hand, hand_analysis):
+    # every pair here is each of its experts' most frequent one, every transition ties: top tables = full ones
+    full = analyze_trace(hand, batch_sizes=[1, 4], coactivation_tables="full")
+    assert full.summary == hand_analysis.summary
+    assert full.tables["coactivation_pairs"].equals(hand_analysis.tables["coactivation_pairs_top"])
+    assert full.tables["transitions"].equals(hand_analysis.tables["transitions_top"])
+    pairs = full.tables["coactivation_pairs"]
     got = {(r["layer"], r["expert_a"], r["expert_b"]): r["count"] for r in pairs.to_dicts()}
     assert got == {(0, 0, 1): 32, (1, 0, 1): 8, (1, 2, 3): 8, (1, 4, 5): 8, (1, 6, 7): 8}
-    trans = hand_analysis.tables["transitions"]
+    trans = full.tables["transitions"]
     t = {(r["expert"], r["next_expert"]): (r["count"], r["p_next_given_expert"]) for r in trans.to_dicts()}
     # every token goes 0 and 1 in layer 0; each layer-1 expert takes 8 of the 32 tokens
     assert t[(0, 5)] == (8, pytest.approx(0.25)) and t[(1, 7)] == (8, pytest.approx(0.25))

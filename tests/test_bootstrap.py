@@ -23,10 +23,16 @@ def _by_definition(values, q, rng, reps=1000, per_column=False):
 @pytest.mark.parametrize("q", [0.5, 0.9, 0.0, 1.0, 0.025])
 @pytest.mark.parametrize("per_column", [False, True])
 def test_bootstrap_equals_quantiles_of_resamples(n, m, q, per_column):
-    for seed, kind in enumerate(("smooth", "ties", "nan rows")):
+    for seed, kind in enumerate(("smooth", "ties", "nan rows", "constant", "few values", "30 values")):
         v = np.random.default_rng(seed).gamma(2.0, size=(n, m))
         if kind == "ties":
             v = np.round(v, 0)
+        if kind == "constant":  # max/mean at B = 1: E / k everywhere
+            v = np.full((n, m), 32.0)
+        if kind == "few values":  # B = 8: max/mean = max count * E / (B k), a few values
+            v = np.random.default_rng(seed).integers(1, 8, size=(n, m)) * (256 / 64)
+        if kind == "30 values":  # few for the pooled quantiles, many for the per-layer ones
+            v = np.random.default_rng(seed).integers(0, 30, size=(n, m)) / 7
         if kind == "nan rows" and n > 2:
             v[1, 0] = np.nan
         want = _by_definition(v, q, np.random.default_rng(seed), per_column=per_column)

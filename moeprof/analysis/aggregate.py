@@ -54,6 +54,10 @@ At DeepSeek-V3 shape (58 MoE layers x 256 experts) their counts take 0.45 GiB, a
 about as much again at their peak: analyze of 10^6 requests peaked at 2.1-2.5 GiB with 4096, 3.3 GiB
 with 8192 (``bench/analyze_memory.py``), against a goal of 4 GiB."""
 
+MIN_SLICE_ROWS = 1 << 18
+"""A row group is counted in slices on several threads when there are fewer row groups than threads (a
+trace of one row group, 10^6 rows); below this many rows a slice's fixed cost (its bins) is not worth it."""
+
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -314,8 +318,8 @@ class _Pass:
         li = self.layer_lut[layer.astype(np.int16, copy=False).view(np.uint16)]  # == layer & 0xFFFF
         keep = (ri >= 0) & (li >= 0)
         if not keep.all():
-            rid, ri, li, phase, experts = rid[keep], ri[keep], li[keep], phase[keep], experts[keep]
             sel_rows = np.flatnonzero(keep)
+            rid, ri, li, phase, experts = (np.take(x, sel_rows, axis=0) for x in (rid, ri, li, phase, experts))
         else:
             sel_rows = None
         if ri.size == 0:
@@ -356,11 +360,14 @@ class _Pass:
         # One expert column at a time: (n,) temporaries stay small, where one (n*k,) index array
         # cost several times the counting itself (measured: 40 ms against 230 ms per 1M rows, top-8).
         size = (D + 1 + nslots) * per_req
-        counts = np.zeros(size, np.int64)
+        counts = None  # the first column's counts, not zeros, take the others (one (size,) pass fewer)
         idx = np.empty(base.size, np.int64)
         for column in np.ascontiguousarray(experts.T):
             np.add(base, column, out=idx)
-            counts += np.bincount(idx, minlength=size)
+            if counts is None:
+                counts = np.bincount(idx, minlength=size).astype(np.int64, copy=False)
+            else:
+                counts += np.bincount(idx, minlength=size)
         counts = counts.reshape(D + 1 + nslots, 2, L, E)
         domains, sampled = counts[: D + 1], counts[D + 1 :]
         if nslots:
@@ -394,14 +401,15 @@ class _Pass:
             h = splitmix64(bid.astype(np.uint64) ^ self.seed)
             if self.threshold is not None:
                 take = np.flatnonzero(h < self.threshold)
-                h, rid, step, pos, li, experts = h[take], rid[take], step[take], pos[take], li[take], experts[take]
+                # np.take: along the first axis of (n, k) experts it copies rows several times faster than [take]
+                h, rid, step, pos, li, experts = (np.take(x, take, axis=0) for x in (h, rid, step, pos, li, experts))
             token = _token_key(rid, step, pos)
         else:
             token = _token_key(rid, step, pos)
             h = splitmix64(token ^ self.seed)
             if self.threshold is not None:
                 take = np.flatnonzero(h < self.threshold)
-                h, token, li, experts = h[take], token[take], li[take], experts[take]
+                h, token, li, experts = (np.take(x, take, axis=0) for x in (h, token, li, experts))
         sample = TokenSample(h, token, li.astype(np.int16), experts.astype(np.int16, copy=False))
         part = Partial(lo, np.ascontiguousarray(sampled), slots, sample, int(ri.size), phases_seen,
                        np.ascontiguousarray(domains), seen)
@@ -504,14 +512,22 @@ def aggregate_routing(
             table = shards.read_row_group(path, i, columns)
         except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
             raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
-        part = work(table, f"{path} (row group {i})")
+        where = f"{path} (row group {i})"
+        if pieces == 1:
+            parts = [work(table, where)]
+        else:  # fewer row groups than threads: count slices of this one side by side (partials merge by sum)
+            step = -(-table.num_rows // pieces)
+            with ThreadPoolExecutor(max_workers=pieces, thread_name_prefix="moeprof-slice") as inner:
+                parts = list(inner.map(lambda lo: work(table.slice(lo, step), where), range(0, table.num_rows, step)))
         del table
         with lock:
-            agg.merge(part)
+            for part in parts:
+                agg.merge(part)
         if progress is not None:
             progress(1)
 
     threads = threads or os.cpu_count() or 1
+    pieces = max(1, min(threads // max(1, len(units)), rows_total // max(1, len(units)) // MIN_SLICE_ROWS))
     if threads == 1 or len(units) <= 1:
         for u in units:
             run(u)

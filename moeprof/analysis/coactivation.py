@@ -9,6 +9,11 @@ where a layer is absent; see :func:`moeprof.analysis.load.token_matrix`):
   l_{i+1}; ``P(e'|e)`` = transitions / tokens routed to e in l_i, the chance that a token sent to e
   is sent to e' next (rows sum to k, since a token picks k experts in the next layer). The uniform
   baseline is k/E.
+
+Tables (``tables``): ``"full"`` writes every non-zero pair and transition (about 1.4 M and 3.4 M rows
+at DeepSeek-V3 shape, whatever the trace's size); ``"top"`` (the default) keeps the rows of those
+tables where one expert is the other's most frequent partner (pairs) or ``e'`` is e's most frequent
+next expert (transitions), ties kept: about E rows per layer, in the same columns and order.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import polars as pl
 
 DEFAULT_TOKENS = 1 << 15
 """Tokens of the sample used for co-activation: k*k transitions per token and layer pair add up fast."""
+TABLES = ("top", "full")
+"""What the co-activation tables hold: each expert's most frequent partners, or every non-zero row."""
+TOP_MIN_COUNT = 10
+"""Pairs seen fewer times are left out of the summary's top pairs by lift (a lift from 2 tokens is noise)."""
 
 
 def pair_counts(tokens: np.ndarray, num_experts: int) -> np.ndarray:
@@ -91,17 +100,45 @@ def conditional(transitions: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
         return np.where(from_counts[..., None] > 0, transitions / np.maximum(from_counts[..., None], 1), np.nan)
 
 
-def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int]) -> pl.DataFrame:
-    """Non-zero pairs (a < b) per layer with count and lift; ``loads (L, E)``, ``tokens_per_layer (L,)``."""
-    L, E, _ = pairs.shape
-    upper = np.flatnonzero(np.triu(np.ones((E, E), bool), 1))  # flat (a, b) ids with a < b, ascending
-    nz = np.flatnonzero(pairs.reshape(L, E * E)[:, upper])  # in (layer, a, b) order, as np.nonzero gives
-    li, ab = np.divmod(nz, upper.size)
-    a, b = np.divmod(upper[ab], E)
-    count = pairs.reshape(-1)[li * (E * E) + upper[ab]]
+def most_frequent(counts: np.ndarray) -> np.ndarray:
+    """``(..., E, E)`` bool: cells holding the largest non-zero count of their row (ties all kept)."""
+    best = counts.max(axis=-1, keepdims=True)
+    return (counts == best) & (best > 0)
+
+
+def top_pairs(pairs: np.ndarray) -> np.ndarray:
+    """``(L, E, E)`` bool, symmetric: (a, b) where b is a's most frequent partner or a is b's."""
+    top = most_frequent(pairs)
+    return top | top.transpose(0, 2, 1)
+
+
+def _upper(num_experts: int) -> np.ndarray:
+    """``(E, E)`` bool: the cells (a, b) with a < b."""
+    return np.triu(np.ones((num_experts, num_experts), bool), 1)
+
+
+def nonzero_pairs(pairs: np.ndarray) -> int:
+    """Pairs (a < b) seen together at least once, over every layer: the rows of the full pair table."""
+    return int(np.count_nonzero((pairs != 0) & _upper(pairs.shape[-1])))
+
+
+def _pair_values(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, flat: np.ndarray
+                 ) -> tuple[np.ndarray, ...]:
+    """Layer index, a, b, count and lift of the pairs at ``flat`` (flat ids into ``pairs (L, E, E)``)."""
+    E = pairs.shape[1]
+    li, ab = np.divmod(flat, E * E)
+    a, b = np.divmod(ab, E)
+    count = pairs.reshape(-1)[flat]
     T = tokens_per_layer[li].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         lift = (count / T) / ((loads[li, a] / T) * (loads[li, b] / T))
+    return li, a, b, count, lift
+
+
+def _pair_rows(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
+               flat: np.ndarray) -> pl.DataFrame:
+    """Rows of the pair table at ``flat``, ascending flat ids into ``pairs (L, E, E)`` with a < b."""
+    li, a, b, count, lift = _pair_values(pairs, loads, tokens_per_layer, flat)
     # Layer and expert ids are int16 in the trace: cast in numpy, several times cheaper than polars' checked cast.
     return pl.DataFrame({
         "layer": pl.Series(np.asarray(layers, np.int16)[li]),
@@ -112,28 +149,59 @@ def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarra
     })
 
 
-def transition_table(trans: np.ndarray, cond: np.ndarray, pairs: Sequence[tuple[int, int]],
-                     layers: Sequence[int]) -> pl.DataFrame:
-    """Non-zero transitions with count and P(e'|e)."""
+def pair_table(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
+               keep: np.ndarray | None = None) -> pl.DataFrame:
+    """Non-zero pairs (a < b) per layer with count and lift; ``loads (L, E)``, ``tokens_per_layer (L,)``.
+    ``keep (L, E, E)`` bool: only those pairs (e.g. :func:`top_pairs`)."""
+    mask = (pairs != 0) & _upper(pairs.shape[-1])
+    if keep is not None:
+        mask &= keep
+    # flat ids in (layer, a, b) order, as np.nonzero gives; 1-D takes beat 3-D fancy indexing
+    return _pair_rows(pairs, loads, tokens_per_layer, layers, np.flatnonzero(mask))
+
+
+def top_by_lift(pairs: np.ndarray, loads: np.ndarray, tokens_per_layer: np.ndarray, layers: Sequence[int],
+                n: int = 10, min_count: int = TOP_MIN_COUNT) -> pl.DataFrame:
+    """The ``n`` pairs of highest lift among those seen ``min_count`` times or more: the rows of the full
+    :func:`pair_table` filtered and sorted (stable) by lift, built from the few candidates alone."""
+    cand = np.flatnonzero((pairs >= min_count) & _upper(pairs.shape[-1]))
+    if cand.size > n:  # lifts are finite here (count > 0); pairs tied with the n-th largest stay, so the
+        lift = _pair_values(pairs, loads, tokens_per_layer, cand)[-1]  # stable sort picks as among all rows
+        cand = cand[lift >= np.partition(lift, lift.size - n)[lift.size - n]]
+    rows = _pair_rows(pairs, loads, tokens_per_layer, layers, cand)
+    return rows.sort("lift", descending=True, maintain_order=True).head(n)
+
+
+def transition_table(trans: np.ndarray, from_counts: np.ndarray, pairs: Sequence[tuple[int, int]],
+                     layers: Sequence[int], keep: np.ndarray | None = None) -> pl.DataFrame:
+    """Non-zero transitions with count and P(e'|e) (as :func:`conditional` gives it); ``from_counts
+    (P, E)`` tokens routed to e in the first layer; ``keep (P, E, E)`` bool: only those (e.g.
+    :func:`most_frequent`, each expert's most frequent next experts)."""
     E = trans.shape[-1]
-    nz = np.flatnonzero(trans)  # flat ids in (pair, e, e') order; 1-D takes beat 3-D fancy indexing
+    # flat ids in (pair, e, e') order; 1-D takes beat 3-D fancy indexing
+    nz = np.flatnonzero(trans if keep is None else keep & (trans > 0))
     p, rest = np.divmod(nz, E * E)
     e, e2 = np.divmod(rest, E)
     src = np.array([layers[i] for i, _ in pairs], np.int16)  # int16 ids, as in pair_table
     dst = np.array([layers[j] for _, j in pairs], np.int16)
+    count = trans.reshape(-1).take(nz)
     return pl.DataFrame({
         "layer": pl.Series(src[p], dtype=pl.Int16),
         "next_layer": pl.Series(dst[p], dtype=pl.Int16),
         "expert": pl.Series(e.astype(np.int16)),
         "next_expert": pl.Series(e2.astype(np.int16)),
-        "count": trans.reshape(-1).take(nz),
-        "p_next_given_expert": cond.reshape(-1).take(nz),
+        "count": count,
+        # a transition from e means e has tokens: the same division as conditional's, for these rows only
+        "p_next_given_expert": count / from_counts.reshape(-1).take(nz // E),
     })
 
 
-def concentration(cond: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
-    """``(P,)`` load-weighted mean over e of max_e' P(e'|e): 1.0 when e fixes a next expert."""
-    best = np.nan_to_num(np.nanmax(np.where(np.isnan(cond), -np.inf, cond), axis=-1), neginf=0.0)
+def concentration(trans: np.ndarray, from_counts: np.ndarray) -> np.ndarray:
+    """``(P,)`` load-weighted mean over e of max_e' P(e'|e): 1.0 when e fixes a next expert.
+
+    From the counts ``trans (P, E, E)``: max_e' (n(e, e') / n(e)) is max_e' n(e, e') / n(e), the same
+    float (dividing by a positive number keeps the order), without the (P, E, E) division."""
     w = from_counts.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
+        best = np.where(from_counts > 0, trans.max(axis=-1) / np.maximum(from_counts, 1), 0.0)
         return (best * w).sum(axis=-1) / w.sum(axis=-1)

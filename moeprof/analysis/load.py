@@ -113,33 +113,60 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
     Tokens are ordered by their sample hash (a random order, or random forward passes with their
     tokens kept together when the key is ``batch_id``), then by identity; the first ``max_tokens``.
     """
-    s = agg.sample
+    # The row groups' samples are read where they are, never concatenated (at 10^7 rows the sample holds
+    # 9.6 M rows, 0.3 GB: a copy that cost about as much as the rest of this function).
+    parts = [p for p in agg.sample_parts if len(p.hash)]
     L, k = len(agg.selection.layers), agg.selection.top_k
-    if len(s.hash) == 0:
+    if not parts:
         return np.full((0, L, k), -1, np.int16), np.zeros(0, bool)
     # Step 1: each row's token by hashing the row keys (a hash table, not a sort of every row: the
     # sample holds up to ~1.25 x 58 rows per token); tokens, far fewer, are then sorted by (hash, token).
-    key = s.token ^ s.hash  # (hash, token) identify a token; rows of one token share both
+    starts = np.cumsum([0] + [len(p.hash) for p in parts])
+    key = np.concatenate([p.token ^ p.hash for p in parts])  # (hash, token) identify a token; its rows share both
     codes = pc.dictionary_encode(pa.array(key, pa.uint64())).indices.to_numpy()  # codes in order of first sight
-    first = np.flatnonzero(np.diff(np.maximum.accumulate(codes), prepend=-1) > 0)  # (U,) first row of each
-    order = np.lexsort((s.token[first], s.hash[first]))
+    del key
+    seen = np.maximum.accumulate(codes)  # a code is new where the running max steps up
+    first = np.flatnonzero(seen[1:] > seen[:-1]) + 1  # (U,) the first row of each token
+    first = np.concatenate([[0], first])
+    del seen
     U = first.size
+    first_hash, first_token = np.empty(U, np.uint64), np.empty(U, np.uint64)
+    part_of = np.searchsorted(starts, first, side="right") - 1
+    for i, p in enumerate(parts):
+        at = np.flatnonzero(part_of == i)
+        first_hash[at], first_token[at] = p.hash[first[at] - starts[i]], p.token[first[at] - starts[i]]
+    order = np.lexsort((first_token, first_hash))
     T = min(U, max_tokens)
     rank = np.empty(U, np.int64)
     rank[order] = np.arange(U)
     tid = rank[codes]
-    if T < U:
-        keep = np.flatnonzero(tid < T)  # indices, not a mask: compressing (n, k) rows by a mask is slower
-        tid, lay, ex = tid[keep], s.layer[keep], s.experts[keep]
-    else:
-        lay, ex = s.layer, s.experts
-    # Step 2: scatter rows into (token, layer); a second row for one (token, layer) marks a duplicate.
-    cell = tid * L + lay
-    out = np.full((T * L, k), -1, np.int16)
-    out[cell] = ex
-    seen = np.bincount(cell, minlength=T * L)
-    dup = (seen.reshape(T, L) > 1).any(axis=1)
-    return out.reshape(T, L, k), dup
+    del codes
+    # Step 2: scatter rows into (token, layer) cells; rows of tokens past the first T go to a spare
+    # cell T * L (cheaper than compressing (n, k) rows). Each cell records the last row written into
+    # it: a row that finds another's there shares its cell (a duplicate); a cell nobody wrote is -1.
+    spare = T * L
+    out = np.empty((spare + 1, k), np.int16)
+    writer = np.full(spare + 1, -1, np.int32 if starts[-1] < (1 << 31) else np.int64)
+    cells = []
+    for i, p in enumerate(parts):
+        t = tid[starts[i] : starts[i + 1]]
+        cell = np.where(t < T, t * L + p.layer, spare)
+        rows_of(out)[cell] = rows_of(p.experts)
+        writer[cell] = np.arange(starts[i], starts[i + 1], dtype=writer.dtype)
+        cells.append(cell)
+    dup = np.zeros(T, bool)
+    for i, cell in enumerate(cells):
+        clash = cell[(writer[cell] != np.arange(starts[i], starts[i + 1], dtype=writer.dtype)) & (cell < spare)]
+        dup[clash // L] = True
+    out[:spare][writer[:spare] < 0] = -1
+    return out[:spare].reshape(T, L, k), dup
+
+
+def rows_of(a: np.ndarray) -> np.ndarray:
+    """``(n, k)`` as ``(n,)`` opaque rows of k items (a view when contiguous): numpy scatters whole rows
+    this way several times faster than along the first axis of a 2-D array (measured 6x for k = 8 int16)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(-1)
 
 
 def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batches: int = MAX_BATCHES,
@@ -194,7 +221,11 @@ def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int
     drawn = np.bincount((idx + (np.arange(reps) * n)[:, None]).ravel(), minlength=reps * n).reshape(reps, n)
     # Every sum below counts values (at most n * m): exact in float32 below 2^24, at half the cost.
     drawn = drawn.astype(np.float32 if n * m < (1 << 24) else np.float64)
-    if per_column:
+    vals, inv = np.unique(rows, return_inverse=True)
+    if vals.size <= (FEW_VALUES_COLUMNS if per_column else FEW_VALUES_POOLED):
+        point = np.quantile(rows, q, axis=0) if per_column else np.quantile(rows, q)
+        boot = _resampled_quantile_values(vals, inv.reshape(n, m), drawn, q, per_column)
+    elif per_column:
         point = np.quantile(rows, q, axis=0)
         order = np.argsort(rows, axis=0, kind="stable")  # (n, m)
         srt = np.take_along_axis(rows, order, axis=0)
@@ -206,6 +237,36 @@ def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int
         boot = _resampled_quantile(flat[order], order // m, drawn, q)
     lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
     return point, lo, hi
+
+
+FEW_VALUES_COLUMNS, FEW_VALUES_POOLED = 16, 128
+"""Up to this many distinct values, resample quantiles are read off counts per value (exact, and cheaper
+than blocks of ranks): max/mean over B tokens takes at most B + 1 values (1 at B = 1 and 7 at B = 8 on
+bench/analyze_bench.py's 10^6-row trace)."""
+
+
+def _resampled_quantile_values(vals: np.ndarray, inv: np.ndarray, drawn: np.ndarray, q: float,
+                               per_column: bool) -> np.ndarray:
+    """:func:`_resampled_quantile` (``(reps,)``) or its columns version (``(reps, m)``) for rows that
+    hold few distinct values: ``vals (V,)`` ascending, ``inv (n, m)`` the index of each value in ``vals``.
+
+    cum[., v], the number of a resample's values <= vals[v], is a product of the draws with each row's
+    cumulative counts per value; the value at sorted position p is vals[number of v with cum <= p]."""
+    n, m = inv.shape
+    V = vals.size
+    if per_column:
+        per_value = np.zeros((n, m, V), drawn.dtype)
+        per_value[np.arange(n)[:, None], np.arange(m), inv] = 1
+        cum = (drawn @ np.cumsum(per_value, axis=2).reshape(n, m * V)).reshape(drawn.shape[0], m, V)
+        N = n
+    else:
+        per_value = np.bincount((np.arange(n)[:, None] * V + inv).ravel(), minlength=n * V).reshape(n, V)
+        cum = drawn @ np.cumsum(per_value, axis=1).astype(drawn.dtype)  # (reps, V)
+        N = n * m
+    h = (N - 1) * q
+    prev = int(math.floor(h))
+    ends = [vals[np.minimum(np.count_nonzero(cum <= p, axis=-1), V - 1)] for p in (prev, min(prev + 1, N - 1))]
+    return _lerp(ends[0], ends[1], h - prev)
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -229,7 +290,8 @@ def _resampled_quantile(srt: np.ndarray, owner: np.ndarray, drawn: np.ndarray, q
     size = min(64, N)
     blocks = -(-N // size)
     per_block = np.bincount(owner * blocks + np.arange(N) // size, minlength=n * blocks).reshape(n, blocks)
-    cum_block = np.cumsum(drawn @ per_block.astype(drawn.dtype), axis=1)  # (reps, blocks) exact integers
+    # (reps, blocks) exact integers; the cumulative sum taken over the few rows before the product, not after
+    cum_block = drawn @ np.cumsum(per_block, axis=1).astype(drawn.dtype)
     # The owners of srt padded to whole blocks with a row n that no resample holds: no bounds checks.
     owner_pad = np.full(blocks * size, n, np.intp)
     owner_pad[:N] = owner
@@ -259,7 +321,8 @@ def _resampled_quantile_columns(srt: np.ndarray, order: np.ndarray, drawn: np.nd
     col = np.arange(m)
     in_block = np.zeros((n, m, blocks), drawn.dtype)  # in_block[r, c, b] = 1: row r's value in column c has its rank in block b
     in_block[order, col, (np.arange(n) // size)[:, None]] = 1
-    cum_block = np.cumsum((drawn @ in_block.reshape(n, m * blocks)).reshape(reps, m, blocks), axis=2)
+    # The product of cumulative sums is the cumulative sum of the product (exact integers), on n rows, not reps.
+    cum_block = (drawn @ np.cumsum(in_block, axis=2).reshape(n, m * blocks)).reshape(reps, m, blocks)
     # The rows of each column's ranks, padded to whole blocks with a row n that no resample holds.
     rows_pad = np.full((m * blocks, size), n, np.intp)
     rows_pad.reshape(m, blocks * size)[:, :n] = order.T

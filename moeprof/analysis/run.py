@@ -140,6 +140,7 @@ def analyze_trace(
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
     sample_requests: int = DEFAULT_SAMPLE_REQUESTS,
     coactivation_tokens: int = co.DEFAULT_TOKENS,
+    coactivation_tables: str = "top",
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     engine: Any = "local",
@@ -155,6 +156,9 @@ def analyze_trace(
     :class:`AnalysisError` when the selection holds no routing at all. Every shard is checked against
     the manifest's sha256 as it is read (``verify_reads=False`` only for benchmarks).
     ``on_table(name, frame)`` is called as each table is done, while the other statistics run.
+    ``coactivation_tables``: ``"top"`` gives tables ``coactivation_pairs_top`` and ``transitions_top``
+    (each expert's most frequent partners and next experts), ``"full"`` ``coactivation_pairs`` and
+    ``transitions`` (every non-zero row; millions at DeepSeek-V3 shape); the summary is the same.
     """
     from moeprof.analysis.engine import get_engine
 
@@ -169,6 +173,8 @@ def analyze_trace(
                          "prefill->decode)")
     if coactivation_tokens < 1:
         raise UsageError(f"coactivation_tokens must be at least 1, got {coactivation_tokens}")
+    if coactivation_tables not in co.TABLES:
+        raise UsageError(f"--coactivation-tables must be one of {', '.join(co.TABLES)}, got {coactivation_tables!r}")
     trace = Trace.open(path, verify="rows", check_reads=verify_reads)
     sel = build_selection(trace, layers, domains, seed, sample_tokens, int(sample_requests))
     notes: list[str] = []
@@ -248,7 +254,8 @@ def analyze_trace(
         if not agg.per_token:
             return None, None
         tokens, dup = load.token_matrix(agg, sample_tokens if sample_tokens > 0 else 1 << 62)
-        return tokens[:, keep_l], dup
+        # every layer kept (nearly always): the matrix itself, not a copy (121 MB at 131,072 tokens x 58 layers)
+        return (tokens if keep_l.size == tokens.shape[1] else tokens[:, keep_l]), dup
 
     def batch_step() -> dict:
         # Step 4: imbalance over batches of B tokens.
@@ -269,15 +276,17 @@ def analyze_trace(
     def coactivation_step() -> dict:
         # Step 7: co-activation.
         tokens, dup = token_job.result()
-        return _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens)
+        return _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens, coactivation_tables,
+                             pool)
 
-    pool = ThreadPoolExecutor(max_workers=5, thread_name_prefix="moeprof-stats")
+    pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="moeprof-stats")  # 5 steps + transition counts
     with pool, one_blas_thread():
         token_job = pool.submit(token_step)
         class_job = pool.submit(_classification, a, agg, sampled, caps, sel, kept_layers, seed)
         phase_job = pool.submit(_prefill_decode, a, agg, sampled, caps, sel, kept_layers, seed)
         co_job = pool.submit(coactivation_step)
         s["batch_imbalance"] = pool.submit(batch_step).result()
+        co_job.exception()  # done before the pool shuts down: co-activation submits a job of its own
 
     # Step 5: domain shift and classification.
     by_domain = agg.by_domain()[:, :, keep_l]  # (D, 2, L, E)
@@ -557,7 +566,8 @@ def _prefill_decode(a: Analysis, agg: Aggregates, sampled: np.ndarray, caps: dic
 
 
 def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None, agg: Aggregates, caps: dict,
-                  trace: Trace, layers: list[int], max_tokens: int) -> dict[str, Any]:
+                  trace: Trace, layers: list[int], max_tokens: int, tables: str = "top",
+                  pool: ThreadPoolExecutor | None = None) -> dict[str, Any]:
     if tokens is None:
         return unavailable(caps["per_token"])
     E, k = agg.selection.num_experts, agg.selection.top_k
@@ -569,30 +579,33 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
                        f"{agg.tokens_estimate:,}; raise the sample size for more")
     if dup is not None and dup.any():
         return unavailable(f"tokens cannot be told apart: {caps['positions'] or 'several routing rows share one (request, step, pos) in a layer'}")
+    steps = co.consecutive_pairs(layers, trace.model.moe_layers)
+    # Transitions count on a thread of their own, beside the pairs (about as long as each other).
+    trans_job = pool.submit(co.transition_counts, tokens, steps, E) if pool is not None and steps else None
     loads = co.layer_counts(tokens, E)
     tok_per_layer = loads.sum(axis=1) // k
     pairs = co.pair_counts(tokens, E)
-    ptab = co.pair_table(pairs, loads, tok_per_layer, layers)
-    a.tables["coactivation_pairs"] = ptab
-    top = ptab.filter(pl.col("count") >= 10).sort("lift", descending=True).head(10)
-    out["pairs"] = dict(available=True, nonzero_pairs=int(ptab.height), top_by_lift=_records(top),
-                        min_count_for_top=10)
-    steps = co.consecutive_pairs(layers, trace.model.moe_layers)
+    full = tables == "full"
+    suffix = "" if full else "_top"
+    a.tables[f"coactivation_pairs{suffix}"] = co.pair_table(pairs, loads, tok_per_layer, layers,
+                                                            keep=None if full else co.top_pairs(pairs))
+    top = co.top_by_lift(pairs, loads, tok_per_layer, layers, min_count=co.TOP_MIN_COUNT)
+    out["pairs"] = dict(available=True, nonzero_pairs=co.nonzero_pairs(pairs), top_by_lift=_records(top),
+                        min_count_for_top=co.TOP_MIN_COUNT)
     if not steps:
         out["transitions"] = unavailable("the selection holds no two consecutive MoE layers")
         return out
-    trans = co.transition_counts(tokens, steps, E)
+    trans = trans_job.result() if trans_job is not None else co.transition_counts(tokens, steps, E)
     from_counts = np.stack([loads[i] for i, _ in steps])
-    cond = co.conditional(trans, from_counts)
-    conc = co.concentration(cond, from_counts)
-    ttab = co.transition_table(trans, cond, steps, layers)
-    a.tables["transitions"] = ttab
+    conc = co.concentration(trans, from_counts)
+    a.tables[f"transitions{suffix}"] = co.transition_table(trans, from_counts, steps, layers,
+                                                           keep=None if full else co.most_frequent(trans))
     to_counts = np.stack([loads[j] for _, j in steps])
     # If the next expert were independent of e, max_e' P(e'|e) would be the next layer's top share.
     baseline = to_counts.max(axis=1) / np.maximum(to_counts.sum(axis=1) / k, 1)
     excess = conc - baseline
     best = int(np.nanargmax(excess)) if np.isfinite(excess).any() else 0
-    a.arrays.update(transition_cond=cond[best], transition_pair=(layers[steps[best][0]], layers[steps[best][1]]),
+    a.arrays.update(transition_cond=co.conditional(trans[best], from_counts[best]), transition_pair=(layers[steps[best][0]], layers[steps[best][1]]),
                     transition_concentration=[(layers[i], layers[j], float(c), float(b))
                                               for (i, j), c, b in zip(steps, conc, baseline)])
     out["transitions"] = dict(

@@ -1,0 +1,54 @@
+"""What a user waits for: `moeprof analyze TRACE` end to end (the command line, imports, statistics,
+tables printed), and with `--out` (summary, tables and the report layer's plots), in alternating rounds.
+
+    python bench/analyze_cli.py bench/out/trace-1000000 --baseline MAIN/bin/moeprof --repeats 5
+
+TRACE is a trace written by bench/analyze_bench.py (or any). ``--baseline`` names another install's
+``moeprof`` (e.g. the main branch's virtual environment) timed in the same rounds. Prints the median
+[min - max] wall seconds of each arm and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace")
+    ap.add_argument("--baseline", metavar="MOEPROF", help="another install's moeprof executable, timed alike")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    here = str(Path(sys.executable).parent / "moeprof")
+    installs = {"this checkout": here} | ({"baseline": args.baseline} if args.baseline else {})
+    tmp = Path(tempfile.mkdtemp(prefix="analyze-cli-"))
+    arms = {}
+    for name, exe in installs.items():
+        arms[f"{name}, --out (summary, tables, plots)"] = [exe, "analyze", args.trace, "--out", str(tmp / name),
+                                                           "--force", "--json"]
+        arms[f"{name}, tables in the terminal"] = [exe, "analyze", args.trace]
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    print("load average at the start", " ".join(f"{x:.1f}" for x in os.getloadavg()))
+    try:
+        for _ in range(args.repeats):
+            for name, cmd in arms.items():
+                t0 = time.perf_counter()
+                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, xs in times.items():
+        print(f"{name:45s} {statistics.median(xs):.2f} s [{min(xs):.2f} - {max(xs):.2f}]")
+    print("load average at the end", " ".join(f"{x:.1f}" for x in os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
