@@ -41,6 +41,17 @@ def parse_layers(text: str) -> list[int]:
     return out
 
 
+def parse_figures(text: str) -> tuple[str, ...]:
+    """``"png,svg"`` -> ``("png", "svg")``; ``"none"`` -> ``()``; a clear error for anything else."""
+    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+    if parts == ["none"]:
+        return ()
+    bad = [p for p in parts if p not in ("png", "svg")]
+    if bad or not parts:
+        raise UsageError(f"--figures: {text!r}: give png, svg, png,svg or none")
+    return tuple(dict.fromkeys(parts))
+
+
 def parse_batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(p) for p in text.split(",") if p.strip()]
@@ -55,7 +66,7 @@ def analyze(
     trace: TraceLocation,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Write summary.json, Parquet tables and PNG/SVG plots here."),
+        typer.Option("--out", "-o", help="Write summary.json, Parquet tables and the figures (--figures) here."),
     ] = None,
     layers: Annotated[
         Optional[str], typer.Option("--layers", help="MoE layers to analyze, e.g. 0,3-5 (default: all).")
@@ -87,6 +98,11 @@ def analyze(
                      help="Co-activation tables in --out: 'top' (each expert's most frequent partners and next "
                           "experts) or 'full' (every non-zero pair and transition; millions of rows at 256 experts)."),
     ] = CoactivationTables.top,
+    figures: Annotated[
+        str,
+        typer.Option("--figures", help="Figure formats written into --out/plots: png,svg, png, svg or none "
+                                       "(drawing them is most of a small trace's time; `moeprof report` draws its own)."),
+    ] = "png,svg",
     force: Force = False,
     engine: EngineOpt = EngineName.local,
     address: AddressOpt = None,
@@ -101,14 +117,19 @@ def analyze(
         moeprof analyze moeprof-demo/trace --out moeprof-demo/analysis --layers 0,3-5 --domains code,math
 
         moeprof analyze s3://bucket/traces/day1 --engine ray --address auto --out day1-analysis
+
+        moeprof analyze big-trace --out big-analysis --figures none     # statistics and tables only
     """
     from moeprof.analysis.run import analyze as run_analysis, summary_json
 
+    formats = parse_figures(figures)
     writers = []
-    if out is not None:  # figures only for an output directory; matplotlib is not even imported without one
+    if out is not None and formats:  # figures only for an output directory; matplotlib is not even imported without one
+        from functools import partial
+
         from moeprof.report.plots import write_plots
 
-        writers.append(write_plots)
+        writers.append(partial(write_plots, formats=formats))
     if fmt is not None:
         err_console().print("note: --format is deprecated; use --json (or nothing, for tables)", style="yellow")
         as_json = as_json or fmt is Format.json

@@ -330,6 +330,24 @@ def test_cli_writes_outputs_that_validate(hand, tmp_path, cli):
     assert cli("analyze", hand, "--out", out, "--force", "--batch-sizes", "1").exit_code == 0
 
 
+def test_cli_figures_only_in_the_formats_asked_for(hand, tmp_path, cli):
+    """--figures png writes PNGs only, none writes no figure (and lists none in summary.json's
+    outputs); the statistics and tables are the same."""
+    png, none = tmp_path / "png", tmp_path / "none"
+    assert cli("analyze", hand, "--out", png, "--figures", "png", "--batch-sizes", "1").exit_code == 0
+    assert cli("analyze", hand, "--out", none, "--figures", "none", "--batch-sizes", "1").exit_code == 0
+    assert sorted(p.suffix for p in (png / "plots").iterdir()) == [".png"] * 6
+    assert not (none / "plots").exists()
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (png, none))
+    assert not [o for o in b["outputs"] if "plots/" in o] and [o for o in a["outputs"] if o.endswith(".png")]
+    for s in (a, b):
+        s.pop("outputs"), s.pop("run", None), s.pop("generated_at", None)
+    assert a == b
+    r = cli("analyze", hand, "--out", tmp_path / "bad", "--figures", "jpg")
+    assert r.exit_code == 2 and "--figures: 'jpg': give png, svg, png,svg or none" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_json_format(hand, cli):
     r = cli("analyze", hand, "--json", "--domains", "code,math", "--batch-sizes", "1")
     assert r.exit_code == 0, r.stderr

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 _STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "figure.dpi": 100}
 
 
+FORMATS = ("png", "svg")
+_formats: ContextVar[tuple[str, ...]] = ContextVar("moeprof_plot_formats", default=FORMATS)
+
+
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    paths = [out / f"{name}.{ext}" for ext in _formats.get()]
+    for path in paths:
+        fig.savefig(path, dpi=150 if path.suffix == ".png" else "figure", bbox_inches="tight")
     plt.close(fig)
     return paths
 
@@ -260,9 +264,17 @@ def transitions(analysis: Any, out: Path) -> list[Path]:
     return _save(fig, out, "transitions")
 
 
-def analysis_plots(analysis: Any, out: Path) -> list[Path]:
-    """Every figure the analysis supports; a figure whose statistic is unavailable is not drawn."""
-    out = Path(out)
+def analysis_plots(analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Every figure the analysis supports, in each of ``formats`` (png, svg); a figure whose
+    statistic is unavailable is not drawn."""
+    token = _formats.set(tuple(formats))
+    try:
+        return _analysis_plots(analysis, Path(out))
+    finally:
+        _formats.reset(token)
+
+
+def _analysis_plots(analysis: Any, out: Path) -> list[Path]:
     s = analysis.summary
     files: list[Path] = []
     with plt.rc_context(_STYLE):
@@ -279,7 +291,7 @@ def analysis_plots(analysis: Any, out: Path) -> list[Path]:
     return files
 
 
-def write_plots(analysis: Any, out: Path) -> list[Path]:
+def write_plots(analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """The figures of an analyze output directory ``out`` (into ``out/plots``): the writer that
-    :func:`moeprof.analysis.run.analyze` takes."""
-    return analysis_plots(analysis, Path(out) / "plots")
+    :func:`moeprof.analysis.run.analyze` takes (``functools.partial`` it for other formats)."""
+    return analysis_plots(analysis, Path(out) / "plots", formats)
