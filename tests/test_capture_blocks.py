@@ -215,6 +215,27 @@ def test_the_same_address_every_step_is_never_deferred():
         static.fill_(t)  # the replay writes this step's routing over the last one's
         pipe.submit(SimpleNamespace(b=2, s=1), [static], None, [torch.zeros(2, dtype=torch.int64)] * 2,
                     deferrable=True)
-        assert not pipe._group and not pipe._eager
+        assert pipe._group_kind == "copied" and not pipe._eager  # stacked into a block slot at once
     pipe.drain()
     assert [int(step[1].max()) for step in got] == list(range(6))
+
+
+def test_decode_steps_of_a_static_cache_are_copied_into_blocks(qwen, tmp_path):
+    """Static cache (compiled decoding's): decode steps are never held, each is copied into a block
+    buffer as it ends; the trace equals the one gathered step by step."""
+    model, _ = qwen
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+
+    def run():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                       min_new_tokens=40, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+    units = []
+    ref = _same(model, tmp_path, run, blocks=(32,))
+    rec = capture(model, tmp_path / "units")
+    orig = rec._pipe._add
+    rec._pipe._add = lambda unit: (units.append((len(unit.metas), unit.layout.steps)), orig(unit))
+    with rec, torch.no_grad():
+        run()
+    assert units == [(1, 1), (32, 32), (7, 32)]  # the prefill, then two blocks (the last one partly filled)
+    assert ref[2] == 40

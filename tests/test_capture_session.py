@@ -160,27 +160,28 @@ def test_small_buffers_spill_into_many_shards(olmoe, tmp_path):
 
 
 def test_decode_steps_are_gathered_in_blocks_with_one_copy_each(qwen, tmp_path, monkeypatch):
-    """Per layer only a reference; per forward one hand-over; the prefill and the first decode step
-    are gathered on their own, later decode steps (fresh outputs every step: eager) 32 at a time."""
+    """Per layer only a reference; per forward one hand-over; the prefill is gathered on its own, the
+    first decode step copied into a block (nothing to compare its addresses with yet), later decode
+    steps (fresh outputs every step: eager) held and gathered 32 at a time."""
     from moeprof.capture.pipe import HostPipe
 
     model, expected = qwen
-    gathers, records = [], []
-    orig_gather, orig_record = HostPipe._gather, session_mod.StepSink.record
+    units, records = [], []
+    orig_add, orig_record = HostPipe._add, session_mod.StepSink.record
 
-    def gather(self, metas, *a):
-        gathers.append(len(metas))
-        return orig_gather(self, metas, *a)
+    def add(self, unit):
+        units.append(len(unit.metas))
+        return orig_add(self, unit)
 
     def record(self, *a):
         records.append(a[0])
         return orig_record(self, *a)
 
-    monkeypatch.setattr(HostPipe, "_gather", gather)
+    monkeypatch.setattr(HostPipe, "_add", add)
     monkeypatch.setattr(session_mod.StepSink, "record", record)
     with capture(model, tmp_path / "t", weights=False) as rec:
         model.generate(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=40, do_sample=False, pad_token_id=0)
-    assert rec.steps == 40 and gathers == [1, 1, 32, 6]
+    assert rec.steps == 40 and units == [1, 1, 32, 6]
     assert len(records) == 40 * len(expected.moe_layers)
     t = Trace.open(tmp_path / "t")
     assert "weights" in t.manifest.missing

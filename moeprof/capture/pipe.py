@@ -129,8 +129,12 @@ class HostPipe:
         self._defer = defer
         self._pending: list[_Unit] = []
         self._pending_steps = 0
-        self._group: list[tuple] = []  # deferred steps: (meta, ids, weights, small)
+        # Decode steps gathered a block at a time: "held" (references: (meta, ids, weights, small))
+        # or "copied" (metas; their routing already stacked into the slots of a block buffer)
+        self._group: list = []
+        self._group_kind: str | None = None
         self._group_key: tuple | None = None
+        self._slots: tuple | None = None  # (layout, buffer, per-step slot views) of the copied group
         self._group_ptrs: set[int] = set()
         self._eager = False  # two decode steps in a row returned routing at different addresses
         self._last_ids: torch.Tensor | None = None  # the last decode step's first ids, held for the check
@@ -139,26 +143,69 @@ class HostPipe:
         self._job: Any = None
 
     # -- the forward's thread ---------------------------------------------------------------------------
-    def submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool) -> None:
+    def submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool,
+               decode: bool | None = None) -> None:
+        """``decode``: a one-token decode step of the running batch, on one device (default:
+        ``deferrable``); its routing can go into a block. ``deferrable``: and it may be held by
+        reference (eager decoding)."""
+        decode = deferrable if decode is None else decode
         if torch.is_grad_enabled():  # a forward run with autograd on: the copies are part of no graph
             with torch.no_grad():
-                return self._submit(meta, ids, weights, small, deferrable)
-        return self._submit(meta, ids, weights, small, deferrable)
+                return self._submit(meta, ids, weights, small, deferrable, decode)
+        return self._submit(meta, ids, weights, small, deferrable, decode)
 
-    def _submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool) -> None:
+    def _submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool, decode: bool) -> None:
         if deferrable and self._defer and self._deferrable(meta, ids[0]):
             key = (meta.b, meta.s, len(small))
-            if self._group and key != self._group_key:
+            if self._group and (key != self._group_key or self._group_kind != "held"):
                 self._flush_group()
-            self._group_key = key
+            self._group_kind, self._group_key = "held", key
             self._group.append((meta, list(ids), None if weights is None else list(weights), torch.stack(small)))
             if len(self._group) >= self._block:
                 self._flush_group()
             return
         if not deferrable:
             self._eager, self._last_ids = False, None
+        if decode and self._defer:
+            self._copy_into_block(meta, ids, weights, small)
+            return
         self._flush_group()
         self._add(self._gather([meta], ids, weights, small))
+
+    def _copy_into_block(self, meta: Any, ids: list, weights: list | None, small: list) -> None:
+        """A decode step whose outputs may be overwritten (CUDA-graph replays, a static cache): its
+        routing is stacked now into the next slot of a block buffer, copied to the host once the
+        block is full. Three stacks per step; one copy, one event per block."""
+        first = ids[0]
+        key = (meta.b, meta.s, len(small), len(ids), first.shape, _common(ids),
+               None if weights is None else _common(weights), first.device)
+        if self._group and (key != self._group_key or self._group_kind != "copied"):
+            self._flush_group()
+        if not self._group:
+            self._group_kind, self._group_key = "copied", key
+            self._slots = self._block_slots(key)
+        s_ids, s_w, s_small = self._slots[2][len(self._group)]
+        torch.stack(ids, out=s_ids)
+        if weights is not None:
+            torch.stack(weights, out=s_w)
+        torch.stack(small, out=s_small)
+        self._group.append(meta)
+        if len(self._group) >= self._block:
+            self._flush_group()
+
+    def _block_slots(self, key: tuple) -> tuple:
+        """(layout, buffer, [(ids, weights, small) views of step t]) of a block of ``block`` steps."""
+        got = self._buffers.get(("slots", key))
+        if got is None:
+            b, s, rows, L, shape, ids_dtype, w_dtype, device = key
+            layout = Layout(self._block, L, shape[0], shape[1], ids_dtype, w_dtype, rows)
+            _, buf, v_ids, v_w, v_steps, _ = self._buffer(("block", key), layout, device)
+            slots = [(v_ids[t * L : (t + 1) * L], None if v_w is None else v_w[t * L : (t + 1) * L], v_steps[t])
+                     for t in range(self._block)]
+            got = (layout, buf, slots)
+            if device.type == "cuda":  # reused: the next block's stacks run after this block's copy
+                self._buffers[("slots", key)] = got
+        return got
 
     @torch.no_grad()
     def drain(self) -> None:
@@ -193,6 +240,16 @@ class HostPipe:
         if not self._group:
             return
         group, self._group, self._group_ptrs = self._group, [], set()
+        if self._group_kind == "copied":
+            layout, buf, _ = self._slots
+            unit = _Unit(group, layout, buf)  # slots past len(group) hold stale bytes: never decoded
+            if buf.is_cuda:
+                unit.host = _PINNED.take(layout.nbytes)
+                unit.host[: layout.nbytes].copy_(buf, non_blocking=True)
+                unit.event = torch.cuda.Event()
+                unit.event.record()
+            self._add(unit)
+            return
         metas = [g[0] for g in group]
         ids = [t for g in group for t in g[1]]
         weights = None if group[0][2] is None else [t for g in group for t in g[2]]

@@ -426,10 +426,11 @@ class Recorder:
         else:
             small.append(_token_validity(mask, meta.b, meta.s, meta.new_sequences, device, self._filled))
         ids, weights = sink.on_devices(device)
-        # Held by reference until 32 steps are gathered: only one-token decode steps of eager
-        # decoding (a static cache means compiled decoding, whose CUDA graphs reuse their outputs).
-        deferrable = self._decode_shaped(meta) and not sink._devices and not self._static_cache
-        self._pipe.submit(meta, ids, weights, small, deferrable)
+        # One-token decode steps go to the host 32 at a time: held by reference in eager decoding,
+        # copied into a block buffer as they end otherwise (a static cache means compiled decoding,
+        # whose CUDA graphs reuse their outputs).
+        decode = self._decode_shaped(meta) and not sink._devices
+        self._pipe.submit(meta, ids, weights, small, deferrable=decode and not self._static_cache, decode=decode)
 
     def _filled(self, n: int, value: int, device: torch.device) -> torch.Tensor:
         """A constant ``(n,)`` int64 device tensor, made once per shape (no kernel launch per step)."""
