@@ -15,6 +15,9 @@ is paid by the step. So:
   replays are static buffers overwritten by the next replay, so steps are deferred only once two
   decode steps in a row were seen to return routing outputs at different addresses, never with a
   static (compileable) KV cache, and never with the routing of a step at the address of one held.
+- **Copied decode steps.** A decode step that cannot be held (a static cache, CUDA graphs) is
+  stacked as it ends into its slot of a block buffer (three stacks), and the block goes to the host
+  with one copy once ``block`` steps are in.
 - **One copy, one event.** Each gathered unit makes one asynchronous copy into pooled pinned host
   memory; one CUDA event per block says every copy before it has landed.
 
