@@ -202,12 +202,10 @@ class HostPipe:
         if got is None:
             b, s, rows, L, shape, ids_dtype, w_dtype, device = key
             layout = Layout(self._block, L, shape[0], shape[1], ids_dtype, w_dtype, rows)
-            _, buf, v_ids, v_w, v_steps, _ = self._buffer(("block", key), layout, device)
+            buf, v_ids, v_w, v_steps = _views(layout, device)
             slots = [(v_ids[t * L : (t + 1) * L], None if v_w is None else v_w[t * L : (t + 1) * L], v_steps[t])
                      for t in range(self._block)]
-            got = (layout, buf, slots)
-            if device.type == "cuda":  # reused: the next block's stacks run after this block's copy
-                self._buffers[("slots", key)] = got
+            got = self._keep(("slots", key), (layout, buf, slots))
         return got
 
     @torch.no_grad()
@@ -245,13 +243,8 @@ class HostPipe:
         group, self._group, self._group_ptrs = self._group, [], set()
         if self._group_kind == "copied":
             layout, buf, _ = self._slots
-            unit = _Unit(group, layout, buf)  # slots past len(group) hold stale bytes: never decoded
-            if buf.is_cuda:
-                unit.host = _PINNED.take(layout.nbytes)
-                unit.host[: layout.nbytes].copy_(buf, non_blocking=True)
-                unit.event = torch.cuda.Event()
-                unit.event.record()
-            self._add(unit)
+            # slots past len(group) hold stale bytes: never decoded
+            self._add(self._to_host(_Unit(group, layout, buf), event=True))
             return
         metas = [g[0] for g in group]
         ids = [t for g in group for t in g[1]]
@@ -267,40 +260,41 @@ class HostPipe:
         rows = len(small) if small[0].dim() == 1 else small[0].shape[0]
         key = (len(metas), len(ids), first.shape, _common(ids), None if weights is None else _common(weights),
                rows, first.device)
-        got = self._buffers.get(key)  # CUDA only: see _buffer
+        got = self._buffers.get(key)
         if got is None:
             layout = Layout(len(metas), len(ids) // len(metas), first.shape[0], first.shape[1], key[3], key[4], rows)
-            got = self._buffer(key, layout, first.device)
+            buf, v_ids, v_w, v_steps = _views(layout, first.device)
+            got = self._keep(key, (layout, buf, v_ids, v_w, v_steps, v_steps[0]))
         layout, buf, v_ids, v_w, v_steps, v_step = got
         torch.stack(ids, out=v_ids)
         if weights is not None:
             torch.stack(weights, out=v_w)
         torch.stack(small, out=v_step if small[0].dim() == 1 else v_steps)
-        unit = _Unit(metas, layout, buf)
-        if buf.is_cuda:
-            unit.host = _PINNED.take(layout.nbytes)
-            unit.host[: layout.nbytes].copy_(buf, non_blocking=True)
-            if len(metas) > 1 or self._pending_steps + 1 >= self._block or layout.nbytes >= self._big_bytes:
-                unit.event = torch.cuda.Event()  # covers every copy before it
+        last_of_block = len(metas) > 1 or self._pending_steps + 1 >= self._block or layout.nbytes >= self._big_bytes
+        return self._to_host(_Unit(metas, layout, buf), event=last_of_block)
+
+    @staticmethod
+    def _to_host(unit: _Unit, event: bool) -> _Unit:
+        """Start the copy of a unit's device buffer into pooled pinned memory, and record an event
+        after it when asked (one covers every copy before it). On CPU the buffer itself is read."""
+        if unit.host.is_cuda:
+            buf, n = unit.host, unit.layout.nbytes
+            unit.host = _PINNED.take(n)
+            unit.host[:n].copy_(buf, non_blocking=True)
+            if event:
+                unit.event = torch.cuda.Event()
                 unit.event.record()
         return unit
 
-    def _buffer(self, key: tuple, layout: Layout, device: torch.device) -> tuple:
-        """The device buffer of a layout and its typed views. On CUDA it is kept per layout: the copy
-        that reads it and the stacks that next write it run in stream order. On CPU the buffer is
-        what the host side reads, so each unit has its own."""
-        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-        o, sizes = layout.offsets, layout.sizes
-        T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
-        v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
-        v_w = buf[o[1] : o[1] + sizes[1]].view(layout.w_dtype).view(T * L, n, k) if layout.w_dtype else None
-        v_small = buf[o[2] : o[2] + sizes[2]].view(torch.int64).view(T, layout.rows, n)
-        got = (layout, buf, v_ids, v_w, v_small, v_small[0])
-        if device.type == "cuda":
+    def _keep(self, key: tuple, value: tuple) -> tuple:
+        """Keep a device buffer and its views for reuse, on CUDA only: the copy that reads it and the
+        stacks that next write it run in stream order. On CPU the buffer is what the host side reads,
+        so each unit has its own."""
+        if value[1].is_cuda:
             if len(self._buffers) >= 16:
                 self._buffers.clear()
-            self._buffers[key] = got
-        return got
+            self._buffers[key] = value
+        return value
 
     def _add(self, unit: _Unit) -> None:
         self._pending.append(unit)
@@ -361,6 +355,17 @@ class HostPipe:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+
+
+def _views(layout: Layout, device: torch.device) -> tuple:
+    """A new device byte buffer for ``layout`` and its typed views: ids ``(T*L, n, k)``, weights (or
+    None) and the small rows ``(T, rows, n)``."""
+    buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+    o, sizes = layout.offsets, layout.sizes
+    T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
+    v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
+    v_w = buf[o[1] : o[1] + sizes[1]].view(layout.w_dtype).view(T * L, n, k) if layout.w_dtype else None
+    return buf, v_ids, v_w, buf[o[2] : o[2] + sizes[2]].view(torch.int64).view(T, layout.rows, n)
 
 
 def _common(tensors: list) -> torch.dtype:
