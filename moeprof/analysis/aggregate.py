@@ -81,6 +81,11 @@ def request_hash(request_ids: np.ndarray, seed: int) -> np.ndarray:
     return splitmix64(np.asarray(request_ids).astype(np.uint64) ^ salt)
 
 
+def hash_order(request_ids: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of ``request_ids`` in the order of the request sample: by ``(request_hash, request id)``."""
+    return np.lexsort((request_ids, request_hash(request_ids, seed)))
+
+
 def sample_requests(request_ids: np.ndarray, candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Indices (sorted) of the ``k`` candidates with the smallest ``(request_hash, request id)``.
 
@@ -89,8 +94,7 @@ def sample_requests(request_ids: np.ndarray, candidates: np.ndarray, k: int, see
     candidates = np.asarray(candidates, np.int64)
     if candidates.size <= k:
         return np.sort(candidates)
-    ids = request_ids[candidates]
-    order = np.lexsort((ids, request_hash(ids, seed)))
+    order = hash_order(request_ids[candidates], seed)
     return np.sort(candidates[order[:k]])
 
 
@@ -473,7 +477,6 @@ def row_groups(trace: Trace) -> list[tuple[Path, int]]:
 def plan_routing(trace: Trace, sel: Selection, rows_total: int) -> tuple[Aggregates, _Pass, list[str]]:
     """What every engine shares before the pass: the empty :class:`Aggregates`, the per-row-group
     work (sample threshold and key fixed from ``rows_total``) and the columns to read."""
-    L = len(sel.layers)
     use_batch_id = trace.manifest.has("batch_id") and _has_batch_ids(trace)
     n_moe = max(1, len(trace.model.moe_layers))
     tokens_est = max(1, rows_total // n_moe)
@@ -518,7 +521,7 @@ def aggregate_routing(
         else:  # fewer row groups than threads: count slices of this one side by side (partials merge by sum)
             step = -(-table.num_rows // pieces)
             with ThreadPoolExecutor(max_workers=pieces, thread_name_prefix="moeprof-slice") as inner:
-                parts = list(inner.map(lambda lo: work(table.slice(lo, step), where), range(0, table.num_rows, step)))
+                parts = list(inner.map(lambda lo, t=table: work(t.slice(lo, step), where), range(0, table.num_rows, step)))
         del table
         with lock:
             for part in parts:

@@ -17,7 +17,7 @@ from moeprof.placement.data import RoutingData, load_routing, signatures, split_
 from moeprof.placement.export import EXPORTERS, write_export
 from moeprof.placement.grouping import GROUPINGS, fit_grouping
 from moeprof.placement.plan import Placement, _jsonable, read_placement, write_placement
-from moeprof.placement.policies import DEFAULT_GROUPING, POLICIES, FitInput, get_policy
+from moeprof.placement.policies import DEFAULT_GROUPING, FitInput, get_policy
 from moeprof.placement.sample import RequestSample, check_budget, check_sides, ids_digest, plan_sample
 from moeprof.placement.simulate import SimConfig, simulate
 from moeprof.placement.topology import Topology, build_topology

@@ -115,9 +115,9 @@ def ids_digest(ids: np.ndarray) -> str:
 
 
 def _hash_order(ids: np.ndarray, seed: int) -> np.ndarray:
-    from moeprof.analysis.aggregate import request_hash
+    from moeprof.analysis.aggregate import hash_order
 
-    return np.lexsort((ids, request_hash(ids, seed)))
+    return hash_order(ids, seed)
 
 
 def _shard_items(trace: Trace, wanted: np.ndarray | None) -> list[tuple[str, str, int, list[int] | None]]:
