@@ -88,7 +88,12 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compil
     if compiled:  # static cache + torch.compile with CUDA graphs, as bench/gpu_capture.py --mode compiled
         from transformers.generation.configuration_utils import CompileConfig
 
-        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=False, mode="reduce-overhead"))
+        if device == "cuda":
+            cc = CompileConfig(fullgraph=False, mode="reduce-overhead")
+        else:  # transformers compiles on GPUs only; on CPU the same path (dynamo, hook guards) through aot_eager
+            cc = CompileConfig(backend="aot_eager", fullgraph=False, mode=None)
+            cc._compile_all_devices = True
+        kw.update(cache_implementation="static", compile_config=cc)
 
     def sync() -> None:
         if device == "cuda":
