@@ -1,6 +1,5 @@
 """Compiled decoding on a GPU (static cache + torch.compile, CUDA graphs): does a capture that stacks
-the layers' routing inside the compiled graph and copies decode steps into block buffers record the
-same values as one that gathers every layer of every step on its own, outside the graph?
+decode steps into block buffers record the same values as one that gathers every step on its own?
 
     python bench/gpu_block_values.py
 
@@ -11,15 +10,11 @@ values (bench/gpu_grid.py's columns) are equal, pairwise and between two capture
 import sys
 import tempfile
 from pathlib import Path
-
 import torch
-
 sys.path.insert(0, "bench")
-from gpu_capture import build, generate_once  # noqa: E402
-from gpu_grid import routing_values  # noqa: E402
-
-import moeprof  # noqa: E402
-from moeprof.capture.session import StepSink  # noqa: E402
+from gpu_capture import build, generate_once
+from gpu_grid import routing_values
+import moeprof
 
 model = build("qwen3", 12, None)
 for b in (1,):
@@ -28,17 +23,14 @@ for b in (1,):
     generate_once(model, inputs, 64, True)
     tabs = []
     with tempfile.TemporaryDirectory() as d:
-        for blocks in (False, True, False, True):
-            StepSink.in_graph = blocks  # read when the capture's graph is traced (capture drops older code)
+        for defer in (False, True, False, True):
             rec = moeprof.capture(model, Path(d) / f"t{len(tabs)}", force=True, eos_token_id=None).start()
-            rec._pipe._defer = blocks
+            rec._pipe._defer = defer
             try:
                 generate_once(model, inputs, 64, True)
                 generate_once(model, inputs, 64, True)
             finally:
                 rec.close()
             tabs.append(routing_values(Path(d) / f"t{len(tabs)}"))
-    StepSink.in_graph = True
-    print(f"compiled batch {b}: rows {[t.num_rows for t in tabs]}; in-graph stack + blocks == per-layer per-step: "
-          f"{tabs[1].equals(tabs[0])}, {tabs[3].equals(tabs[2])}; per-step == per-step: {tabs[2].equals(tabs[0])}",
-          flush=True)
+    print(f"compiled batch {b}: rows {[t.num_rows for t in tabs]}; blocks == per-step: {tabs[1].equals(tabs[0])}, "
+          f"{tabs[3].equals(tabs[2])}; per-step == per-step: {tabs[2].equals(tabs[0])}", flush=True)

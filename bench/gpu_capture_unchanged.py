@@ -6,9 +6,8 @@ a capture running, eager and compiled (static cache, torch.compile, CUDA graphs)
 Eager, the hooks only read the routing: logits must be bit for bit those of a plain run. Compiled, the
 hooks are traced into the graph, and a graph with more outputs may be fused and rounded differently;
 this prints how far the logits of a second compilation of the plain model are (the control: compiling
-is not bit for bit repeatable), and of each capture variant (routing stacked inside the graph, handed back
-per layer, or expert ids only: ``weights=False``) are from a plain compiled run, and how often the
-greedy tokens differ.
+is not bit for bit repeatable), and of a capture (ids and weights, or expert ids only: ``weights=False``)
+from a plain compiled run, and how often the greedy tokens differ.
 """
 import sys
 import tempfile
@@ -20,7 +19,6 @@ sys.path.insert(0, "bench")
 from gpu_capture import build  # noqa: E402
 
 import moeprof  # noqa: E402
-from moeprof.capture.session import StepSink  # noqa: E402
 
 MODEL = (sys.argv[3] if len(sys.argv) > 3 else "qwen3")
 model = build(MODEL, 12 if MODEL == "qwen3" else 3, None)
@@ -41,11 +39,8 @@ for b in [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "1,8").split(",
 
         run()
         plain = run()
-        arms = {"plain again": None, "plain, compiled anew": "reset", "capture, stacked in graph": (True, True), "capture, per layer": (False, True),
-                "capture, ids only": (True, False)}
+        arms = {"plain again": None, "plain, compiled anew": "reset", "capture": True, "capture, ids only": False}
         if not compiled:
-            arms.pop("capture, per layer")  # eager steps are never stacked in a graph: one capture arm is enough
-            arms.pop("capture, ids only")
             arms.pop("plain, compiled anew")
         line = []
         with tempfile.TemporaryDirectory() as d:
@@ -57,11 +52,9 @@ for b in [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "1,8").split(",
                     run()
                     got = run()
                 else:
-                    StepSink.in_graph, weights = arm
-                    with moeprof.capture(model, Path(d) / name, force=True, eos_token_id=None, weights=weights):
+                    with moeprof.capture(model, Path(d) / name, force=True, eos_token_id=None, weights=arm):
                         run()  # capture drops older compiled code: this call traces and compiles
                         got = run()
-                StepSink.in_graph = True
                 if compiled:
                     run()  # after a capture the next plain call recompiles
                 same = torch.equal(got[1], plain[1])

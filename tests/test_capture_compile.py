@@ -70,29 +70,3 @@ def test_compiled_decoding_records_every_step_even_if_compiled_before_capture(mo
     assert sorted(compiled["step"].unique().to_list()) == [0, 1, 2, 3, 4, 5]
     notes = Trace.open(tmp_path / "compiled").manifest.notes
     assert any("compiled before capture" in n for n in notes)
-
-
-def test_compiled_steps_stack_their_routing_inside_the_graph(model, tmp_path, monkeypatch):
-    """Compiled decode steps hand back one stacked (L, n, k) tensor per part instead of one per layer,
-    and record what per-layer slots record (the switch off) and what eager decoding records."""
-    from moeprof.capture.session import StepSink
-
-    seen = []
-    on_devices = StepSink.on_devices
-
-    def spy(self, device):
-        seen.append(None if self.stacked is None else tuple(self.stacked[0].shape))
-        return on_devices(self, device)
-
-    monkeypatch.setattr(StepSink, "on_devices", spy)
-    eager = _capture(model, tmp_path / "eager")
-    assert set(seen) == {None}
-    seen.clear()
-    stacked = _capture(model, tmp_path / "stacked", cache_implementation="static", compile_config=_compile_config())
-    # the prefill runs eagerly; the 5 decode steps run compiled, each stacked as 2 layers x 2 rows x top-2
-    assert seen == [None] + [(2, 2, 2)] * 5
-    monkeypatch.setattr(StepSink, "in_graph", False)
-    seen.clear()
-    per_layer = _capture(model, tmp_path / "per-layer", cache_implementation="static", compile_config=_compile_config())
-    assert set(seen) == {None}
-    assert stacked.equals(eager) and per_layer.equals(eager)

@@ -159,7 +159,7 @@ class HostPipe:
 
     def _submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool, decode: bool) -> None:
         if deferrable and self._defer and self._deferrable(meta, ids[0]):
-            key = (meta.b, meta.s, len(small), ids[0].dim())
+            key = (meta.b, meta.s, len(small))
             if self._group and (key != self._group_key or self._group_kind != "held"):
                 self._flush_group()
             self._group_kind, self._group_key = "held", key
@@ -180,17 +180,17 @@ class HostPipe:
         routing is stacked now into the next slot of a block buffer, copied to the host once the
         block is full. Three stacks per step; one copy, one event per block."""
         first = ids[0]
-        key = (meta.b, meta.s, len(small), _layers(ids), first.shape[-2:], common_dtype(ids),
-               None if weights is None else common_dtype(weights), first.device)
+        key = (meta.b, meta.s, len(small), len(ids), first.shape, _common(ids),
+               None if weights is None else _common(weights), first.device)
         if self._group and (key != self._group_key or self._group_kind != "copied"):
             self._flush_group()
         if not self._group:
             self._group_kind, self._group_key = "copied", key
             self._slots = self._block_slots(key)
         s_ids, s_w, s_small = self._slots[2][len(self._group)]
-        _put(ids, s_ids)
+        torch.stack(ids, out=s_ids)
         if weights is not None:
-            _put(weights, s_w)
+            torch.stack(weights, out=s_w)
         torch.stack(small, out=s_small)
         self._group.append(meta)
         if len(self._group) >= self._block:
@@ -258,18 +258,17 @@ class HostPipe:
         ``(n,)`` rows, or one ``(rows, n)`` stack per step."""
         first = ids[0]
         rows = len(small) if small[0].dim() == 1 else small[0].shape[0]
-        key = (len(metas), _layers(ids), first.shape[-2:], common_dtype(ids),
-               None if weights is None else common_dtype(weights), rows, first.device)
+        key = (len(metas), len(ids), first.shape, _common(ids), None if weights is None else _common(weights),
+               rows, first.device)
         got = self._buffers.get(key)
         if got is None:
-            n, k = first.shape[-2:]
-            layout = Layout(len(metas), key[1] // len(metas), n, k, key[3], key[4], rows)
+            layout = Layout(len(metas), len(ids) // len(metas), first.shape[0], first.shape[1], key[3], key[4], rows)
             buf, v_ids, v_w, v_steps = _views(layout, first.device)
             got = self._keep(key, (layout, buf, v_ids, v_w, v_steps, v_steps[0]))
         layout, buf, v_ids, v_w, v_steps, v_step = got
-        _put(ids, v_ids)
+        torch.stack(ids, out=v_ids)
         if weights is not None:
-            _put(weights, v_w)
+            torch.stack(weights, out=v_w)
         torch.stack(small, out=v_step if small[0].dim() == 1 else v_steps)
         last_of_block = len(metas) > 1 or self._pending_steps + 1 >= self._block or layout.nbytes >= self._big_bytes
         return self._to_host(_Unit(metas, layout, buf), event=last_of_block)
@@ -369,23 +368,7 @@ def _views(layout: Layout, device: torch.device) -> tuple:
     return buf, v_ids, v_w, buf[o[2] : o[2] + sizes[2]].view(torch.int64).view(T, layout.rows, n)
 
 
-def _layers(parts: list) -> int:
-    """How many layer slots ``parts`` hold: one per ``(n, k)`` tensor, ``L`` per ``(L, n, k)`` tensor
-    (a step's routing stacked inside a compiled graph, :class:`~moeprof.capture.session.StepSink`)."""
-    return len(parts) if parts[0].dim() == 2 else sum(p.shape[0] for p in parts)
-
-
-def _put(parts: list, out: torch.Tensor) -> None:
-    """``parts`` (per-layer ``(n, k)`` tensors, or stacked ``(L, n, k)`` ones) into ``out``, one call."""
-    if parts[0].dim() == 2:
-        torch.stack(parts, out=out)
-    elif len(parts) == 1:
-        out.copy_(parts[0])
-    else:
-        torch.cat(parts, out=out)
-
-
-def common_dtype(tensors: list) -> torch.dtype:
+def _common(tensors: list) -> torch.dtype:
     """The dtype every tensor fits in (the first's, unless a layer differs)."""
     dtype = tensors[0].dtype
     for t in tensors:

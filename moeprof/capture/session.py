@@ -45,7 +45,7 @@ from torch import nn
 
 from moeprof.capture.continuous import BatchPlan, PlanTap, is_packed_forward
 from moeprof.capture.hooks import MoeLayout, RoutingPoint, discover
-from moeprof.capture.pipe import HostPipe, Step, common_dtype
+from moeprof.capture.pipe import HostPipe, Step
 from moeprof.errors import CaptureError
 from moeprof.trace.manifest import Manifest
 from moeprof.trace.schema import PHASES
@@ -93,77 +93,35 @@ class StepSink:
 
     ``record`` is the whole per-layer cost: a reference into a slot. It never reads a value back to
     the host; :class:`~moeprof.capture.pipe.HostPipe` gathers the slots.
-
-    Under ``torch.compile`` the hooks are traced into the graph, and every slot still filled at the
-    end of a compiled region is one more output the graph hands back per replay. So when the last
-    layer records inside a compiled region, the layers' routing is stacked there, in the graph, into
-    one ``(L, n, k)`` tensor for the ids (and one for the weights): a replay returns two outputs
-    instead of ``2 L``, and the host copies each with one call instead of stacking ``L`` tensors.
     """
-
-    in_graph = True
-    """Stack the layers' routing inside compiled graphs (a switch for benchmarks that compare)."""
 
     def __init__(self, num_layers: int, weights: bool) -> None:
         self.num_layers = num_layers
         self.weights = weights
         self.ids: list[torch.Tensor | None] = [None] * num_layers
         self.w: list[torch.Tensor | None] = [None] * num_layers
-        self.stacked: tuple | None = None  # (ids (L, n, k), weights (L, n, k) | None), stacked in a graph
         self.active = False
         self._devices: bool | None = None  # the layers' outputs lie on more than one device
         self._empty = [None] * num_layers
-        self._last = num_layers - 1
 
     def reset(self) -> None:
         # In place: compiled code guards on these lists, so they must stay the same objects.
         self.ids[:] = self._empty
         self.w[:] = self._empty
-        self.stacked = None
         self.active = True
 
     def record(self, ordinal: int, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
-        # Only a reference: no kernel, no sync. The tensors stay valid until the pipe gathers them at
-        # the end of the same forward (also under CUDA-graph replay, whose outputs live until the next
-        # replay).
+        # Only a reference: no kernel, no sync. The tensors stay valid until ``pack`` runs at the end
+        # of the same forward (also under CUDA-graph replay, whose outputs live until the next replay).
         self.ids[ordinal] = ids
         if self.weights:
             self.w[ordinal] = weights
-        if ordinal == self._last and self.in_graph and torch.compiler.is_compiling():
-            self._stack_in_graph()
-
-    def _stack_in_graph(self) -> None:
-        """Runs only while tracing: every branch here is decided once, at compile time."""
-        ids, w = self.ids, self.w if self.weights else None
-        parts = ids + (w or [])
-        if any(t is None for t in parts) or len({(t.device, tuple(t.shape)) for t in parts}) > 1:
-            return  # a layer did not run, or the layers differ: the per-layer slots are gathered as they are
-        stacked_w = None
-        if w is not None:
-            stacked_w = torch.stack([t.to(common_dtype(w)) for t in w])
-        self.stacked = (torch.stack([t.to(common_dtype(ids)) for t in ids]), stacked_w)
-        self.ids[:] = self._empty
-        self.w[:] = self._empty
 
     def missing(self) -> list[int]:
-        if self.stacked is not None:
-            return []
         return [i for i, t in enumerate(self.ids) if t is None]
 
-    def first_shape(self) -> tuple[int, ...]:
-        """The shape of one layer's ids."""
-        return tuple(self.stacked[0].shape[1:]) if self.stacked is not None else tuple(self.ids[0].shape)
-
     def on_devices(self, device: torch.device) -> tuple[list, list | None]:
-        """The slots on ``device``: one tensor per layer, or one ``(L, n, k)`` tensor when stacked in
-        a graph. A model spread over devices (``device_map``) gathers them there."""
-        if self.stacked is not None:
-            ids, w = self.stacked
-            if self._devices is None:
-                self._devices = ids.device != device
-            if self._devices:
-                ids, w = ids.to(device), w.to(device) if w is not None else None
-            return [ids], [w] if w is not None else None
+        """The slots on ``device``: a model spread over devices (``device_map``) gathers them there."""
         ids, w = self.ids, self.w if self.weights else None
         if self._devices is None:
             self._devices = len({t.device for t in ids}) > 1 or ids[0].device != device
@@ -451,7 +409,7 @@ class Recorder:
         if missing:
             names = ", ".join(self.layout.points[i].path for i in missing[:3])
             raise CaptureError(f"capture: MoE layer(s) {names} did not run in this forward pass")
-        shape = sink.first_shape()
+        shape = tuple(sink.ids[0].shape)
         if shape != (meta.b * meta.s, self._top_k):
             raise CaptureError(
                 f"capture: {self.layout.points[0].path} received ids of shape {shape}, expected "
