@@ -61,14 +61,21 @@ trace of one row group, 10^6 rows); below this many rows a slice's fixed cost (i
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """Shape-preserving uint64 hash (the splitmix64 finaliser): a seeded, uniform sort key."""
-    z = x.astype(np.uint64, copy=True)
+def splitmix64(x: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Shape-preserving uint64 hash (the splitmix64 finaliser): a seeded, uniform sort key.
+
+    ``copy=False`` hashes a uint64 ``x`` in place. In place, with one scratch array: the pass hashes
+    every row twice, and each temporary is fresh memory, whose page faults cost as much as the hashing."""
+    z = x.astype(np.uint64, copy=copy)
+    t = np.empty_like(z)
     with np.errstate(over="ignore"):
         z += np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            np.right_shift(z, np.uint64(shift), out=t)
+            z ^= t
+            z *= np.uint64(mult)
+        np.right_shift(z, np.uint64(31), out=t)
+        z ^= t
     return z
 
 
@@ -402,7 +409,7 @@ class _Pass:
             bid = table.column("batch_id").combine_chunks().fill_null(-1).to_numpy(zero_copy_only=False)
             if sel_rows is not None:
                 bid = bid[sel_rows]
-            h = splitmix64(bid.astype(np.uint64) ^ self.seed)
+            h = splitmix64(bid.astype(np.uint64) ^ self.seed, copy=False)
             if self.threshold is not None:
                 take = np.flatnonzero(h < self.threshold)
                 # np.take: along the first axis of (n, k) experts it copies rows several times faster than [take]
@@ -410,7 +417,7 @@ class _Pass:
             token = _token_key(rid, step, pos)
         else:
             token = _token_key(rid, step, pos)
-            h = splitmix64(token ^ self.seed)
+            h = splitmix64(token ^ self.seed, copy=False)
             if self.threshold is not None:
                 take = np.flatnonzero(h < self.threshold)
                 h, token, li, experts = (np.take(x, take, axis=0) for x in (h, token, li, experts))
@@ -434,10 +441,13 @@ def _sparse_counts(slot: np.ndarray, phase: np.ndarray, layer: np.ndarray, exper
 def _token_key(rid: np.ndarray, step: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """``(n,)`` uint64 identity of a token: a hash of (request_id, step, pos)."""
     with np.errstate(over="ignore"):
-        return splitmix64(
-            (rid.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-            ^ ((step.astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint32).astype(np.uint64))
-        )
+        key = rid.astype(np.uint64)
+        key *= np.uint64(0x9E3779B97F4A7C15)
+        high = step.astype(np.uint64)
+        high <<= np.uint64(32)
+        high |= pos.astype(np.uint32)
+        key ^= high
+    return splitmix64(key, copy=False)
 
 
 def _np(table: pa.Table, name: str) -> np.ndarray:
