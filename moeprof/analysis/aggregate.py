@@ -55,8 +55,9 @@ about as much again at their peak: analyze of 10^6 requests peaked at 2.1-2.5 Gi
 with 8192 (``bench/analyze_memory.py``), against a goal of 4 GiB."""
 
 MIN_SLICE_ROWS = 1 << 18
-"""A row group is counted in slices on several threads when there are fewer row groups than threads (a
-trace of one row group, 10^6 rows); below this many rows a slice's fixed cost (its bins) is not worth it."""
+"""Rows decoded and counted at a time: a row group is read in batches of this many rows (their buffers
+reused from one to the next), counted on several threads when there are fewer row groups than threads
+(a trace of one row group, 10^6 rows); below this many rows a batch's fixed cost (its bins) is not worth it."""
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -519,23 +520,39 @@ def aggregate_routing(
     lock = threading.Lock()
     shards = ShardReader(trace, units)  # each shard read and sha256-checked once, as it is counted
 
+    def merge(part: Partial) -> None:
+        with lock:
+            agg.merge(part)
+
     def run(unit: tuple[Path, int]) -> None:
         path, i = unit
-        try:
-            table = shards.read_row_group(path, i, columns)
-        except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
-            raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
         where = f"{path} (row group {i})"
-        if pieces == 1:
-            parts = [work(table, where)]
-        else:  # fewer row groups than threads: count slices of this one side by side (partials merge by sum)
-            step = -(-table.num_rows // pieces)
-            with ThreadPoolExecutor(max_workers=pieces, thread_name_prefix="moeprof-slice") as inner:
-                parts = list(inner.map(lambda lo, t=table: work(t.slice(lo, step), where), range(0, table.num_rows, step)))
-        del table
-        with lock:
-            for part in parts:
-                agg.merge(part)
+        # The row group in batches of MIN_SLICE_ROWS rows (partials merge by sum): each batch's buffers
+        # are reused for the next. With fewer row groups than threads, batches are counted on `pieces`
+        # threads while this one decodes the next (pyarrow and numpy both release the GIL).
+        batches = shards.iter_row_group(path, i, columns, MIN_SLICE_ROWS)
+        inner = ThreadPoolExecutor(max_workers=pieces, thread_name_prefix="moeprof-slice") if pieces > 1 else None
+        jobs: list = []
+        try:
+            while True:
+                try:
+                    table = next(batches, None)
+                except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
+                    raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
+                if table is None:
+                    break
+                if inner is None:
+                    merge(work(table, where))
+                    continue
+                jobs.append(inner.submit(work, table, where))
+                while len(jobs) > pieces:  # at most `pieces` batches decoded ahead of their counting
+                    merge(jobs.pop(0).result())
+            for job in jobs:
+                merge(job.result())
+        finally:
+            batches.close()
+            if inner is not None:
+                inner.shutdown(wait=True, cancel_futures=True)
         if progress is not None:
             progress(1)
 
