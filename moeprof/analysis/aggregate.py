@@ -510,9 +510,9 @@ def aggregate_routing(
     """One streaming pass over ``units`` (default: every row group of the trace) -> :class:`Aggregates`.
 
     Row groups are read and counted on a pool of ``threads`` threads (default: CPU count); pyarrow
-    decodes without the GIL, so reading one row group overlaps counting another. Each row group's
-    :class:`Partial` is merged into the result as soon as it is done, so at most ``threads`` row
-    groups are held at once.
+    decodes without the GIL, so reading one row group overlaps counting another. Each is read in
+    batches of :data:`MIN_SLICE_ROWS` rows whose :class:`Partial` is merged into the result as soon as
+    it is done, so at most a few batches per thread are held at once.
     """
     units = list(units) if units is not None else row_groups(trace)
     rows_total = sum(parquet_file(p).metadata.row_group(i).num_rows for p, i in units)
