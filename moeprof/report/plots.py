@@ -23,18 +23,28 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-_STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "figure.dpi": 100}
+from moeprof.report.figures import FORMATS, supported  # noqa: E402
+
+_STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "figure.dpi": 100,
+          "figure.autolayout": False, "figure.constrained_layout.use": False}
 
 
-FORMATS = ("png", "svg")
 _formats: ContextVar[tuple[str, ...]] = ContextVar("moeprof_plot_formats", default=FORMATS)
 
 
+PNG_DPI = 150
+
+
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.{ext}" for ext in _formats.get()]
+    # Measured once, at the PNG's resolution, and every format cut to that box: savefig(bbox_inches="tight")
+    # draws the whole figure once more per format just to measure it, and so it does for a figure that
+    # ran tight_layout() (it leaves a placeholder layout engine behind); the figures are laid out by now.
+    fig.set_dpi(PNG_DPI)
+    fig.set_layout_engine(None)  # None, not "none": no engine at all (_STYLE turns rc's automatic layouts off)
+    box = fig.get_tightbbox().padded(plt.rcParams["savefig.pad_inches"])
     for path in paths:
-        fig.savefig(path, dpi=150 if path.suffix == ".png" else "figure", bbox_inches="tight")
+        fig.savefig(path, dpi=PNG_DPI if path.suffix == ".png" else "figure", bbox_inches=box)
     plt.close(fig)
     return paths
 
@@ -264,31 +274,45 @@ def transitions(analysis: Any, out: Path) -> list[Path]:
     return _save(fig, out, "transitions")
 
 
-def analysis_plots(analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
-    """Every figure the analysis supports, in each of ``formats`` (png, svg); a figure whose
-    statistic is unavailable is not drawn."""
+def draw(name: str, analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Figure ``name`` (one of :data:`moeprof.report.figures.FIGURES`) of ``analysis`` into the directory
+    ``out``, in each of ``formats``."""
     token = _formats.set(tuple(formats))
     try:
-        return _analysis_plots(analysis, Path(out))
+        with plt.rc_context(_STYLE):
+            return _FIGURES[name](analysis, Path(out))
     finally:
         _formats.reset(token)
 
 
-def _analysis_plots(analysis: Any, out: Path) -> list[Path]:
-    s = analysis.summary
-    files: list[Path] = []
+def warm_up() -> None:
+    """Load the fonts and the renderers' first-use state, by drawing a small figure with text in memory:
+    a worker does this while the analysis runs, not when its first figure is due."""
+    import io
+
     with plt.rc_context(_STYLE):
-        files += load_heatmap(analysis, out)
-        if s["batch_imbalance"].get("available") and any(b.get("available") for b in s["batch_imbalance"]["batches"]):
-            files += imbalance_vs_batch(analysis, out)
-        if s["domain_shift"].get("available"):
-            files += domain_js(analysis, out)
-            files += domain_popularity(analysis, out)
-        if s["prefill_decode"].get("available"):
-            files += prefill_decode(analysis, out)
-        if s["coactivation"].get("available") and s["coactivation"].get("transitions", {}).get("available"):
-            files += transitions(analysis, out)
-    return files
+        fig, ax = plt.subplots(figsize=(2, 1))
+        ax.imshow(np.arange(4.0).reshape(2, 2), cmap="viridis")
+        ax.set_title("warm-up 0.12 → ×")
+        fig.colorbar(ax.images[0], ax=ax)
+        for fmt in FORMATS:
+            fig.savefig(io.BytesIO(), format=fmt)
+        plt.close(fig)
+
+
+_FIGURES = {f.__name__: f for f in (load_heatmap, imbalance_vs_batch, domain_js, domain_popularity, prefill_decode,
+                                    transitions)}
+
+
+def analysis_plots(analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Every figure the analysis supports, in each of ``formats`` (png, svg), drawn here one after the
+    other; a figure whose statistic is unavailable is not drawn. (:class:`moeprof.report.figures.FigureWriter`
+    draws them in worker processes.)"""
+    out = Path(out)
+    names = supported(analysis.summary) if formats else []
+    if names:
+        out.mkdir(parents=True, exist_ok=True)
+    return [p for name in names for p in draw(name, analysis, out, formats)]
 
 
 def write_plots(analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:

@@ -1,0 +1,165 @@
+"""Which figures an analysis supports, the data each one draws, and a writer that draws them in worker
+processes.
+
+Drawing is most of what ``analyze --out`` costs on a trace of a million rows, and matplotlib draws on
+one core. :class:`FigureWriter` starts its workers before the analysis runs, so that they import
+matplotlib while the statistics are computed; once the analysis is done, each worker draws whole
+figures (the dearest first), and the figures are drawn side by side. The process that computes the
+analysis never imports matplotlib: this module does not.
+
+Each figure gets only the part of the analysis it draws (:func:`figure_inputs`, a few hundred KiB at
+256 experts), not the whole analysis with its tables.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+FORMATS = ("png", "svg")
+
+
+def _batch_imbalance(s: dict) -> bool:
+    return bool(s["batch_imbalance"].get("available")) and any(b.get("available") for b in s["batch_imbalance"]["batches"])
+
+
+def _domain_shift(s: dict) -> bool:
+    return bool(s["domain_shift"].get("available"))
+
+
+def _prefill_decode(s: dict) -> bool:
+    return bool(s["prefill_decode"].get("available"))
+
+
+def _transitions(s: dict) -> bool:
+    return bool(s["coactivation"].get("available") and s["coactivation"].get("transitions", {}).get("available"))
+
+
+# name: (when the summary supports it, the summary / tables / arrays entries it draws). In the order the
+# figures are listed; DRAW_ORDER says which a worker takes first.
+FIGURES: dict[str, tuple[Callable[[dict], bool], dict[str, tuple[str, ...]]]] = {
+    "load_heatmap": (lambda s: True, {"arrays": ("layers", "load")}),
+    "imbalance_vs_batch": (_batch_imbalance, {"summary": ("batch_imbalance", "imbalance")}),
+    "domain_js": (_domain_shift, {"tables": ("domain_shift",), "arrays": ("domains", "layers")}),
+    "domain_popularity": (_domain_shift, {"tables": ("domain_shift",), "arrays": ("domains", "layers", "domain_counts")}),
+    "prefill_decode": (_prefill_decode, {"tables": ("prefill_decode",)}),
+    "transitions": (_transitions, {"arrays": ("transition_cond", "transition_pair", "transition_concentration",
+                                              "top_k", "num_experts")}),
+}
+# Dearest to draw first (PNG + SVG at DeepSeek-V3's shape: the 8 panels of domain_js take about a third of
+# the time), so that no worker starts a long figure when the others are nearly done.
+DRAW_ORDER = ("domain_js", "transitions", "load_heatmap", "domain_popularity", "imbalance_vs_batch",
+              "prefill_decode")
+# More workers than this would not finish sooner: domain_js alone is about a third of the drawing.
+MAX_WORKERS = 3
+
+
+def supported(summary: dict) -> list[str]:
+    """The figures ``summary`` supports, in the order of :data:`FIGURES`."""
+    return [name for name, (ok, _needs) in FIGURES.items() if ok(summary)]
+
+
+def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
+    """Each figure ``analysis`` supports, with only the entries of ``analysis`` it draws (``summary``,
+    ``tables``, ``arrays``, as in :class:`moeprof.analysis.run.Analysis`)."""
+    out = {}
+    for name in supported(analysis.summary):
+        needs = FIGURES[name][1]
+        out[name] = SimpleNamespace(**{part: {k: getattr(analysis, part)[k] for k in needs.get(part, ())}
+                                       for part in ("summary", "tables", "arrays")})
+    return out
+
+
+def _workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, cpus, len(FIGURES)))
+
+
+def _start_worker() -> None:
+    from moeprof.report import plots
+
+    plots.warm_up()
+
+
+def _draw(name: str, inputs: SimpleNamespace, out: Path, formats: tuple[str, ...]) -> list[Path]:
+    from moeprof.report import plots
+
+    return plots.draw(name, inputs, out, formats)
+
+
+def _context() -> Any:
+    """Where the workers come from: a fork server that imported matplotlib once (each worker a fork of
+    it), or fresh interpreters where there is none. Never a fork of this process: the analysis runs
+    polars' thread pool, which a forked child must not touch."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # "__main__" too: else every worker imports the command line's entry point again on its own.
+    ctx.set_forkserver_preload(["__main__", "moeprof.report.plots"])
+    return ctx
+
+
+class FigureWriter:
+    """The figures of an analyze output directory (into ``OUT/plots``), in each of ``formats``: a writer
+    for :func:`moeprof.analysis.run.analyze`. Use it as a context manager around the analysis: entering
+    starts the workers (in a thread: this returns at once), leaving stops them (at once, if the analysis
+    failed)::
+
+        with FigureWriter(("png", "svg")) as figures:
+            analyze(trace, out=out, writers=[figures])
+
+    A figure that fails raises in the caller, after every worker has been stopped: no worker writes
+    into the output directory once the call has returned or raised.
+    """
+
+    def __init__(self, formats: tuple[str, ...] = FORMATS, processes: int | None = None) -> None:
+        self.formats = tuple(formats)
+        self.processes = processes or _workers()
+        self._starting: Any = None
+
+    def __enter__(self) -> "FigureWriter":
+        if self._starting is None:
+            # Starting a fork server waits for it to import matplotlib: that wait is the thread's.
+            self._starting = ThreadPoolExecutor(1, thread_name_prefix="moeprof-figures")
+            self._pool = self._starting.submit(
+                lambda: _context().Pool(self.processes, initializer=_start_worker))
+        return self
+
+    def __exit__(self, exc_type: Any, *_exc: Any) -> None:
+        self.close(wait=exc_type is None)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers: let them exit (``wait``) or end them now."""
+        starting, self._starting = self._starting, None
+        if starting is None:
+            return
+        starting.shutdown(wait=True)
+        if self._pool.exception() is not None:
+            return
+        pool = self._pool.result()
+        if wait:
+            pool.close()
+        else:
+            pool.terminate()
+        pool.join()
+
+    def __call__(self, analysis: Any, out: Path) -> list[Path]:
+        inputs = figure_inputs(analysis)
+        if not inputs or not self.formats:
+            return []
+        self.__enter__()
+        pool = self._pool.result()
+        plots_dir = Path(out) / "plots"
+        plots_dir.mkdir(exist_ok=True)
+        jobs = {name: pool.apply_async(_draw, (name, inputs[name], plots_dir, self.formats))
+                for name in DRAW_ORDER if name in inputs}
+        try:
+            files = {name: job.get() for name, job in jobs.items()}
+        except BaseException:
+            self.close(wait=False)  # the others must not go on writing into a directory about to be removed
+            raise
+        return [p for name in inputs for p in files[name]]
