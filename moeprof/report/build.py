@@ -36,25 +36,30 @@ SECTIONS = [
 ]
 
 
-def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None) -> Inputs:
+def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None, figures: bool = True) -> Inputs:
     """Discover the inputs; if a trace came without a summary, analyse it (into ``analysis_dir``, or a
-    temporary directory whose figures are read before it goes)."""
+    temporary directory whose figures are read before it goes), with its figures unless ``figures`` is
+    false (a caller that only reads numbers)."""
     inputs = view.discover(list(paths))
     if inputs.summary is None and inputs.trace_path is not None:
         out = analysis_dir or Path(tempfile.mkdtemp(prefix="moeprof-report-"))
-        run_analysis(inputs.trace_path, out)
+        run_analysis(inputs.trace_path, out, figures=figures)
         inputs.summary_path = out / view.SUMMARY
         inputs.summary = view.read_summary(inputs.summary_path)
         inputs.figure_dirs.insert(0, out)
     return inputs
 
 
-def run_analysis(trace_path: Path, out: Path) -> None:
-    """Run ``moeprof analyze TRACE --out OUT`` as a library call (summary.json and its figures)."""
-    from moeprof.analysis.run import analyze
-    from moeprof.report.plots import write_plots
+def run_analysis(trace_path: Path, out: Path, *, figures: bool = True) -> None:
+    """Run ``moeprof analyze TRACE --out OUT`` as a library call (summary.json and its figures, drawn in
+    worker processes while the analysis runs)."""
+    from contextlib import nullcontext
 
-    analyze(trace_path, out=out, force=True, writers=[write_plots])
+    from moeprof.analysis.run import analyze
+    from moeprof.report.figures import FigureWriter
+
+    with FigureWriter() if figures else nullcontext() as draw_figures:
+        analyze(trace_path, out=out, force=True, writers=[draw_figures] if draw_figures else [])
 
 
 def build_report(inputs: Inputs, *, title: str | None = None) -> Report:
