@@ -177,3 +177,28 @@ def test_a_failing_figure_raises_and_leaves_no_output(trace, tmp_path):
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
     assert not multiprocessing.active_children()
+
+
+class _KillsItsWorker:
+    """Unpickled in a worker, ends it at once (as a crash or the OOM killer would)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os._exit, (3,))
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(trace, tmp_path):
+    from concurrent.futures.process import BrokenProcessPool
+
+    out = tmp_path / "a"
+
+    def killing(a, out_dir):
+        bad = SimpleNamespace(summary=a.summary, tables=a.tables, arrays={**a.arrays, "load": _KillsItsWorker()})
+        return writer(bad, out_dir)
+
+    with pytest.raises(BrokenProcessPool):
+        with figures.FigureWriter(processes=2) as writer:
+            analyze(trace, out=out, writers=[killing], batch_sizes=[1, 8])
+    assert list(tmp_path.iterdir()) == []
+    assert not multiprocessing.active_children()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -91,75 +91,57 @@ def _draw(name: str, inputs: SimpleNamespace, out: Path, formats: tuple[str, ...
     return plots.draw(name, inputs, out, formats)
 
 
-def _context() -> Any:
-    """Where the workers come from: a fork server that imported matplotlib once (each worker a fork of
-    it), or fresh interpreters where there is none. Never a fork of this process: the analysis runs
-    polars' thread pool, which a forked child must not touch."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    # "__main__" too: else every worker imports the command line's entry point again on its own.
-    ctx.set_forkserver_preload(["__main__", "moeprof.report.plots"])
-    return ctx
-
-
 class FigureWriter:
     """The figures of an analyze output directory (into ``OUT/plots``), in each of ``formats``: a writer
     for :func:`moeprof.analysis.run.analyze`. Use it as a context manager around the analysis: entering
-    starts the workers (in a thread: this returns at once), leaving stops them (at once, if the analysis
-    failed)::
+    starts the workers (and returns at once), leaving stops them::
 
         with FigureWriter(("png", "svg")) as figures:
             analyze(trace, out=out, writers=[figures])
 
-    A figure that fails raises in the caller, after every worker has been stopped: no worker writes
-    into the output directory once the call has returned or raised.
+    The workers are fresh interpreters (spawn): a fork of this process could deadlock in polars' thread
+    pool, and a fork server imports from the directory it was started in, which may hold another
+    moeprof. A figure that fails raises in the caller once the figures being drawn are done and the
+    others cancelled: no worker writes into the output directory after the call has returned or raised.
     """
 
     def __init__(self, formats: tuple[str, ...] = FORMATS, processes: int | None = None) -> None:
         self.formats = tuple(formats)
         self.processes = processes or _workers()
-        self._starting: Any = None
+        self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "FigureWriter":
-        if self._starting is None:
-            # Starting a fork server waits for it to import matplotlib: that wait is the thread's.
-            self._starting = ThreadPoolExecutor(1, thread_name_prefix="moeprof-figures")
-            self._pool = self._starting.submit(
-                lambda: _context().Pool(self.processes, initializer=_start_worker))
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker)
+            for _ in range(self.processes):  # each submit starts one more worker, while none is idle
+                self._pool.submit(int)
         return self
 
     def __exit__(self, exc_type: Any, *_exc: Any) -> None:
         self.close(wait=exc_type is None)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the workers: let them exit (``wait``) or end them now."""
-        starting, self._starting = self._starting, None
-        if starting is None:
-            return
-        starting.shutdown(wait=True)
-        if self._pool.exception() is not None:
-            return
-        pool = self._pool.result()
-        if wait:
-            pool.close()
-        else:
-            pool.terminate()
-        pool.join()
+        """Stop the workers; with ``wait``, once they have exited."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=True)
 
     def __call__(self, analysis: Any, out: Path) -> list[Path]:
         inputs = figure_inputs(analysis)
         if not inputs or not self.formats:
             return []
         self.__enter__()
-        pool = self._pool.result()
+        assert self._pool is not None
         plots_dir = Path(out) / "plots"
         plots_dir.mkdir(exist_ok=True)
-        jobs = {name: pool.apply_async(_draw, (name, inputs[name], plots_dir, self.formats))
+        jobs = {name: self._pool.submit(_draw, name, inputs[name], plots_dir, self.formats)
                 for name in DRAW_ORDER if name in inputs}
         try:
-            files = {name: job.get() for name, job in jobs.items()}
+            files = {name: job.result() for name, job in jobs.items()}
         except BaseException:
-            self.close(wait=False)  # the others must not go on writing into a directory about to be removed
+            # The figures being drawn finish, the others are not started: then the caller may remove the
+            # directory, which no worker writes into any more.
+            self.close(wait=True)
             raise
         return [p for name in inputs for p in files[name]]
