@@ -65,18 +65,25 @@ def supported(summary: dict) -> list[str]:
 
 def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
     """Each figure ``analysis`` supports, with only the entries of ``analysis`` it draws (``summary``,
-    ``tables``, ``arrays``, as in :class:`moeprof.analysis.run.Analysis`)."""
+    ``tables``, ``arrays``, as in :class:`moeprof.analysis.run.Analysis`; each table a dict of numpy
+    columns)."""
     out = {}
     for name in supported(analysis.summary):
         needs = FIGURES[name][1]
-        out[name] = SimpleNamespace(**{part: {k: getattr(analysis, part)[k] for k in needs.get(part, ())}
-                                       for part in ("summary", "tables", "arrays")})
+        part = {p: {k: getattr(analysis, p)[k] for k in needs.get(p, ())} for p in ("summary", "tables", "arrays")}
+        # Tables as plain columns: a worker that unpickled a polars frame would import polars for it.
+        part["tables"] = {k: {c: frame[c].to_numpy() for c in frame.columns} for k, frame in part["tables"].items()}
+        out[name] = SimpleNamespace(**part)
     return out
 
 
 def _workers() -> int:
+    """One worker, and one more per core left idle by the machine's other work (its load average), up to
+    :data:`MAX_WORKERS`. Each worker imports matplotlib on its own (about 0.8 s of CPU): on a machine
+    whose cores are busy, a second one would only take CPU from the first and from the analysis."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_WORKERS, cpus, len(FIGURES)))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(MAX_WORKERS, cpus, 1 + int(cpus - load)))
 
 
 def _start_worker() -> None:
