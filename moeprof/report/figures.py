@@ -108,7 +108,8 @@ class FigureWriter:
 
     The workers are fresh interpreters (spawn): a fork of this process could deadlock in polars' thread
     pool, and a fork server imports from the directory it was started in, which may hold another
-    moeprof. A figure that fails raises in the caller once the figures being drawn are done and the
+    moeprof. As with any spawned pool, the program's main module is imported again in each worker: it
+    must not run its work on import (``if __name__ == "__main__":``); moeprof's command line does not. A figure that fails raises in the caller once the figures being drawn are done and the
     others cancelled: no worker writes into the output directory after the call has returned or raised.
     """
 
