@@ -202,3 +202,21 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(trace, tmp_path):
             analyze(trace, out=out, writers=[killing], batch_sizes=[1, 8])
     assert list(tmp_path.iterdir()) == []
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("cpus, load, workers", [(2, 5.5, 0), (2, 1.2, 0), (2, 0.9, 2), (2, 0.0, 2), (16, 0.5, 3),
+                                                 (16, 14.5, 2), (1, 0.0, 1)])
+def test_workers_only_where_the_machine_has_idle_cores(monkeypatch, cpus, load, workers):
+    """None on busy cores (a worker's imports cost more CPU than drawing here saves), else one more
+    than the idle cores, at most three."""
+    monkeypatch.setattr(figures.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(figures.os, "getloadavg", lambda: (load, load, load))
+    assert figures._workers() == workers
+    assert figures.FigureWriter().processes == workers
+
+
+def test_no_worker_draws_here(analysis, tmp_path):
+    with figures.FigureWriter(processes=0) as writer:
+        files = writer(analysis, tmp_path)
+    assert len(files) == 12 and all(p.parent == tmp_path / "plots" for p in files)
+    assert not multiprocessing.active_children()

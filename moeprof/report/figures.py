@@ -4,8 +4,10 @@ processes.
 Drawing is most of what ``analyze --out`` costs on a trace of a million rows, and matplotlib draws on
 one core. :class:`FigureWriter` starts its workers before the analysis runs, so that they import
 matplotlib while the statistics are computed; once the analysis is done, each worker draws whole
-figures (the dearest first), and the figures are drawn side by side. The process that computes the
-analysis never imports matplotlib: this module does not.
+figures (the dearest first), and the figures are drawn side by side; the process that computes the
+analysis does not import matplotlib (this module does not). That pays where the machine has idle
+cores; where its cores are busy, a worker's own imports cost more than they save, and the figures are
+drawn in this process after the analysis (:func:`_workers`).
 
 Each figure gets only the part of the analysis it draws (:func:`figure_inputs`, a few hundred KiB at
 256 experts), not the whole analysis with its tables.
@@ -78,12 +80,14 @@ def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
 
 
 def _workers() -> int:
-    """One worker, and one more per core left idle by the machine's other work (its load average), up to
-    :data:`MAX_WORKERS`. Each worker imports matplotlib on its own (about 0.8 s of CPU): on a machine
-    whose cores are busy, a second one would only take CPU from the first and from the analysis."""
+    """How many worker processes draw the figures: none (this process draws them) on a machine whose
+    cores are all busy (load average at least the cores), else one more than the idle cores, up to
+    :data:`MAX_WORKERS` and the cores. A worker imports numpy and matplotlib on its own: measured at
+    10⁶ rows on 2 busy cores (`bench/figures_bench.py --workers 0,1,2`), analyze --out took 4.09 s of
+    CPU drawing here, 4.85 s with one worker and 5.64 s with two, and the most wall time with two."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(MAX_WORKERS, cpus, 1 + int(cpus - load)))
+    idle = cpus - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    return 0 if idle < 1 else min(MAX_WORKERS, cpus, 1 + int(idle))
 
 
 def _start_worker() -> None:
@@ -100,8 +104,9 @@ def _draw(name: str, inputs: SimpleNamespace, out: Path, formats: tuple[str, ...
 
 class FigureWriter:
     """The figures of an analyze output directory (into ``OUT/plots``), in each of ``formats``: a writer
-    for :func:`moeprof.analysis.run.analyze`. Use it as a context manager around the analysis: entering
-    starts the workers (and returns at once), leaving stops them::
+    for :func:`moeprof.analysis.run.analyze`, drawn by ``processes`` workers (by default as many as
+    :func:`_workers` says; 0: in this process). Use it as a context manager around the analysis:
+    entering starts the workers (and returns at once), leaving stops them::
 
         with FigureWriter(("png", "svg")) as figures:
             analyze(trace, out=out, writers=[figures])
@@ -115,11 +120,11 @@ class FigureWriter:
 
     def __init__(self, formats: tuple[str, ...] = FORMATS, processes: int | None = None) -> None:
         self.formats = tuple(formats)
-        self.processes = processes or _workers()
+        self.processes = _workers() if processes is None else processes  # 0: drawn in this process
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "FigureWriter":
-        if self._pool is None:
+        if self._pool is None and self.processes > 0:
             self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_start_worker)
             for _ in range(self.processes):  # each submit starts one more worker, while none is idle
@@ -139,9 +144,13 @@ class FigureWriter:
         inputs = figure_inputs(analysis)
         if not inputs or not self.formats:
             return []
+        plots_dir = Path(out) / "plots"
+        if self.processes == 0:
+            from moeprof.report.plots import analysis_plots
+
+            return analysis_plots(analysis, plots_dir, self.formats)
         self.__enter__()
         assert self._pool is not None
-        plots_dir = Path(out) / "plots"
         plots_dir.mkdir(exist_ok=True)
         jobs = {name: self._pool.submit(_draw, name, inputs[name], plots_dir, self.formats)
                 for name in DRAW_ORDER if name in inputs}
