@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -123,13 +124,6 @@ def analyze(
     from moeprof.analysis.run import analyze as run_analysis, summary_json
 
     formats = parse_figures(figures)
-    writers = []
-    if out is not None and formats:  # figures only for an output directory; matplotlib is not even imported without one
-        from functools import partial
-
-        from moeprof.report.plots import write_plots
-
-        writers.append(partial(write_plots, formats=formats))
     if fmt is not None:
         err_console().print("note: --format is deprecated; use --json (or nothing, for tables)", style="yellow")
         as_json = as_json or fmt is Format.json
@@ -144,11 +138,18 @@ def analyze(
         engine=engine.value,
         address=address,
     )
-    with progress_bar(transient=True, disable=as_json) as bar:
+    figure_writer: Any = nullcontext()
+    if out is not None and formats:  # figures only for an output directory, drawn in worker processes
+        from moeprof.outputs import check_target
+        from moeprof.report.figures import FigureWriter
+
+        check_target(out, force)  # before starting workers for an output that cannot be written
+        figure_writer = FigureWriter(formats)
+    with figure_writer as draw_figures, progress_bar(transient=True, disable=as_json) as bar:
         task = bar.add_task("reading routing", total=None)
         result = run_analysis(
             trace, out=out, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),
-            writers=writers, **options,
+            writers=[draw_figures] if draw_figures else [], **options,
         )
     for warning in result.summary.get("warnings", []):
         err_console().print(f"warning: {warning}", style="yellow", highlight=False)

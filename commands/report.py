@@ -41,7 +41,7 @@ def report(
     """
     from moeprof.report.build import write_report
 
-    rep, files = write_report(inputs, out, force=force)
+    rep, files = write_report(inputs, out, force=force, workers=True)  # a trace's figures drawn in worker processes
     if as_json:
         import json
 

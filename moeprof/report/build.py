@@ -36,25 +36,37 @@ SECTIONS = [
 ]
 
 
-def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None) -> Inputs:
+def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None, figures: bool = True,
+                   workers: bool = False) -> Inputs:
     """Discover the inputs; if a trace came without a summary, analyse it (into ``analysis_dir``, or a
-    temporary directory whose figures are read before it goes)."""
+    temporary directory whose figures are read before it goes), with its figures unless ``figures`` is
+    false (a caller that only reads numbers); ``workers``: see :func:`run_analysis`."""
     inputs = view.discover(list(paths))
     if inputs.summary is None and inputs.trace_path is not None:
         out = analysis_dir or Path(tempfile.mkdtemp(prefix="moeprof-report-"))
-        run_analysis(inputs.trace_path, out)
+        run_analysis(inputs.trace_path, out, figures=figures, workers=workers)
         inputs.summary_path = out / view.SUMMARY
         inputs.summary = view.read_summary(inputs.summary_path)
         inputs.figure_dirs.insert(0, out)
     return inputs
 
 
-def run_analysis(trace_path: Path, out: Path) -> None:
-    """Run ``moeprof analyze TRACE --out OUT`` as a library call (summary.json and its figures)."""
+def run_analysis(trace_path: Path, out: Path, *, figures: bool = True, workers: bool = False) -> None:
+    """Run ``moeprof analyze TRACE --out OUT`` as a library call (summary.json and its figures). With
+    ``workers`` the figures are drawn in worker processes started before the analysis
+    (:class:`moeprof.report.figures.FigureWriter`): only for a program whose main module can be imported
+    again without running it (``if __name__ == "__main__":``), as moeprof's command line can."""
+    from contextlib import nullcontext
+
     from moeprof.analysis.run import analyze
+    from moeprof.report.figures import FigureWriter
     from moeprof.report.plots import write_plots
 
-    analyze(trace_path, out=out, force=True, writers=[write_plots])
+    if not figures:
+        analyze(trace_path, out=out, force=True)
+        return
+    with FigureWriter() if workers else nullcontext(write_plots) as draw_figures:
+        analyze(trace_path, out=out, force=True, writers=[draw_figures])
 
 
 def build_report(inputs: Inputs, *, title: str | None = None) -> Report:
@@ -521,12 +533,14 @@ def _timeline(inputs: Inputs) -> Section:
 OUTPUTS = ("index.html", "summary.md", "report.json")
 
 
-def write_report(paths: list[Path], out: Path, *, force: bool = False) -> tuple[Report, dict[str, Path]]:
+def write_report(paths: list[Path], out: Path, *, force: bool = False,
+                 workers: bool = False) -> tuple[Report, dict[str, Path]]:
     """``moeprof report``: analyse (if given a trace), build the report, write index.html, summary.md and
     report.json into ``out``. A trace's analysis (summary.json and figures) goes to ``out/analysis``.
 
     Written whole or not at all; ``force`` replaces only these entries, and only where moeprof wrote
-    them: anything else in ``out`` (an analysis given as input, the user's files) is left as it is."""
+    them: anything else in ``out`` (an analysis given as input, the user's files) is left as it is.
+    ``workers``: see :func:`run_analysis`."""
     import json
 
     from moeprof.outputs import staged_files
@@ -536,7 +550,7 @@ def write_report(paths: list[Path], out: Path, *, force: bool = False) -> tuple[
     out = Path(out)
     names = list(OUTPUTS) + (["analysis"] if _needs_analysis(paths) else [])
     with staged_files(out, names, force, kind="report") as tmp:
-        inputs = resolve_inputs(paths, analysis_dir=tmp / "analysis")
+        inputs = resolve_inputs(paths, analysis_dir=tmp / "analysis", workers=workers)
         report = build_report(inputs)
         _atomic_write(tmp / "index.html", render_html(report))
         _atomic_write(tmp / "summary.md", render_markdown(report))

@@ -20,21 +20,30 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-_STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "figure.dpi": 100}
+from moeprof.report.figures import FORMATS, supported  # noqa: E402
+
+_STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "figure.dpi": 100,
+          "figure.autolayout": False, "figure.constrained_layout.use": False}
 
 
-FORMATS = ("png", "svg")
 _formats: ContextVar[tuple[str, ...]] = ContextVar("moeprof_plot_formats", default=FORMATS)
 
 
+PNG_DPI = 150
+
+
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.{ext}" for ext in _formats.get()]
+    # Measured once, at the PNG's resolution, and every format cut to that box: savefig(bbox_inches="tight")
+    # draws the whole figure once more per format just to measure it, and so it does for a figure that
+    # ran tight_layout() (it leaves a placeholder layout engine behind); the figures are laid out by now.
+    fig.set_dpi(PNG_DPI)
+    fig.set_layout_engine(None)  # None, not "none": no engine at all (_STYLE turns rc's automatic layouts off)
+    box = fig.get_tightbbox().padded(plt.rcParams["savefig.pad_inches"])
     for path in paths:
-        fig.savefig(path, dpi=150 if path.suffix == ".png" else "figure", bbox_inches="tight")
+        fig.savefig(path, dpi=PNG_DPI if path.suffix == ".png" else "figure", bbox_inches=box)
     plt.close(fig)
     return paths
 
@@ -123,15 +132,19 @@ def imbalance_vs_batch(analysis: Any, out: Path) -> list[Path]:
     return _save(fig, out, "imbalance_vs_batch")
 
 
+def _column(table: Any, name: str) -> np.ndarray:
+    """A column of a table: a polars frame, or the dict of arrays a worker gets (figures.figure_inputs)."""
+    return np.asarray(table[name])
+
+
 def _js_matrix(shift: Any, names: list[str], layer: int | None) -> np.ndarray:
     D = len(names)
     m = np.zeros((D, D))
     idx = {n: i for i, n in enumerate(names)}
-    df = shift if layer is None else shift.filter(shift["layer"] == layer)
+    rows = slice(None) if layer is None else _column(shift, "layer") == layer
     sums: dict[tuple[int, int], list[float]] = {}
-    for r in df.iter_rows(named=True):
-        a, b = idx[r["domain_a"]], idx[r["domain_b"]]
-        sums.setdefault((a, b), []).append(r["js"])
+    for a, b, js in zip(_column(shift, "domain_a")[rows], _column(shift, "domain_b")[rows], _column(shift, "js")[rows]):
+        sums.setdefault((idx[a], idx[b]), []).append(float(js))
     for (a, b), v in sums.items():
         m[a, b] = m[b, a] = float(np.mean(v))
     return m
@@ -147,7 +160,7 @@ def domain_js(analysis: Any, out: Path) -> list[Path]:
     D = len(names)
     cell = max(2.6, 0.45 * D + 1.2)
     fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.6), squeeze=False)
-    vmax = max(0.05, float(shift["js"].max()))
+    vmax = max(0.05, float(_column(shift, "js").max()))
     im = None
     for ax, layer in zip(axes.ravel(), show):
         m = _js_matrix(shift, names, layer)
@@ -177,8 +190,9 @@ def domain_popularity(analysis: Any, out: Path) -> list[Path]:
     names = analysis.arrays["domains"]
     layers = analysis.arrays["layers"]
     counts = np.asarray(analysis.arrays["domain_counts"], np.float64)  # (D, L, E)
-    by_layer = shift.group_by("layer").agg(pl.col("js").mean()).sort("js", descending=True)
-    layer = int(by_layer["layer"][0])
+    shift_layers, at = np.unique(_column(shift, "layer"), return_inverse=True)
+    mean_js = np.bincount(at, weights=_column(shift, "js")) / np.bincount(at)
+    layer = int(shift_layers[np.argmax(mean_js)])  # the first of equals
     li = layers.index(layer)
     c = counts[:, li]
     share = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
@@ -205,7 +219,7 @@ def domain_popularity(analysis: Any, out: Path) -> list[Path]:
 
 def prefill_decode(analysis: Any, out: Path) -> list[Path]:
     df = analysis.tables["prefill_decode"]
-    layers = df["layer"].to_list()
+    layers = _column(df, "layer").tolist()
     x = np.arange(len(layers))
     fig, ax = plt.subplots(figsize=(max(7.0, 0.16 * len(layers) + 4), 4.5))
     series = [
@@ -217,13 +231,13 @@ def prefill_decode(analysis: Any, out: Path) -> list[Path]:
     ]
     ms = 4 if len(layers) <= 30 else 0
     for col, label, color, style in series:
-        v = df[col].to_numpy()
+        v = _column(df, col).astype(np.float64)
         if np.isfinite(v).any():
             ax.plot(x, v, style, color=color, label=label, markersize=ms)
     ax.set_xlabel("MoE layer")
     _layer_ticks(ax, layers, axis="x", max_ticks=20)
     ax.set_ylabel("correlation of prefill and decode expert counts")
-    ax.set_ylim(min(-0.05, float(np.nanmin(df.select([c for c, *_ in series]).to_numpy())) - 0.05), 1.02)
+    ax.set_ylim(min(-0.05, float(np.nanmin([_column(df, c).astype(np.float64) for c, *_ in series])) - 0.05), 1.02)
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_title("Prefill → decode: does the prompt predict the answer's experts?")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
@@ -264,31 +278,45 @@ def transitions(analysis: Any, out: Path) -> list[Path]:
     return _save(fig, out, "transitions")
 
 
-def analysis_plots(analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
-    """Every figure the analysis supports, in each of ``formats`` (png, svg); a figure whose
-    statistic is unavailable is not drawn."""
+def draw(name: str, analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Figure ``name`` (one of :data:`moeprof.report.figures.FIGURES`) of ``analysis`` into the directory
+    ``out``, in each of ``formats``."""
     token = _formats.set(tuple(formats))
     try:
-        return _analysis_plots(analysis, Path(out))
+        with plt.rc_context(_STYLE):
+            return _FIGURES[name](analysis, Path(out))
     finally:
         _formats.reset(token)
 
 
-def _analysis_plots(analysis: Any, out: Path) -> list[Path]:
-    s = analysis.summary
-    files: list[Path] = []
+def warm_up() -> None:
+    """Load the fonts and the renderers' first-use state, by drawing a small figure with text in memory:
+    a worker does this while the analysis runs, not when its first figure is due."""
+    import io
+
     with plt.rc_context(_STYLE):
-        files += load_heatmap(analysis, out)
-        if s["batch_imbalance"].get("available") and any(b.get("available") for b in s["batch_imbalance"]["batches"]):
-            files += imbalance_vs_batch(analysis, out)
-        if s["domain_shift"].get("available"):
-            files += domain_js(analysis, out)
-            files += domain_popularity(analysis, out)
-        if s["prefill_decode"].get("available"):
-            files += prefill_decode(analysis, out)
-        if s["coactivation"].get("available") and s["coactivation"].get("transitions", {}).get("available"):
-            files += transitions(analysis, out)
-    return files
+        fig, ax = plt.subplots(figsize=(2, 1))
+        ax.imshow(np.arange(4.0).reshape(2, 2), cmap="viridis")
+        ax.set_title("warm-up 0.12 → ×")
+        fig.colorbar(ax.images[0], ax=ax)
+        for fmt in FORMATS:
+            fig.savefig(io.BytesIO(), format=fmt)
+        plt.close(fig)
+
+
+_FIGURES = {f.__name__: f for f in (load_heatmap, imbalance_vs_batch, domain_js, domain_popularity, prefill_decode,
+                                    transitions)}
+
+
+def analysis_plots(analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Every figure the analysis supports, in each of ``formats`` (png, svg), drawn here one after the
+    other; a figure whose statistic is unavailable is not drawn. (:class:`moeprof.report.figures.FigureWriter`
+    draws them in worker processes.)"""
+    out = Path(out)
+    names = supported(analysis.summary) if formats else []
+    if names:
+        out.mkdir(parents=True, exist_ok=True)
+    return [p for name in names for p in draw(name, analysis, out, formats)]
 
 
 def write_plots(analysis: Any, out: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:

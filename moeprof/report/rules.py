@@ -364,5 +364,5 @@ def check(paths: list[Path], rules: list[Rule]) -> CheckResult:
 
     if not rules:
         raise UsageError("no rules to check: give --rules FILE or a limit such as --max-imbalance 4")
-    inputs = resolve_inputs(paths)
+    inputs = resolve_inputs(paths, figures=False)  # rules read numbers only
     return CheckResult(evaluate(rules, inputs), inputs)

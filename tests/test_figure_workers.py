@@ -1,0 +1,222 @@
+"""The figures of ``analyze --out``: drawn in worker processes (report.figures.FigureWriter) they are the
+pictures drawn here, pixel for pixel; each one cut to the box savefig("tight") would cut; the data a
+figure shows read back from it equals the table it draws; a figure that fails leaves no output."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from moeprof.analysis.run import analyze, analyze_trace
+from moeprof.report import figures, plots
+from report_data import synthetic_trace
+
+E = 80  # above plots.SORT_EXPERTS_ABOVE: the heatmap sorts each layer
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    return synthetic_trace(tmp_path_factory.mktemp("figs") / "trace", num_experts=E)
+
+
+@pytest.fixture(scope="module")
+def analysis(trace):
+    return analyze_trace(trace, batch_sizes=[1, 8, 64])
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Each figure plots.py would save, kept open instead."""
+    figs = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: figs.setdefault(name, fig) and [])
+    yield figs
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def _pixels(path: Path | io.BytesIO) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_every_figure_is_listed_once_with_its_turn_to_be_drawn(analysis):
+    assert list(figures.FIGURES) == list(plots._FIGURES)
+    assert sorted(figures.DRAW_ORDER) == sorted(figures.FIGURES)
+    assert figures.supported(analysis.summary) == list(figures.FIGURES)  # this trace supports all six
+
+
+def test_workers_draw_the_pictures_drawn_here(analysis, tmp_path):
+    """Each worker gets only its figure's part of the analysis (figure_inputs) and draws the same PNG,
+    pixel for pixel, as the whole analysis drawn in this process."""
+    here = plots.write_plots(analysis, tmp_path / "here")
+    with figures.FigureWriter(processes=2) as writer:
+        (tmp_path / "there").mkdir()
+        there = writer(analysis, tmp_path / "there")
+    assert [p.relative_to(tmp_path / "there") for p in there] == [p.relative_to(tmp_path / "here") for p in here]
+    assert len(there) == 12
+    for a, b in zip(here, there):
+        if a.suffix == ".png":
+            assert np.array_equal(_pixels(a), _pixels(b)), a.name
+        else:
+            assert b.read_text(encoding="utf-8").startswith("<?xml") and b.stat().st_size > 1000
+    assert not multiprocessing.active_children()
+
+
+def test_each_figure_is_cut_to_the_box_savefig_tight_cuts(analysis, tmp_path, monkeypatch):
+    """_save measures each figure once, without drawing it, for every format: its PNG equals what
+    savefig(bbox_inches="tight") draws, which lays the figure out once more to measure it."""
+    for name in figures.FIGURES:
+        plots.draw(name, analysis, tmp_path, ("png",))
+    kept = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: kept.setdefault(name, fig) and [])
+    for name in figures.FIGURES:
+        plots.draw(name, analysis, tmp_path)
+        tight = io.BytesIO()
+        kept[name].savefig(tight, format="png", dpi=plots.PNG_DPI, bbox_inches="tight")
+        assert np.array_equal(_pixels(tmp_path / f"{name}.png"), _pixels(tight)), name
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+# -- the data each figure shows, read back from it --------------------------------------------------------
+def test_heatmap_shows_each_layers_loads_over_their_mean_busiest_first(analysis, captured):
+    plots.draw("load_heatmap", analysis, Path("."))
+    img = captured["load_heatmap"].axes[0].images[0]
+    shown = np.ma.filled(img.get_array(), np.nan)
+    loads = analysis.tables["expert_loads"].sort("layer", "expert")
+    rel = loads["load_over_mean"].to_numpy().reshape(len(analysis.arrays["layers"]), E)
+    want = -np.sort(-rel, axis=1)  # each layer busiest first (E > SORT_EXPERTS_ABOVE)
+    lim = img.norm.vmax
+    with np.errstate(divide="ignore"):
+        want = np.where(want > 0, np.clip(np.log2(want), -lim, lim), np.nan)
+    np.testing.assert_allclose(shown, want, rtol=1e-12, atol=1e-12)
+
+
+def test_domain_js_panels_show_the_domain_shift_table(analysis, captured):
+    plots.draw("domain_js", analysis, Path("."))
+    fig = captured["domain_js"]
+    names = analysis.arrays["domains"]
+    shift = analysis.tables["domain_shift"]
+    panels = [ax for ax in fig.axes if ax.images and ax.get_title()]
+    assert panels[0].get_title() == "mean over layers"
+    for ax in panels:
+        title = ax.get_title()
+        rows = shift if title == "mean over layers" else shift.filter(pl.col("layer") == int(title.split()[-1]))
+        mean = rows.group_by("domain_a", "domain_b").agg(pl.col("js").mean())
+        want = np.zeros((len(names), len(names)))
+        for a, b, js in mean.iter_rows():
+            want[names.index(a), names.index(b)] = want[names.index(b), names.index(a)] = js
+        np.testing.assert_allclose(ax.images[0].get_array(), want, rtol=1e-12)
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+
+
+def test_domain_popularity_shows_each_domains_share_in_the_layer_where_domains_differ_most(analysis, captured):
+    plots.draw("domain_popularity", analysis, Path("."))
+    ax = captured["domain_popularity"].axes[0]
+    layer = int(ax.get_title().split("layer ")[1].split()[0])
+    shift = analysis.tables["domain_shift"].group_by("layer").agg(pl.col("js").mean()).sort("js", descending=True)
+    assert layer == shift["layer"][0]
+    table = analysis.tables["domain_experts"].filter(pl.col("layer") == layer)
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    assert names == analysis.arrays["domains"]
+    counts = np.zeros((len(names), E))
+    for d, e, n in table.select("domain", "expert", "count").iter_rows():
+        counts[names.index(d), e] = n
+    order = np.argsort(-counts.sum(axis=0), kind="stable")  # columns: experts by load in this layer
+    labelled = [int(t.get_text()) for t in ax.get_xticklabels()]
+    assert labelled == [order[int(x)] for x in ax.get_xticks()] and len(labelled) == E // 2  # every 2nd of 80
+    want = 100 * counts / counts.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(ax.images[0].get_array(), want[:, order], rtol=1e-12)
+
+
+def test_transitions_show_the_conditional_matrix_and_the_concentration_per_pair(analysis, captured):
+    plots.draw("transitions", analysis, Path("."))
+    ax, ax2 = captured["transitions"].axes[:2]
+    l0, l1 = analysis.arrays["transition_pair"]
+    shown = np.asarray(ax.images[0].get_array())
+    top = analysis.tables["transitions_top"].filter((pl.col("layer") == l0) & (pl.col("next_layer") == l1))
+    assert top.height > 0
+    for e, e2, p in top.select("expert", "next_expert", "p_next_given_expert").iter_rows():
+        assert shown[e, e2] == pytest.approx(p, rel=1e-12)
+    conc = analysis.arrays["transition_concentration"]
+    observed, independent = ax2.get_lines()[:2]
+    np.testing.assert_allclose(observed.get_ydata(), [c[2] for c in conc])
+    np.testing.assert_allclose(independent.get_ydata(), [c[3] for c in conc])
+
+
+def test_prefill_decode_lines_are_the_table_columns(analysis, captured):
+    plots.draw("prefill_decode", analysis, Path("."))
+    ax = captured["prefill_decode"].axes[0]
+    df = analysis.tables["prefill_decode"]
+    lines = {line.get_label(): line.get_ydata() for line in ax.get_lines() if not line.get_label().startswith("_")}
+    np.testing.assert_allclose(lines["own request (Pearson, mean over requests)"], df["pearson"].to_numpy())
+    np.testing.assert_allclose(lines["control: request of another domain"], df["other_domain_pearson"].to_numpy())
+
+
+# -- failures --------------------------------------------------------------------------------------------
+def test_a_failing_figure_raises_and_leaves_no_output(trace, tmp_path):
+    """A worker's error reaches the caller, the other workers are stopped first, and the output
+    directory is not written at all (no partial sibling either)."""
+    out = tmp_path / "a"
+
+    def broken(a, out_dir):
+        bad = SimpleNamespace(summary=a.summary, tables=a.tables, arrays={**a.arrays, "load": "not an array"})
+        return writer(bad, out_dir)
+
+    with pytest.raises(ValueError):
+        with figures.FigureWriter(processes=2) as writer:
+            analyze(trace, out=out, writers=[broken], batch_sizes=[1, 8])
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+    assert not multiprocessing.active_children()
+
+
+class _KillsItsWorker:
+    """Unpickled in a worker, ends it at once (as a crash or the OOM killer would)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os._exit, (3,))
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(trace, tmp_path):
+    from concurrent.futures.process import BrokenProcessPool
+
+    out = tmp_path / "a"
+
+    def killing(a, out_dir):
+        bad = SimpleNamespace(summary=a.summary, tables=a.tables, arrays={**a.arrays, "load": _KillsItsWorker()})
+        return writer(bad, out_dir)
+
+    with pytest.raises(BrokenProcessPool):
+        with figures.FigureWriter(processes=2) as writer:
+            analyze(trace, out=out, writers=[killing], batch_sizes=[1, 8])
+    assert list(tmp_path.iterdir()) == []
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("cpus, load, workers", [(2, 5.5, 0), (2, 1.2, 0), (2, 0.9, 2), (2, 0.0, 2), (16, 0.5, 3),
+                                                 (16, 14.5, 2), (1, 0.0, 1)])
+def test_workers_only_where_the_machine_has_idle_cores(monkeypatch, cpus, load, workers):
+    """None on busy cores (a worker's imports cost more CPU than drawing here saves), else one more
+    than the idle cores, at most three."""
+    monkeypatch.setattr(figures.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(figures.os, "getloadavg", lambda: (load, load, load))
+    assert figures._workers() == workers
+    assert figures.FigureWriter().processes == workers
+
+
+def test_no_worker_draws_here(analysis, tmp_path):
+    with figures.FigureWriter(processes=0) as writer:
+        files = writer(analysis, tmp_path)
+    assert len(files) == 12 and all(p.parent == tmp_path / "plots" for p in files)
+    assert not multiprocessing.active_children()
