@@ -80,7 +80,8 @@ class Timers:
         self._saved.clear()
 
 
-def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compiled: bool = False) -> dict:
+def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compiled: bool = False,
+        big_bytes: int | None = None) -> dict:
     g = torch.Generator().manual_seed(batch * 7919 + prompt)
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=g).to(device)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -88,7 +89,12 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compil
     if compiled:  # static cache + torch.compile with CUDA graphs, as bench/gpu_capture.py --mode compiled
         from transformers.generation.configuration_utils import CompileConfig
 
-        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=False, mode="reduce-overhead"))
+        if device == "cuda":
+            cc = CompileConfig(fullgraph=False, mode="reduce-overhead")
+        else:  # transformers compiles on GPUs only; on CPU the same path (dynamo, hook guards) through aot_eager
+            cc = CompileConfig(backend="aot_eager", fullgraph=False, mode=None)
+            cc._compile_all_devices = True
+        kw.update(cache_implementation="static", compile_config=cc)
 
     def sync() -> None:
         if device == "cuda":
@@ -115,6 +121,8 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compil
             # the top-level hooks as torch calls them: through the torch.compile guard (S._eager)
             timers.replace(S, "_eager", lambda hook, _e=S._eager, _t=timers: _t.timed(_e(hook), "hook_calls"))
             rec = S.capture(model, Path(tmp) / f"t{r}", force=True, eos_token_id=None)
+            if big_bytes is not None:  # blocks of at least this many bytes are processed by the worker thread
+                rec._pipe._big_bytes = big_bytes
             timers.wrap(rec, "_on_forward_start", "forward_start")
             timers.wrap(rec, "_on_forward_end", "forward_end")
             name = "_process_steps" if hasattr(rec, "_process_steps") else "_process"  # older trees
@@ -172,6 +180,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mode", default="eager", choices=("eager", "compiled"),
                     help="compiled: static cache + torch.compile with CUDA graphs (CUDA only)")
+    ap.add_argument("--big-bytes", type=float, default=None,
+                    help="process blocks of at least this many MiB in the worker thread (default: the pipe's)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.model == "tiny":
@@ -187,7 +197,8 @@ def main() -> None:
     results = []
     for b in map(int, args.batches.split(",")):
         for p in map(int, args.prompts.split(",")):
-            r = run(model, b, p, args.new, args.device, args.reps, args.mode == "compiled")
+            r = run(model, b, p, args.new, args.device, args.reps, args.mode == "compiled",
+                    None if args.big_bytes is None else int(args.big_bytes * (1 << 20)))
             results.append(r)
             parts = "  ".join(f"{k} {v:7.1f}" for k, v in r["host_us_per_step"].items())
             print(f"batch {b:4d} prompt {p:5d}: step {r['step_us_plain']:9.1f} us  capture adds "

@@ -134,12 +134,38 @@ def test_one_row_group_counted_in_slices_gives_the_same_aggregates(trace, monkey
     whole = aggregate.aggregate_routing(t, sel, threads=1)
     monkeypatch.setattr(aggregate, "MIN_SLICE_ROWS", 1000)
     sliced = aggregate.aggregate_routing(t, sel, threads=3)
-    assert len(sliced.sample_parts) == 3 and len(whole.sample_parts) == 1
+    # read in batches of MIN_SLICE_ROWS rows, counted on two threads while the next is decoded
+    assert len(sliced.sample_parts) == -(-t.num_routing_rows // 1000) > 3 and len(whole.sample_parts) == 1
     for name in ("domains", "sampled", "seen", "phases_seen"):
         assert np.array_equal(getattr(whole, name), getattr(sliced, name)), name
     assert whole.rows == sliced.rows
     for x, y in zip(load.token_matrix(whole, 1 << 17), load.token_matrix(sliced, 1 << 17)):
         assert np.array_equal(x, y)
+
+
+def test_a_page_that_cannot_be_decoded_names_the_shard(trace, tmp_path, monkeypatch):
+    """Read in batches (and counted on threads), a row group whose pages cannot be decoded is still a
+    TraceIntegrityError naming the shard and row group (reads not checked against the sha256 here)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from moeprof.analysis import aggregate
+    from moeprof.errors import TraceIntegrityError
+
+    copy = tmp_path / "t"
+    shutil.copytree(trace, copy)
+    shard = next((copy / "routing").glob("*.parquet"))
+    chunk = next(c for c in (pq.ParquetFile(shard).metadata.row_group(0).column(i) for i in range(9))
+                 if c.path_in_schema.startswith("experts"))
+    data = bytearray(shard.read_bytes())
+    end = chunk.data_page_offset + chunk.total_compressed_size
+    data[end - 200 : end - 8] = bytes(192)  # the last page's compressed bytes zeroed: zstd refuses them
+    shard.write_bytes(bytes(data))
+    monkeypatch.setattr(aggregate, "MIN_SLICE_ROWS", 1000)  # batches of 1,000 rows, two counting threads
+    for threads in (1, 3):
+        with pytest.raises(TraceIntegrityError, match=r"row group 0\): cannot be decoded"):
+            analyze_trace(copy, verify_reads=False, threads=threads)
 
 
 @pytest.mark.parametrize("high", [3, 200, 60_000, 1 << 20])

@@ -70,3 +70,23 @@ def test_compiled_decoding_records_every_step_even_if_compiled_before_capture(mo
     assert sorted(compiled["step"].unique().to_list()) == [0, 1, 2, 3, 4, 5]
     notes = Trace.open(tmp_path / "compiled").manifest.notes
     assert any("compiled before capture" in n for n in notes)
+
+
+def test_compiled_weights_are_flagged_in_the_manifest(model, tmp_path):
+    """Weights read from compiled steps come with a note (capture's hooks are part of that graph);
+    ids only, a static cache without compiling, and eager decoding come without it."""
+    from moeprof.capture.session import COMPILED_WEIGHTS_NOTE
+
+    def notes(out, weights=True, **kw):
+        with moeprof.capture(model, out, force=True, eos_token_id=None, weights=weights):
+            model.generate(**INPUTS, **kw)
+        return Trace.open(out).manifest.notes
+
+    compiled = dict(cache_implementation="static", compile_config=_compile_config())
+    assert COMPILED_WEIGHTS_NOTE in notes(tmp_path / "compiled", **compiled)
+    assert COMPILED_WEIGHTS_NOTE not in notes(tmp_path / "ids", weights=False, **compiled)
+    torch._dynamo.reset()
+    if hasattr(model, "_compiled_call"):
+        del model._compiled_call
+    assert COMPILED_WEIGHTS_NOTE not in notes(tmp_path / "eager")
+    assert COMPILED_WEIGHTS_NOTE not in notes(tmp_path / "static", cache_implementation="static")

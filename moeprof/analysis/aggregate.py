@@ -55,20 +55,28 @@ about as much again at their peak: analyze of 10^6 requests peaked at 2.1-2.5 Gi
 with 8192 (``bench/analyze_memory.py``), against a goal of 4 GiB."""
 
 MIN_SLICE_ROWS = 1 << 18
-"""A row group is counted in slices on several threads when there are fewer row groups than threads (a
-trace of one row group, 10^6 rows); below this many rows a slice's fixed cost (its bins) is not worth it."""
+"""Rows decoded and counted at a time: a row group is read in batches of this many rows (their buffers
+reused from one to the next), counted on several threads when there are fewer row groups than threads
+(a trace of one row group, 10^6 rows); below this many rows a batch's fixed cost (its bins) is not worth it."""
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """Shape-preserving uint64 hash (the splitmix64 finaliser): a seeded, uniform sort key."""
-    z = x.astype(np.uint64, copy=True)
+def splitmix64(x: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Shape-preserving uint64 hash (the splitmix64 finaliser): a seeded, uniform sort key.
+
+    ``copy=False`` hashes a uint64 ``x`` in place. In place, with one scratch array: the pass hashes
+    every row twice, and each temporary is fresh memory, whose page faults cost as much as the hashing."""
+    z = x.astype(np.uint64, copy=copy)
+    t = np.empty_like(z)
     with np.errstate(over="ignore"):
         z += np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            np.right_shift(z, np.uint64(shift), out=t)
+            z ^= t
+            z *= np.uint64(mult)
+        np.right_shift(z, np.uint64(31), out=t)
+        z ^= t
     return z
 
 
@@ -402,7 +410,7 @@ class _Pass:
             bid = table.column("batch_id").combine_chunks().fill_null(-1).to_numpy(zero_copy_only=False)
             if sel_rows is not None:
                 bid = bid[sel_rows]
-            h = splitmix64(bid.astype(np.uint64) ^ self.seed)
+            h = splitmix64(bid.astype(np.uint64) ^ self.seed, copy=False)
             if self.threshold is not None:
                 take = np.flatnonzero(h < self.threshold)
                 # np.take: along the first axis of (n, k) experts it copies rows several times faster than [take]
@@ -410,7 +418,7 @@ class _Pass:
             token = _token_key(rid, step, pos)
         else:
             token = _token_key(rid, step, pos)
-            h = splitmix64(token ^ self.seed)
+            h = splitmix64(token ^ self.seed, copy=False)
             if self.threshold is not None:
                 take = np.flatnonzero(h < self.threshold)
                 h, token, li, experts = (np.take(x, take, axis=0) for x in (h, token, li, experts))
@@ -434,10 +442,13 @@ def _sparse_counts(slot: np.ndarray, phase: np.ndarray, layer: np.ndarray, exper
 def _token_key(rid: np.ndarray, step: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """``(n,)`` uint64 identity of a token: a hash of (request_id, step, pos)."""
     with np.errstate(over="ignore"):
-        return splitmix64(
-            (rid.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-            ^ ((step.astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint32).astype(np.uint64))
-        )
+        key = rid.astype(np.uint64)
+        key *= np.uint64(0x9E3779B97F4A7C15)
+        high = step.astype(np.uint64)
+        high <<= np.uint64(32)
+        high |= pos.astype(np.uint32)
+        key ^= high
+    return splitmix64(key, copy=False)
 
 
 def _np(table: pa.Table, name: str) -> np.ndarray:
@@ -499,9 +510,9 @@ def aggregate_routing(
     """One streaming pass over ``units`` (default: every row group of the trace) -> :class:`Aggregates`.
 
     Row groups are read and counted on a pool of ``threads`` threads (default: CPU count); pyarrow
-    decodes without the GIL, so reading one row group overlaps counting another. Each row group's
-    :class:`Partial` is merged into the result as soon as it is done, so at most ``threads`` row
-    groups are held at once.
+    decodes without the GIL, so reading one row group overlaps counting another. Each is read in
+    batches of :data:`MIN_SLICE_ROWS` rows whose :class:`Partial` is merged into the result as soon as
+    it is done, so at most a few batches per thread are held at once.
     """
     units = list(units) if units is not None else row_groups(trace)
     rows_total = sum(parquet_file(p).metadata.row_group(i).num_rows for p, i in units)
@@ -509,23 +520,39 @@ def aggregate_routing(
     lock = threading.Lock()
     shards = ShardReader(trace, units)  # each shard read and sha256-checked once, as it is counted
 
+    def merge(part: Partial) -> None:
+        with lock:
+            agg.merge(part)
+
     def run(unit: tuple[Path, int]) -> None:
         path, i = unit
-        try:
-            table = shards.read_row_group(path, i, columns)
-        except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
-            raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
         where = f"{path} (row group {i})"
-        if pieces == 1:
-            parts = [work(table, where)]
-        else:  # fewer row groups than threads: count slices of this one side by side (partials merge by sum)
-            step = -(-table.num_rows // pieces)
-            with ThreadPoolExecutor(max_workers=pieces, thread_name_prefix="moeprof-slice") as inner:
-                parts = list(inner.map(lambda lo, t=table: work(t.slice(lo, step), where), range(0, table.num_rows, step)))
-        del table
-        with lock:
-            for part in parts:
-                agg.merge(part)
+        # The row group in batches of MIN_SLICE_ROWS rows (partials merge by sum): each batch's buffers
+        # are reused for the next. With fewer row groups than threads, batches are counted on `pieces`
+        # threads while this one decodes the next (pyarrow and numpy both release the GIL).
+        batches = shards.iter_row_group(path, i, columns, MIN_SLICE_ROWS)
+        inner = ThreadPoolExecutor(max_workers=pieces, thread_name_prefix="moeprof-slice") if pieces > 1 else None
+        jobs: list = []
+        try:
+            while True:
+                try:
+                    table = next(batches, None)
+                except (pa.ArrowException, OSError) as exc:  # footer fine, pages not: a corrupt shard
+                    raise TraceIntegrityError(f"{path} (row group {i}): cannot be decoded ({exc}); the shard is corrupt") from None
+                if table is None:
+                    break
+                if inner is None:
+                    merge(work(table, where))
+                    continue
+                jobs.append(inner.submit(work, table, where))
+                while len(jobs) > pieces:  # at most `pieces` batches decoded ahead of their counting
+                    merge(jobs.pop(0).result())
+            for job in jobs:
+                merge(job.result())
+        finally:
+            batches.close()
+            if inner is not None:
+                inner.shutdown(wait=True, cancel_futures=True)
         if progress is not None:
             progress(1)
 

@@ -137,28 +137,32 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
         first_hash[at], first_token[at] = p.hash[first[at] - starts[i]], p.token[first[at] - starts[i]]
     order = np.lexsort((first_token, first_hash))
     T = min(U, max_tokens)
-    rank = np.empty(U, np.int64)
-    rank[order] = np.arange(U)
+    # 32-bit indices where they fit (always below 2^31 rows and cells): every array here is as long as
+    # the sample (9.6 M rows at 10^7 rows), and fresh memory costs its page faults as much as its use.
+    small = max(U, T * L + 1, starts[-1]) < (1 << 31)
+    index = np.int32 if small else np.int64
+    rank = np.empty(U, index)
+    rank[order] = np.arange(U, dtype=index)
     tid = rank[codes]
     del codes
     # Step 2: scatter rows into (token, layer) cells; rows of tokens past the first T go to a spare
     # cell T * L (cheaper than compressing (n, k) rows). Each cell records the last row written into
-    # it: a row that finds another's there shares its cell (a duplicate); a cell nobody wrote is -1.
+    # it: a row that finds another's there shares its cell (a duplicate); a cell nobody wrote keeps
+    # the -1 it starts with (written in order, page by page, before the scattered writes).
     spare = T * L
-    out = np.empty((spare + 1, k), np.int16)
-    writer = np.full(spare + 1, -1, np.int32 if starts[-1] < (1 << 31) else np.int64)
+    out = np.full((spare + 1, k), -1, np.int16)
+    writer = np.full(spare + 1, -1, index)
     cells = []
     for i, p in enumerate(parts):
         t = tid[starts[i] : starts[i + 1]]
-        cell = np.where(t < T, t * L + p.layer, spare)
+        cell = np.where(t < T, t * index(L) + p.layer, index(spare))
         rows_of(out)[cell] = rows_of(p.experts)
-        writer[cell] = np.arange(starts[i], starts[i + 1], dtype=writer.dtype)
+        writer[cell] = np.arange(starts[i], starts[i + 1], dtype=index)
         cells.append(cell)
     dup = np.zeros(T, bool)
     for i, cell in enumerate(cells):
-        clash = cell[(writer[cell] != np.arange(starts[i], starts[i + 1], dtype=writer.dtype)) & (cell < spare)]
+        clash = cell[(writer[cell] != np.arange(starts[i], starts[i + 1], dtype=index)) & (cell < spare)]
         dup[clash // L] = True
-    out[:spare][writer[:spare] < 0] = -1
     return out[:spare].reshape(T, L, k), dup
 
 
@@ -372,9 +376,17 @@ def batch_imbalance(
     rng = np.random.default_rng(seed)
     pooled, per_layer = [], []
     finer: tuple[int, np.ndarray] | None = None
-    for B in batch_sizes:
-        counts = batch_counts(tokens, B, num_experts, finer=finer)
+    T = tokens.shape[0]
+    for n, B in enumerate(batch_sizes):
+        # Count as many windows as the next size needs when it is a multiple of this one and they are few
+        # more (its windows are then sums of these: 264 windows of 64 tokens make 33 of 512, where 256
+        # would have it count 16,896 tokens again); not 2,048 windows of 1 token for 256 of 8 (0.24 GB).
+        nxt = batch_sizes[n + 1] if n + 1 < len(batch_sizes) else 0
+        more = min(MAX_BATCHES, T // nxt) * (nxt // B) if nxt and nxt % B == 0 else 0
+        more = more if more <= 2 * MAX_BATCHES else 0
+        counts = batch_counts(tokens, B, num_experts, max_batches=max(MAX_BATCHES, more), finer=finer)
         finer = (B, counts)
+        counts = counts[:MAX_BATCHES]
         nb = counts.shape[0]
         row = {"batch_size": B, "batches": nb}
         if nb == 0:

@@ -279,7 +279,7 @@ def analyze_trace(
         return _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens, coactivation_tables,
                              pool)
 
-    pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="moeprof-stats")  # 5 steps + transition counts
+    pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="moeprof-stats")  # 5 steps + half the co-activation counts
     with pool, one_blas_thread():
         token_job = pool.submit(token_step)
         class_job = pool.submit(_classification, a, agg, sampled, caps, sel, kept_layers, seed)
@@ -580,11 +580,9 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
     if dup is not None and dup.any():
         return unavailable(f"tokens cannot be told apart: {caps['positions'] or 'several routing rows share one (request, step, pos) in a layer'}")
     steps = co.consecutive_pairs(layers, trace.model.moe_layers)
-    # Transitions count on a thread of their own, beside the pairs (about as long as each other).
-    trans_job = pool.submit(co.transition_counts, tokens, steps, E) if pool is not None and steps else None
-    loads = co.layer_counts(tokens, E)
+    # Loads, pairs and transitions in one pass over the layers, half of them on a thread of the pool.
+    loads, pairs, trans = co.counts(tokens, steps, E, pool)
     tok_per_layer = loads.sum(axis=1) // k
-    pairs = co.pair_counts(tokens, E)
     full = tables == "full"
     suffix = "" if full else "_top"
     a.tables[f"coactivation_pairs{suffix}"] = co.pair_table(pairs, loads, tok_per_layer, layers,
@@ -595,7 +593,6 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
     if not steps:
         out["transitions"] = unavailable("the selection holds no two consecutive MoE layers")
         return out
-    trans = trans_job.result() if trans_job is not None else co.transition_counts(tokens, steps, E)
     from_counts = np.stack([loads[i] for i, _ in steps])
     conc = co.concentration(trans, from_counts)
     a.tables[f"transitions{suffix}"] = co.transition_table(trans, from_counts, steps, layers,

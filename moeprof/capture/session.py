@@ -60,6 +60,15 @@ COUNTING_RULE = (
 )
 
 
+COMPILED_WEIGHTS_NOTE = (
+    "decode steps ran compiled (torch.compile, static cache) with routing weights recorded: the hooks are "
+    "part of the compiled graph, and a graph that hands the weights back may round the router differently "
+    "from the same model compiled without capture (on an H200, logits moved by up to 0.08 at batch 1, no "
+    "greedy token changed; bench/gpu_capture_unchanged.py). Expert ids alone (weights=False) left the "
+    "logits bit for bit unchanged where compiling is repeatable"
+)
+
+
 @dataclass
 class _Label:
     request_id: int
@@ -189,6 +198,7 @@ class Recorder:
         self._constants: dict[tuple, torch.Tensor] = {}
         self._batch_running = False
         self._static_cache = False  # the step's KV cache is static: compiled decoding, CUDA graphs
+        self._saw_static = False  # some step ran with a static cache
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
         self.steps = 0
@@ -276,6 +286,8 @@ class Recorder:
             error = e
         finally:
             self._pipe.shutdown()
+        if self._weights and self._saw_static and getattr(self.model, "_compiled_call", None) is not None:
+            self.writer.manifest.notes.append(COMPILED_WEIGHTS_NOTE)
         try:
             self._write_staged()
             self._sync_requests()
@@ -346,6 +358,7 @@ class Recorder:
             cache_name, cache = _find_cache(kwargs)
             new_sequences = self._starts_new_sequences(cache, s)
             self._static_cache = bool(getattr(cache, "is_compileable", False))
+            self._saw_static |= self._static_cache
             mask = kwargs.get("attention_mask")
             labels: list[_Label] = []
             if new_sequences:
