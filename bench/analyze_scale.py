@@ -29,6 +29,10 @@ after each child. Arms:
 
 Prints each child's result (seconds, CPU, peak RSS, load), then per arm the median [min - max],
 and analyze / floor per round (each analyze run against the same round's floor run).
+
+Peak RSS: the floors report their own ``VmHWM``; analyze reports analyze_bench's ``ru_maxrss``,
+which on Linux starts from the parent's peak (kept across exec), so this script generates traces in
+a child and prints its own peak at the end: analyze's figure is its own where it is larger.
 """
 
 from __future__ import annotations
@@ -79,7 +83,9 @@ with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
 dt = time.perf_counter() - t0
 assert rows == t.num_routing_rows, (rows, t.num_routing_rows)
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024, rows=rows)))
+# VmHWM: this process's own peak (ru_maxrss would also count the parent's peak, inherited at exec)
+hwm = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=hwm, rows=rows)))
 """
 
 _POLARS = """
@@ -100,7 +106,9 @@ dt = time.perf_counter() - t0
 rows = int(r.item(0, 0))
 assert rows == t.num_routing_rows, (rows, t.num_routing_rows)
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024, rows=rows)))
+# VmHWM: this process's own peak (ru_maxrss would also count the parent's peak, inherited at exec)
+hwm = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=hwm, rows=rows)))
 """
 
 
@@ -151,19 +159,21 @@ def main() -> None:
     if unknown:
         ap.error(f"--floors: unknown {sorted(unknown)}")
     if args.requests:
-        import analyze_memory as m
-
         n = _num(args.requests)
         trace = b.OUT / f"memory-{n}-{args.rows_per_request}"
-        make = lambda: m.generate(trace, n, args.rows_per_request)  # noqa: E731
     else:
         n = _num(args.rows)
         trace = b.OUT / f"trace-{n}"
-        make = lambda: b.generate(trace, n)  # noqa: E731
     manifest = trace / "manifest.json"
     if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
+        # in a child: a child's ru_maxrss starts from its parent's peak (Linux keeps it across exec),
+        # so this process must stay small for analyze's peak RSS to be its own
         t0 = time.perf_counter()
-        make()
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import analyze_bench as b, analyze_memory as m; "
+                "from pathlib import Path; t = Path(sys.argv[2]); n = int(sys.argv[3]); "
+                "m.generate(t, n, int(sys.argv[4])) if sys.argv[4] != '0' else b.generate(t, n)")
+        subprocess.run([sys.executable, "-c", code, str(b.HERE), str(trace), str(n),
+                        str(args.rows_per_request if args.requests else 0)], check=True)
         print(f"generated {trace} in {time.perf_counter() - t0:.0f} s", flush=True)
     from moeprof.trace import Trace
 
@@ -213,13 +223,14 @@ def main() -> None:
         summary[f].update(ratio_wall=wall, ratio_cpu=cpu)
         print(f"  analyze / {f:<8} wall {_spread(wall)}x, CPU {_spread(cpu)}x (per round; target 3x wall)")
     uptime_end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"{uptime_end}")
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    print(f"{uptime_end}; this process's peak RSS {parent_peak:.2f} GiB (a floor on analyze's ru_maxrss)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(
             command=" ".join(["python", "bench/analyze_scale.py", *sys.argv[1:]]), trace=trace.name, rows=rows,
             size_gib=t.size_bytes / GIB, cpus=os.cpu_count(), machine=platform.platform(), uptime_start=uptime,
-            uptime_end=uptime_end, order=order, runs=res, summary=summary), indent=1))
+            uptime_end=uptime_end, parent_peak_rss_gib=parent_peak, order=order, runs=res, summary=summary), indent=1))
         print(f"wrote {args.json}")
     if args.delete:
         for d in [trace, *outs.values()]:
