@@ -11,7 +11,7 @@ import datetime as _dt
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from moeprof.text import format_ranges
 from moeprof import __version__
