@@ -12,7 +12,7 @@ a trace per request count with 58 MoE layers (3..60), 256 experts, top-8, four d
 ``--rows-per-request`` rows per request (prefill then decode tokens, each routed in a window of
 consecutive layers; rows drawn from per-domain x layer pools of Zipf-skewed top-8 patterns, so
 generation is fast), then runs the whole analysis (every statistic, outputs not written) in a fresh
-subprocess per trace and prints its peak RSS (``ru_maxrss``), wall time (from the call), CPU seconds
+subprocess per trace and prints its peak RSS (its own ``VmHWM``: a child's ``ru_maxrss`` starts from its parent's peak), wall time (from the call), CPU seconds
 of the whole process, and a digest of its results (the summary less the trace's path and what only
 the request sample adds: equal digests, equal results).
 
@@ -127,7 +127,8 @@ for sec in ("classification", "prefill_decode"):
         c[sec].pop(key, None)
 digest = hashlib.sha256(json.dumps(c).encode()).hexdigest()[:12]
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=ru.ru_maxrss * 1024, requests=s["trace"]["requests"],
+peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024  # own peak (VmHWM): a child's ru_maxrss starts from its parent's
+print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=peak, requests=s["trace"]["requests"],
                       rows=s["trace"]["rows_analyzed"],
                       pd_requests=s["prefill_decode"].get("requests"),
                       pd_whole=s["prefill_decode"].get("whole_trace"),

@@ -10,7 +10,7 @@ per shard. The traces are DeepSeek-V3-shaped (58 MoE layers x 256 experts, top-8
 ``bench/analyze_memory.py``'s generator, cached under bench/out/): ``REQUESTSxROWS`` gives the
 requests and the routing rows per request (half prefill, half decode tokens, each routed in a window
 of consecutive layers). Each command runs in a fresh subprocess (one thread per shard task on the
-local engine) and prints its peak RSS (``ru_maxrss``), wall seconds, the requests it fitted on and
+local engine) and prints its peak RSS (its own ``VmHWM``), wall seconds, the requests it fitted on and
 scored, and a digest of the metrics (equal digests: equal results); ``new/old`` is the ratio of the
 peak RSS of this checkout's run to the other's on the same trace (with ``--sample-requests``
 values, ``code`` says which: ``new:1024``). Old runs whose arithmetic
@@ -53,7 +53,8 @@ else:
 dt = time.perf_counter() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
 fit = json.load(open(placement)).get("fit", {})
-print(json.dumps(dict(seconds=dt, peak_rss=ru.ru_maxrss * 1024, scored=metrics["requests"],
+peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024  # own peak (VmHWM): a child's ru_maxrss starts from its parent's
+print(json.dumps(dict(seconds=dt, peak_rss=peak, scored=metrics["requests"],
                       fitted=fit.get("train_requests"), tokens=metrics["tokens"],
                       results=hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:12])))
 """
