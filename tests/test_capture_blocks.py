@@ -26,7 +26,8 @@ def qwen():
 
 def _record(model, out, block, run, big=None, defer=True, **kw):
     rec = capture(model, out, **kw)
-    rec._pipe._block = block
+    if block is not None:  # None: the pipe's own choice (up to 128 steps when steps are small)
+        rec._pipe._block = rec._pipe._max_block = block
     rec._pipe._defer = defer  # decode steps held by reference and gathered a block at a time
     if big is not None:  # blocks of at least this many bytes are processed by the worker thread
         rec._pipe._big_bytes = big
@@ -41,7 +42,8 @@ def _same(model, tmp_path, run, blocks=(3, 32), **kw):
     assert ref[0].height > 0
     # (block, big, defer): blocks in the calling thread; every hand-over to the worker thread; a mix;
     # each step gathered as it ends
-    cases = [(b, None, True) for b in blocks] + [(1, 1, True), (4, 1, True), (3, 4000, True), (32, None, False)]
+    cases = [(b, None, True) for b in blocks] + [(1, 1, True), (4, 1, True), (3, 4000, True), (32, None, False),
+                                                 (None, None, True)]
     for block, big, defer in cases:
         got = _record(model, tmp_path / f"b{block}-{big}-{defer}", block, run, big=big, defer=defer, **kw)
         assert got[0].equals(ref[0]), f"routing rows differ with blocks of {block} (worker from {big} bytes)"
@@ -230,12 +232,71 @@ def test_decode_steps_of_a_static_cache_are_copied_into_blocks(qwen, tmp_path):
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
                        min_new_tokens=40, do_sample=False, pad_token_id=0, cache_implementation="static")
 
-    units = []
     ref = _same(model, tmp_path, run, blocks=(32,))
-    rec = capture(model, tmp_path / "units")
-    orig = rec._pipe._add
-    rec._pipe._add = lambda unit: (units.append((len(unit.metas), unit.layout.steps)), orig(unit))
-    with rec, torch.no_grad():
-        run()
-    assert units == [(1, 1), (32, 32), (7, 32)]  # the prefill, then two blocks (the last one partly filled)
     assert ref[2] == 40
+
+    def units(out, max_block=None):
+        got = []
+        rec = capture(model, tmp_path / out)
+        if max_block is not None:
+            rec._pipe._max_block = max_block
+        orig = rec._pipe._add
+        rec._pipe._add = lambda unit: (got.append((len(unit.metas), unit.layout.steps)), orig(unit))
+        with rec, torch.no_grad():
+            run()
+        return got
+
+    # the prefill, then blocks of 32 (the last one partly filled)
+    assert units("u32", max_block=32) == [(1, 1), (32, 32), (7, 32)]
+    # steps this small (2 tokens x 2 layers) go 128 to a block by default
+    assert units("default") == [(1, 1), (39, 128)]
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("wdtype", [None, torch.bfloat16])
+def test_copied_decode_steps_read_back_exactly(ids_dtype, wdtype):
+    """Decode steps copied into block slots (a static cache): int64 ids share one part with the
+    step's small rows (one cat a step, token-major), int32 ids take the three-stack layout; either
+    way every step reads back its own values, across more steps than a block holds."""
+    from types import SimpleNamespace
+
+    from moeprof.capture.pipe import HostPipe
+
+    got = []
+    pipe = HostPipe(got.extend, block=4)
+    g = torch.Generator().manual_seed(3)
+    b, L, k = 3, 2, 2
+    want = []
+    for t in range(11):
+        ids = [torch.randint(0, 60, (b, k), generator=g).to(ids_dtype) for _ in range(L)]
+        w = None if wdtype is None else [torch.rand(b, k, generator=g).to(wdtype) for _ in range(L)]
+        small = [torch.randint(0, 900, (b, 1), generator=g), torch.full((b, 1), 40 + t), torch.tensor([[1], [0], [1]])]
+        meta = SimpleNamespace(b=b, s=1, t=t)
+        pipe.submit(meta, ids, w, small, deferrable=False, decode=True)
+        assert pipe._slots[0].fused == (ids_dtype == torch.int64)
+        want.append((ids, w, small))
+    pipe.drain()
+    assert [s[0].t for s in got] == list(range(11))
+    for (ids, w, small), (_, gids, gw, tokens, positions, valid) in zip(want, got):
+        assert gids.shape == (L, b, k) and (gids == torch.stack(ids).numpy()).all()
+        assert gw is None if w is None else (gw == torch.stack(w).float().numpy()).all()
+        assert tokens.tolist() == small[0][:, 0].tolist() and positions.tolist() == small[1][:, 0].tolist()
+        assert valid.tolist() == [[True], [False], [True]]
+
+
+def test_small_steps_go_more_to_a_block():
+    """Blocks of decode steps: ``block`` steps for big steps, up to ``max_block`` for small ones,
+    a block's routing under ``block_bytes``."""
+    from moeprof.capture.pipe import HostPipe
+
+    pipe = HostPipe(lambda steps: None, block=32, max_block=128, block_bytes=1 << 20)
+
+    def steps(n, layers=12, k=8):
+        ids = [torch.zeros(n, k, dtype=torch.int64)] * layers
+        w = [torch.zeros(n, k, dtype=torch.bfloat16)] * layers
+        return pipe._block_for(ids, w)
+
+    assert steps(1) == 128  # 960 B a step
+    assert steps(8) == 128  # 7.5 KiB
+    assert steps(64) == 32 and steps(128, layers=58) == 32  # 60 KiB (17 would fit), 580 KiB: at least 32
+    assert steps(12) == (1 << 20) // (12 * 12 * 8 * 10) == 91

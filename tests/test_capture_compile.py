@@ -90,3 +90,33 @@ def test_compiled_weights_are_flagged_in_the_manifest(model, tmp_path):
         del model._compiled_call
     assert COMPILED_WEIGHTS_NOTE not in notes(tmp_path / "eager")
     assert COMPILED_WEIGHTS_NOTE not in notes(tmp_path / "static", cache_implementation="static")
+
+
+class _Outer(torch.nn.Module):
+    """A caller's own module around the model: compiling it makes dynamo inline the model's call,
+    capture's top-level hooks included."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_hooks_run_eagerly_inside_a_callers_compiled_module(model, tmp_path):
+    """Traced by dynamo, the top-level hooks still run as Python (a graph break), once per forward."""
+    batch = dict(input_ids=INPUTS["input_ids"], attention_mask=INPUTS["attention_mask"])
+
+    def forwards(out, fn):
+        with moeprof.capture(model, out, force=True, eos_token_id=None) as rec:
+            with torch.no_grad():
+                fn(**batch)
+                fn(**batch)
+        assert rec.rows == 2 * 2 * 8  # 2 forwards x 2 MoE layers x 8 real tokens
+        return Trace.open(out).routing().sort("request_id", "pos", "layer").collect().select(KEY)
+
+    eager = forwards(tmp_path / "eager", _Outer(model))
+    torch._dynamo.reset()
+    compiled = forwards(tmp_path / "compiled", torch.compile(_Outer(model), backend="aot_eager"))
+    assert compiled.equals(eager)

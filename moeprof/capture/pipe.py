@@ -16,8 +16,13 @@ is paid by the step. So:
   decode steps in a row were seen to return routing outputs at different addresses, never with a
   static (compileable) KV cache, and never with the routing of a step at the address of one held.
 - **Copied decode steps.** A decode step that cannot be held (a static cache, CUDA graphs) is
-  stacked as it ends into its slot of a block buffer (three stacks), and the block goes to the host
-  with one copy once ``block`` steps are in.
+  written as it ends into its slot of a block buffer, and the block goes to the host with one copy
+  once ``block`` steps are in. Where the ids are int64 (most routers' ``topk``), one ``torch.cat``
+  writes a step's ids and its tokens, positions and validity, token-major (the one-token step's
+  ``(b, 1)`` inputs are columns already), and one stack its weights: two tensor calls a step.
+- **Longer blocks for small steps.** Processing a block on the host costs about as much at 32
+  steps as at 128 while steps are small, so decode steps of a few KiB (batch 1-8) are gathered up
+  to ``max_block`` at a time, a block's routing staying under ``block_bytes``.
 - **One copy, one event.** Each gathered unit makes one asynchronous copy into pooled pinned host
   memory; one CUDA event per block says every copy before it has landed.
 
@@ -52,14 +57,17 @@ class Layout:
     ids_dtype: torch.dtype
     w_dtype: torch.dtype | None
     rows: int  # int64 rows of n per step: tokens, [positions], valid
+    fused: bool = False
+    """int64 ids and the small rows of a step share one ``(n, layers * k + rows)`` part, token-major:
+    one ``torch.cat`` writes both (one-token steps, whose small rows are ``(n, 1)`` already)."""
 
     @cached_property
     def sizes(self) -> list[int]:
         per = self.steps * self.layers * self.n * self.k
-        parts = [per * self.ids_dtype.itemsize]
-        parts.append(per * self.w_dtype.itemsize if self.w_dtype is not None else 0)
-        parts.append(self.steps * self.rows * self.n * 8)
-        return parts
+        w = per * self.w_dtype.itemsize if self.w_dtype is not None else 0
+        if self.fused:
+            return [self.steps * self.n * (self.layers * self.k + self.rows) * 8, w, 0]
+        return [per * self.ids_dtype.itemsize, w, self.steps * self.rows * self.n * 8]
 
     @cached_property
     def offsets(self) -> list[int]:
@@ -81,7 +89,13 @@ def decode(layout: Layout, raw: np.ndarray, metas: list) -> list[Step]:
     """Per-step views of one unit's bytes (``raw``: uint8, ``layout.nbytes`` long)."""
     T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
     o, sizes = layout.offsets, layout.sizes
-    ids = raw[o[0] : o[0] + sizes[0]].view(_NUMPY[layout.ids_dtype]).astype(np.int16).reshape(T, L, n, k)
+    if layout.fused:  # (T, n, L*k + rows) int64, token-major
+        both = raw[o[0] : o[0] + sizes[0]].view(np.int64).reshape(T, n, L * k + layout.rows)
+        ids = both[:, :, : L * k].reshape(T, n, L, k).transpose(0, 2, 1, 3).astype(np.int16)
+        small = both[:, :, L * k :].transpose(0, 2, 1)
+    else:
+        ids = raw[o[0] : o[0] + sizes[0]].view(_NUMPY[layout.ids_dtype]).astype(np.int16).reshape(T, L, n, k)
+        small = raw[o[2] : o[2] + sizes[2]].view(np.int64).reshape(T, layout.rows, n)
     weights = None
     if layout.w_dtype is not None:
         w = raw[o[1] : o[1] + sizes[1]]
@@ -90,7 +104,6 @@ def decode(layout: Layout, raw: np.ndarray, metas: list) -> list[Step]:
         else:
             w = w.view(_NUMPY[layout.w_dtype]).astype(np.float32, copy=False)
         weights = w.reshape(T, L, n, k)
-    small = raw[o[2] : o[2] + sizes[2]].view(np.int64).reshape(T, layout.rows, n)
     tokens = small[:, 0].astype(np.int32)
     valid = small[:, -1] != 0
     positions = small[:, 1].astype(np.int32) if layout.rows == 3 else None
@@ -114,7 +127,8 @@ class HostPipe:
 
     ``submit(meta, ids, weights, small, deferrable)`` takes one step: the per-layer ids and weights
     as the routing hooks left them, and ``small``, the step's tokens, positions (or not) and
-    validity as ``(n,)`` int64 tensors. Finished steps are processed ``block`` at a time, always
+    validity as int64 tensors of one shape of ``n`` elements (the model's ``(b, s)``: they are
+    stacked into views of that shape, so no reshape is paid per step). Finished steps are processed ``block`` at a time, always
     leaving the newest unit pending, so its copy has long landed when it is read.
 
     Small blocks are processed in the forward's thread: a worker thread would contend for the GIL
@@ -127,9 +141,12 @@ class HostPipe:
     """
 
     def __init__(self, process: Callable[[list[Step]], None], block: int = 32, big_bytes: int = 4 << 20,
-                 defer: bool = True) -> None:
+                 defer: bool = True, max_block: int | None = None, block_bytes: int = 1 << 20) -> None:
         self._process = process
         self._block = max(1, int(block))
+        self._max_block = max(self._block, int(max_block if max_block is not None else self._block))
+        self._block_bytes = int(block_bytes)
+        self._group_block = self._block
         self._big_bytes = big_bytes
         self._defer = defer
         self._pending: list[_Unit] = []
@@ -162,11 +179,13 @@ class HostPipe:
     def _submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool, decode: bool) -> None:
         if deferrable and self._defer and self._deferrable(meta, ids[0]):
             key = (meta.b, meta.s, len(small))
+            if not self._group:
+                self._group_block = self._block_for(ids, weights)
             if self._group and (key != self._group_key or self._group_kind != "held"):
                 self._flush_group()
             self._group_kind, self._group_key = "held", key
             self._group.append((meta, list(ids), None if weights is None else list(weights), torch.stack(small)))
-            if len(self._group) >= self._block:
+            if len(self._group) >= self._group_block:
                 self._flush_group()
             return
         if not deferrable:
@@ -175,39 +194,58 @@ class HostPipe:
             self._copy_into_block(meta, ids, weights, small)
             return
         self._flush_group()
-        self._add(self._gather([meta], ids, weights, small))
+        self._add(self._gather([meta], ids, weights, small, stacked=False))
 
     def _copy_into_block(self, meta: Any, ids: list, weights: list | None, small: list) -> None:
         """A decode step whose outputs may be overwritten (CUDA-graph replays, a static cache): its
         routing is stacked now into the next slot of a block buffer, copied to the host once the
-        block is full. Three stacks per step; one copy, one event per block."""
+        block is full. Two tensor calls per step (ids and small rows in one ``torch.cat`` where the
+        ids are int64 and the step is one token per row; else three stacks); one copy, one event per
+        block."""
         first = ids[0]
-        key = (meta.b, meta.s, len(small), len(ids), first.shape, _common(ids),
+        key = (tuple(small[0].shape), len(small), len(ids), first.shape, _common(ids),
                None if weights is None else _common(weights), first.device)
         if self._group and (key != self._group_key or self._group_kind != "copied"):
             self._flush_group()
         if not self._group:
             self._group_kind, self._group_key = "copied", key
-            self._slots = self._block_slots(key)
+            self._group_block = self._block_for(ids, weights)
+            self._slots = self._block_slots(key, self._group_block)
         s_ids, s_w, s_small = self._slots[2][len(self._group)]
-        torch.stack(ids, out=s_ids)
+        if s_small is None:  # fused: (n, L*k + rows)
+            torch.cat(ids + small, dim=1, out=s_ids)
+        else:
+            torch.stack(ids, out=s_ids)
+            torch.stack(small, out=s_small)
         if weights is not None:
             torch.stack(weights, out=s_w)
-        torch.stack(small, out=s_small)
         self._group.append(meta)
-        if len(self._group) >= self._block:
+        if len(self._group) >= self._group_block:
             self._flush_group()
 
-    def _block_slots(self, key: tuple) -> tuple:
-        """(layout, buffer, [(ids, weights, small) views of step t]) of a block of ``block`` steps."""
-        got = self._buffers.get(("slots", key))
+    def _block_for(self, ids: list, weights: list | None) -> int:
+        """Decode steps per block for steps like this one: ``block``, or more for small steps.
+
+        Processing a block on the host costs about the same at 32 steps as at 128 when a step is a
+        few KiB (batch 1-8), so small steps are gathered up to ``max_block`` at a time, as long as a
+        block's routing stays under ``block_bytes``."""
+        first = ids[0]
+        step = len(ids) * first.numel() * (first.element_size() + (weights[0].element_size() if weights else 0))
+        return max(self._block, min(self._max_block, self._block_bytes // max(1, step)))
+
+    def _block_slots(self, key: tuple, steps: int) -> tuple:
+        """(layout, buffer, [(ids, weights, small) views of step t]) of a block of ``steps`` steps."""
+        got = self._buffers.get(("slots", key, steps))
         if got is None:
-            b, s, rows, L, shape, ids_dtype, w_dtype, device = key
-            layout = Layout(self._block, L, shape[0], shape[1], ids_dtype, w_dtype, rows)
-            buf, v_ids, v_w, v_steps = _views(layout, device)
-            slots = [(v_ids[t * L : (t + 1) * L], None if v_w is None else v_w[t * L : (t + 1) * L], v_steps[t])
-                     for t in range(self._block)]
-            got = self._keep(("slots", key), (layout, buf, slots))
+            small_shape, rows, L, shape, ids_dtype, w_dtype, device = key
+            fused = ids_dtype == torch.int64 and len(shape) == 2 and small_shape == (shape[0], 1)
+            layout = Layout(steps, L, shape[0], shape[1], ids_dtype, w_dtype, rows, fused=fused)
+            buf, v_ids, v_w, v_steps = _views(layout, device, small_shape)
+            slots = [(v_ids[t] if fused else v_ids[t * L : (t + 1) * L],
+                      None if v_w is None else v_w[t * L : (t + 1) * L],
+                      None if fused else v_steps[t])
+                     for t in range(steps)]
+            got = self._keep(("slots", key, steps), (layout, buf, slots))
         return got
 
     @torch.no_grad()
@@ -251,27 +289,27 @@ class HostPipe:
         metas = [g[0] for g in group]
         ids = [t for g in group for t in g[1]]
         weights = None if group[0][2] is None else [t for g in group for t in g[2]]
-        self._add(self._gather(metas, ids, weights, [g[3] for g in group]))
+        self._add(self._gather(metas, ids, weights, [g[3] for g in group], stacked=True))
 
-    def _gather(self, metas: list, ids: list, weights: list | None, small: list) -> _Unit:
+    def _gather(self, metas: list, ids: list, weights: list | None, small: list, stacked: bool) -> _Unit:
         """One unit: every part stacked into one device byte buffer, then one copy to the host.
 
         ``ids`` and ``weights`` hold every layer of every step, step-major; ``small`` holds one step's
-        ``(n,)`` rows, or one ``(rows, n)`` stack per step."""
+        ``(b, s)`` rows, or (``stacked``) one ``(rows, b, s)`` stack per step."""
         first = ids[0]
-        rows = len(small) if small[0].dim() == 1 else small[0].shape[0]
+        rows, shape = (small[0].shape[0], tuple(small[0].shape[1:])) if stacked else (len(small), tuple(small[0].shape))
         key = (len(metas), len(ids), first.shape, _common(ids), None if weights is None else _common(weights),
-               rows, first.device)
+               rows, shape, first.device)
         got = self._buffers.get(key)
         if got is None:
             layout = Layout(len(metas), len(ids) // len(metas), first.shape[0], first.shape[1], key[3], key[4], rows)
-            buf, v_ids, v_w, v_steps = _views(layout, first.device)
+            buf, v_ids, v_w, v_steps = _views(layout, first.device, shape)
             got = self._keep(key, (layout, buf, v_ids, v_w, v_steps, v_steps[0]))
         layout, buf, v_ids, v_w, v_steps, v_step = got
         torch.stack(ids, out=v_ids)
         if weights is not None:
             torch.stack(weights, out=v_w)
-        torch.stack(small, out=v_step if small[0].dim() == 1 else v_steps)
+        torch.stack(small, out=v_steps if stacked else v_step)
         last_of_block = len(metas) > 1 or self._pending_steps + 1 >= self._block or layout.nbytes >= self._big_bytes
         return self._to_host(_Unit(metas, layout, buf), event=last_of_block)
 
@@ -359,15 +397,17 @@ class HostPipe:
             self._worker = None
 
 
-def _views(layout: Layout, device: torch.device) -> tuple:
+def _views(layout: Layout, device: torch.device, shape: tuple) -> tuple:
     """A new device byte buffer for ``layout`` and its typed views: ids ``(T*L, n, k)``, weights (or
-    None) and the small rows ``(T, rows, n)``."""
+    None) and the small rows ``(T, rows) + shape``, ``shape`` the step's ``(b, s)`` (``b * s == n``)."""
     buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
     o, sizes = layout.offsets, layout.sizes
     T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
-    v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
     v_w = buf[o[1] : o[1] + sizes[1]].view(layout.w_dtype).view(T * L, n, k) if layout.w_dtype else None
-    return buf, v_ids, v_w, buf[o[2] : o[2] + sizes[2]].view(torch.int64).view(T, layout.rows, n)
+    if layout.fused:  # ids and small rows in one part: (T, n, L*k + rows); no separate small rows
+        return buf, buf[o[0] : o[0] + sizes[0]].view(torch.int64).view(T, n, L * k + layout.rows), v_w, None
+    v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
+    return buf, v_ids, v_w, buf[o[2] : o[2] + sizes[2]].view(torch.int64).view((T, layout.rows) + tuple(shape))
 
 
 def _common(tensors: list) -> torch.dtype:

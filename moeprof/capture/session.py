@@ -194,7 +194,7 @@ class Recorder:
         self._tap = PlanTap()
         self._flush_seconds = float(flush_seconds)
         self._last_handoff = time.monotonic()
-        self._pipe = HostPipe(self._process_steps)
+        self._pipe = HostPipe(self._process_steps, max_block=128)
         self._constants: dict[tuple, torch.Tensor] = {}
         self._batch_running = False
         self._static_cache = False  # the step's KV cache is static: compiled decoding, CUDA graphs
@@ -430,14 +430,16 @@ class Recorder:
             )
         input_ids, position_ids, mask, device = self._inputs
         self._inputs = None
-        n = meta.b * meta.s
-        small = [_int64(input_ids.reshape(-1)) if input_ids is not None else self._filled(n, -1, device)]
+        # The step's small parts as (b, s) int64 tensors, as they come: the pipe stacks them into
+        # (rows, b, s) views, so no reshape call is paid per step.
+        b, s = meta.b, meta.s
+        small = [_int64(input_ids) if input_ids is not None else self._filled((b, s), -1, device)]
         if position_ids is not None:
-            small.append(_int64(_positions(position_ids, meta.b, meta.s)))
+            small.append(_int64(position_ids if position_ids.shape[0] == b else position_ids.expand(b, s)))
         if meta.plan is not None or mask is None:
-            small.append(self._filled(n, 1, device))
+            small.append(self._filled((b, s), 1, device))
         else:
-            small.append(_token_validity(mask, meta.b, meta.s, meta.new_sequences, device, self._filled))
+            small.append(_token_validity(mask, b, s, meta.new_sequences, device, self._filled))
         ids, weights = sink.on_devices(device)
         # One-token decode steps go to the host 32 at a time: held by reference in eager decoding,
         # copied into a block buffer as they end otherwise (a static cache means compiled decoding,
@@ -445,14 +447,14 @@ class Recorder:
         decode = self._decode_shaped(meta) and not sink._devices
         self._pipe.submit(meta, ids, weights, small, deferrable=decode and not self._static_cache, decode=decode)
 
-    def _filled(self, n: int, value: int, device: torch.device) -> torch.Tensor:
-        """A constant ``(n,)`` int64 device tensor, made once per shape (no kernel launch per step)."""
-        key = (n, value, device)
+    def _filled(self, shape: tuple[int, int], value: int, device: torch.device) -> torch.Tensor:
+        """A constant int64 device tensor of ``shape``, made once per shape (no kernel launch per step)."""
+        key = (shape, value, device)
         t = self._constants.get(key)
         if t is None:
             if len(self._constants) > 64:
                 self._constants.clear()
-            t = self._constants[key] = torch.full((n,), value, dtype=torch.int64, device=device)
+            t = self._constants[key] = torch.full(shape, value, dtype=torch.int64, device=device)
         return t
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
@@ -859,16 +861,6 @@ def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
     return None, None
 
 
-def _positions(position_ids: Any, b: int, s: int) -> torch.Tensor | None:
-    """``(b*s,)`` position ids as a device tensor (no sync, no copy), or None when absent or not ``(b, s)``
-    (3-D rotary positions of multimodal models)."""
-    if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) not in {(b, s), (1, s)}:
-        return None
-    if position_ids.shape[0] != b:
-        position_ids = position_ids.expand(b, s)
-    return position_ids.reshape(-1)
-
-
 def _eager(hook: Any) -> Any:
     """``hook`` run eagerly even when the model's forward is compiled (a graph break at its call)."""
     try:
@@ -879,7 +871,7 @@ def _eager(hook: Any) -> Any:
 
 
 def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torch.device, filled: Any) -> torch.Tensor:
-    """``(b*s,)``: nonzero for a real token of this step, 0 for padding, as a device tensor (no sync).
+    """``(b, s)``: nonzero for a real token of this step, 0 for padding, as a device tensor (no sync).
 
     - no mask: every token is real;
     - 2-D padding mask ``(b, past + s)`` (dynamic cache): its last ``s`` columns;
@@ -888,21 +880,20 @@ def _token_validity(mask: Any, b: int, s: int, new_sequences: bool, device: torc
       at key i; in a decode step generate() feeds no padding (finished rows are handled by EOS);
     - a dict of masks per attention type (sliding-window models): its full-attention entry.
 
-    ``filled(n, value, device)`` gives a cached constant tensor (no launch per step).
+    ``filled(shape, value, device)`` gives a cached constant tensor (no launch per step).
     """
     if isinstance(mask, dict):
         mask = mask.get("full_attention", next(iter(mask.values()), None))
     if mask is None:
-        return filled(b * s, 1, device)
+        return filled((b, s), 1, device)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        part = mask[:, -s:].reshape(-1)
-        return _int64(part)
+        return _int64(mask[:, -s:])
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         if not new_sequences:
-            return filled(b * s, 1, device)
+            return filled((b, s), 1, device)
         diag = torch.diagonal(mask[:, 0, :, :s], dim1=-2, dim2=-1)
         allowed = diag if diag.dtype == torch.bool else diag == 0
-        return allowed.reshape(-1).to(torch.int64)
+        return allowed.to(torch.int64)
     raise CaptureError(
         f"capture: unsupported attention mask ({type(mask).__name__}"
         + (f" of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
