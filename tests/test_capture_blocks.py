@@ -300,3 +300,44 @@ def test_small_steps_go_more_to_a_block():
     assert steps(8) == 128  # 7.5 KiB
     assert steps(64) == 32 and steps(128, layers=58) == 32  # 60 KiB (17 would fit), 580 KiB: at least 32
     assert steps(12) == (1 << 20) // (12 * 12 * 8 * 10) == 91
+
+
+def test_a_unit_whose_copy_is_in_flight_waits_for_the_next_hand_over():
+    """The launching thread never waits for the GPU to process a unit: a block whose copy has not
+    landed (its event not completed) stays pending until a later hand-over finds it landed, or until
+    four blocks' worth of steps are pending."""
+    from types import SimpleNamespace
+
+    from moeprof.capture.pipe import HostPipe, Layout, _Unit
+
+    class Event:
+        def __init__(self):
+            self.done = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            raise AssertionError("not called: _finish is replaced below")
+
+    processed = []
+    pipe = HostPipe(processed.extend, block=32)
+    pipe._finish = lambda taken, event: processed.extend(u.event for u in taken)  # no bytes to decode here
+
+    def unit(steps):
+        layout = Layout(steps, 1, 1, 1, torch.int64, None, 2)
+        return _Unit([SimpleNamespace()] * steps, layout, torch.zeros(layout.nbytes, dtype=torch.uint8),
+                     event=Event(), cuda=True)
+
+    first, prefill = unit(40), unit(1)
+    pipe._add(first)
+    pipe._add(prefill)  # 40 steps before it, but the block's copy is still in flight
+    assert processed == [] and len(pipe._pending) == 2
+    first.event.done = prefill.event.done = True
+    pipe._add(unit(1))
+    assert processed == [first.event, prefill.event]  # landed: handed over, the newest kept
+    stuck = [unit(32) for _ in range(5)]
+    for u in stuck:
+        pipe._add(u)
+    # 1 + 4 x 32 steps pending before the fifth block: processed (waiting) although in flight
+    assert len(processed) == 2 + 1 + 4 and len(pipe._pending) == 1

@@ -120,6 +120,7 @@ class _Unit:
     layout: Layout
     host: torch.Tensor  # uint8: pinned (CUDA) or the gathered buffer itself (CPU)
     event: Any = None
+    cuda: bool = False  # copied from a CUDA buffer: in flight until ``event`` (or a later one) completes
 
 
 class HostPipe:
@@ -147,6 +148,7 @@ class HostPipe:
         self._max_block = max(self._block, int(max_block if max_block is not None else self._block))
         self._block_bytes = int(block_bytes)
         self._group_block = self._block
+        self._fuse = True  # one cat for a copied decode step's int64 ids and small rows (off: three stacks)
         self._big_bytes = big_bytes
         self._defer = defer
         self._pending: list[_Unit] = []
@@ -238,7 +240,7 @@ class HostPipe:
         got = self._buffers.get(("slots", key, steps))
         if got is None:
             small_shape, rows, L, shape, ids_dtype, w_dtype, device = key
-            fused = ids_dtype == torch.int64 and len(shape) == 2 and small_shape == (shape[0], 1)
+            fused = self._fuse and ids_dtype == torch.int64 and len(shape) == 2 and small_shape == (shape[0], 1)
             layout = Layout(steps, L, shape[0], shape[1], ids_dtype, w_dtype, rows, fused=fused)
             buf, v_ids, v_w, v_steps = _views(layout, device, small_shape)
             slots = [(v_ids[t] if fused else v_ids[t * L : (t + 1) * L],
@@ -318,6 +320,7 @@ class HostPipe:
         """Start the copy of a unit's device buffer into pooled pinned memory, and record an event
         after it when asked (one covers every copy before it). On CPU the buffer itself is read."""
         if unit.host.is_cuda:
+            unit.cuda = True
             buf, n = unit.host, unit.layout.nbytes
             unit.host = _PINNED.take(n)
             unit.host[:n].copy_(buf, non_blocking=True)
@@ -342,7 +345,24 @@ class HostPipe:
         # hand over a full block, or a big unit as soon as the next one is queued (its copy has landed)
         before = self._pending_steps - len(unit.metas)
         if before >= self._block or (len(self._pending) > 1 and self._pending[-2].layout.nbytes >= self._big_bytes):
-            self._run(keep=1)
+            cut = len(self._pending) - 1
+            # Processed here, a unit whose copy is still queued behind the step just launched would
+            # stall this thread until the GPU finishes that step (a block flushed by the next
+            # batch's prefill): it waits for the next hand-over unless too many steps are pending.
+            # The worker thread may wait.
+            if (self._landed(cut) or before >= 4 * self._max_block
+                    or sum(u.layout.nbytes for u in self._pending[:cut]) >= self._big_bytes):
+                self._run(keep=1)
+
+    def _landed(self, cut: int) -> bool:
+        """Whether the copies of the first ``cut`` pending units have landed, without waiting: the
+        first event recorded at or after unit ``cut - 1`` has completed (it covers every copy before it)."""
+        for u in self._pending[cut - 1 :]:
+            if not u.cuda:
+                return True  # a CPU unit: nothing in flight
+            if u.event is not None:
+                return bool(u.event.query())
+        return False
 
     # -- hand-over ------------------------------------------------------------------------------------
     def _wait(self) -> None:
