@@ -343,7 +343,10 @@ class _Pass:
                 f"{where}: expert id {bad} outside 0..{E - 1} (the manifest says {E} experts); "
                 "the trace is inconsistent with its model"
             )
-        phases_seen = np.bincount(phase, minlength=2)[:2] > 0
+        # codes are 0 and 1 only (_phase_codes): their min and max tell which occur, without a bincount's
+        # (n,) intp copy of the int8 codes (measured 3% of the counting's time at 10^8 rows)
+        lo_p, hi_p = int(phase.min()), int(phase.max())
+        phases_seen = np.array([lo_p == 0, hi_p == 1])
         # Step 1: counts. A row counts in its domain group (0..D) or, if its request is in the request
         # sample, in that request's bin (D + 1 + its local slot); the sampled bins are then added to
         # their domains. Bins are local to the sampled requests present, so they stay few; where
