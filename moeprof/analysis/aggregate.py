@@ -472,7 +472,10 @@ def _phase_codes(col: pa.ChunkedArray, where: str) -> np.ndarray:
             remap = np.array([PHASES.index(v) for v in values], np.int8) if values else np.zeros(0, np.int8)
         except ValueError:
             raise AnalysisError(f"{where}: phase values {values} are not {PHASES}") from None
-        out.append(remap[indices] if len(values) else np.zeros(len(indices), np.int8))
+        if len(values) and indices.dtype.kind in "iu" and np.array_equal(remap, np.arange(len(values))):
+            out.append(indices.astype(np.int8))  # the file's order is ours: the same codes, 20x cheaper than a gather
+        else:
+            out.append(remap[indices] if len(values) else np.zeros(len(indices), np.int8))
     return np.concatenate(out) if out else np.zeros(0, np.int8)
 
 
