@@ -34,3 +34,51 @@ def test_phase_codes_of_plain_strings_and_bad_values():
     bad = pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), pa.array(["prefill", "warmup"]))])
     with pytest.raises(AnalysisError, match="here: phase values"):
         _phase_codes(bad, "here")
+
+
+def test_runs_of_request_ids():
+    from moeprof.analysis.aggregate import _runs_of
+
+    rid = np.repeat(np.array([5, 3, 5, 9]), [10, 20, 1, 9])
+    heads, length = _runs_of(rid)
+    assert heads.tolist() == [0, 10, 30, 31] and length.tolist() == [10, 20, 1, 9]
+    assert _runs_of(np.arange(100)) is None  # runs of one row: looked up per row
+    assert _runs_of(np.zeros(0, np.int64)) is None
+
+
+@pytest.mark.parametrize("sample_requests,domains,slice_rows", [
+    (4096, None, 1 << 18),  # 60 sampled requests of ~25 rows in one batch: sparse counts
+    (5, None, 1 << 18),
+    (4096, None, 300),  # a few requests a batch: dense bins
+    (7, "two", 100),  # some domains left out: rows dropped, then looked up per row
+])
+def test_aggregates_are_the_same_per_run_and_per_row(tmp_path, monkeypatch, sample_requests, domains, slice_rows):
+    """Rows in request order are looked up once a run of one request; rows interleaved, once a row:
+    the aggregates (counts, request-sample counts, phases seen per request, token sample) are the same."""
+    from moeprof.analysis import aggregate
+    from moeprof.analysis.run import build_selection
+    from moeprof.synthetic import generate_trace
+    from moeprof.trace import Trace
+
+    t = Trace.open(generate_trace(tmp_path / "t", num_requests=60, num_experts=256, prompt_tokens=(2, 6),
+                                  decode_tokens=(1, 4), seed=5).path)
+    doms = sorted(set(t.requests()["domain"].to_list()))
+    sel = build_selection(t, None, doms[:2] if domains else None, 0, 1 << 17, sample_requests)
+    monkeypatch.setattr(aggregate, "MIN_SLICE_ROWS", slice_rows)
+    calls = []
+
+    def spy(rid):
+        calls.append(aggregate_runs(rid) is not None)
+        return aggregate_runs(rid)
+
+    aggregate_runs = aggregate._runs_of
+    monkeypatch.setattr(aggregate, "_runs_of", spy)
+    by_run = aggregate.aggregate_routing(t, sel, threads=1)
+    assert any(calls)  # the synthetic trace is written in request order
+    monkeypatch.setattr(aggregate, "_runs_of", lambda rid: None)
+    by_row = aggregate.aggregate_routing(t, sel, threads=1)
+    for name in ("domains", "sampled", "seen", "phases_seen"):
+        assert np.array_equal(getattr(by_run, name), getattr(by_row, name)), name
+    assert by_run.rows == by_row.rows and by_run.seen.any()
+    for f in ("hash", "token", "layer", "experts"):
+        assert np.array_equal(getattr(by_run.sample, f), getattr(by_row.sample, f)), f
