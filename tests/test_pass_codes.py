@@ -82,3 +82,20 @@ def test_aggregates_are_the_same_per_run_and_per_row(tmp_path, monkeypatch, samp
     assert by_run.rows == by_row.rows and by_run.seen.any()
     for f in ("hash", "token", "layer", "experts"):
         assert np.array_equal(getattr(by_run.sample, f), getattr(by_row.sample, f)), f
+
+
+@pytest.mark.parametrize("layers", [[3, 4, 5, 6], [3, 5, 6], [4, 5]])
+def test_layer_index_by_offset_is_the_lookup(layers):
+    """Selected layers l0, l0 + 1, ...: a row's index is layer - l0; otherwise (and for rows of other
+    layers) the lookup table, -1 for a layer left out."""
+    from moeprof.analysis.aggregate import Selection, _Pass
+
+    sel = Selection(layers=layers, domains=["a"], request_ids=np.arange(3), request_domain=np.zeros(3, np.int32),
+                    num_experts=8, top_k=2)
+    work = _Pass(sel, None, False)
+    lut = {layer: i for i, layer in enumerate(layers)}
+    for rows in ([3, 4, 5, 6, 6, 3], [4, 5, 5], [2, 3, 7], [5]):
+        layer = np.array(rows, np.int16)
+        got = work._layer_index(layer)
+        assert got.dtype == np.int32
+        assert got.tolist() == [lut.get(x, -1) for x in rows]

@@ -288,6 +288,9 @@ class _Pass:
         self.seed = np.uint64(sel.seed & 0xFFFFFFFFFFFFFFFF)
         self.layer_lut = np.full(1 << 16, -1, np.int32)
         self.layer_lut[np.asarray(sel.layers, np.int64) & 0xFFFF] = np.arange(self.L, dtype=np.int32)
+        # selected layers l0, l0 + 1, ... (every MoE layer of most models): a row's index is layer - l0
+        first = int(sel.layers[0]) if sel.layers else 0
+        self._layer_offset = first if list(sel.layers) == list(range(first, first + self.L)) else None
         ids = sel.request_ids
         # index per request id: its position, -1 if its domain is left out, R if it is not listed.
         slot = np.where(sel.request_domain >= 0, np.arange(self.R), -1).astype(np.int32)
@@ -317,6 +320,17 @@ class _Pass:
     def empty_partial(self) -> Partial:
         return Partial(0, np.zeros((0, 2, self.L, self.E), np.int64), None, TokenSample.empty(self.k), 0,
                        np.zeros(2, bool))
+
+    def _layer_index(self, layer: np.ndarray) -> np.ndarray:
+        """``(n,)`` int32 index of each row's layer in the selection, -1 for a layer left out."""
+        l0 = self._layer_offset
+        if l0 is not None and layer.size:
+            lo, hi = int(layer.min()), int(layer.max())
+            if l0 <= lo and hi < l0 + self.L:  # every row's layer selected: a subtraction, not a lookup per row
+                out = layer.astype(np.int32)
+                out -= l0
+                return out
+        return self.layer_lut[layer.astype(np.int16, copy=False).view(np.uint16)]  # == layer & 0xFFFF
 
     def _seen(self, ri: np.ndarray, phase: np.ndarray, runs: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """``2 * request index + phase`` of every listed request and phase among the rows, sorted, unique."""
@@ -355,7 +369,7 @@ class _Pass:
         else:
             heads, length = runs
             ri = np.repeat(self.request_slots(rid[heads]), length)
-        li = self.layer_lut[layer.astype(np.int16, copy=False).view(np.uint16)]  # == layer & 0xFFFF
+        li = self._layer_index(layer)
         keep = (ri >= 0) & (li >= 0)
         if not keep.all():
             sel_rows = np.flatnonzero(keep)
