@@ -23,6 +23,10 @@ import numpy as np
 import polars as pl
 
 
+MAX_THREADS = 4
+"""Threads of :func:`correlations` at most, whatever the cores: each holds a block of requests' temporaries."""
+
+
 def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Pearson correlation along the last axis of ``x, y (..., E)``; NaN where either is constant."""
     x = np.asarray(x, np.float64)
@@ -227,8 +231,9 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
     B = 128  # requests per block: temporaries of (B, L, E)
     blocks = range(0, R, B)
     # Blocks of requests are independent: they run on `threads` threads (numpy's sorts and sums release
-    # the GIL), each block computed exactly as alone, so the numbers do not depend on the threads.
-    threads = max(1, min(threads or os.cpu_count() or 1, len(blocks)))
+    # the GIL), each block computed exactly as alone, so the numbers do not depend on the threads. Each
+    # thread holds one block's temporaries (about 0.1 GB at DeepSeek-V3 shape): at most MAX_THREADS.
+    threads = max(1, min(threads or os.cpu_count() or 1, len(blocks), MAX_THREADS))
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeprof-ranks") if threads > 1 else None
 
     def each(fn: Callable[[int], None]) -> None:
