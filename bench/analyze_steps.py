@@ -8,6 +8,8 @@ and prints, per step, its wall seconds and the CPU seconds of the thread that ra
 process for the counting pass, which runs alone on threads of its own), then the
 imports and the writing of the outputs. Steps run side by side on the statistics' thread pool, so
 their wall times overlap and each thread's CPU includes what sharing the cores costs it.
+Prefill->decode counts its blocks of requests on threads of its own, so its line holds little: its
+sorts, Spearman ranks and unit vectors are timed call by call on those threads (summed over them).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ STEPS = [
     (coactivation, "transition_table", "  transition table"),
     (run, "_classification", "classification"),
     (run, "_prefill_decode", "prefill -> decode"),
+    # its blocks of requests run on threads of their own: their sorts, ranks and unit vectors, timed per call
+    (phase, "order_desc", "  sorts (its threads)"),
+    (phase, "unit_ranks", "  Spearman ranks (its threads)"),
+    (phase, "_unit", "  unit vectors (its threads)"),
     (domain, "pairwise_shift", "domain shift"),
     (load, "layer_imbalance", "whole-trace imbalance"),
     (run, "build_selection", "selection (requests, layers)"),

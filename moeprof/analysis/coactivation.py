@@ -74,9 +74,9 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
                 c[:] = 0
                 # Slot c1 against the slots after it: (T, k - 1 - c1) ids per call stay in cache, where
                 # one (T, k(k-1)/2) array of every pair cost twice as much (measured at T = 32768, k = 8).
-                # np.add.at counts in place, where np.bincount returns E*E counts per call to add up.
+                # np.bincount and adding its E*E counts cost 2/3 of np.add.at's (numpy 2.4, E = 256).
                 for c1 in range(k - 1):
-                    np.add.at(c, (high[:, c1, None] + xs[:, c1 + 1 :]).reshape(-1), 1)
+                    c += np.bincount((high[:, c1, None] + xs[:, c1 + 1 :]).reshape(-1), minlength=E * E)
                 sq = c.reshape(E, E)
                 np.add(sq, sq.T, out=pairs[li])
             for p, j in step_of.get(li, ()):
@@ -93,7 +93,7 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
                 # faster than one (T, k, k) array at T = 32768, k = 8).
                 for s in range(k):
                     np.add(high[:, s, None], b, out=ids)
-                    np.add.at(trans[p], ids.reshape(-1), 1)
+                    trans[p] += np.bincount(ids.reshape(-1), minlength=E * E)
 
     half = (L + 1) // 2
     if pool is not None and L > 1:

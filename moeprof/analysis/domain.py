@@ -171,9 +171,12 @@ def classify(prefill: np.ndarray, request_domain: np.ndarray, domains: Sequence[
         domains[c]: float(correct[y[test] == c].mean()) for c in range(n_cls) if (y[test] == c).any()
     }
     per_layer = []
+    # A layer's features are its slice of the whole features (normalised per layer), and a class mean
+    # adds its rows in the same order whatever the width: the layer's centroids are the whole centroids'
+    # slice, the same floats as computing them again from the counts of that layer (a second pass, halved).
+    by_layer = cent.reshape(n_cls, L, E)
     for li, layer in enumerate(layers):
-        cent = _class_means(lambda rows: features(prefill[rows, li]), train, y[train], n_cls, E)
-        p = _nearest(cent, test_x[:, li])
+        p = _nearest(by_layer[:, li], test_x[:, li])
         per_layer.append(dict(layer=layer, accuracy=float((p == y[test]).mean())))
     counts = np.bincount(y[train], minlength=n_cls)
     summary = dict(

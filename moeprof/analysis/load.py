@@ -122,7 +122,9 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
     # Step 1: each row's token by hashing the row keys (a hash table, not a sort of every row: the
     # sample holds up to ~1.25 x 58 rows per token); tokens, far fewer, are then sorted by (hash, token).
     starts = np.cumsum([0] + [len(p.hash) for p in parts])
-    key = np.concatenate([p.token ^ p.hash for p in parts])  # (hash, token) identify a token; its rows share both
+    key = np.empty(starts[-1], np.uint64)  # (hash, token) identify a token; its rows share both
+    for i, p in enumerate(parts):  # written in place: no temporary per part, no concatenated copy (76 MB at 10^8 rows)
+        np.bitwise_xor(p.token, p.hash, out=key[starts[i] : starts[i + 1]])
     codes = pc.dictionary_encode(pa.array(key, pa.uint64())).indices.to_numpy()  # codes in order of first sight
     del key
     seen = np.maximum.accumulate(codes)  # a code is new where the running max steps up

@@ -15,10 +15,16 @@ For request r and layer l, x = its prefill count vector and y = its decode count
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import numpy as np
 import polars as pl
+
+
+MAX_THREADS = 4
+"""Threads of :func:`correlations` at most, whatever the cores: each holds a block of requests' temporaries."""
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -59,22 +65,59 @@ def average_ranks(a: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
     already computed (one sort then serves ranks and top-m alike).
     """
     a = np.asarray(a)
-    shape, E = a.shape, a.shape[-1]
-    flat = a.reshape(-1, E)
-    order = (order_desc(a) if order is None else order).reshape(-1, E)
-    n = flat.shape[0]
-    if n == 0 or E == 0:
-        return np.zeros(shape, np.float32)
-    sorted_vals = np.take_along_axis(flat, order, axis=1)
-    new_group = np.ones(sorted_vals.shape, bool)
-    new_group[:, 1:] = sorted_vals[:, 1:] != sorted_vals[:, :-1]
-    group = np.cumsum(new_group, axis=1) - 1 + (np.arange(n) * E)[:, None]  # global group ids
-    size = np.bincount(group.ravel(), minlength=n * E)
-    start = np.cumsum(size) - size - (np.arange(n * E) // E) * E  # group's first position in its row
-    mean_rank = (start + (size - 1) / 2.0 + 1.0).astype(np.float32)
-    ranks = np.empty(flat.shape, np.float32)
-    np.put_along_axis(ranks, order, mean_rank[group], axis=1)
-    return ranks.reshape(shape)
+    if a.size == 0:
+        return np.zeros(a.shape, np.float32)
+    idx, start, length, row, E = _runs(a, order)
+    mean_rank = (start - row * E) + (length - 1) / 2.0 + 1.0  # a run's first position in its row, 0-based
+    return _scatter(mean_rank.astype(np.float32), length, idx, a.shape)
+
+
+def unit_ranks(a: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """``_unit(average_ranks(a, order))``, the same float32 values, from the runs of tied values alone.
+
+    Average ranks of E values sum to E(E+1)/2 whatever the ties, so their mean is (E+1)/2 and their
+    centred squares sum to (E^3 - E - sum over ties of (t^3 - t)) / 12: every one of these is a
+    multiple of 1/4 far below 2^53, exact in float64 however it is summed, so the unit vectors are
+    those :func:`_unit` computes, bit for bit, without its passes over every value (measured 2x
+    fewer CPU seconds for the Spearman ranks of prefill -> decode at DeepSeek-V3 shape).
+    """
+    a = np.asarray(a)
+    if a.size == 0:
+        return _unit(average_ranks(a, order))
+    idx, start, length, row, E = _runs(a, order)
+    n = a.size // E
+    t = length.astype(np.float64)
+    ties = np.bincount(row, weights=t * t * t - t, minlength=n)  # integers below 2^53: exact
+    norm = np.sqrt((float(E) ** 3 - E - ties) / 12.0)
+    centred = (start - row * E) + (length - 1) / 2.0 + 1.0 - (E + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (centred / np.where(norm > 0, norm, np.nan)[row]).astype(np.float32)
+    return _scatter(z, length, idx, a.shape)
+
+
+def _runs(a: np.ndarray, order: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """The runs of equal values of ``a (..., E)`` sorted by :func:`order_desc` (``order``), every row
+    in turn: ``idx`` (the flat index in ``a`` of each sorted position), each run's ``start`` (its
+    first sorted position, flat), ``length``, ``row``, and E."""
+    E = a.shape[-1]
+    flat = a.reshape(-1)
+    n = flat.size // E
+    order = (order_desc(a) if order is None else order).reshape(n, E)
+    idx = (order + (np.arange(n, dtype=order.dtype) * E)[:, None]).reshape(-1)
+    srt = flat[idx]
+    new = np.empty(srt.size, bool)
+    np.not_equal(srt[1:], srt[:-1], out=new[1:])
+    new[::E] = True  # a row's first value starts a run
+    start = np.flatnonzero(new)
+    length = np.diff(start, append=srt.size)
+    return idx, start, length, start // E, E
+
+
+def _scatter(values: np.ndarray, length: np.ndarray, idx: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Each run's value at every position of the run, put back in ``a``'s order."""
+    out = np.empty(idx.size, values.dtype)
+    out[idx] = np.repeat(values, length)
+    return out.reshape(shape)
 
 
 def recall_at(x: np.ndarray, y: np.ndarray, m: int) -> np.ndarray:
@@ -86,6 +129,26 @@ def _recall(top_x: np.ndarray, top_y: np.ndarray, empty: np.ndarray) -> np.ndarr
     m = top_x.shape[-1]
     hit = (top_y[..., :, None] == top_x[..., None, :]).any(axis=-1).sum(axis=-1) / m
     return np.where(empty, np.nan, hit)
+
+
+def _recalls(top_x: np.ndarray, top_y: np.ndarray, empty: np.ndarray, ms: Sequence[int]) -> dict[int, np.ndarray]:
+    """:func:`_recall` for each m in ``ms`` from the top-max(ms) experts ``top_x, top_y (..., max(ms))``:
+    each of x's top experts is given its place, y's top experts read theirs, and the hits at m are
+    y's first m that x places below m (m x m comparisons per vector for each m cost 10x more)."""
+    m_max = top_x.shape[-1]
+    out = {m: np.where(empty, np.nan, 0.0) for m in ms}
+    if m_max == 0:
+        return out
+    n = top_x.size // m_max
+    width = int(max(top_x.max(), top_y.max())) + 1
+    place = np.full((n, width), m_max, np.int32)
+    rows = np.arange(n)[:, None]
+    place[rows, top_x.reshape(n, m_max)] = np.arange(m_max, dtype=np.int32)
+    got = place[rows, top_y.reshape(n, m_max)]  # (n, m_max) x's place of each of y's top experts
+    for m in ms:
+        hit = (got[:, :m] < m).sum(axis=-1).reshape(empty.shape) / m
+        out[m] = np.where(empty, np.nan, hit)
+    return out
 
 
 def _empty(a: np.ndarray) -> np.ndarray:
@@ -112,11 +175,33 @@ def control_partners(request_domain: np.ndarray, same: bool, seed: int) -> np.nd
 def _unit(a: np.ndarray) -> np.ndarray:
     """``float32`` vectors along the last axis centred and scaled to unit length; NaN where constant,
     so that the dot product of two is their Pearson correlation (NaN when either is constant)."""
-    a = np.asarray(a, np.float64)
-    c = a - a.mean(axis=-1, keepdims=True)
-    norm = np.sqrt((c * c).sum(axis=-1, keepdims=True))
+    c = np.array(a, np.float64)  # a copy of its own, worked on in place (fresh temporaries cost page faults)
+    c -= c.mean(axis=-1, keepdims=True)
+    norm = np.square(c).sum(axis=-1, keepdims=True)
+    np.sqrt(norm, out=norm)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (c / np.where(norm > 0, norm, np.nan)).astype(np.float32)
+        c /= np.where(norm > 0, norm, np.nan)
+    return c.astype(np.float32)
+
+
+class _Rows:
+    """Rows ``rows`` of counts ``(S, L, E)``, indexed by slices of rows (copied a block at a time)."""
+
+    def __init__(self, counts: np.ndarray, rows: np.ndarray | None) -> None:
+        self.counts, self.rows = counts, rows
+        self.shape = counts.shape if rows is None else (len(rows),) + counts.shape[1:]
+
+    def __getitem__(self, b: slice) -> np.ndarray:
+        return self.counts[b] if self.rows is None else self.counts[self.rows[b]]
+
+    def sum0(self) -> np.ndarray:
+        """The sum over the rows, as numpy sums them whole; integer counts a block at a time (exact)."""
+        if self.rows is None or self.counts.dtype.kind not in "iu":
+            return self[slice(None)].sum(axis=0)
+        out = np.zeros(self.shape[1:], np.int64 if self.counts.dtype.kind == "i" else np.uint64)
+        for i in range(0, self.shape[0], 1024):
+            out += self[slice(i, i + 1024)].sum(axis=0)
+        return out
 
 
 def _mean_over_requests(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,17 +214,32 @@ def _mean_over_requests(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.ndarray, layers: Sequence[int],
-                 recall_m: Sequence[int], seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+                 recall_m: Sequence[int], seed: int, threads: int | None = None,
+                 rows: np.ndarray | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per-layer and per-request prefill -> decode statistics from counts ``(R, L, E)``.
 
     Returns (per_layer, per_request). ``per_layer`` columns: pearson / spearman (mean over requests),
     requests (how many had both vectors non-constant), aggregate_pearson / aggregate_spearman,
     same_domain_pearson / same_domain_spearman, other_domain_pearson / other_domain_spearman (NaN
     when no partner exists), recall_at_{m} for each m. ``per_request``: request index, layer, pearson,
-    spearman.
+    spearman. Blocks of requests run on ``threads`` threads (default: CPU count); the result does not
+    depend on it. ``rows``: the requests are these rows of ``prefill`` and ``decode`` (and
+    ``request_domain`` is theirs), read a block at a time rather than copied whole.
     """
+    prefill, decode = _Rows(prefill, rows), _Rows(decode, rows)
     R, L, E = prefill.shape
     B = 128  # requests per block: temporaries of (B, L, E)
+    blocks = range(0, R, B)
+    # Blocks of requests are independent: they run on `threads` threads (numpy's sorts and sums release
+    # the GIL), each block computed exactly as alone, so the numbers do not depend on the threads. Each
+    # thread holds one block's temporaries (about 0.1 GB at DeepSeek-V3 shape): at most MAX_THREADS.
+    threads = max(1, min(threads or os.cpu_count() or 1, len(blocks), MAX_THREADS))
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeprof-ranks") if threads > 1 else None
+
+    def each(fn: Callable[[int], None]) -> None:
+        for _ in (map(fn, blocks) if pool is None else pool.map(fn, blocks)):
+            pass
+
     # Step 1: one stable sort per count vector gives its average ranks (Spearman) and its top-m
     # experts (recall); centring and scaling each vector (and each rank vector) once to unit length
     # turns every Pearson correlation below, own request or control, into one dot product. Decode
@@ -148,11 +248,12 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
     m_max = max(recall_m, default=0)
     zy, zry = np.empty((R, L, E), np.float32), np.empty((R, L, E), np.float32)
     top_y = np.empty((R, L, m_max), np.int16 if E <= 1 << 15 else np.int64)
-    for i in range(0, R, B):
+
+    def decode_block(i: int) -> None:
         block = decode[i : i + B]
         order = order_desc(block)
         zy[i : i + B] = _unit(block)
-        zry[i : i + B] = _unit(average_ranks(block, order))
+        zry[i : i + B] = unit_ranks(block, order)
         top_y[i : i + B] = order[..., :m_max]
 
     def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -164,11 +265,12 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
     own_p, own_s = np.empty((R, L)), np.empty((R, L))
     ctrl = {name: (np.full((R, L), np.nan), np.full((R, L), np.nan)) for name in controls}
     recall = {m: np.empty((R, L)) for m in recall_m}
-    for i in range(0, R, B):
+
+    def prefill_block(i: int) -> None:
         b = slice(i, i + B)
         block = prefill[b]
         order = order_desc(block)
-        zx, zrx, top_x = _unit(block), _unit(average_ranks(block, order)), order[..., :m_max]
+        zx, zrx = _unit(block), unit_ranks(block, order)
         own_p[b], own_s[b] = corr(zx, zy[b]), corr(zrx, zry[b])
         for name, partner in controls.items():
             has = np.flatnonzero(partner[b] >= 0)
@@ -176,14 +278,21 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
                 ctrl[name][0][i + has] = corr(zx[has], zy[partner[b][has]])
                 ctrl[name][1][i + has] = corr(zrx[has], zry[partner[b][has]])
         empty = _empty(block) | _empty(decode[b])
-        for m in recall_m:
-            recall[m][b] = _recall(top_x[..., :m], top_y[b][..., :m], empty)
+        for m, r in _recalls(order[..., :m_max], top_y[b], empty, recall_m).items():
+            recall[m][b] = r
+
+    try:
+        each(decode_block)
+        each(prefill_block)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     del zy, zry, top_y
     cols: dict[str, object] = {"layer": pl.Series(list(layers), dtype=pl.Int16)}
     cols["pearson"], n = _mean_over_requests(own_p)
     cols["spearman"], _ = _mean_over_requests(own_s)
     cols["requests"] = n.astype(np.int64)
-    agg_x, agg_y = prefill.sum(axis=0), decode.sum(axis=0)
+    agg_x, agg_y = prefill.sum0(), decode.sum0()
     cols["aggregate_pearson"] = pearson(agg_x, agg_y)
     cols["aggregate_spearman"] = spearman(agg_x, agg_y)
     for name, (p, s) in ctrl.items():

@@ -283,7 +283,7 @@ def analyze_trace(
     with pool, one_blas_thread():
         token_job = pool.submit(token_step)
         class_job = pool.submit(_classification, a, agg, sampled, caps, sel, kept_layers, seed)
-        phase_job = pool.submit(_prefill_decode, a, agg, sampled, caps, sel, kept_layers, seed)
+        phase_job = pool.submit(_prefill_decode, a, agg, sampled, caps, sel, kept_layers, seed, threads)
         co_job = pool.submit(coactivation_step)
         s["batch_imbalance"] = pool.submit(batch_step).result()
         co_job.exception()  # done before the pool shuts down: co-activation submits a job of its own
@@ -505,7 +505,7 @@ def _classification(a: Analysis, agg: Aggregates, sampled: np.ndarray, caps: dic
 
 
 def _prefill_decode(a: Analysis, agg: Aggregates, sampled: np.ndarray, caps: dict, sel: Selection,
-                    layers: list[int], seed: int) -> dict[str, Any]:
+                    layers: list[int], seed: int, threads: int | None = None) -> dict[str, Any]:
     for cap in ("requests", "phase"):
         if caps[cap] is not None:
             return unavailable(caps[cap])
@@ -517,15 +517,12 @@ def _prefill_decode(a: Analysis, agg: Aggregates, sampled: np.ndarray, caps: dic
                                "both prefill and decode tokens in the selection; raise --sample-requests")
         return unavailable("no request has both prefill and decode tokens in the selection")
     idx = np.flatnonzero(both)
-    if idx.size == both.size:  # every sampled request: views, not copies of (S, L, E)
-        x, y = prefill, decode
-    else:
-        x, y = prefill[idx], decode[idx]
     req_dom = sel.request_domain[sel.sampled[idx]]
     k, E = sel.top_k, sel.num_experts
     ms = sorted({k, load.hot_count(E)})
-    per_layer, per_request = ph.correlations(x, y, req_dom, layers, ms, seed)
-    del x, y
+    # the requests with both phases read a block at a time, never copied whole (S, L, E)
+    per_layer, per_request = ph.correlations(prefill, decode, req_dom, layers, ms, seed, threads,
+                                             rows=None if idx.size == both.size else idx)
     per_request = per_request.with_columns(
         pl.Series("request_id", sel.request_ids[sel.sampled[idx]][per_request["request"].to_numpy()])
     ).drop("request")
