@@ -341,3 +341,31 @@ def test_a_unit_whose_copy_is_in_flight_waits_for_the_next_hand_over():
         pipe._add(u)
     # 1 + 4 x 32 steps pending before the fifth block: processed (waiting) although in flight
     assert len(processed) == 2 + 1 + 4 and len(pipe._pending) == 1
+
+
+def test_buffers_made_inside_inference_mode_can_be_written_outside_it(qwen, tmp_path):
+    """The pipe keeps its device buffers, block slots and pinned buffers for reuse (across steps and
+    captures): made while the caller ran ``torch.inference_mode()``, they must still take writes
+    after it left (a later generate under ``no_grad``, or the closing flush)."""
+    from moeprof.capture.pipe import HostPipe, Layout, _views
+
+    layout = Layout(4, 2, 3, 2, torch.int64, torch.bfloat16, 3)
+    with torch.inference_mode():
+        _, v_ids, _, _ = _views(layout, torch.device("cpu"), (3, 1))
+        pipe = HostPipe(lambda steps: None, block=4)
+        slots = pipe._block_slots(((3, 1), 3, 2, torch.Size([3, 2]), torch.int64, None, torch.device("cpu")), 4)
+    torch.stack([torch.ones(3, 2, dtype=torch.int64)] * 8, out=v_ids)
+    torch.cat([torch.ones(3, 2, dtype=torch.int64)] * 2 + [torch.ones(3, 1, dtype=torch.int64)] * 3, dim=1,
+              out=slots[2][1][0])
+
+    model, _ = qwen
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    rec = capture(model, tmp_path / "t")
+    with rec:
+        with torch.inference_mode():
+            model.generate(**kw)
+        with torch.no_grad():
+            model.generate(**kw)
+    assert rec.steps == 12 and Trace.open(tmp_path / "t").num_routing_rows == rec.rows

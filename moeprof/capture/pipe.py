@@ -239,16 +239,20 @@ class HostPipe:
         """(layout, buffer, [(ids, weights, small) views of step t]) of a block of ``steps`` steps."""
         got = self._buffers.get(("slots", key, steps))
         if got is None:
-            small_shape, rows, L, shape, ids_dtype, w_dtype, device = key
-            fused = self._fuse and ids_dtype == torch.int64 and len(shape) == 2 and small_shape == (shape[0], 1)
-            layout = Layout(steps, L, shape[0], shape[1], ids_dtype, w_dtype, rows, fused=fused)
-            buf, v_ids, v_w, v_steps = _views(layout, device, small_shape)
-            slots = [(v_ids[t] if fused else v_ids[t * L : (t + 1) * L],
-                      None if v_w is None else v_w[t * L : (t + 1) * L],
-                      None if fused else v_steps[t])
-                     for t in range(steps)]
-            got = self._keep(("slots", key, steps), (layout, buf, slots))
+            with torch.inference_mode(False):  # normal tensors: see _views
+                got = self._keep(("slots", key, steps), self._new_slots(key, steps))
         return got
+
+    def _new_slots(self, key: tuple, steps: int) -> tuple:
+        small_shape, rows, L, shape, ids_dtype, w_dtype, device = key
+        fused = self._fuse and ids_dtype == torch.int64 and len(shape) == 2 and small_shape == (shape[0], 1)
+        layout = Layout(steps, L, shape[0], shape[1], ids_dtype, w_dtype, rows, fused=fused)
+        buf, v_ids, v_w, v_steps = _views(layout, device, small_shape)
+        slots = [(v_ids[t] if fused else v_ids[t * L : (t + 1) * L],
+                  None if v_w is None else v_w[t * L : (t + 1) * L],
+                  None if fused else v_steps[t])
+                 for t in range(steps)]
+        return layout, buf, slots
 
     @torch.no_grad()
     def drain(self) -> None:
@@ -419,7 +423,15 @@ class HostPipe:
 
 def _views(layout: Layout, device: torch.device, shape: tuple) -> tuple:
     """A new device byte buffer for ``layout`` and its typed views: ids ``(T*L, n, k)``, weights (or
-    None) and the small rows ``(T, rows) + shape``, ``shape`` the step's ``(b, s)`` (``b * s == n``)."""
+    None) and the small rows ``(T, rows) + shape``, ``shape`` the step's ``(b, s)`` (``b * s == n``).
+
+    Normal tensors even inside ``torch.inference_mode()``: buffers are reused across steps and
+    captures, and one made there could not be written once the caller leaves inference mode."""
+    with torch.inference_mode(False):
+        return _new_views(layout, device, shape)
+
+
+def _new_views(layout: Layout, device: torch.device, shape: tuple) -> tuple:
     buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
     o, sizes = layout.offsets, layout.sizes
     T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
@@ -473,7 +485,8 @@ class PinnedPool:
 
     @staticmethod
     def _allocate(size: int) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        with torch.inference_mode(False):  # a normal tensor: reused by captures inside inference mode or not
+            return torch.empty(size, dtype=torch.uint8, pin_memory=True)
 
 
 _PINNED = PinnedPool()
