@@ -47,15 +47,16 @@ from pathlib import Path
 
 
 def main():
-    from moeprof.analysis.run import analyze
     n = int(sys.argv[2])
     out = Path(tempfile.mkdtemp(prefix="figures-bench-")) / "a"
     if n == 0:
+        from moeprof.analysis.run import analyze
         from moeprof.report.plots import write_plots
         analyze(sys.argv[1], out=out, writers=[write_plots])
     else:
         from moeprof.report.figures import FigureWriter
-        with FigureWriter(processes=n) as figures:
+        with FigureWriter(processes=n) as figures:  # started before polars is imported, as the command line does
+            from moeprof.analysis.run import analyze
             analyze(sys.argv[1], out=out, writers=[figures])
     wall = time.perf_counter() - t0
     me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))

@@ -8,8 +8,7 @@ are computed (:meth:`FigureWriter.prepare`, which the analysis calls as it goes)
 figures are drawn while the other statistics are computed (most of them on one core) and side by
 side. A worker draws into memory; the files are written by the process that owns the output
 directory. The process that computes the analysis does not import matplotlib (this module does
-not). Where the machine's cores are busy, the figures are drawn in this process after the analysis
-(:func:`_workers`).
+not). How many workers, and whether they are forked or spawned: :func:`_workers`, :func:`_start_method`.
 
 Each figure gets only the part of the analysis it draws (:func:`figure_inputs`, a few hundred KiB at
 256 experts), not the whole analysis with its tables.
@@ -96,15 +95,19 @@ def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
     return {name: _inputs(name, analysis) for name in supported(analysis.summary)}
 
 
-def _workers() -> int:
-    """How many worker processes draw the figures: none (this process draws them) on a machine whose
-    cores are all busy (load average at least the cores), else one more than the idle cores, up to
-    :data:`MAX_WORKERS` and the cores. A worker imports numpy and matplotlib on its own: measured at
-    10⁶ rows on 2 busy cores (`bench/figures_bench.py --workers 0,1,2`), analyze --out took 4.09 s of
-    CPU drawing here, 4.85 s with one worker and 5.64 s with two, and the most wall time with two."""
+def _workers(start_method: str = "spawn") -> int:
+    """How many worker processes draw the figures: one more than the idle cores (the load average
+    below the cores), up to :data:`MAX_WORKERS` and the cores. Where the cores are all busy: one forked
+    worker (it imports matplotlib in place of this process, and draws while the analysis runs on the
+    other threads), but no spawned one: a spawned worker imports numpy and moeprof again, and measured
+    at 10⁶ rows on 2 busy cores (`bench/figures_bench.py --workers 0,1,2`), analyze --out took 4.09 s
+    of CPU drawing here, 4.85 s with one spawned worker and 5.64 s with two, and the most wall time
+    with two."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     idle = cpus - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
-    return 0 if idle < 1 else min(MAX_WORKERS, cpus, 1 + int(idle))
+    if idle < 1:
+        return 1 if start_method == "fork" else 0
+    return min(MAX_WORKERS, cpus, 1 + int(idle))
 
 
 def _start_method() -> str:
@@ -155,7 +158,7 @@ class FigureWriter:
 
     def __init__(self, formats: tuple[str, ...] = FORMATS, processes: int | None = None) -> None:
         self.formats = tuple(formats)
-        self.processes = _workers() if processes is None else processes  # 0: drawn in this process
+        self.processes = _workers(_start_method()) if processes is None else processes  # 0: drawn here
         self._pool: ProcessPoolExecutor | None = None
         self._analysis: Any = None  # the analysis whose figures were sent to the workers
         self._jobs: dict[str, Future] = {}
