@@ -11,8 +11,9 @@ load average.
 
 ``--workers 0,1,2`` times instead, in this checkout, the whole ``analyze(TRACE, out=...)`` library call
 with its figures drawn in this process (0) or by a :class:`moeprof.report.figures.FigureWriter` of 1, 2
-workers started before the analysis: wall seconds and CPU seconds of the process and its workers, from
-the interpreter's start (imports included).
+workers started before the analysis (before polars is imported, as the command line does: forked), each
+figure drawn as soon as its statistics are done: wall seconds and CPU seconds of the process and its
+workers, from the interpreter's start (imports included).
 """
 
 from __future__ import annotations
