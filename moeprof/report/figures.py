@@ -96,18 +96,19 @@ def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
 
 
 def _workers(start_method: str = "spawn") -> int:
-    """How many worker processes draw the figures: one more than the idle cores (the load average
-    below the cores), up to :data:`MAX_WORKERS` and the cores. Where the cores are all busy: one forked
-    worker (it imports matplotlib in place of this process, and draws while the analysis runs on the
-    other threads), but no spawned one: a spawned worker imports numpy and moeprof again, and measured
-    at 10⁶ rows on 2 busy cores (`bench/figures_bench.py --workers 0,1,2`), analyze --out took 4.09 s
-    of CPU drawing here, 4.85 s with one spawned worker and 5.64 s with two, and the most wall time
-    with two."""
+    """How many worker processes draw the figures: one more than the idle cores (the cores less the
+    load average, rounded), up to :data:`MAX_WORKERS` and the cores. Where less than half a core is
+    idle: one forked worker (it imports matplotlib in place of this process, and draws while the
+    analysis runs on the other threads), but no spawned one (a spawned worker imports numpy and moeprof
+    again). Measured at 10⁶ rows on 2 cores with spawned workers (`bench/figures_bench.py --workers
+    0,1,2`): busy (load 4.6–5.5), analyze --out took 4.09 s of CPU drawing here, 4.85 s with one worker
+    and 5.64 s with two, and the most wall time with two; nearly idle (load 1.1–1.3, the benchmark's
+    own runs), two workers took the least wall time, 2.87 s against 3.44 s here."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     idle = cpus - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
-    if idle < 1:
+    if idle < 0.5:
         return 1 if start_method == "fork" else 0
-    return min(MAX_WORKERS, cpus, 1 + int(idle))
+    return min(MAX_WORKERS, cpus, 1 + int(idle + 0.5))
 
 
 def _start_method() -> str:
