@@ -253,9 +253,28 @@ def test_workers_only_where_the_machine_has_idle_cores(monkeypatch, cpus, load, 
     imports cost more CPU than drawing here saves)."""
     monkeypatch.setattr(figures.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
     monkeypatch.setattr(figures.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(figures, "_running_tasks", lambda: None)  # the load average alone
     monkeypatch.setattr(figures, "_start_method", lambda: method)
     assert figures._workers(method) == workers
     assert figures.FigureWriter().processes == workers
+
+
+@pytest.mark.parametrize("load, running, busy", [(2.2, 1, 0.0), (2.2, 2, 1.0), (2.2, 5, 2.2), (0.3, 3, 0.3),
+                                                 (1.4, None, 1.4)])
+def test_cores_busy_are_the_load_average_unless_fewer_tasks_run_now(monkeypatch, load, running, busy):
+    """The load average counts this program's own last minute (analyze run on trace after trace):
+    no more cores are busy than tasks other than this one run now."""
+    monkeypatch.setattr(figures.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(figures, "_running_tasks", lambda: running)
+    assert figures._busy_cores() == pytest.approx(busy)
+
+
+def test_running_tasks_are_read_from_proc_loadavg():
+    running = figures._running_tasks()
+    if not Path("/proc/loadavg").exists():
+        assert running is None
+    else:
+        assert running >= 1  # this test runs
 
 
 def test_workers_are_forked_only_from_a_process_of_one_thread(monkeypatch):

@@ -96,8 +96,8 @@ def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
 
 
 def _workers(start_method: str = "spawn") -> int:
-    """How many worker processes draw the figures: one more than the idle cores (the cores less the
-    load average, rounded), up to :data:`MAX_WORKERS` and the cores. Where less than half a core is
+    """How many worker processes draw the figures: one more than the idle cores (the cores less those
+    other programs keep busy, :func:`_busy_cores`; rounded), up to :data:`MAX_WORKERS` and the cores. Where less than half a core is
     idle: one forked worker (it imports matplotlib in place of this process, and draws while the
     analysis runs on the other threads), but no spawned one (a spawned worker imports numpy and moeprof
     again). Measured at 10⁶ rows on 2 cores with spawned workers (`bench/figures_bench.py --workers
@@ -105,10 +105,29 @@ def _workers(start_method: str = "spawn") -> int:
     and 5.64 s with two, and the most wall time with two; nearly idle (load 1.1–1.3, the benchmark's
     own runs), two workers took the least wall time, 2.87 s against 3.44 s here."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    idle = cpus - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    idle = cpus - _busy_cores()
     if idle < 0.5:
         return 1 if start_method == "fork" else 0
     return min(MAX_WORKERS, cpus, 1 + int(idle + 0.5))
+
+
+def _busy_cores() -> float:
+    """How many cores other programs keep busy: the 1-minute load average, but no more than the tasks
+    running right now besides this one (the 4th field of /proc/loadavg). The load average also counts
+    this program's own last minute, and a script that runs analyze on trace after trace (or a
+    benchmark) would otherwise find its own cores busy each time it starts."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    running = _running_tasks()
+    return load if running is None else min(load, max(running - 1, 0))
+
+
+def _running_tasks() -> int | None:
+    """Tasks running or ready to run on the machine now, this one included (None: not known here)."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _start_method() -> str:
