@@ -97,10 +97,10 @@ def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
 
 def _workers(start_method: str = "spawn") -> int:
     """How many worker processes draw the figures: one more than the idle cores (the cores less those
-    other programs keep busy, :func:`_busy_cores`; rounded), up to :data:`MAX_WORKERS` and the cores. Where less than half a core is
-    idle: one forked worker (it imports matplotlib in place of this process, and draws while the
-    analysis runs on the other threads), but no spawned one (a spawned worker imports numpy and moeprof
-    again). Measured at 10⁶ rows on 2 cores with spawned workers (`bench/figures_bench.py --workers
+    other programs keep busy, :func:`_busy_cores`; rounded), up to :data:`MAX_WORKERS` and the cores.
+    Where less than half a core is idle: one forked worker (it imports matplotlib in place of this
+    process, and draws while the analysis runs on the other threads), but no spawned one (a spawned
+    worker imports numpy and moeprof again). Measured at 10⁶ rows on 2 cores with spawned workers (`bench/figures_bench.py --workers
     0,1,2`): busy (load 4.6–5.5), analyze --out took 4.09 s of CPU drawing here, 4.85 s with one worker
     and 5.64 s with two, and the most wall time with two; nearly idle (load 1.1–1.3, the benchmark's
     own runs), two workers took the least wall time, 2.87 s against 3.44 s here."""
@@ -188,7 +188,7 @@ class FigureWriter:
         if self._pool is None and self.processes > 0:
             self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context(_start_method()),
                                              initializer=_start_worker)
-            for _ in range(self.processes):  # each submit starts one more worker (spawn), while none is idle
+            for _ in range(self.processes):  # spawn: each submit starts one more worker (fork: all at once)
                 self._pool.submit(int)
         return self
 
