@@ -5,7 +5,8 @@ tables printed), and with `--out` (summary, tables and the report layer's plots)
 
 TRACE is a trace written by bench/analyze_bench.py (or any). ``--baseline`` names another install's
 ``moeprof`` (e.g. the main branch's virtual environment) timed in the same rounds. Prints the median
-[min - max] wall seconds of each arm and the load average.
+[min - max] wall seconds of each arm, the median [min - max] of each round's ratio this / baseline,
+and the load average.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     for name, xs in times.items():
         print(f"{name:45s} {statistics.median(xs):.2f} s [{min(xs):.2f} - {max(xs):.2f}]")
+    if args.baseline:  # each round's ratio: the rounds alternate, so a load that changes hits both arms alike
+        for what in ("--out (summary, tables, plots)", "tables in the terminal"):
+            ratios = [a / b for a, b in zip(times[f"this checkout, {what}"], times[f"baseline, {what}"])]
+            print(f"this / baseline, {what:31s} {statistics.median(ratios):.2f}x "
+                  f"[{min(ratios):.2f} - {max(ratios):.2f}] over {len(ratios)} rounds")
     print("load average at the end", " ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 

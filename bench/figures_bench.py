@@ -11,8 +11,9 @@ load average.
 
 ``--workers 0,1,2`` times instead, in this checkout, the whole ``analyze(TRACE, out=...)`` library call
 with its figures drawn in this process (0) or by a :class:`moeprof.report.figures.FigureWriter` of 1, 2
-workers started before the analysis: wall seconds and CPU seconds of the process and its workers, from
-the interpreter's start (imports included).
+workers started before the analysis (before polars is imported, as the command line does: forked), each
+figure drawn as soon as its statistics are done: wall seconds and CPU seconds of the process and its
+workers, from the interpreter's start (imports included).
 """
 
 from __future__ import annotations
@@ -47,15 +48,16 @@ from pathlib import Path
 
 
 def main():
-    from moeprof.analysis.run import analyze
     n = int(sys.argv[2])
     out = Path(tempfile.mkdtemp(prefix="figures-bench-")) / "a"
     if n == 0:
+        from moeprof.analysis.run import analyze
         from moeprof.report.plots import write_plots
         analyze(sys.argv[1], out=out, writers=[write_plots])
     else:
         from moeprof.report.figures import FigureWriter
-        with FigureWriter(processes=n) as figures:
+        with FigureWriter(processes=n) as figures:  # started before polars is imported, as the command line does
+            from moeprof.analysis.run import analyze
             analyze(sys.argv[1], out=out, writers=[figures])
     wall = time.perf_counter() - t0
     me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))

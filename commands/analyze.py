@@ -121,8 +121,6 @@ def analyze(
 
         moeprof analyze big-trace --out big-analysis --figures none     # statistics and tables only
     """
-    from moeprof.analysis.run import analyze as run_analysis, summary_json
-
     formats = parse_figures(figures)
     if fmt is not None:
         err_console().print("note: --format is deprecated; use --json (or nothing, for tables)", style="yellow")
@@ -146,6 +144,10 @@ def analyze(
         check_target(out, force)  # before starting workers for an output that cannot be written
         figure_writer = FigureWriter(formats)
     with figure_writer as draw_figures, progress_bar(transient=True, disable=as_json) as bar:
+        # Imported once the workers have started: this process has one thread until polars is imported,
+        # so they are forked (report.figures._start_method).
+        from moeprof.analysis.run import analyze as run_analysis, summary_json
+
         task = bar.add_task("reading routing", total=None)
         result = run_analysis(
             trace, out=out, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),

@@ -86,6 +86,45 @@ def test_each_figure_is_cut_to_the_box_savefig_tight_cuts(analysis, tmp_path, mo
     plt.close("all")
 
 
+def test_each_figure_is_sent_to_a_worker_as_soon_as_its_statistics_are_computed(trace, tmp_path):
+    """analyze calls the writer's prepare() as statistics are done: the heatmap and the domain figures
+    go to a worker before co-activation is computed; every figure once; the summary keeps its order."""
+    seen = []
+
+    class Recording(figures.FigureWriter):
+        def prepare(self, analysis):
+            super().prepare(analysis)
+            seen.append((set(self._jobs), set(analysis.summary)))
+
+    with Recording(processes=1) as writer:
+        got = analyze(trace, out=tmp_path / "a", writers=[writer], batch_sizes=[1, 8, 64])
+    assert seen[0] == ({"load_heatmap"}, seen[0][1]) and "batch_imbalance" not in seen[0][1]
+    early = [jobs for jobs, summary in seen if "coactivation" not in summary]
+    assert {"load_heatmap", "domain_js", "domain_popularity"} <= early[-1]
+    assert seen[-1][0] == set(figures.FIGURES)
+    assert list(got.summary) == ["summary_format", "moeprof_version", "trace", "selection", "notes", "warnings",
+                                 "imbalance", "batch_imbalance", "domain_shift", "classification", "prefill_decode",
+                                 "coactivation", "outputs"]  # summary.json's order, as before
+    assert sorted(p.name for p in (tmp_path / "a" / "plots").iterdir()) == sorted(
+        f"{name}.{ext}" for name in figures.FIGURES for ext in ("png", "svg"))
+
+
+def test_a_figure_is_ready_once_what_it_draws_is_there(analysis):
+    partial = SimpleNamespace(summary={}, tables={}, arrays={})
+    assert figures.ready("load_heatmap", partial) is None
+    assert figures.ready("prefill_decode", partial) is None
+    partial.arrays.update(layers=analysis.arrays["layers"], load=analysis.arrays["load"])
+    assert figures.ready("load_heatmap", partial) is True
+    partial.summary["domain_shift"] = {"available": False, "reason": "one domain"}
+    assert figures.ready("domain_js", partial) is False  # never drawn
+    partial.summary["domain_shift"] = analysis.summary["domain_shift"]
+    assert figures.ready("domain_js", partial) is None  # supported, its table not there yet
+    partial.tables["domain_shift"] = analysis.tables["domain_shift"]
+    partial.arrays["domains"] = analysis.arrays["domains"]
+    assert figures.ready("domain_js", partial) is True
+    assert [n for n in figures.FIGURES if figures.ready(n, analysis)] == list(figures.FIGURES)
+
+
 # -- the data each figure shows, read back from it --------------------------------------------------------
 def test_heatmap_shows_each_layers_loads_over_their_mean_busiest_first(analysis, captured):
     plots.draw("load_heatmap", analysis, Path("."))
@@ -204,15 +243,82 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(trace, tmp_path):
     assert not multiprocessing.active_children()
 
 
-@pytest.mark.parametrize("cpus, load, workers", [(2, 5.5, 0), (2, 1.2, 0), (2, 0.9, 2), (2, 0.0, 2), (16, 0.5, 3),
-                                                 (16, 14.5, 2), (1, 0.0, 1)])
-def test_workers_only_where_the_machine_has_idle_cores(monkeypatch, cpus, load, workers):
-    """None on busy cores (a worker's imports cost more CPU than drawing here saves), else one more
-    than the idle cores, at most three."""
+@pytest.mark.parametrize("cpus, load, method, workers", [
+    (2, 5.5, "spawn", 0), (2, 1.6, "spawn", 0), (2, 1.2, "spawn", 2), (2, 0.0, "spawn", 2), (16, 0.5, "spawn", 3),
+    (16, 14.7, "spawn", 2), (16, 14.5, "spawn", 3), (1, 0.0, "spawn", 1),
+    (2, 5.5, "fork", 1), (2, 1.6, "fork", 1), (2, 1.2, "fork", 2), (16, 0.5, "fork", 3), (1, 3.0, "fork", 1)])
+def test_workers_only_where_the_machine_has_idle_cores(monkeypatch, cpus, load, method, workers):
+    """One more than the idle cores (rounded), at most three; on busy cores (less than half a core
+    idle) one forked worker (it imports matplotlib in place of this process) but no spawned one (its
+    imports cost more CPU than drawing here saves)."""
     monkeypatch.setattr(figures.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
     monkeypatch.setattr(figures.os, "getloadavg", lambda: (load, load, load))
-    assert figures._workers() == workers
+    monkeypatch.setattr(figures, "_running_tasks", lambda: None)  # the load average alone
+    monkeypatch.setattr(figures, "_start_method", lambda: method)
+    assert figures._workers(method) == workers
     assert figures.FigureWriter().processes == workers
+
+
+@pytest.mark.parametrize("load, running, busy", [(2.2, 1, 0.0), (2.2, 2, 1.0), (2.2, 5, 2.2), (0.3, 3, 0.3),
+                                                 (1.4, None, 1.4)])
+def test_cores_busy_are_the_load_average_unless_fewer_tasks_run_now(monkeypatch, load, running, busy):
+    """The load average counts this program's own last minute (analyze run on trace after trace):
+    no more cores are busy than tasks other than this one run now."""
+    monkeypatch.setattr(figures.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(figures, "_running_tasks", lambda: running)
+    assert figures._busy_cores() == pytest.approx(busy)
+
+
+def test_running_tasks_are_read_from_proc_loadavg():
+    running = figures._running_tasks()
+    if not Path("/proc/loadavg").exists():
+        assert running is None
+    else:
+        assert running >= 1  # this test runs
+
+
+def test_workers_are_forked_only_from_a_process_of_one_thread(monkeypatch):
+    """A fork copies the calling thread alone, and with it any lock another thread holds (polars'
+    threads start when it is imported): a process with a second thread spawns its workers."""
+    assert figures._start_method() == "spawn"  # pytest's process has imported polars: its threads run
+    monkeypatch.setattr(figures.os, "listdir", lambda path: ["1"] if path == "/proc/self/task" else [])
+    monkeypatch.setattr(figures.threading, "active_count", lambda: 1)
+    assert figures._start_method() == "fork"
+    monkeypatch.setattr(figures.threading, "active_count", lambda: 2)  # a Python thread counts too
+    assert figures._start_method() == "spawn"
+
+
+def test_the_command_line_forks_its_workers_before_polars_is_imported(tmp_path):
+    """`moeprof analyze --out` starts its workers while it runs one thread: they are forked, and draw
+    the same figures as this process."""
+    import subprocess
+    import sys
+
+    trace = synthetic_trace(tmp_path / "trace", num_experts=8)
+    code = (
+        "import sys\n"
+        "from moeprof.report import figures\n"
+        "methods = []\n"
+        "start = figures._start_method\n"
+        "figures._start_method = lambda: methods.append(start()) or methods[-1]\n"
+        "figures._workers = lambda method: 2\n"
+        "from moeprof.commands.main import main\n"
+        "sys.argv = ['moeprof', 'analyze', sys.argv[1], '--out', sys.argv[2], '--json']\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('methods', methods, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(trace), str(tmp_path / "a")], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "methods ['fork', 'fork']" in done.stderr
+    drawn = sorted(p.name for p in (tmp_path / "a" / "plots").iterdir())
+    assert len(drawn) == 2 * len(figures.supported(analyze_trace(trace).summary)) and drawn[0].endswith(".png")
+    here = plots.write_plots(analyze_trace(trace), tmp_path / "here")
+    for path in here:
+        if path.suffix == ".png":
+            assert np.array_equal(_pixels(path), _pixels(tmp_path / "a" / "plots" / path.name)), path.name
 
 
 def test_no_worker_draws_here(analysis, tmp_path):

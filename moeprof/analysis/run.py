@@ -8,7 +8,7 @@ is reported as ``{"available": false, "reason": ...}``, never as zero and never 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import json
 import math
@@ -147,6 +147,7 @@ def analyze_trace(
     address: str | None = None,
     verify_reads: bool = True,
     on_table: Callable[[str, pl.DataFrame], None] | None = None,
+    on_step: Callable[[Analysis], None] | None = None,
 ) -> Analysis:
     """Compute every statistic of DESIGN.md "Statistics" for the trace at ``path``.
 
@@ -155,7 +156,9 @@ def analyze_trace(
     result does not depend on it. Raises :class:`UsageError` for a bad selection and
     :class:`AnalysisError` when the selection holds no routing at all. Every shard is checked against
     the manifest's sha256 as it is read (``verify_reads=False`` only for benchmarks).
-    ``on_table(name, frame)`` is called as each table is done, while the other statistics run.
+    ``on_table(name, frame)`` is called as each table is done, while the other statistics run;
+    ``on_step(analysis)`` with the analysis so far, each time statistics were added to it (from this
+    thread; the report layer starts drawing the figures of those done).
     ``coactivation_tables``: ``"top"`` gives tables ``coactivation_pairs_top`` and ``transitions_top``
     (each expert's most frequent partners and next experts), ``"full"`` ``coactivation_pairs`` and
     ``transitions`` (every non-zero row; millions at DeepSeek-V3 shape); the summary is the same.
@@ -247,6 +250,8 @@ def analyze_trace(
     a.tables["layer_imbalance"] = per_layer
     a.tables["expert_loads"] = load.expert_loads(agg_k)
     s["imbalance"] = _imbalance_summary(per_layer, total)
+    step = on_step if on_step is not None else (lambda _a: None)
+    step(a)
 
     # Steps 4-7 are independent but for the token matrix that 4 and 7 share (numpy releases the GIL
     # in their sorts and sums): run them at once, co-activation as soon as the token matrix is built.
@@ -279,40 +284,47 @@ def analyze_trace(
         return _coactivation(a, tokens, dup, agg, caps, trace, kept_layers, coactivation_tokens, coactivation_tables,
                              pool)
 
+    def shift_step() -> None:
+        # Step 5: domain shift (classification runs on the pool).
+        by_domain = agg.by_domain()[:, :, keep_l]  # (D, 2, L, E)
+        dom_counts = by_domain.sum(axis=1)
+        present = [i for i in range(len(sel.domains)) if dom_counts[i].sum() > 0]
+        names = [sel.domains[i] for i in present]
+        a.arrays.update(domains=names, domain_counts=dom_counts[present])
+        if caps["domains"] is not None:
+            s["domain_shift"] = unavailable(caps["domains"])
+        elif len(present) < 2:
+            s["domain_shift"] = unavailable(
+                f"only one domain ({names[0] if names else 'none'}) has routed tokens in the selection; "
+                "domain shift compares two or more"
+            )
+        else:
+            shift = dom.pairwise_shift(dom_counts[present], names, kept_layers)
+            experts = dom.domain_experts(dom_counts[present], names, kept_layers)
+            a.tables["domain_shift"] = shift
+            a.tables["domain_experts"] = experts
+            s["domain_shift"] = _shift_summary(shift, experts, names)
+
     pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="moeprof-stats")  # 5 steps + half the co-activation counts
     with pool, one_blas_thread():
         token_job = pool.submit(token_step)
         class_job = pool.submit(_classification, a, agg, sampled, caps, sel, kept_layers, seed)
         phase_job = pool.submit(_prefill_decode, a, agg, sampled, caps, sel, kept_layers, seed, threads)
         co_job = pool.submit(coactivation_step)
-        s["batch_imbalance"] = pool.submit(batch_step).result()
-        co_job.exception()  # done before the pool shuts down: co-activation submits a job of its own
-
-    # Step 5: domain shift and classification.
-    by_domain = agg.by_domain()[:, :, keep_l]  # (D, 2, L, E)
-    dom_counts = by_domain.sum(axis=1)
-    present = [i for i in range(len(sel.domains)) if dom_counts[i].sum() > 0]
-    names = [sel.domains[i] for i in present]
-    a.arrays.update(domains=names, domain_counts=dom_counts[present])
-    if caps["domains"] is not None:
-        s["domain_shift"] = unavailable(caps["domains"])
-    elif len(present) < 2:
-        s["domain_shift"] = unavailable(
-            f"only one domain ({names[0] if names else 'none'}) has routed tokens in the selection; "
-            "domain shift compares two or more"
-        )
-    else:
-        shift = dom.pairwise_shift(dom_counts[present], names, kept_layers)
-        experts = dom.domain_experts(dom_counts[present], names, kept_layers)
-        a.tables["domain_shift"] = shift
-        a.tables["domain_experts"] = experts
-        s["domain_shift"] = _shift_summary(shift, experts, names)
-    s["classification"] = class_job.result()
-
-    # Step 6: prefill -> decode.
-    s["prefill_decode"] = phase_job.result()
-
-    s["coactivation"] = co_job.result()
+        batch_job = pool.submit(batch_step)
+        shift_step()  # here, while the pool runs (a few ms)
+        step(a)
+        # Each statistic joins the summary as it is done (co-activation before the pool shuts down: it
+        # submits a job of its own).
+        jobs = {batch_job: "batch_imbalance", class_job: "classification", phase_job: "prefill_decode",
+                co_job: "coactivation"}
+        while jobs:
+            done, _ = wait(jobs, return_when=FIRST_COMPLETED)
+            for job in done:
+                s[jobs.pop(job)] = job.result()
+            step(a)
+    for key in ("batch_imbalance", "domain_shift", "classification", "prefill_decode", "coactivation"):
+        s[key] = s.pop(key)  # summary.json in the order it always had
     return a
 
 
@@ -710,8 +722,11 @@ def analyze(
     if out is None:
         return analyze_trace(path, **options)
     check_target(out, force)
+    # A writer may start on the statistics done while the others are computed (the figures).
+    prepares = [w.prepare for w in writers if callable(getattr(w, "prepare", None))]
     with TableEncoder() as encoder:
-        analysis = analyze_trace(path, on_table=encoder, **options)
+        analysis = analyze_trace(path, on_table=encoder, on_step=(lambda a: [p(a) for p in prepares]) if prepares else None,
+                                 **options)
         with staged_dir(out, "analysis", force) as tmp:
             write_outputs(analysis, tmp, writers, encoder)
     return analysis
