@@ -287,7 +287,7 @@ def correlations(prefill: np.ndarray, decode: np.ndarray, request_domain: np.nda
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    del zy, zry, top_y
+    zy = zry = top_y = None  # freed (the block functions above are done with them)
     cols: dict[str, object] = {"layer": pl.Series(list(layers), dtype=pl.Int16)}
     cols["pearson"], n = _mean_over_requests(own_p)
     cols["spearman"], _ = _mean_over_requests(own_s)
