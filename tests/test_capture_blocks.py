@@ -369,3 +369,21 @@ def test_buffers_made_inside_inference_mode_can_be_written_outside_it(qwen, tmp_
         with torch.no_grad():
             model.generate(**kw)
     assert rec.steps == 12 and Trace.open(tmp_path / "t").num_routing_rows == rec.rows
+
+
+@pytest.mark.parametrize("cache", [None, "static"])  # decode steps held (eager), copied (static cache)
+def test_a_block_is_cut_once_its_first_step_is_block_seconds_old(qwen, tmp_path, cache):
+    """Slow steps do not wait for 128 others: a block goes to the host once its first step is
+    ``block_seconds`` old, so a killed capture loses at most about that much plus the writer's flush."""
+    model, _ = qwen
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    got = []
+    rec = capture(model, tmp_path / "t")
+    rec._pipe._block_seconds = 0.0  # every step is old at once: blocks of one step
+    orig = rec._pipe._add
+    rec._pipe._add = lambda unit: (got.append(len(unit.metas)), orig(unit))
+    with rec, torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                       do_sample=False, pad_token_id=0, cache_implementation=cache)
+    assert got == [1] * 8 and rec.steps == 8
+    assert Trace.open(tmp_path / "t").num_routing_rows == rec.rows

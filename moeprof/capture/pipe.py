@@ -22,7 +22,8 @@ is paid by the step. So:
   ``(b, 1)`` inputs are columns already), and one stack its weights: two tensor calls a step.
 - **Longer blocks for small steps.** Processing a block on the host costs about as much at 32
   steps as at 128 while steps are small, so decode steps of a few KiB (batch 1-8) are gathered up
-  to ``max_block`` at a time, a block's routing staying under ``block_bytes``.
+  to ``max_block`` at a time, a block's routing staying under ``block_bytes`` and its first step
+  no older than ``block_seconds``.
 - **One copy, one event.** Each gathered unit makes one asynchronous copy into pooled pinned host
   memory; one CUDA event per block says every copy before it has landed.
 
@@ -32,6 +33,7 @@ The host side decodes a unit into per-step numpy views and hands them, in order,
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable
@@ -142,11 +144,14 @@ class HostPipe:
     """
 
     def __init__(self, process: Callable[[list[Step]], None], block: int = 32, big_bytes: int = 4 << 20,
-                 defer: bool = True, max_block: int | None = None, block_bytes: int = 1 << 20) -> None:
+                 defer: bool = True, max_block: int | None = None, block_bytes: int = 1 << 20,
+                 block_seconds: float = 1.0) -> None:
         self._process = process
         self._block = max(1, int(block))
         self._max_block = max(self._block, int(max_block if max_block is not None else self._block))
         self._block_bytes = int(block_bytes)
+        self._block_seconds = float(block_seconds)
+        self._group_t0 = 0.0
         self._group_block = self._block
         self._fuse = True  # one cat for a copied decode step's int64 ids and small rows (off: three stacks)
         self._big_bytes = big_bytes
@@ -181,13 +186,13 @@ class HostPipe:
     def _submit(self, meta: Any, ids: list, weights: list | None, small: list, deferrable: bool, decode: bool) -> None:
         if deferrable and self._defer and self._deferrable(meta, ids[0]):
             key = (meta.b, meta.s, len(small))
-            if not self._group:
-                self._group_block = self._block_for(ids, weights)
             if self._group and (key != self._group_key or self._group_kind != "held"):
                 self._flush_group()
-            self._group_kind, self._group_key = "held", key
+            if not self._group:
+                self._group_kind, self._group_key = "held", key
+                self._start_group(ids, weights)
             self._group.append((meta, list(ids), None if weights is None else list(weights), torch.stack(small)))
-            if len(self._group) >= self._group_block:
+            if self._group_full():
                 self._flush_group()
             return
         if not deferrable:
@@ -211,7 +216,7 @@ class HostPipe:
             self._flush_group()
         if not self._group:
             self._group_kind, self._group_key = "copied", key
-            self._group_block = self._block_for(ids, weights)
+            self._start_group(ids, weights)
             self._slots = self._block_slots(key, self._group_block)
         s_ids, s_w, s_small = self._slots[2][len(self._group)]
         if s_small is None:  # fused: (n, L*k + rows)
@@ -222,8 +227,18 @@ class HostPipe:
         if weights is not None:
             torch.stack(weights, out=s_w)
         self._group.append(meta)
-        if len(self._group) >= self._group_block:
+        if self._group_full():
             self._flush_group()
+
+    def _start_group(self, ids: list, weights: list | None) -> None:
+        self._group_block = self._block_for(ids, weights)
+        self._group_t0 = time.monotonic()
+
+    def _group_full(self) -> bool:
+        """A block is cut at ``_group_block`` steps, or once its first step is ``block_seconds`` old:
+        slow steps (eager batch 1 on a GPU: 15-20 ms) would otherwise hold 128 steps, 2-3 s, back
+        from the writer, and a killed capture would lose them."""
+        return len(self._group) >= self._group_block or time.monotonic() - self._group_t0 >= self._block_seconds
 
     def _block_for(self, ids: list, weights: list | None) -> int:
         """Decode steps per block for steps like this one: ``block``, or more for small steps.
