@@ -105,7 +105,8 @@ class _Outer(torch.nn.Module):
 
 
 def test_hooks_run_eagerly_inside_a_callers_compiled_module(model, tmp_path):
-    """Traced by dynamo, the top-level hooks still run as Python (a graph break), once per forward."""
+    """Called inside a caller's compiled module (dynamo inlines the model's call and meets capture's
+    top-level hooks there), the capture records each forward once, the same rows as eagerly."""
     batch = dict(input_ids=INPUTS["input_ids"], attention_mask=INPUTS["attention_mask"])
 
     def forwards(out, fn):
