@@ -305,7 +305,7 @@ def test_small_steps_go_more_to_a_block():
 def test_a_unit_whose_copy_is_in_flight_waits_for_the_next_hand_over():
     """The launching thread never waits for the GPU to process a unit: a block whose copy has not
     landed (its event not completed) stays pending until a later hand-over finds it landed, or until
-    four blocks' worth of steps are pending."""
+    more than four units are pending (each holds a pinned buffer)."""
     from types import SimpleNamespace
 
     from moeprof.capture.pipe import HostPipe, Layout, _Unit
@@ -337,10 +337,13 @@ def test_a_unit_whose_copy_is_in_flight_waits_for_the_next_hand_over():
     pipe._add(unit(1))
     assert processed == [first.event, prefill.event]  # landed: handed over, the newest kept
     stuck = [unit(32) for _ in range(5)]
-    for u in stuck:
+    for u in stuck[:3]:
         pipe._add(u)
-    # 1 + 4 x 32 steps pending before the fifth block: processed (waiting) although in flight
-    assert len(processed) == 2 + 1 + 4 and len(pipe._pending) == 1
+    assert len(processed) == 2 and len(pipe._pending) == 4  # in flight: waiting
+    pipe._add(stuck[3])  # a fifth pending unit: the four before it are processed (waiting) although in flight
+    assert len(processed) == 2 + 4 and pipe._pending == [stuck[3]]
+    pipe._add(stuck[4])
+    assert len(processed) == 2 + 4 and len(pipe._pending) == 2
 
 
 def test_buffers_made_inside_inference_mode_can_be_written_outside_it(qwen, tmp_path):

@@ -367,9 +367,9 @@ class HostPipe:
             cut = len(self._pending) - 1
             # Processed here, a unit whose copy is still queued behind the step just launched would
             # stall this thread until the GPU finishes that step (a block flushed by the next
-            # batch's prefill): it waits for the next hand-over unless too many steps are pending.
-            # The worker thread may wait.
-            if (self._landed(cut) or before >= 4 * self._max_block
+            # batch's prefill): it waits for the next hand-over unless more than four units (each
+            # holding its own pinned buffer) are pending. The worker thread may wait.
+            if (self._landed(cut) or len(self._pending) > 4
                     or sum(u.layout.nbytes for u in self._pending[:cut]) >= self._big_bytes):
                 self._run(keep=1)
 
