@@ -254,20 +254,16 @@ class HostPipe:
         """(layout, buffer, [(ids, weights, small) views of step t]) of a block of ``steps`` steps."""
         got = self._buffers.get(("slots", key, steps))
         if got is None:
-            with torch.inference_mode(False):  # normal tensors: see _views
-                got = self._keep(("slots", key, steps), self._new_slots(key, steps))
+            small_shape, rows, L, shape, ids_dtype, w_dtype, device = key
+            fused = self._fuse and ids_dtype == torch.int64 and len(shape) == 2 and small_shape == (shape[0], 1)
+            layout = Layout(steps, L, shape[0], shape[1], ids_dtype, w_dtype, rows, fused=fused)
+            buf, v_ids, v_w, v_steps = _views(layout, device, small_shape)
+            slots = [(v_ids[t] if fused else v_ids[t * L : (t + 1) * L],
+                      None if v_w is None else v_w[t * L : (t + 1) * L],
+                      None if fused else v_steps[t])
+                     for t in range(steps)]
+            got = self._keep(("slots", key, steps), (layout, buf, slots))
         return got
-
-    def _new_slots(self, key: tuple, steps: int) -> tuple:
-        small_shape, rows, L, shape, ids_dtype, w_dtype, device = key
-        fused = self._fuse and ids_dtype == torch.int64 and len(shape) == 2 and small_shape == (shape[0], 1)
-        layout = Layout(steps, L, shape[0], shape[1], ids_dtype, w_dtype, rows, fused=fused)
-        buf, v_ids, v_w, v_steps = _views(layout, device, small_shape)
-        slots = [(v_ids[t] if fused else v_ids[t * L : (t + 1) * L],
-                  None if v_w is None else v_w[t * L : (t + 1) * L],
-                  None if fused else v_steps[t])
-                 for t in range(steps)]
-        return layout, buf, slots
 
     @torch.no_grad()
     def drain(self) -> None:
@@ -441,20 +437,17 @@ def _views(layout: Layout, device: torch.device, shape: tuple) -> tuple:
     None) and the small rows ``(T, rows) + shape``, ``shape`` the step's ``(b, s)`` (``b * s == n``).
 
     Normal tensors even inside ``torch.inference_mode()``: buffers are reused across steps and
-    captures, and one made there could not be written once the caller leaves inference mode."""
+    captures, and one made there (or a dtype view of one) could not be written once the caller leaves
+    inference mode. Slices of these views can, wherever they are made."""
     with torch.inference_mode(False):
-        return _new_views(layout, device, shape)
-
-
-def _new_views(layout: Layout, device: torch.device, shape: tuple) -> tuple:
-    buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-    o, sizes = layout.offsets, layout.sizes
-    T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
-    v_w = buf[o[1] : o[1] + sizes[1]].view(layout.w_dtype).view(T * L, n, k) if layout.w_dtype else None
-    if layout.fused:  # ids and small rows in one part: (T, n, L*k + rows); no separate small rows
-        return buf, buf[o[0] : o[0] + sizes[0]].view(torch.int64).view(T, n, L * k + layout.rows), v_w, None
-    v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
-    return buf, v_ids, v_w, buf[o[2] : o[2] + sizes[2]].view(torch.int64).view((T, layout.rows) + tuple(shape))
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+        o, sizes = layout.offsets, layout.sizes
+        T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
+        v_w = buf[o[1] : o[1] + sizes[1]].view(layout.w_dtype).view(T * L, n, k) if layout.w_dtype else None
+        if layout.fused:  # ids and small rows in one part: (T, n, L*k + rows); no separate small rows
+            return buf, buf[o[0] : o[0] + sizes[0]].view(torch.int64).view(T, n, L * k + layout.rows), v_w, None
+        v_ids = buf[o[0] : o[0] + sizes[0]].view(layout.ids_dtype).view(T * L, n, k)
+        return buf, v_ids, v_w, buf[o[2] : o[2] + sizes[2]].view(torch.int64).view((T, layout.rows) + tuple(shape))
 
 
 def _common(tensors: list) -> torch.dtype:

@@ -441,7 +441,7 @@ class Recorder:
         else:
             small.append(_token_validity(mask, b, s, meta.new_sequences, device, self._filled))
         ids, weights = sink.on_devices(device)
-        # One-token decode steps go to the host 32 at a time: held by reference in eager decoding,
+        # One-token decode steps go to the host a block at a time: held by reference in eager decoding,
         # copied into a block buffer as they end otherwise (a static cache means compiled decoding,
         # whose CUDA graphs reuse their outputs).
         decode = self._decode_shaped(meta) and not sink._devices
