@@ -121,3 +121,41 @@ def test_hooks_run_eagerly_inside_a_callers_compiled_module(model, tmp_path):
     torch._dynamo.reset()
     compiled = forwards(tmp_path / "compiled", torch.compile(_Outer(model), backend="aot_eager"))
     assert compiled.equals(eager)
+
+
+def _record(model, out, *, ring_block: int | None, calls: int = 2) -> pl.DataFrame:
+    """``calls`` compiled generate()s in one capture; ``ring_block``: steps per block (None: every
+    step goes to the host as it ends, no blocks and no rings: the reference)."""
+    rec = moeprof.capture(model, out, force=True, eos_token_id=None).start()
+    if ring_block is None:
+        rec._pipe._defer = False
+    else:
+        rec._pipe._block = rec._pipe._max_block = ring_block
+    try:
+        for _ in range(calls):
+            model.generate(**INPUTS, cache_implementation="static", compile_config=_compile_config())
+    finally:
+        rec.close()
+    return Trace.open(out).routing().sort("request_id", "pos", "layer").collect()
+
+
+def test_compiled_decode_steps_are_written_into_a_ring_by_the_graph(model, tmp_path, monkeypatch):
+    """Once the first compiled decode step showed the shapes, the compiled graph writes each decode
+    step's ids, weights and tokens into a ring at a device cursor, and the host only counts steps.
+    The rows, weights included, are those of steps sent to the host one by one; also when blocks of
+    two steps fill and the cursor restarts within a generate()."""
+    from moeprof.capture.pipe import HostPipe
+
+    written: list[int] = []
+    submit_ring = HostPipe.submit_ring
+    monkeypatch.setattr(HostPipe, "submit_ring", lambda self, meta, ring: (written.append(ring.steps),
+                                                                             submit_ring(self, meta, ring))[1])
+    reference = _record(model, tmp_path / "reference", ring_block=None)
+    assert written == []
+    for block in (128, 2):
+        written.clear()
+        got = _record(model, tmp_path / f"ring{block}", ring_block=block)
+        # 5 decode steps per generate(): the first one ever is copied (it shows the shapes), 9 rings
+        assert written == [block] * 9
+        assert got.equals(reference)
+    assert sorted(reference["step"].unique().to_list()) == [0, 1, 2, 3, 4, 5]
