@@ -20,13 +20,6 @@ is paid by the step. So:
   once ``block`` steps are in. Where the ids are int64 (most routers' ``topk``), one ``torch.cat``
   writes a step's ids and its tokens, positions and validity, token-major (the one-token step's
   ``(b, 1)`` inputs are columns already), and one stack its weights: two tensor calls a step.
-- **Written by the graph.** In compiled decoding (``torch.compile`` + CUDA graphs) even those two
-  calls are host work the graph replay waits behind, at batch 1 most of a 3 ms step's overhead. Once
-  one such step showed the shapes, a :class:`Ring` (a block buffer with a device-side cursor) is
-  offered to the routing hooks, which write each layer's ids and weights, and the embedding hook the
-  step's tokens, into the block inside the compiled graph, at the cursor, which the last layer
-  advances. The host only counts the steps; the block goes to the host with one copy once full, and
-  the cursor is reset behind it in stream order.
 - **Longer blocks for small steps.** Processing a block on the host costs about as much at 32
   steps as at 128 while steps are small, so decode steps of a few KiB (batch 1-8) are gathered up
   to ``max_block`` at a time, a block's routing staying under ``block_bytes`` and its first step
@@ -131,66 +124,6 @@ class _Unit:
     event: Any = None
     cuda: bool = False  # copied from a CUDA buffer: in flight until ``event`` (or a later one) completes
 
-class Ring:
-    """Block storage that compiled code writes one-token decode steps into, at a device-side cursor.
-
-    Each part is its own tensor (compiled code may not mutate two inputs that share storage): ids
-    ``(steps * layers, n, k)``, weights likewise, and the small rows ``(steps, 2, n, 1)``: tokens and
-    validity, which is 1 in every slot, written once (positions are not recorded; the host counts
-    them, as for steps that come without position_ids). The tensors are marked static for
-    ``torch.compile``: CUDA-graph replays write into them in place, and another ring (another batch
-    size) is another graph. :meth:`unit` copies a block to the host in the unit layout.
-    """
-
-    def __init__(self, layout: Layout, device: torch.device) -> None:
-        self.layout = layout
-        self.steps, self.layers, self.last = layout.steps, layout.layers, layout.layers - 1
-        T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
-        with torch.inference_mode(False):  # written by later steps whatever mode they run in
-            self.ids = torch.empty(T * L, n, k, dtype=layout.ids_dtype, device=device)
-            self.w = torch.empty(T * L, n, k, dtype=layout.w_dtype, device=device) if layout.w_dtype else None
-            self.small = torch.ones(T, 2, n, 1, dtype=torch.int64, device=device)
-            self.tokens = self.small[:, 0]  # (T, n, 1): the only view of ``small`` the graph writes
-            self.cursor = torch.zeros(1, dtype=torch.int64, device=device)
-        try:
-            import torch._dynamo as dynamo
-
-            for t in (self.ids, self.w, self.tokens, self.cursor):
-                if t is not None:
-                    dynamo.mark_static_address(t)
-        except ImportError:  # pragma: no cover - torch without dynamo
-            pass
-
-    def write(self, ordinal: int, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
-        """Layer ``ordinal``'s routing of the step at the cursor (in the compiled graph: no launch)."""
-        at = self.cursor * self.layers + ordinal
-        self.ids.index_copy_(0, at, ids.view(1, *ids.shape).to(self.ids.dtype))
-        if weights is not None and self.w is not None:
-            self.w.index_copy_(0, at, weights.view(1, *weights.shape).to(self.w.dtype))
-        if ordinal == self.last:
-            self.cursor.add_(1)
-
-    def write_tokens(self, input_ids: torch.Tensor) -> None:
-        self.tokens.index_copy_(0, self.cursor, input_ids.reshape(1, -1, 1).to(torch.int64))
-
-    def unit(self, metas: list) -> _Unit:
-        """The first ``len(metas)`` steps as a unit: copied (asynchronously, on CUDA) into host memory
-        in the unit layout, an event after the copies; then the cursor is reset behind them."""
-        layout = self.layout
-        o, sizes = layout.offsets, layout.sizes
-        cuda = self.ids.is_cuda
-        host = _PINNED.take(layout.nbytes) if cuda else torch.empty(layout.nbytes, dtype=torch.uint8)
-        parts = [self.ids, self.w, self.small]
-        for i, part in enumerate(parts):
-            if part is not None:
-                host[o[i] : o[i] + sizes[i]].copy_(part.view(-1).view(torch.uint8), non_blocking=cuda)
-        unit = _Unit(metas, layout, host, cuda=cuda)
-        if cuda:
-            unit.event = torch.cuda.Event()
-            unit.event.record()
-        self.cursor.zero_()  # in stream order: after the copies, before the next step's writes
-        return unit
-
 
 class HostPipe:
     """Gathers steps on the device, copies them to the host and hands them, in order, to ``process``.
@@ -235,9 +168,6 @@ class HostPipe:
         self._eager = False  # two decode steps in a row returned routing at different addresses
         self._last_ids: torch.Tensor | None = None  # the last decode step's first ids, held for the check
         self._buffers: dict[tuple, tuple] = {}
-        self._rings: dict[tuple, Ring] = {}
-        self._ring_specs: dict[tuple, tuple] = {}  # (n, device) -> what a copied decode step looked like
-        self._ring: Ring | None = None  # the ring of the current "ring" group
         self._worker: Any = None
         self._job: Any = None
 
@@ -288,9 +218,6 @@ class HostPipe:
             self._group_kind, self._group_key = "copied", key
             self._start_group(ids, weights)
             self._slots = self._block_slots(key, self._group_block)
-            if len(first.shape) == 2 and tuple(small[0].shape) == (first.shape[0], 1):
-                self._ring_specs[(first.shape[0], first.device)] = (
-                    len(ids), first.shape[1], key[4], key[5], self._group_block)
         s_ids, s_w, s_small = self._slots[2][len(self._group)]
         if s_small is None:  # fused: (n, L*k + rows)
             torch.cat(ids + small, dim=1, out=s_ids)
@@ -299,31 +226,6 @@ class HostPipe:
             torch.stack(small, out=s_small)
         if weights is not None:
             torch.stack(weights, out=s_w)
-        self._group.append(meta)
-        if self._group_full():
-            self._flush_group()
-
-    def ring(self, n: int, device: torch.device) -> Ring | None:
-        """The ring compiled code may write one-token decode steps of ``n`` rows into, once a copied
-        step showed their shapes (None before)."""
-        spec = self._ring_specs.get((n, device))
-        if spec is None or not self._defer:  # not deferring: every step goes to the host as it ends
-            return None
-        got = self._rings.get((n, device) + spec)
-        if got is None:
-            if len(self._rings) >= 8:
-                self._rings.clear()
-            L, k, ids_dtype, w_dtype, steps = spec
-            got = self._rings[(n, device) + spec] = Ring(Layout(steps, L, n, k, ids_dtype, w_dtype, 2), device)
-        return got
-
-    def submit_ring(self, meta: Any, ring: Ring) -> None:
-        """A decode step the compiled graph wrote into ``ring`` at its cursor: only counted here."""
-        if self._group and (self._group_kind != "ring" or self._ring is not ring):
-            self._flush_group()
-        if not self._group:
-            self._group_kind, self._group_key, self._ring = "ring", None, ring
-            self._group_block, self._group_t0 = ring.steps, time.monotonic()
         self._group.append(meta)
         if self._group_full():
             self._flush_group()
@@ -400,9 +302,6 @@ class HostPipe:
             layout, buf, _ = self._slots
             # slots past len(group) hold stale bytes: never decoded
             self._add(self._to_host(_Unit(group, layout, buf), event=True))
-            return
-        if self._group_kind == "ring":
-            self._add(self._ring.unit(group))
             return
         metas = [g[0] for g in group]
         ids = [t for g in group for t in g[1]]

@@ -45,7 +45,7 @@ from torch import nn
 
 from moeprof.capture.continuous import BatchPlan, PlanTap, is_packed_forward
 from moeprof.capture.hooks import MoeLayout, RoutingPoint, discover
-from moeprof.capture.pipe import HostPipe, Ring, Step
+from moeprof.capture.pipe import HostPipe, Step
 from moeprof.errors import CaptureError
 from moeprof.trace.manifest import Manifest
 from moeprof.trace.schema import PHASES
@@ -112,9 +112,6 @@ class StepSink:
         self.active = False
         self._devices: bool | None = None  # the layers' outputs lie on more than one device
         self._empty = [None] * num_layers
-        # Offered for a one-token decode step that compiled code may run: hooks traced into the graph
-        # write the step into it (see :class:`~moeprof.capture.pipe.Ring`) instead of into the slots.
-        self.ring: Ring | None = None
 
     def reset(self) -> None:
         # In place: compiled code guards on these lists, so they must stay the same objects.
@@ -201,7 +198,6 @@ class Recorder:
         self._constants: dict[tuple, torch.Tensor] = {}
         self._batch_running = False
         self._static_cache = False  # the step's KV cache is static: compiled decoding, CUDA graphs
-        self._ring_ok = False  # the model has an input embedding to hook: steps may be written into rings
         self._saw_static = False  # some step ran with a static cache
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
@@ -269,10 +265,6 @@ class Recorder:
         self._handles += [top_pre, top_post]
         for ordinal, point in enumerate(self.layout.points):
             self._handles.append(_attach(point, ordinal, self._sink))
-        tokens = _attach_tokens(self.model, self._sink)
-        self._ring_ok = tokens is not None
-        if tokens is not None:
-            self._handles.append(tokens)
         return self
 
     def close(self, complete: bool = True) -> Manifest:
@@ -379,14 +371,6 @@ class Recorder:
         self._forwards += 1
         self._inputs = (input_ids, position_ids if has_positions else None, mask, ref.device)
         self._sink.reset()
-        # A one-token decode step of the running batch with a static cache: compiled code may write
-        # it into a ring (the pipe has one once such a step was copied and showed the shapes).
-        self._sink.ring = (
-            self._pipe.ring(b, ref.device)
-            if s == 1 and self._static_cache and self._ring_ok and input_ids is not None and meta.plan is None
-            and not meta.new_sequences and self._sink._devices is False
-            else None
-        )
 
     def _packed_step(self, b: int, s: int) -> _StepMeta | None:
         plan = self._tap.pop()
@@ -434,21 +418,6 @@ class Recorder:
             return
         sink.active = False
         self._meta = None
-        ring = sink.ring
-        if ring is not None:
-            sink.ring = None
-            written = sum(t is None for t in sink.ids)
-            if written == len(sink.ids):  # the compiled graph wrote the whole step into the ring
-                self._inputs = None
-                meta.positions = False  # not recorded there: the host counts them
-                self._pipe.submit_ring(meta, ring)
-                return
-            if written:
-                raise CaptureError(
-                    "capture: in a compiled decode step some MoE layers ran inside the compiled graph and "
-                    "some outside it; capture cannot record such a step. Compile the whole model "
-                    "(generate() with a static cache does) or capture it uncompiled"
-                )
         missing = sink.missing()
         if missing:
             names = ", ".join(self.layout.points[i].path for i in missing[:3])
@@ -864,39 +833,16 @@ def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if sink.active:
                 ids, weights = point.read_inputs(args, kwargs)
-                if sink.ring is not None and torch.compiler.is_compiling():
-                    sink.ring.write(ordinal, ids, weights if sink.weights else None)
-                else:
-                    sink.record(ordinal, ids, weights)
+                sink.record(ordinal, ids, weights)
 
         return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         if sink.active:
             ids, weights = point.read_output(output)
-            if sink.ring is not None and torch.compiler.is_compiling():
-                sink.ring.write(ordinal, ids, weights if sink.weights else None)
-            else:
-                sink.record(ordinal, ids, weights)
+            sink.record(ordinal, ids, weights)
 
     return point.module.register_forward_hook(post_hook)
-
-
-def _attach_tokens(model: nn.Module, sink: StepSink) -> Any:
-    """Hook the input embedding so that a step written into a ring gets its tokens there, in the
-    same compiled graph; None where the model has no input embedding module (no ring is offered)."""
-    try:
-        embed = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if not isinstance(embed, nn.Module):
-        return None
-
-    def pre_hook(module: nn.Module, args: tuple) -> None:
-        if sink.active and sink.ring is not None and args and torch.compiler.is_compiling():
-            sink.ring.write_tokens(args[0])
-
-    return embed.register_forward_pre_hook(pre_hook)
 
 
 def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
