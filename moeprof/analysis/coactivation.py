@@ -67,7 +67,8 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
         c = np.zeros(E * E, np.int64)
         for li in layers:
             x, ok = held.pop(li, None) or layer(li)
-            np.add.at(loads[li], (x if ok is None else x[x >= 0]).reshape(-1), 1)
+            # bincount, not np.add.at: it counts without holding the GIL the other threads need
+            loads[li] += np.bincount((x if ok is None else x[x >= 0]).reshape(-1), minlength=E)
             xs = x if ok is None else x[ok]
             if xs.size:
                 high = xs * E
