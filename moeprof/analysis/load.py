@@ -197,15 +197,23 @@ def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batc
     # Several windows per bincount (ids offset by window): small windows cost one call, not one each;
     # at most about 2^18 ids and 2^18 bins per call keep the temporaries in cache.
     per_call = min(nb, max(1, min((1 << 18) // (batch_size * L * k), (1 << 18) // (L * E))))
+    # Ids of up to 2^16 (window, layer, expert) bins are uint16: the additions and bincount's own copy
+    # to intp move a quarter of the bytes (measured 1.25x faster at B = 64 and 512). Worth fewer windows
+    # per call where a call still counts 2^16 ids or more; ids wrap at an absent slot's -1, left out below.
+    narrow = (1 << 16) // (L * E)
+    if narrow and narrow < per_call and narrow * batch_size * L * k >= (1 << 16):
+        per_call = narrow
+    dtype = np.uint16 if per_call * L * E <= (1 << 16) and tokens.dtype == np.int16 else np.intp
     # (window, layer) offsets added in one pass into one buffer reused by every call (measured 1.2-1.5x
     # faster than two additions into fresh arrays)
-    offset = (np.arange(per_call, dtype=np.intp) * (L * E))[:, None, None, None] + np.arange(L, dtype=np.intp)[:, None] * E
-    buf = np.empty((per_call, batch_size, L, k), np.intp)
+    offset = ((np.arange(per_call) * (L * E))[:, None, None, None] + np.arange(L)[:, None] * E).astype(dtype)
+    buf = np.empty((per_call, batch_size, L, k), dtype)
+    src = tokens.view(np.uint16) if dtype == np.uint16 else tokens
     absent = bool((tokens[: nb * batch_size] < 0).any())  # a layer absent for some token: its -1 slots count nowhere
     for b0 in range(0, nb, per_call):
         w = min(nb, b0 + per_call) - b0
         win = tokens[b0 * batch_size : (b0 + w) * batch_size].reshape(w, batch_size, L, k)
-        idx = np.add(win, offset[:w], out=buf[:w])
+        idx = np.add(src[b0 * batch_size : (b0 + w) * batch_size].reshape(w, batch_size, L, k), offset[:w], out=buf[:w])
         if absent:
             idx = idx[win >= 0]
         out[b0 : b0 + w] = np.bincount(idx.ravel(), minlength=w * L * E).reshape(w, L * E)
