@@ -377,26 +377,29 @@ def _resampled_quantile_columns(srt: np.ndarray, order: np.ndarray, drawn: np.nd
     size = min(16, n)
     blocks = -(-n // size)
     col = np.arange(m)
-    in_block = np.zeros((n, m, blocks), drawn.dtype)  # in_block[r, c, b] = 1: row r's value in column c has its rank in block b
-    in_block[order, col, (np.arange(n) // size)[:, None]] = 1
+    # Arrays are laid out with the short axis (blocks, ranks in a block) outermost, so that running sums
+    # and counts along it add whole rows (np.cumsum along a short last axis goes item by item).
+    in_block = np.zeros((n, blocks, m), drawn.dtype)  # in_block[r, b, c] = 1: row r's value in column c has its rank in block b
+    in_block[order, (np.arange(n) // size)[:, None], col] = 1
     # The product of cumulative sums is the cumulative sum of the product (exact integers), on n rows, not reps.
-    cum_block = (drawn @ np.cumsum(in_block, axis=2).reshape(n, m * blocks)).reshape(reps, m, blocks)
-    # The rows of each column's ranks, padded to whole blocks with a row n that no resample holds.
-    rows_pad = np.full((m * blocks, size), n, np.intp)
-    rows_pad.reshape(m, blocks * size)[:, :n] = order.T
+    cum_block = (drawn @ _running_sum(in_block, axis=1).reshape(n, blocks * m)).reshape(reps, blocks, m)
+    # The rows of each column's ranks, padded to whole blocks with a row n that no resample holds: (size, m * blocks).
+    rows_pad = np.full((m, blocks * size), n, np.intp)
+    rows_pad[:, :n] = order.T
+    rows_pad = np.ascontiguousarray(rows_pad.reshape(m * blocks, size).T)
     drawn_pad = np.zeros((reps, n + 1), drawn.dtype)
     drawn_pad[:, :n] = drawn
     flat_pad = drawn_pad.ravel()
-    rep_base = (np.arange(reps) * (n + 1))[:, None, None]
+    rep_base = np.arange(reps) * (n + 1)
     p0, p1 = prev, min(prev + 1, n - 1)
-    blk0, blk1 = (np.count_nonzero(cum_block <= p, axis=2) for p in (p0, p1))  # (reps, m) blocks holding p0, p1
+    blk0, blk1 = ((cum_block <= p).sum(axis=1) for p in (p0, p1))  # (reps, m) blocks holding p0, p1
 
     def rank_in(blk: np.ndarray, cols: np.ndarray, reps_of: np.ndarray, ps: tuple[int, ...]) -> list[np.ndarray]:
         """Ranks of positions ``ps`` in the resamples ``reps_of`` x columns ``cols``, all in block ``blk``."""
-        before = np.where(blk > 0, cum_block[reps_of, cols, np.maximum(blk - 1, 0)], 0)
-        w = flat_pad.take(rows_pad[cols * blocks + blk] + rep_base.reshape(-1)[reps_of][..., None])  # (..., size) draws
-        cw = np.cumsum(w, axis=-1)
-        return [blk * size + np.count_nonzero(cw <= (p - before)[..., None], axis=-1) for p in ps]
+        before = np.where(blk > 0, cum_block[reps_of, np.maximum(blk - 1, 0), cols], 0)
+        w = flat_pad.take(rows_pad[:, cols * blocks + blk] + rep_base[reps_of])  # (size, ...) draws
+        cw = _running_sum(w)
+        return [blk * size + (cw <= p - before).sum(axis=0) for p in ps]
 
     rep = np.arange(reps)[:, None]
     same = blk0 == blk1  # nearly always: p0 and p1 = p0 + 1 fall in one block, read it once
