@@ -16,7 +16,7 @@ alternating so that load from other processes falls on both alike:
   writes, less the plots, which the report layer draws), timed from the call, after imports;
   its whole process (interpreter start, imports, analysis, outputs) is timed too;
 - optionally (``--baseline``) analyze again under another interpreter, e.g. a virtual environment with
-  the main branch installed, to compare two versions at the same load;
+  the main branch installed, to compare two versions at the same load (the two in turn first);
 - optionally (``--full-tables``) analyze again with ``coactivation_tables="full"`` (every co-activation
   row, as analyze wrote before ``top`` became the default), to tell that change from the others;
 - optionally the same counts with a polars explode + group_by, to compare with numpy bincount.
@@ -208,10 +208,14 @@ def run_size(rows_wanted: int, repeats: int, regenerate: bool, compare_polars: b
     for p in t.shard_paths("routing"):  # warm the page cache so both runs read from memory alike
         p.read_bytes()
     floors, analyses, befores, fulls = [], [], [], []
-    for _ in range(repeats):
+    for n in range(repeats):
         floors.append(_child(_FLOOR, str(trace)))
+        # analyze and the baseline in turn first (the run right after the floor found other cores' load
+        # otherwise than the next one): odd rounds run the baseline first
+        if baseline and n % 2:
+            befores.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}-baseline"), python=baseline))
         analyses.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}")))
-        if baseline:
+        if baseline and not n % 2:
             befores.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}-baseline"), python=baseline))
         if full_tables:
             fulls.append(_child(_ANALYZE, str(trace), str(OUT / f"analysis-{rows_wanted}-full"),

@@ -34,7 +34,7 @@ STEPS = [
     (load, "token_matrix", "token matrix of the sample"),
     (load, "batch_imbalance", "batch imbalance"),
     (load, "batch_counts", "  counts per batch"),
-    (load, "_bootstrap", "  bootstrap (20 x 1000 resamples)"),
+    (load, "_bootstraps", "  bootstrap (20 x 1000 resamples)"),
     (run, "_coactivation", "co-activation"),
     (coactivation, "counts", "  load, pair and transition counts"),
     (coactivation, "pair_table", "  pair table"),

@@ -26,3 +26,35 @@ def test_straggler_inputs_are_the_direct_window_counts(monkeypatch, sizes, T):
         assert counts.shape == want.shape and counts.shape[0] == min(load.MAX_BATCHES, T // B)
         np.testing.assert_array_equal(counts, want)
     assert pooled["batches"].to_list() == [min(load.MAX_BATCHES, T // B) for B in sizes]
+
+
+def plain_counts(tokens: np.ndarray, B: int, E: int, max_batches: int) -> np.ndarray:
+    """Counts per window of B consecutive tokens, slot by slot (-1: a layer the token lacks)."""
+    T, L, k = tokens.shape
+    nb = min(max_batches, T // B)
+    out = np.zeros((nb, L, E), np.int64)
+    for w in range(nb):
+        for t in range(w * B, (w + 1) * B):
+            for li in range(L):
+                for e in tokens[t, li]:
+                    if e >= 0:
+                        out[w, li, e] += 1
+    return out
+
+
+@pytest.mark.parametrize("L,E,k,B,T", [
+    (3, 16, 2, 64, 5000),     # uint16 ids, several windows a call
+    (58, 256, 8, 512, 1100),  # DeepSeek-V3 shape: one window a call, uint16 ids
+    (58, 256, 8, 64, 700),    # uint16, fewer windows a call than intp ids would take
+    (58, 256, 8, 1, 300),     # small windows: intp ids, many windows a call
+    (300, 256, 2, 8, 200),    # L * E > 2^16: intp ids
+])
+@pytest.mark.parametrize("absent", [0.0, 0.05])
+def test_window_counts_equal_a_plain_loop(L, E, k, B, T, absent):
+    rng = np.random.default_rng(T + L)
+    tokens = np.argsort(rng.random((T, L, E)), axis=2)[:, :, :k].astype(np.int16)
+    if absent:
+        tokens[rng.random((T, L)) < absent] = -1
+    for max_batches in (load.MAX_BATCHES, 3):
+        got = load.batch_counts(tokens, B, E, max_batches=max_batches)
+        np.testing.assert_array_equal(got, plain_counts(tokens, B, E, max_batches))

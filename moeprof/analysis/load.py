@@ -162,6 +162,10 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
         writer[cell] = np.arange(starts[i], starts[i + 1], dtype=index)
         cells.append(cell)
     dup = np.zeros(T, bool)
+    # Nearly always every kept row has a cell of its own: as many cells written as rows kept, and no
+    # row needs checking (a pass over the cells, where the check reads every row's cell again).
+    if np.count_nonzero(writer[:spare] >= 0) == np.count_nonzero(tid < T):
+        return out[:spare].reshape(T, L, k), dup
     for i, cell in enumerate(cells):
         clash = cell[(writer[cell] != np.arange(starts[i], starts[i + 1], dtype=index)) & (cell < spare)]
         dup[clash // L] = True
@@ -193,18 +197,30 @@ def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batc
         m = batch_size // b
         if batch_size % b == 0 and fc.shape[0] >= nb * m:
             return fc[: nb * m].reshape(nb, m, L, E).sum(axis=1)
-    out = np.zeros((nb, L * E), np.int64)
+    out = np.empty((nb, L * E), np.int64)
     # Several windows per bincount (ids offset by window): small windows cost one call, not one each;
     # at most about 2^18 ids and 2^18 bins per call keep the temporaries in cache.
-    per_call = max(1, min((1 << 18) // (batch_size * L * k), (1 << 18) // (L * E)))
-    lay = np.arange(L, dtype=np.intp)[:, None] * E  # (L, 1)
+    per_call = min(nb, max(1, min((1 << 18) // (batch_size * L * k), (1 << 18) // (L * E))))
+    # Ids of up to 2^16 (window, layer, expert) bins are uint16: the additions and bincount's own copy
+    # to intp move a quarter of the bytes (measured 1.25x faster at B = 64 and 512). Worth fewer windows
+    # per call where a call still counts 2^16 ids or more; ids wrap at an absent slot's -1, left out below.
+    narrow = (1 << 16) // (L * E)
+    if narrow and narrow < per_call and narrow * batch_size * L * k >= (1 << 16):
+        per_call = narrow
+    dtype = np.uint16 if per_call * L * E <= (1 << 16) and tokens.dtype == np.int16 else np.intp
+    # (window, layer) offsets added in one pass into one buffer reused by every call (measured 1.2-1.5x
+    # faster than two additions into fresh arrays)
+    offset = ((np.arange(per_call) * (L * E))[:, None, None, None] + np.arange(L)[:, None] * E).astype(dtype)
+    buf = np.empty((per_call, batch_size, L, k), dtype)
+    src = tokens.view(np.uint16) if dtype == np.uint16 else tokens
+    absent = bool((tokens[: nb * batch_size] < 0).any())  # a layer absent for some token: its -1 slots count nowhere
     for b0 in range(0, nb, per_call):
-        b1 = min(nb, b0 + per_call)
-        win = tokens[b0 * batch_size : b1 * batch_size].reshape(b1 - b0, batch_size, L, k)
-        idx = win + (np.arange(b1 - b0, dtype=np.intp) * (L * E))[:, None, None, None] + lay
-        if (win < 0).any():  # a layer absent for some token: its -1 slots count nowhere
+        w = min(nb, b0 + per_call) - b0
+        win = tokens[b0 * batch_size : (b0 + w) * batch_size].reshape(w, batch_size, L, k)
+        idx = np.add(src[b0 * batch_size : (b0 + w) * batch_size].reshape(w, batch_size, L, k), offset[:w], out=buf[:w])
+        if absent:
             idx = idx[win >= 0]
-        out[b0:b1] = np.bincount(idx.ravel(), minlength=(b1 - b0) * L * E).reshape(b1 - b0, L * E)
+        out[b0 : b0 + w] = np.bincount(idx.ravel(), minlength=w * L * E).reshape(w, L * E)
     return out.reshape(nb, L, E)
 
 
@@ -215,40 +231,69 @@ def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int
     Pooled over the m columns (layers) by default, or one result per column with ``per_column``.
     Rows holding a NaN (a batch where some layer has no load) are left out.
     """
+    return _bootstraps(values, ((q, per_column),), rng, reps)[0]
+
+
+def _bootstraps(values: np.ndarray, wanted: Sequence[tuple[float, bool]], rng: np.random.Generator,
+                reps: int = BOOTSTRAP_REPS) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`_bootstrap` of ``values`` for each ``(q, per_column)`` of ``wanted``: the same results as
+    calling it once for each, in that order with that ``rng`` (each draws its resamples in turn), with
+    the sorting of the values shared by all of them."""
     rows = values[np.isfinite(values).all(axis=1)]
     n, m = rows.shape
-    shape = (m,) if per_column else ()
     if n == 0:
-        nan = np.full(shape, np.nan)
-        return nan, nan, nan
-    idx = rng.integers(0, n, size=(reps, n))
-    # How often each row is drawn: a resample is its rows' values repeated, so its quantile can be
-    # read off the values sorted once, without building (reps, n, m) copies and sorting each.
-    drawn = np.bincount((idx + (np.arange(reps) * n)[:, None]).ravel(), minlength=reps * n).reshape(reps, n)
-    # Every sum below counts values (at most n * m): exact in float32 below 2^24, at half the cost.
-    drawn = drawn.astype(np.float32 if n * m < (1 << 24) else np.float64)
+        return [tuple(np.full((m,) if per_column else (), np.nan) for _ in range(3)) for _, per_column in wanted]
     vals, inv = np.unique(rows, return_inverse=True)
-    if vals.size <= (FEW_VALUES_COLUMNS if per_column else FEW_VALUES_POOLED):
-        point = np.quantile(rows, q, axis=0) if per_column else np.quantile(rows, q)
-        boot = _resampled_quantile_values(vals, inv.reshape(n, m), drawn, q, per_column)
-    elif per_column:
-        point = np.quantile(rows, q, axis=0)
-        order = np.argsort(rows, axis=0, kind="stable")  # (n, m)
-        srt = np.take_along_axis(rows, order, axis=0)
-        boot = _resampled_quantile_columns(srt, order, drawn, q)
-    else:
-        point = np.quantile(rows, q)
-        flat = rows.ravel()
-        order = np.argsort(flat, kind="stable")
-        boot = _resampled_quantile(flat[order], order // m, drawn, q)
-    lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
-    return point, lo, hi
+    inv = inv.reshape(n, m)
+    order = srt = None
+    out = []
+    for q, per_column in wanted:
+        idx = rng.integers(0, n, size=(reps, n))
+        # How often each row is drawn: a resample is its rows' values repeated, so its quantile can be
+        # read off the values sorted once, without building (reps, n, m) copies and sorting each.
+        drawn = np.bincount((idx + (np.arange(reps) * n)[:, None]).ravel(), minlength=reps * n).reshape(reps, n)
+        # Every sum below counts values (at most n * m): exact in float32 below 2^24, at half the cost.
+        drawn = drawn.astype(np.float32 if n * m < (1 << 24) else np.float64)
+        if vals.size <= (FEW_VALUES_COLUMNS if per_column else FEW_VALUES_POOLED):
+            point = np.quantile(rows, q, axis=0) if per_column else np.quantile(rows, q)
+            boot = _resampled_quantile_values(vals, inv, drawn, q, per_column)
+        elif per_column:
+            point = np.quantile(rows, q, axis=0)
+            if order is None:
+                order = np.argsort(rows, axis=0, kind="stable")  # (n, m)
+                srt = np.take_along_axis(rows, order, axis=0)
+            resampled = _resampled_quantile_rows if n <= FEW_ROWS else _resampled_quantile_columns
+            boot = resampled(srt, order, drawn, q)
+        else:
+            point = np.quantile(rows, q)
+            flat = rows.ravel()
+            order_flat = np.argsort(flat, kind="stable")
+            boot = _resampled_quantile(flat[order_flat], order_flat // m, drawn, q)
+        lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
+        out.append((point, lo, hi))
+    return out
 
 
-FEW_VALUES_COLUMNS, FEW_VALUES_POOLED = 16, 128
+FEW_VALUES_COLUMNS, FEW_VALUES_POOLED = 48, 128
 """Up to this many distinct values, resample quantiles are read off counts per value (exact, and cheaper
-than blocks of ranks): max/mean over B tokens takes at most B + 1 values (1 at B = 1 and 7 at B = 8 on
-bench/analyze_bench.py's 10^6-row trace)."""
+than blocks of ranks): max/mean over B tokens takes at most B + 1 values (1 at B = 1, 7 at B = 8 and
+38 at B = 64 on bench/analyze_bench.py's 10^6-row trace)."""
+FEW_ROWS = 64
+"""Up to this many rows (batches), per-column resample quantiles are read off every rank's cumulative
+count, not blocks of ranks (n = 33 at B = 512 and 4 at B = 4096 at 10^6 rows: measured 3x faster)."""
+
+
+def _resampled_quantile_rows(srt: np.ndarray, order: np.ndarray, drawn: np.ndarray, q: float) -> np.ndarray:
+    """``(reps, m)``: :func:`_resampled_quantile_columns` for few rows n: the cumulative draws up to
+    every rank of every column, ``(n, m, reps)`` (ranks outermost, so that the sums and counts run
+    along whole contiguous rows, not along an axis of n items)."""
+    n, m = srt.shape
+    h = (n - 1) * q
+    prev = int(math.floor(h))
+    cum = _running_sum(np.ascontiguousarray(drawn.T)[order])  # (n, m, reps): draws of the rows up to each rank
+    col = np.arange(m)[:, None]
+    ends = [srt[np.minimum((cum <= p).sum(axis=0), n - 1), col].T for p in (prev, min(prev + 1, n - 1))]
+    return _lerp(ends[0], ends[1], h - prev)
 
 
 def _resampled_quantile_values(vals: np.ndarray, inv: np.ndarray, drawn: np.ndarray, q: float,
@@ -261,9 +306,10 @@ def _resampled_quantile_values(vals: np.ndarray, inv: np.ndarray, drawn: np.ndar
     n, m = inv.shape
     V = vals.size
     if per_column:
-        per_value = np.zeros((n, m, V), drawn.dtype)
-        per_value[np.arange(n)[:, None], np.arange(m), inv] = 1
-        cum = (drawn @ np.cumsum(per_value, axis=2).reshape(n, m * V)).reshape(drawn.shape[0], m, V)
+        # (n, V, m): values outermost, so that the counts below run along whole rows of m columns
+        per_value = np.zeros((n, V, m), drawn.dtype)
+        per_value[np.arange(n)[:, None], inv, np.arange(m)] = 1
+        cum = (drawn @ _running_sum(per_value, axis=1).reshape(n, V * m)).reshape(drawn.shape[0], V, m)
         N = n
     else:
         per_value = np.bincount((np.arange(n)[:, None] * V + inv).ravel(), minlength=n * V).reshape(n, V)
@@ -271,8 +317,18 @@ def _resampled_quantile_values(vals: np.ndarray, inv: np.ndarray, drawn: np.ndar
         N = n * m
     h = (N - 1) * q
     prev = int(math.floor(h))
-    ends = [vals[np.minimum(np.count_nonzero(cum <= p, axis=-1), V - 1)] for p in (prev, min(prev + 1, N - 1))]
+    ends = [vals[np.minimum(np.count_nonzero(cum <= p, axis=1), V - 1)] for p in (prev, min(prev + 1, N - 1))]
     return _lerp(ends[0], ends[1], h - prev)
+
+
+def _running_sum(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """``np.cumsum(a, axis)`` in place, for an axis of few items over many: one vectorised addition
+    of whole slices per item (np.cumsum runs along the axis, item by item: measured 8x slower for
+    (33, 58, 1000) along axis 0)."""
+    view = np.moveaxis(a, axis, 0)
+    for i in range(1, view.shape[0]):
+        np.add(view[i - 1], view[i], out=view[i])
+    return a
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -325,26 +381,29 @@ def _resampled_quantile_columns(srt: np.ndarray, order: np.ndarray, drawn: np.nd
     size = min(16, n)
     blocks = -(-n // size)
     col = np.arange(m)
-    in_block = np.zeros((n, m, blocks), drawn.dtype)  # in_block[r, c, b] = 1: row r's value in column c has its rank in block b
-    in_block[order, col, (np.arange(n) // size)[:, None]] = 1
+    # Arrays are laid out with the short axis (blocks, ranks in a block) outermost, so that running sums
+    # and counts along it add whole rows (np.cumsum along a short last axis goes item by item).
+    in_block = np.zeros((n, blocks, m), drawn.dtype)  # in_block[r, b, c] = 1: row r's value in column c has its rank in block b
+    in_block[order, (np.arange(n) // size)[:, None], col] = 1
     # The product of cumulative sums is the cumulative sum of the product (exact integers), on n rows, not reps.
-    cum_block = (drawn @ np.cumsum(in_block, axis=2).reshape(n, m * blocks)).reshape(reps, m, blocks)
-    # The rows of each column's ranks, padded to whole blocks with a row n that no resample holds.
-    rows_pad = np.full((m * blocks, size), n, np.intp)
-    rows_pad.reshape(m, blocks * size)[:, :n] = order.T
+    cum_block = (drawn @ _running_sum(in_block, axis=1).reshape(n, blocks * m)).reshape(reps, blocks, m)
+    # The rows of each column's ranks, padded to whole blocks with a row n that no resample holds: (size, m * blocks).
+    rows_pad = np.full((m, blocks * size), n, np.intp)
+    rows_pad[:, :n] = order.T
+    rows_pad = np.ascontiguousarray(rows_pad.reshape(m * blocks, size).T)
     drawn_pad = np.zeros((reps, n + 1), drawn.dtype)
     drawn_pad[:, :n] = drawn
     flat_pad = drawn_pad.ravel()
-    rep_base = (np.arange(reps) * (n + 1))[:, None, None]
+    rep_base = np.arange(reps) * (n + 1)
     p0, p1 = prev, min(prev + 1, n - 1)
-    blk0, blk1 = (np.count_nonzero(cum_block <= p, axis=2) for p in (p0, p1))  # (reps, m) blocks holding p0, p1
+    blk0, blk1 = ((cum_block <= p).sum(axis=1) for p in (p0, p1))  # (reps, m) blocks holding p0, p1
 
     def rank_in(blk: np.ndarray, cols: np.ndarray, reps_of: np.ndarray, ps: tuple[int, ...]) -> list[np.ndarray]:
         """Ranks of positions ``ps`` in the resamples ``reps_of`` x columns ``cols``, all in block ``blk``."""
-        before = np.where(blk > 0, cum_block[reps_of, cols, np.maximum(blk - 1, 0)], 0)
-        w = flat_pad.take(rows_pad[cols * blocks + blk] + rep_base.reshape(-1)[reps_of][..., None])  # (..., size) draws
-        cw = np.cumsum(w, axis=-1)
-        return [blk * size + np.count_nonzero(cw <= (p - before)[..., None], axis=-1) for p in ps]
+        before = np.where(blk > 0, cum_block[reps_of, np.maximum(blk - 1, 0), cols], 0)
+        w = flat_pad.take(rows_pad[:, cols * blocks + blk] + rep_base[reps_of])  # (size, ...) draws
+        cw = _running_sum(w)
+        return [blk * size + (cw <= p - before).sum(axis=0) for p in ps]
 
     rep = np.arange(reps)[:, None]
     same = blk0 == blk1  # nearly always: p0 and p1 = p0 + 1 fall in one block, read it once
@@ -395,12 +454,10 @@ def batch_imbalance(
             pooled.append(row | {k: None for k in ("median", "median_lo", "median_hi", "p90", "p90_lo", "p90_hi")})
             continue
         r = straggler(counts)  # (nb, L)
-        med = _bootstrap(r, 0.5, rng)
-        p90 = _bootstrap(r, 0.9, rng)
+        # pooled median and p90, then per layer: resamples drawn in that order
+        med, p90, lm, lp = _bootstraps(r, ((0.5, False), (0.9, False), (0.5, True), (0.9, True)), rng)
         pooled.append(row | dict(median=float(med[0]), median_lo=float(med[1]), median_hi=float(med[2]),
                                  p90=float(p90[0]), p90_lo=float(p90[1]), p90_hi=float(p90[2])))
-        lm = _bootstrap(r, 0.5, rng, per_column=True)
-        lp = _bootstrap(r, 0.9, rng, per_column=True)
         for li, layer in enumerate(layers):
             per_layer.append(dict(batch_size=B, layer=layer, batches=nb, median=lm[0][li], median_lo=lm[1][li],
                                   median_hi=lm[2][li], p90=lp[0][li], p90_lo=lp[1][li], p90_hi=lp[2][li]))
@@ -417,7 +474,7 @@ def window_imbalance(windows: np.ndarray, layers: Sequence[int], seed: int) -> d
     """Straggler factor over the source's own count windows ``(W, L, E)`` (count-only traces)."""
     rng = np.random.default_rng(seed)
     r = straggler(windows)
-    med, p90 = _bootstrap(r, 0.5, rng), _bootstrap(r, 0.9, rng)
+    med, p90 = _bootstraps(r, ((0.5, False), (0.9, False)), rng)
     routes = windows.sum(axis=(1, 2))
     return dict(windows=int(windows.shape[0]), median=float(med[0]), median_ci=[float(med[1]), float(med[2])],
                 p90=float(p90[0]), p90_ci=[float(p90[1]), float(p90[2])],

@@ -594,12 +594,20 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
     tok_per_layer = loads.sum(axis=1) // k
     full = tables == "full"
     suffix = "" if full else "_top"
+    # The top pairs by lift (the longest step here) on the pool while the tables are built on this thread:
+    # by now the other statistics are mostly done and a core would wait.
+    top_args = (pairs, loads, tok_per_layer, layers)
+    top_job = pool.submit(co.top_by_lift, *top_args, min_count=co.TOP_MIN_COUNT) if pool is not None else None
     a.tables[f"coactivation_pairs{suffix}"] = co.pair_table(pairs, loads, tok_per_layer, layers,
                                                             keep=None if full else co.top_pairs(pairs))
-    top = co.top_by_lift(pairs, loads, tok_per_layer, layers, min_count=co.TOP_MIN_COUNT)
-    out["pairs"] = dict(available=True, nonzero_pairs=co.nonzero_pairs(pairs), top_by_lift=_records(top),
-                        min_count_for_top=co.TOP_MIN_COUNT)
+    nonzero = co.nonzero_pairs(pairs)
+
+    def pairs_summary() -> dict[str, Any]:
+        top = top_job.result() if top_job is not None else co.top_by_lift(*top_args, min_count=co.TOP_MIN_COUNT)
+        return dict(available=True, nonzero_pairs=nonzero, top_by_lift=_records(top), min_count_for_top=co.TOP_MIN_COUNT)
+
     if not steps:
+        out["pairs"] = pairs_summary()
         out["transitions"] = unavailable("the selection holds no two consecutive MoE layers")
         return out
     from_counts = np.stack([loads[i] for i, _ in steps])
@@ -614,6 +622,7 @@ def _coactivation(a: Analysis, tokens: np.ndarray | None, dup: np.ndarray | None
     a.arrays.update(transition_cond=co.conditional(trans[best], from_counts[best]), transition_pair=(layers[steps[best][0]], layers[steps[best][1]]),
                     transition_concentration=[(layers[i], layers[j], float(c), float(b))
                                               for (i, j), c, b in zip(steps, conc, baseline)])
+    out["pairs"] = pairs_summary()
     out["transitions"] = dict(
         available=True,
         layer_pairs=len(steps),
