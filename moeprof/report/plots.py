@@ -74,9 +74,10 @@ def _png(rgba: np.ndarray, target: Any) -> None:
 
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", f"Matplotlib version{matplotlib.__version__}, https://matplotlib.org/")
-    pixels = rgba[..., :3] if (rgba[..., 3] == 255).all() else rgba
-    Image.fromarray(np.ascontiguousarray(pixels)).save(target, format="png", compress_level=PNG_COMPRESS_LEVEL,
-                                                        pnginfo=info, dpi=(PNG_DPI, PNG_DPI))
+    image = Image.fromarray(np.ascontiguousarray(rgba))
+    if image.getchannel("A").getextrema() == (255, 255):
+        image = image.convert("RGB")
+    image.save(target, format="png", compress_level=PNG_COMPRESS_LEVEL, pnginfo=info, dpi=(PNG_DPI, PNG_DPI))
 
 
 def _draw(fig: plt.Figure) -> tuple[np.ndarray, Bbox] | None:
