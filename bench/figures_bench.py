@@ -9,6 +9,10 @@ importing ``moeprof.report.plots`` (matplotlib) and drawing every figure as PNG 
 processes). Prints the median [min - max] CPU seconds of each arm, the ratio this / baseline, and the
 load average.
 
+``--per-figure`` times instead each figure alone, as PNG, as SVG and as both (what a worker draws), in
+the same interpreters: the median CPU seconds of ``--repeats`` drawings after one not timed, each arm's
+and the ratio this / baseline.
+
 ``--workers 0,1,2`` times instead, in this checkout, the whole ``analyze(TRACE, out=...)`` library call
 with its figures drawn in this process (0) or by a :class:`moeprof.report.figures.FigureWriter` of 1, 2
 workers started before the analysis (before polars is imported, as the command line does: forked), each
@@ -38,6 +42,26 @@ t1 = time.process_time()
 files = plots.analysis_plots(analysis, Path(tempfile.mkdtemp(prefix="figures-bench-")))
 t2 = time.process_time()
 print(json.dumps({"import": t1 - t0, "draw": t2 - t1, "files": len(files)}))
+"""
+
+
+PER_FIGURE = r"""
+import json, statistics, sys, time
+from moeprof.analysis.run import analyze_trace
+from moeprof.report import figures, plots
+inputs = figures.figure_inputs(analyze_trace(sys.argv[1]))
+plots.warm_up()
+got = {}
+for name, part in inputs.items():
+    for formats in (("png",), ("svg",), ("png", "svg")):
+        plots.render(name, part, formats)  # fonts, caches: the first drawing is not timed
+        times = []
+        for _ in range(int(sys.argv[2])):
+            t0 = time.process_time()
+            plots.render(name, part, formats)
+            times.append(time.process_time() - t0)
+        got[name + " " + "+".join(formats)] = statistics.median(times)
+print(json.dumps(got))
 """
 
 
@@ -88,6 +112,25 @@ def _whole(trace: str, workers: list[int], repeats: int) -> None:
         print("  ".join(line) + f"  ({rows[0]['files']} files)")
 
 
+def _per_figure(trace: str, arms: dict[str, str], repeats: int) -> None:
+    got = {}
+    for name, python in arms.items():
+        out = subprocess.run([python, "-c", PER_FIGURE, trace, str(repeats)], capture_output=True, text=True, check=True,
+                             cwd=tempfile.gettempdir())
+        got[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    names = list(arms)
+    print(f"{'figure, formats':36s}" + "".join(f"{n:>15s}" for n in names) + ("   this / baseline" if len(names) > 1 else ""))
+    totals = {n: 0.0 for n in names}
+    for key in got[names[0]]:
+        row = [got[n].get(key, float("nan")) for n in names]
+        if key.endswith("png+svg"):
+            for n, v in zip(names, row):
+                totals[n] += v
+        print(f"{key:36s}" + "".join(f"{v:13.3f} s" for v in row) + (f"   {row[0] / row[1]:.2f}×" if len(row) > 1 else ""))
+    row = [totals[n] for n in names]
+    print(f"{'all six, png+svg':36s}" + "".join(f"{v:13.3f} s" for v in row) + (f"   {row[0] / row[1]:.2f}×" if len(row) > 1 else ""))
+
+
 def _run(python: str, trace: str) -> dict:
     out = subprocess.run([python, "-c", CHILD, trace], capture_output=True, text=True, check=True,
                          cwd=tempfile.gettempdir())  # not a checkout's root: its moeprof/ would shadow the install
@@ -99,6 +142,7 @@ def main() -> None:
     ap.add_argument("trace")
     ap.add_argument("--baseline", metavar="PYTHON", help="another install's python executable")
     ap.add_argument("--workers", metavar="N,N", help="time analyze --out with this many figure workers (0: none)")
+    ap.add_argument("--per-figure", action="store_true", help="time each figure alone, per format")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     trace = str(Path(args.trace).resolve())
@@ -107,8 +151,14 @@ def main() -> None:
         _whole(trace, [int(n) for n in args.workers.split(",")], args.repeats)
         print("load average at the end", " ".join(f"{x:.1f}" for x in os.getloadavg()))
         return
+    if args.per_figure:
+        print("load average at the start", " ".join(f"{x:.1f}" for x in os.getloadavg()))
+        _per_figure(trace, {"this checkout": sys.executable} | ({"baseline": args.baseline} if args.baseline else {}),
+                    args.repeats)
+        print("load average at the end", " ".join(f"{x:.1f}" for x in os.getloadavg()))
+        return
     if not args.baseline:
-        ap.error("give --baseline PYTHON (or --workers)")
+        ap.error("give --baseline PYTHON (or --workers, --per-figure)")
     arms = {"this checkout": sys.executable, "baseline": args.baseline}
     got: dict[str, list[dict]] = {k: [] for k in arms}
     print("load average at the start", " ".join(f"{x:.1f}" for x in os.getloadavg()))

@@ -69,21 +69,65 @@ def test_workers_draw_the_pictures_drawn_here(analysis, tmp_path):
     assert not multiprocessing.active_children()
 
 
-def test_each_figure_is_cut_to_the_box_savefig_tight_cuts(analysis, tmp_path, monkeypatch):
-    """_save measures each figure once, without drawing it, for every format: its PNG equals what
-    savefig(bbox_inches="tight") draws, which lays the figure out once more to measure it."""
-    for name in figures.FIGURES:
-        plots.draw(name, analysis, tmp_path, ("png",))
-    kept = {}
-    monkeypatch.setattr(plots, "_save", lambda fig, out, name: kept.setdefault(name, fig) and [])
+def test_each_png_is_drawn_once_and_cut_to_what_it_draws(analysis, tmp_path, monkeypatch):
+    """_save draws each figure once, on a canvas wider than the figure, and cuts the PNG to what was
+    drawn plus savefig's padding: the PNG written is that picture, which is what matplotlib itself draws
+    when savefig is given the same box (bbox_inches); every side has its white padding and ink right
+    inside it. The SVG is cut to the same box."""
     for name in figures.FIGURES:
         plots.draw(name, analysis, tmp_path)
-        tight = io.BytesIO()
-        kept[name].savefig(tight, format="png", dpi=plots.PNG_DPI, bbox_inches="tight")
-        assert np.array_equal(_pixels(tmp_path / f"{name}.png"), _pixels(tight)), name
+    kept = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: kept.setdefault(name, fig) and [])
     import matplotlib.pyplot as plt
 
+    pad = round(0.1 * plots.PNG_DPI)  # savefig.pad_inches
+    for name in figures.FIGURES:
+        plots.draw(name, analysis, tmp_path)
+        fig = kept[name]
+        fig.set_dpi(plots.PNG_DPI)
+        with plt.rc_context(plots._STYLE):  # as plots.draw draws
+            drawn = plots._draw(fig)
+            assert drawn is not None, name  # drawn within the margin: no second drawing
+            rgba, box = drawn
+            theirs = io.BytesIO()
+            fig.savefig(theirs, format="png", dpi=plots.PNG_DPI, bbox_inches=box)
+        written = _pixels(tmp_path / f"{name}.png")
+        assert np.array_equal(written, rgba[..., :3]), name  # opaque: written as RGB
+        # The same picture: where a text's position falls on half a pixel, Agg rounds it against the
+        # canvas's edge, so a glyph may lie a pixel apart (domain_js, laid out in inches).
+        theirs = _pixels(theirs)[..., :3]
+        assert theirs.shape == written.shape, name
+        assert (theirs != written).any(axis=2).mean() < 0.01, name
+        ink = (written != 255).any(axis=2)
+        assert not ink[:pad].any() and not ink[-pad:].any() and not ink[:, :pad].any() and not ink[:, -pad:].any()
+        assert ink[pad].any() and ink[-pad - 1].any() and ink[:, pad].any() and ink[:, -pad - 1].any(), name
+        svg = (tmp_path / f"{name}.svg").read_text(encoding="utf-8")
+        width_pt = float(svg.split('width="', 1)[1].split("pt", 1)[0])
+        assert width_pt == pytest.approx(box.width * 72, abs=0.01), name
     plt.close("all")
+
+
+def test_a_figure_drawn_beyond_the_margin_is_cut_by_savefig(tmp_path):
+    """A figure with something drawn out to _save's margin (here a tick label about 3 inches long, and
+    the axis label beyond it) is measured and drawn by savefig: nothing is cut off."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    ax.set_yticks([0, 1], ["a tick label long enough to reach three inches out", "1"])
+    ax.set_ylabel("far to the left")
+    fig.set_dpi(plots.PNG_DPI)
+    assert plots._draw(fig) is None
+    token = plots._formats.set(("png", "svg"))
+    try:
+        path, svg = plots._save(fig, tmp_path, "far")
+    finally:
+        plots._formats.reset(token)
+    assert "far to the left" in svg.read_text(encoding="utf-8")
+    plt.close("all")
+    picture = _pixels(path)
+    assert picture.shape[1] > (2 + 2.5) * plots.PNG_DPI  # the figure, and the labels left of it
+    assert (picture[:, :plots.PNG_DPI // 2] != 255).any()  # the axis label is there, at the left
 
 
 def test_each_figure_is_sent_to_a_worker_as_soon_as_its_statistics_are_computed(trace, tmp_path):
@@ -155,6 +199,61 @@ def test_domain_js_panels_show_the_domain_shift_table(analysis, captured):
             want[names.index(a), names.index(b)] = want[names.index(b), names.index(a)] = js
         np.testing.assert_allclose(ax.images[0].get_array(), want, rtol=1e-12)
         assert [t.get_text() for t in ax.get_xticklabels()] == names
+        # Each pair's value written once, below the diagonal (the matrix is symmetric, its diagonal 0).
+        written = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+        assert written == {(i, j): f"{want[i, j]:.2f}" for i in range(len(names)) for j in range(i)}
+    assert [ax.get_ylabel() for ax in fig.axes if not ax.get_title()] == ["JS divergence (bits)"]  # the colour bar
+
+
+def test_domain_js_names_the_domains_along_the_left_column_and_under_each_column(captured):
+    """Eight panels (the mean and 7 of 10 layers) in two rows of four: the domains are named once per
+    row and once per column, every panel in the same order."""
+    names = ["chat", "code", "math"]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    shift = {"layer": np.repeat(np.arange(10), len(pairs)), "domain_a": np.array([a for a, _ in pairs] * 10),
+             "domain_b": np.array([b for _, b in pairs] * 10), "js": np.linspace(0.05, 0.4, 10 * len(pairs))}
+    analysis = SimpleNamespace(tables={"domain_shift": shift}, arrays={"domains": names, "layers": list(range(10))})
+    plots.draw("domain_js", analysis, Path("."))
+    panels = [ax for ax in captured["domain_js"].axes if ax.get_title()]
+    assert len(panels) == 8
+    for k, ax in enumerate(panels):
+        assert [t.get_text() for t in ax.get_yticklabels()] == (names if k % 4 == 0 else []), k
+        assert [t.get_text() for t in ax.get_xticklabels()] == (names if k >= 4 else []), k
+        assert len(ax.texts) == 3  # the three pairs, once each
+
+
+def test_figures_are_valid_png_and_svg_with_text_as_text_and_heatmaps_one_pixel_a_cell(analysis, tmp_path):
+    """Every file is a PNG (RGB, opaque, 150 dpi) or an SVG (well-formed XML) that holds its title as
+    text; each heatmap's SVG embeds its array itself, one pixel a cell, drawn with crisp edges."""
+    import base64
+    import re
+    import xml.etree.ElementTree as ET
+
+    files = plots.write_plots(analysis, tmp_path)
+    assert len(files) == 12
+    layers = analysis.arrays["layers"]
+    for path in files:
+        if path.suffix == ".png":
+            with Image.open(path) as img:
+                img.verify()
+            with Image.open(path) as img:
+                assert img.format == "PNG" and img.mode == "RGB", path.name
+                assert round(img.info["dpi"][0]) == plots.PNG_DPI
+                assert img.info["Software"].startswith("Matplotlib")
+            continue
+        text = path.read_text(encoding="utf-8")
+        root = ET.fromstring(text)
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        words = " ".join("".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text"))
+        assert {"load_heatmap": "Expert load per layer", "imbalance_vs_batch": "Load imbalance vs batch size",
+                "domain_js": "Jensen-Shannon", "domain_popularity": "Expert popularity per domain",
+                "prefill_decode": "Prefill", "transitions": "How predictable"}[path.stem] in words, path.name
+        images = re.findall(r'<image xlink:href="data:image/png;base64,\s*([^"]+)"([^>]*)>', text)
+        sizes = [Image.open(io.BytesIO(base64.b64decode(data))).size for data, _ in images]
+        crisp = [size for size, (_, attrs) in zip(sizes, images) if "image-rendering:pixelated" in attrs]
+        want = {"load_heatmap": [(E, len(layers))], "domain_popularity": [(E, len(analysis.arrays["domains"]))],
+                "transitions": [(E, E)], "domain_js": [(len(analysis.arrays["domains"]),) * 2] * (1 + min(len(layers), 7))}
+        assert crisp == want.get(path.stem, []), path.name
 
 
 def test_domain_popularity_shows_each_domains_share_in_the_layer_where_domains_differ_most(analysis, captured):

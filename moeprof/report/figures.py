@@ -56,11 +56,11 @@ FIGURES: dict[str, tuple[str | None, Callable[[dict], bool], dict[str, tuple[str
     "transitions": ("coactivation", _transitions, {"arrays": ("transition_cond", "transition_pair",
                                                               "transition_concentration", "top_k", "num_experts")}),
 }
-# Dearest to draw first (PNG + SVG at DeepSeek-V3's shape: the 8 panels of domain_js take about a third of
+# Dearest to draw first (PNG + SVG at DeepSeek-V3's shape: the 8 panels of domain_js take about a quarter of
 # the time), so that no worker starts a long figure when the others are nearly done.
 DRAW_ORDER = ("domain_js", "transitions", "load_heatmap", "domain_popularity", "imbalance_vs_batch",
               "prefill_decode")
-# More workers than this would not finish sooner: domain_js alone is about a third of the drawing.
+# More workers than this would not finish sooner: domain_js alone is about a quarter of the drawing.
 MAX_WORKERS = 3
 
 

@@ -22,13 +22,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from moeprof.report.figures import FORMATS, supported  # noqa: E402
 
 # svg.fonttype "none": SVG text as text (in DejaVu Sans, or the viewer's sans-serif where it lacks it),
 # not as an outline of every glyph: the SVGs cost about 30% less CPU, and their text can be searched.
+# text.hinting "none": glyphs drawn as designed, not fitted to the pixel grid by FreeType's autohinter
+# (a shade softer at 150 dpi; about 7% of the figures' CPU).
 _STYLE = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "figure.dpi": 100,
-          "figure.autolayout": False, "figure.constrained_layout.use": False, "svg.fonttype": "none"}
+          "figure.autolayout": False, "figure.constrained_layout.use": False, "svg.fonttype": "none",
+          "text.hinting": "none"}
+PNG_DPI = 150
+# zlib level of the PNGs: 3 takes about two thirds of the time of Pillow's default (6); with the alpha
+# channel left out of opaque figures the files are within about 15% of matplotlib's (RGBA, level 6).
+PNG_COMPRESS_LEVEL = 3
+# Heatmaps are drawn with interpolation "none": Agg draws it as "nearest" (as the PNGs were drawn), and
+# in the SVG matplotlib embeds the array itself, one pixel a cell, shown with crisp edges, not the array
+# resampled to the figure's resolution and PNG-encoded (most of an SVG's CPU and bytes).
+HEATMAP_INTERPOLATION = "none"
 
 
 _formats: ContextVar[tuple[str, ...]] = ContextVar("moeprof_plot_formats", default=FORMATS)
@@ -36,22 +48,83 @@ _formats: ContextVar[tuple[str, ...]] = ContextVar("moeprof_plot_formats", defau
 _memory: ContextVar[dict[str, bytes] | None] = ContextVar("moeprof_plot_memory", default=None)
 
 
-PNG_DPI = 150
+# The PNG is drawn on the figure widened by MARGIN_INCHES on every side, so that what reaches beyond the
+# figure (tick labels under the axes, a colour bar's label) is drawn too, then cut to what was drawn.
+# Where something is drawn within GUARD_INCHES of the canvas's edge, something else may lie beyond it
+# (matplotlib sets each label a few points from what it labels): savefig measures and draws it instead.
+MARGIN_INCHES = 1.0
+GUARD_INCHES = 0.3
+
+
+def _ink_box(rgba: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Where an (H, W, 4) picture differs from its background (its top left pixel): (top, bottom, left,
+    right) as slice bounds; None where it is blank."""
+    pixels = np.ascontiguousarray(rgba).view(np.uint32)[..., 0]  # one number a pixel
+    rows = np.flatnonzero((pixels != pixels[0, 0]).any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero((pixels[rows[0]:rows[-1] + 1] != pixels[0, 0]).any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _png(rgba: np.ndarray, target: Any) -> None:
+    """Write an (H, W, 4) uint8 picture as PNG, as matplotlib would (its Software tag, the dpi), less
+    the alpha channel where every pixel is opaque."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", f"Matplotlib version{matplotlib.__version__}, https://matplotlib.org/")
+    image = Image.fromarray(np.ascontiguousarray(rgba))
+    if image.getchannel("A").getextrema() == (255, 255):
+        image = image.convert("RGB")
+    image.save(target, format="png", compress_level=PNG_COMPRESS_LEVEL, pnginfo=info, dpi=(PNG_DPI, PNG_DPI))
+
+
+def _draw(fig: plt.Figure) -> tuple[np.ndarray, Bbox] | None:
+    """``fig`` drawn once at PNG_DPI on a canvas widened by MARGIN_INCHES, cut to what was drawn plus
+    savefig's padding: the (H, W, 4) picture and its box in inches (figure coordinates, as savefig's
+    bbox_inches takes it). None where the drawing comes within GUARD_INCHES of the canvas's edge."""
+    buf = io.BytesIO()
+    width, height = fig.get_size_inches()
+    m = MARGIN_INCHES
+    # A whole number of pixels (and a quarter, so that matplotlib's int() gets it), from a whole number
+    # of pixels left of and below the figure's origin: what savefig draws when cut to a box of whole
+    # pixels is then these pixels.
+    w, h = math.ceil((width + 2 * m) * PNG_DPI), math.ceil((height + 2 * m) * PNG_DPI)
+    canvas = Bbox.from_extents(-m, -m, (w + 0.25) / PNG_DPI - m, (h + 0.25) / PNG_DPI - m)
+    fig.savefig(buf, format="rgba", dpi=PNG_DPI, bbox_inches=canvas)
+    if 4 * w * h != buf.getbuffer().nbytes:
+        return None
+    rgba = np.frombuffer(buf.getbuffer(), np.uint8).reshape(h, w, 4)
+    ink = _ink_box(rgba)
+    guard = round(GUARD_INCHES * PNG_DPI)
+    if ink is None or min(ink[0], ink[2], h - ink[1], w - ink[3]) < guard:
+        return None
+    pad = round(plt.rcParams["savefig.pad_inches"] * PNG_DPI)
+    top, bottom, left, right = ink[0] - pad, ink[1] + pad, ink[2] - pad, ink[3] + pad
+    box = Bbox.from_extents(left / PNG_DPI - m, (h - bottom) / PNG_DPI - m, right / PNG_DPI - m, (h - top) / PNG_DPI - m)
+    return rgba[top:bottom, left:right], box
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.{ext}" for ext in _formats.get()]
-    # Measured once, at the PNG's resolution, and every format cut to that box: savefig(bbox_inches="tight")
-    # draws the whole figure once more per format just to measure it, and so it does for a figure that
-    # ran tight_layout() (it leaves a placeholder layout engine behind); the figures are laid out by now.
+    # The figure is drawn once as PNG, on a canvas wide enough for all of it, and cut to what was drawn
+    # (with savefig's padding): savefig(bbox_inches="tight") measures the whole figure first (a pass over
+    # every artist, every text laid out) and then draws it. The SVG is cut to the same box. A figure
+    # drawn beyond the margin, or an SVG alone, is cut by savefig's own measure.
     fig.set_dpi(PNG_DPI)
     fig.set_layout_engine(None)  # None, not "none": no engine at all (_STYLE turns rc's automatic layouts off)
-    box = fig.get_tightbbox().padded(plt.rcParams["savefig.pad_inches"])
+    drawn = _draw(fig) if "png" in _formats.get() else None
+    box = drawn[1] if drawn else fig.get_tightbbox().padded(plt.rcParams["savefig.pad_inches"])
     memory = _memory.get()
     for path in paths:
         ext = path.suffix[1:]
         target = io.BytesIO() if memory is not None else path
-        fig.savefig(target, format=ext, dpi=PNG_DPI if ext == "png" else "figure", bbox_inches=box)
+        if ext == "png" and drawn:
+            _png(drawn[0], target)
+        else:
+            fig.savefig(target, format=ext, dpi=PNG_DPI if ext == "png" else "figure", bbox_inches=box,
+                        **({"pil_kwargs": {"compress_level": PNG_COMPRESS_LEVEL}} if ext == "png" else {}))
         if memory is not None:
             memory[path.name] = target.getvalue()
     plt.close(fig)
@@ -88,7 +161,7 @@ def load_heatmap(analysis: Any, out: Path) -> list[Path]:
     rel = np.ma.masked_array(np.clip(np.nan_to_num(rel, nan=0.0, neginf=-lim, posinf=lim), -lim, lim), mask=dead)
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad=DEAD_COLOR)
     fig, ax = plt.subplots(figsize=(10, max(3.0, 1.4 + 0.12 * len(layers))))
-    im = ax.imshow(rel, aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
+    im = ax.imshow(rel, aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, interpolation=HEATMAP_INTERPOLATION)
     n_dead = int(dead.sum())
     if sort:
         xlabel = f"expert rank within its layer, busiest first (1-{E}); ids in tables/expert_loads.parquet"
@@ -168,29 +241,36 @@ def domain_js(analysis: Any, out: Path) -> list[Path]:
     rows = math.ceil(len(show) / 4)
     cols = math.ceil(len(show) / rows)
     D = len(names)
-    cell = max(2.6, 0.45 * D + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.6), squeeze=False)
+    # Laid out in inches, not by tight_layout (a pass over every text): what lies outside the panels
+    # (tick labels, the colour bar's) reaches beyond the figure, and _save keeps it.
+    side, gap_x, gap_y, top, bar = max(2.0, 0.45 * D + 0.3), 0.2, 0.45, 0.6, 0.2  # gap_y: a panel's title
+    width, height = cols * (side + gap_x) + bar, rows * side + (rows - 1) * gap_y + top
+    fig = plt.figure(figsize=(width, height))
     vmax = max(0.05, float(_column(shift, "js").max()))
     im = None
-    for ax, layer in zip(axes.ravel(), show):
+    for k, layer in enumerate(show):
+        r, c = divmod(k, cols)
+        ax = fig.add_axes((c * (side + gap_x) / width, (height - top - (r + 1) * side - r * gap_y) / height,
+                           side / width, side / height))
         m = _js_matrix(shift, names, layer)
-        im = ax.imshow(m, cmap="magma_r", vmin=0, vmax=vmax)
+        im = ax.imshow(m, cmap="magma_r", vmin=0, vmax=vmax, interpolation=HEATMAP_INTERPOLATION)
         ax.set_xticks(range(D))
         ax.set_yticks(range(D))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
         ax.set_yticklabels(names, fontsize=8)
+        # Every panel has the same domains in the same order: they are named along the left column and
+        # under the lowest panel of each column, as in any grid of small multiples.
+        ax.tick_params(labelleft=c == 0, labelbottom=k + cols >= len(show))
         ax.set_title("mean over layers" if layer is None else f"layer {layer}", fontsize=10)
-        if D <= 8:
+        if D <= 8:  # the matrix is symmetric with a zero diagonal: each pair's value once, below it
             for i in range(D):
-                for j in range(D):
+                for j in range(i):
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if m[i, j] > 0.6 * vmax else "black")
-    for ax in axes.ravel()[len(show):]:
-        ax.axis("off")
     fig.suptitle("Domain shift: Jensen-Shannon divergence of expert distributions (base 2; 0 = same, 1 = disjoint)",
-                 fontsize=11)
-    fig.tight_layout()
-    cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
+                 fontsize=11, y=1 - 0.08 / height, va="top")
+    cax = fig.add_axes((cols * (side + gap_x) / width, 0, bar / width, (height - top) / height))
+    cb = fig.colorbar(im, cax=cax)
     cb.set_label("JS divergence (bits)")
     return _save(fig, out, "domain_js")
 
@@ -209,7 +289,7 @@ def domain_popularity(analysis: Any, out: Path) -> list[Path]:
     order = np.argsort(-c.sum(axis=0), kind="stable")
     E = c.shape[1]
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.45 * len(names)))
-    im = ax.imshow(100 * share[:, order], aspect="auto", cmap="viridis", interpolation="nearest")
+    im = ax.imshow(100 * share[:, order], aspect="auto", cmap="viridis", interpolation=HEATMAP_INTERPOLATION)
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names)
     # Every column is an expert id out of order, so every one is labelled up to 64 experts; above,
@@ -260,9 +340,15 @@ def transitions(analysis: Any, out: Path) -> list[Path]:
     l0, l1 = analysis.arrays["transition_pair"]
     conc = analysis.arrays["transition_concentration"]
     k, E = analysis.arrays["top_k"], analysis.arrays["num_experts"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.15, 1]})
+    # Laid out in inches, not by tight_layout (a pass over every text): the labels outside the axes
+    # reach beyond the figure, and _save keeps them; between the panels, the colour bar's labels and
+    # the right panel's (about 1.2 in).
+    width, height, gap, top = 10.7, 4.85, 1.25, 0.35
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(width, height), gridspec_kw={
+        "width_ratios": [1.15, 1], "left": 0, "right": 1, "bottom": 0, "top": 1 - top / height,
+        "wspace": gap / ((width - gap) / 2)})
     im = ax.imshow(np.nan_to_num(cond), cmap="viridis", vmin=0, vmax=min(1.0, float(np.nanmax(cond))),
-                   interpolation="nearest", aspect="auto")
+                   interpolation=HEATMAP_INTERPOLATION, aspect="auto")
     ax.set_xlabel(f"expert e' in layer {l1}")
     ax.set_ylabel(f"expert e in layer {l0}")
     ax.set_title(f"P(e' | e): layer {l0} → {l1} (pair most above its baseline)")
@@ -284,7 +370,6 @@ def transitions(analysis: Any, out: Path) -> list[Path]:
     ax2.set_title("How predictable is the next layer's expert?")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
     return _save(fig, out, "transitions")
 
 
