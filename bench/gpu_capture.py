@@ -13,7 +13,8 @@ Modes: ``eager`` (dynamic KV cache, the default of generate) and ``compiled`` (s
 torch.compile and CUDA graphs, ``mode="reduce-overhead"``, as transformers compiles decode steps).
 In compiled mode a capture session's hooks are new to the compiled code, so the session's first
 call re-traces (reported as ``session_retrace_seconds``); the timed capture call is the session's
-second, i.e. the steady state of a long capture. Throughput counts generated tokens (batch x new tokens) over the whole ``generate()`` call, prefill
+second, which still records the CUDA graphs anew (4-7 ms on an H200): ``bench/gpu_grid.py`` times the
+third call, the steady state of a long capture. Throughput counts generated tokens (batch x new tokens) over the whole ``generate()`` call, prefill
 included. Random routers route near-uniformly; overhead does not depend on which experts are chosen.
 """
 
