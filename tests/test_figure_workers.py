@@ -69,6 +69,18 @@ def test_workers_draw_the_pictures_drawn_here(analysis, tmp_path):
     assert not multiprocessing.active_children()
 
 
+def _unmatched_within_a_pixel(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of pixels of ``a`` that no pixel of ``b`` at most one pixel away equals: 0 for the
+    same picture with some glyphs a pixel apart."""
+    h, w = a.shape[:2]
+    padded = np.pad(b, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    matched = np.zeros((h, w), bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            matched |= (padded[dy : dy + h, dx : dx + w] == a).all(axis=2)
+    return float(1 - matched.mean())
+
+
 def test_each_png_is_drawn_once_and_cut_to_what_it_draws(analysis, tmp_path, monkeypatch):
     """_save draws each figure once, on a canvas wider than the figure, and cuts the PNG to what was
     drawn plus savefig's padding: the PNG written is that picture, which is what matplotlib itself draws
@@ -95,9 +107,11 @@ def test_each_png_is_drawn_once_and_cut_to_what_it_draws(analysis, tmp_path, mon
         assert np.array_equal(written, rgba[..., :3]), name  # opaque: written as RGB
         # The same picture: where a text's position falls on half a pixel, Agg rounds it against the
         # canvas's edge, so a glyph may lie a pixel apart (domain_js, laid out in inches).
+        # matplotlib 3.8 rounds the box to whole pixels one pixel wider or narrower than later releases.
         theirs = _pixels(theirs)[..., :3]
-        assert theirs.shape == written.shape, name
-        assert (theirs != written).any(axis=2).mean() < 0.01, name
+        h, w = min(theirs.shape[0], written.shape[0]), min(theirs.shape[1], written.shape[1])
+        assert abs(theirs.shape[0] - written.shape[0]) <= 1 and abs(theirs.shape[1] - written.shape[1]) <= 1, name
+        assert _unmatched_within_a_pixel(written[:h, :w], theirs[:h, :w]) < 0.001, name
         ink = (written != 255).any(axis=2)
         assert not ink[:pad].any() and not ink[-pad:].any() and not ink[:, :pad].any() and not ink[:, -pad:].any()
         assert ink[pad].any() and ink[-pad - 1].any() and ink[:, pad].any() and ink[:, -pad - 1].any(), name
