@@ -6,7 +6,8 @@ print imbalance, domain shift, prefill->decode with its controls and domain clas
 Llama-4-Maverick set, also the placement table on held-out requests for two topologies, each with and
 without redundant experts (hidden 5120, bf16), next to the published figures.
 
-Run: python bench/realdata_tables.py [--work DIR] [--sets llama,qwen,esft,gptoss,mixtral,olmoe] [--no-placement]
+Run: python bench/realdata_tables.py [--work DIR] [--sets llama,qwen,esft,gptoss,mixtral,olmoe-olmoe,olmoe-mistral]
+[--no-placement]
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(PUBLISHED)
     srcs = sources(work)
+    unknown = [n for n in args.sets.split(",") if n not in srcs]
+    if unknown:
+        ap.error(f"--sets: unknown {', '.join(unknown)}; the sets are {','.join(srcs)}")
     for name in args.sets.split(","):
         fmt, src, opts, what = srcs[name]
         t0 = time.perf_counter()
