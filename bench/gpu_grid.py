@@ -6,7 +6,8 @@ the overhead is narrower than ±``--target`` (default 0.5%) or the point's time 
 overhead of a pair is ``capture / plain``, where the capture arm times
 generate() plus the host processing of the steps still pending at its end (a longer capture does that
 while running) and opening and closing the trace (a fixed cost per capture, not per step) is
-reported apart; the interval is a t-interval of the mean log ratio over
+reported apart; a pair whose timed calls recorded CUDA graphs or compiled (:class:`GraphWork`) is
+counted, and the overhead is also given without such pairs; the interval is a t-interval of the mean log ratio over
 pairs (pairing cancels the slow drift of a shared GPU that unpaired medians cannot). Every capture
 run's trace is checked: its number of rows against the rows generate() must produce, and its
 routing values (request, step, layer, position, experts, weights, token), row for row, against a
@@ -99,6 +100,35 @@ def compare(got, reference) -> tuple[bool, float]:
     return exact, float(np.abs(a - b).max())
 
 
+class GraphWork:
+    """Counts the CUDA graphs recorded (cudagraph trees' ``record_function``) and the graphs dynamo
+    compiled, so that a timed call that did either is known. A capture session records the graphs of
+    its compiled decode steps anew in its first calls, and on some runs still in the third
+    (cudagraph trees' debug log: "Re-recording ... static input data pointer changed"), a one-time
+    cost per session that a long capture does not pay per call."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.CUDAGraphTreeManager
+        record = manager.record_function
+
+        def counted(tree_manager, *args, **kwargs):
+            self.records += 1
+            return record(tree_manager, *args, **kwargs)
+
+        manager.record_function = counted
+
+    def mark(self) -> int:
+        from torch._dynamo.utils import counters
+
+        return self.records + counters["stats"]["unique_graphs"]
+
+
+GRAPH_WORK: GraphWork | None = None
+
+
 def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pairs, workdir, untimed=None) -> dict:
     g = torch.Generator(device="cpu").manual_seed(batch * 10007 + prompt)
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=g).cuda()
@@ -112,6 +142,7 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
     calls = warm_calls + 1
 
     fixed: list[float] = []
+    work: dict[str, int] = {}  # graphs recorded or compiled during each arm's timed call of a pair
 
     def captured_run(out: Path) -> float:
         """Seconds of the recorded generate() plus the host processing of its last steps, which a
@@ -122,7 +153,9 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
         try:
             for _ in range(warm_calls):
                 generate_once(model, inputs, new, compiled)
+            before = GRAPH_WORK.mark()
             seconds = generate_once(model, inputs, new, compiled)
+            work["capture"] = GRAPH_WORK.mark() - before
             t1 = time.perf_counter()
             rec._pipe.drain()  # the steps still pending: processed inside a longer run
             seconds += time.perf_counter() - t1
@@ -148,6 +181,7 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
     n_moe = len(json.loads((workdir / "warm" / "manifest.json").read_text())["model"]["moe_layers"])
     expected = n_moe * batch * (prompt + new - 1) * calls
     plain, cap, logs, bad_rows, bad_values, weight_diff = [], [], [], 0, 0, 0.0
+    recorded: list[int] = []  # pairs whose timed calls recorded or compiled graphs
     started = time.perf_counter()
     i = 0
     while True:
@@ -156,7 +190,9 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
             if arm == "plain":
                 for _ in range(warm_calls):  # the same untimed calls as the capture arm
                     generate_once(model, inputs, new, compiled)
+                before = GRAPH_WORK.mark()
                 pair[arm] = generate_once(model, inputs, new, compiled)
+                work["plain"] = GRAPH_WORK.mark() - before
             else:
                 out = workdir / f"run{i % 2}"
                 pair[arm] = captured_run(out)
@@ -168,6 +204,8 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
         plain.append(pair["plain"])
         cap.append(pair["capture"])
         logs.append(math.log(pair["capture"] / pair["plain"]))
+        if work["plain"] or work["capture"]:
+            recorded.append(i)
         i += 1
         ratio, lo, hi = interval(logs)
         spent = time.perf_counter() - started
@@ -176,6 +214,8 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
         if i >= max_pairs or (i >= min_pairs and spent > budget):
             break
     ratio, lo, hi = interval(logs)
+    quiet = [x for j, x in enumerate(logs) if j not in set(recorded)]
+    q_ratio, q_lo, q_hi = interval(quiet) if quiet else (float("nan"),) * 3
     return {
         "batch": batch, "prompt": prompt, "new_tokens": new, "pairs": i, "untimed_calls": warm_calls,
         "overhead": ratio - 1, "ci95": [lo - 1, hi - 1], "half_width": (hi - lo) / 2,
@@ -186,6 +226,8 @@ def point(model, batch, prompt, new, compiled, target, budget, min_pairs, max_pa
         "runs_with_wrong_values": bad_values, "reference_rows": reference.num_rows,
         "weights_max_abs_diff": weight_diff,
         "open_close_seconds_median": statistics.median(fixed),
+        "pairs_with_graph_work": len(recorded),
+        "overhead_without_graph_work": q_ratio - 1, "ci95_without_graph_work": [q_lo - 1, q_hi - 1],
     }
 
 
@@ -209,6 +251,8 @@ def main() -> None:
         sys.exit("bench/gpu_grid.py needs a CUDA GPU")
     import transformers
 
+    global GRAPH_WORK
+    GRAPH_WORK = GraphWork()
     impl = "grouped_mm" if args.model == "deepseek" else None
     model = build(args.model, args.layers, impl)
     print(f"moeprof from {Path(moeprof.__file__).parent}", flush=True)
@@ -241,7 +285,10 @@ def main() -> None:
                     f"wrong-row runs {r['runs_with_wrong_rows']}, runs differing from the per-step reference {r['runs_with_wrong_values']}"
                     f" (weights within {r['weights_max_abs_diff']:.1e})"
                     f"; opening + closing the trace "
-                    f"{1000 * r['open_close_seconds_median']:.0f} ms",
+                    f"{1000 * r['open_close_seconds_median']:.0f} ms; "
+                    f"{r['pairs_with_graph_work']} pairs recorded or compiled graphs in a timed call, without them "
+                    f"{100 * r['overhead_without_graph_work']:+.2f}% [{100 * r['ci95_without_graph_work'][0]:+.2f}%, "
+                    f"{100 * r['ci95_without_graph_work'][1]:+.2f}%]",
                     flush=True,
                 )
     print(f"wrote {out}")
