@@ -95,6 +95,37 @@ def build(name: str, layers: int, experts_implementation: str | None):
     return model
 
 
+class GraphWork:
+    """Counts the CUDA graphs recorded (cudagraph trees' ``record_function``) and the graphs dynamo
+    compiled, so that a timed call that did either is known. A capture session records the graphs of
+    its compiled decode steps anew in its first calls, and on some runs still in the third
+    (cudagraph trees' debug log: "Re-recording ... static input data pointer changed"), a one-time
+    cost per session that a long capture does not pay per call."""
+
+    def __init__(self) -> None:
+        self.records = 0  # CUDA graphs recorded
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.CUDAGraphTreeManager
+        record = manager.record_function
+
+        def counted(tree_manager, *args, **kwargs):
+            self.records += 1
+            return record(tree_manager, *args, **kwargs)
+
+        manager.record_function = counted
+
+    @staticmethod
+    def compiled() -> int:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
+
+    def mark(self) -> int:
+        """Grows when a graph is recorded or compiled."""
+        return self.records + self.compiled()
+
+
 def generate_once(model, inputs, new_tokens, compiled):
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     if compiled:

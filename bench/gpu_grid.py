@@ -43,7 +43,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moeprof  # noqa: E402
-from gpu_capture import build, generate_once  # noqa: E402
+from gpu_capture import GraphWork, build, generate_once  # noqa: E402
 
 # two-sided 95% t quantiles, by degrees of freedom
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
@@ -98,32 +98,6 @@ def compare(got, reference) -> tuple[bool, float]:
     a = np.asarray(w_got.flatten().to_numpy(zero_copy_only=False), np.float64)
     b = np.asarray(w_ref.flatten().to_numpy(zero_copy_only=False), np.float64)
     return exact, float(np.abs(a - b).max())
-
-
-class GraphWork:
-    """Counts the CUDA graphs recorded (cudagraph trees' ``record_function``) and the graphs dynamo
-    compiled, so that a timed call that did either is known. A capture session records the graphs of
-    its compiled decode steps anew in its first calls, and on some runs still in the third
-    (cudagraph trees' debug log: "Re-recording ... static input data pointer changed"), a one-time
-    cost per session that a long capture does not pay per call."""
-
-    def __init__(self) -> None:
-        self.records = 0
-        from torch._inductor import cudagraph_trees
-
-        manager = cudagraph_trees.CUDAGraphTreeManager
-        record = manager.record_function
-
-        def counted(tree_manager, *args, **kwargs):
-            self.records += 1
-            return record(tree_manager, *args, **kwargs)
-
-        manager.record_function = counted
-
-    def mark(self) -> int:
-        from torch._dynamo.utils import counters
-
-        return self.records + counters["stats"]["unique_graphs"]
 
 
 GRAPH_WORK: GraphWork | None = None
