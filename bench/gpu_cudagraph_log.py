@@ -25,7 +25,6 @@ g = torch.Generator().manual_seed(1)
 ids = torch.randint(10, 1000, (batch, 64), generator=g).cuda()
 kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
           pad_token_id=0, cache_implementation="static", compile_config=CompileConfig(fullgraph=False, mode="reduce-overhead"))
-import torch._inductor.cudagraph_trees as cgt
 def gen(tag):
     torch.cuda.synchronize(); t = time.perf_counter(); model.generate(**kw); torch.cuda.synchronize()
     print(f"=== {tag}: {1e3*(time.perf_counter()-t):.0f} ms", flush=True)
