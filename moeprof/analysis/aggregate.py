@@ -435,8 +435,10 @@ class _Pass:
         if nslots:
             req = (np.arange(lo, lo + nslots) if slots is None else slots)
             groups = self.group[self.sel.sampled[req]]
-            for g in np.unique(groups):
-                domains[g] += sampled[groups == g].sum(axis=0)
+            # each request's bins into its group's, in place: selecting a group's requests copied their
+            # bins (measured 10x slower at 6 requests a batch, and no faster at 600)
+            for slot, g in enumerate(groups):
+                domains[g] += sampled[slot]
         # Step 2: which listed requests have rows of each phase (2 * index + phase, sorted, unique).
         seen = self._seen(ri, phase, runs)
         # Step 3: the sample: rows whose token (or forward pass) hashes below the threshold.
