@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import polars as pl
 import pytest
 
 from moeprof.analysis import coactivation as co
@@ -101,3 +102,21 @@ def test_no_steps_gives_an_empty_transition_array():
     loads, pairs, trans = co.counts(tokens, [], 4)
     assert trans.shape == (0, 4, 4)
     assert loads.sum() == 20 * 3 * 2
+
+
+@pytest.mark.parametrize("n,min_count", [(1, 1), (3, 1), (10, 2), (40, 1)])
+def test_top_by_lift_is_the_full_table_filtered_and_sorted(n, min_count):
+    """Chosen layer by layer, the top pairs are those of the whole pair table, ties with the n-th included
+    (small integer counts: many pairs share a lift, across layers too)."""
+    rng = np.random.default_rng(n * 10 + min_count)
+    layers = [4, 5, 7]
+    for _ in range(30):
+        pairs = rng.integers(0, 4, (3, 6, 6))
+        pairs = pairs + pairs.transpose(0, 2, 1)
+        for layer in pairs:
+            np.fill_diagonal(layer, 0)
+        loads = pairs.sum(axis=2) + rng.integers(0, 2, (3, 6))
+        tokens = np.full(3, 20)
+        full = co.pair_table(pairs, loads, tokens, layers)
+        want = full.filter(pl.col("count") >= min_count).sort("lift", descending=True, maintain_order=True).head(n)
+        assert co.top_by_lift(pairs, loads, tokens, layers, n=n, min_count=min_count).equals(want)

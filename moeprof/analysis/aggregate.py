@@ -423,24 +423,22 @@ class _Pass:
         if runs is not None:
             bins = np.repeat(bins, length)
         base = ((bins.astype(np.int64) * 2 + phase) * L + li) * E
-        # One expert column at a time: (n,) temporaries stay small, where one (n*k,) index array
-        # cost several times the counting itself (measured: 40 ms against 230 ms per 1M rows, top-8).
         size = (D + 1 + nslots) * per_req
-        counts = None  # the first column's counts, not zeros, take the others (one (size,) pass fewer)
-        idx = np.empty(base.size, np.int64)
-        for column in np.ascontiguousarray(experts.T):
-            np.add(base, column, out=idx)
-            if counts is None:
-                counts = np.bincount(idx, minlength=size).astype(np.int64, copy=False)
-            else:
-                counts += np.bincount(idx, minlength=size)
+        # Every slot's ids in one (k, n) array, built column by column from whole rows of n ids, and counted
+        # by one bincount: a bincount per column allocated, zeroed and added up (size,) fresh bins k times,
+        # about 2.6 MB each at 10^6 rows (measured: the pass 0.13 -> 0.12 s wall, 0.12 -> 0.10 s user).
+        idx = np.empty((k, base.size), np.int64)
+        np.add(base, experts.T, out=idx)
+        counts = np.bincount(idx.reshape(-1), minlength=size).astype(np.int64, copy=False)
         counts = counts.reshape(D + 1 + nslots, 2, L, E)
         domains, sampled = counts[: D + 1], counts[D + 1 :]
         if nslots:
             req = (np.arange(lo, lo + nslots) if slots is None else slots)
             groups = self.group[self.sel.sampled[req]]
-            for g in np.unique(groups):
-                domains[g] += sampled[groups == g].sum(axis=0)
+            # each request's bins into its group's, in place: selecting a group's requests copied their
+            # bins (measured 10x slower at 6 requests a batch, and no faster at 600)
+            for slot, g in enumerate(groups):
+                domains[g] += sampled[slot]
         # Step 2: which listed requests have rows of each phase (2 * index + phase, sorted, unique).
         seen = self._seen(ri, phase, runs)
         # Step 3: the sample: rows whose token (or forward pass) hashes below the threshold.
