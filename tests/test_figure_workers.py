@@ -152,7 +152,7 @@ def test_each_figure_is_sent_to_a_worker_as_soon_as_its_statistics_are_computed(
     class Recording(figures.FigureWriter):
         def prepare(self, analysis):
             super().prepare(analysis)
-            seen.append((set(self._jobs), set(analysis.summary)))
+            seen.append((set(self._sent), set(analysis.summary)))
 
     with Recording(processes=1) as writer:
         got = analyze(trace, out=tmp_path / "a", writers=[writer], batch_sizes=[1, 8, 64])

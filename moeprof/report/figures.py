@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,16 +148,100 @@ def _start_method() -> str:
     return "spawn"
 
 
-def _start_worker() -> None:
+# In the first worker (the zygote): the queue the writer sends figures on and the writer's process id
+# (_start_zygote sets them).
+_queue: Any = None
+_writer_pid = 0
+# How often the zygote checks that the writer's process still runs, and a drawing worker that the zygote
+# that forked it does (seconds).
+_WATCH_S = 0.2
+
+
+def _start_zygote(queue: Any) -> None:
+    """The first worker's start: import matplotlib and draw a small figure once (fonts, caches), so that
+    the workers it forks (:func:`_serve`) start warm, with none of that to do again."""
+    global _queue, _writer_pid
+    _queue, _writer_pid = queue, os.getppid()
+    # Drawing does no linear algebra: numpy's BLAS would start a thread for each core when it is
+    # imported, and a process with threads does not fork (_start_method).
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from moeprof.report import plots
 
     plots.warm_up()
 
 
-def _render(name: str, inputs: SimpleNamespace, formats: tuple[str, ...]) -> dict[str, bytes]:
+def _watch_zygote(zygote: int) -> None:
+    """A drawing worker's start: exit when the zygote that forked it is gone. Each worker holds, from the
+    fork, the zygote's end of the pipe that tells the writer's process that the zygote exited: a zygote
+    that was killed would not be seen to exit while its workers wait for figures that never come."""
+
+    def watch() -> None:
+        while os.getppid() == zygote:
+            time.sleep(_WATCH_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="moeprof-zygote-watch", daemon=True).start()
+
+
+def _render(name: str, inputs: bytes, formats: tuple[str, ...]) -> dict[str, bytes]:
     from moeprof.report import plots
 
-    return plots.render(name, inputs, formats)
+    return plots.render(name, pickle.loads(inputs), formats)
+
+
+def _next_message() -> tuple:
+    """The writer's next message; exits this process (the zygote) once the writer's process is gone."""
+    import queue
+
+    while True:
+        try:
+            return _queue.get(timeout=_WATCH_S)
+        except queue.Empty:
+            if os.getppid() != _writer_pid:  # its workers exit too (_watch_zygote)
+                os._exit(1)
+
+
+def _serve(session: int, processes: int, formats: tuple[str, ...]) -> dict[str, dict[str, bytes]] | None:
+    """In the zygote: draw the figures of one analysis as the writer sends them, by ``processes`` workers
+    forked from this process (warm: matplotlib imported, fonts loaded), or here where that is one or
+    this process cannot fork. Messages: ``("draw", session, name, pickled inputs)``; ``("end", session,
+    names)``: the figures drawn, by name (the first that failed raises); ``("cancel", session)``: None.
+    The zygote never unpickles a figure's inputs (a worker does): whatever they hold reaches a worker."""
+    pool = None
+    if processes > 1 and _start_method() == "fork":
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_watch_zygote, initargs=(os.getpid(),))
+        pool.submit(int)  # forks them all now, before the first figure comes (a forking pool starts all at once)
+    jobs: dict[str, Future] = {}  # drawn by the workers
+    drawn: dict[str, dict[str, bytes]] = {}  # drawn here
+    failed: Exception | None = None  # drawn here: the first figure that failed (the others are not drawn)
+    try:
+        while True:
+            kind, sid, *rest = _next_message()
+            if sid != session:  # sent for an analysis before this one
+                continue
+            if kind == "cancel":
+                return None
+            if kind == "end":
+                if failed is not None:
+                    raise failed
+                missing = [name for name in rest[0] if name not in jobs and name not in drawn]
+                if missing:
+                    raise RuntimeError(f"figures {missing} were not sent to be drawn")
+                return {name: jobs[name].result() if pool is not None else drawn[name] for name in rest[0]}
+            name, inputs = rest
+            if pool is not None:
+                jobs[name] = pool.submit(_render, name, inputs, formats)
+            elif failed is None:
+                try:
+                    drawn[name] = _render(name, inputs, formats)
+                except Exception as e:
+                    failed = e
+    finally:
+        if pool is not None:
+            # The figures being drawn finish, the others are not started. Waited for here: a worker
+            # process exits its children before its threads, and this pool's thread tells them to exit.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class FigureWriter:
@@ -168,39 +254,62 @@ class FigureWriter:
             analyze(trace, out=out, writers=[figures])
 
     ``analyze`` calls :meth:`prepare` as statistics are computed, and each figure is sent to a worker as
-    soon as what it draws is there. The workers are forked where this process runs one thread
-    (:func:`_start_method`), else fresh interpreters (spawn); as with any spawned pool, the program's
-    main module is then imported again in each worker: it must not run its work on import
-    (``if __name__ == "__main__":``); moeprof's command line does not. A worker draws into memory and
-    this process writes the files, once every figure is drawn: a figure that fails raises in the caller
-    and no file is written (the figures being drawn finish, the others are cancelled).
+    soon as what it draws is there. One process is started (the zygote): forked where this process
+    runs one thread (:func:`_start_method`), else a fresh interpreter (spawn); as with any spawned
+    pool, the program's main module is then imported again in it: it must not run its work on import
+    (``if __name__ == "__main__":``); moeprof's command line does not. The zygote imports matplotlib
+    once and forks the workers that draw (:func:`_serve`): matplotlib's import costs about as much CPU
+    as two of the six figures, and is paid once, not once a worker. A worker draws into memory and
+    this process writes the files, once every figure is drawn: a figure that fails raises in the
+    caller and no file is written (the figures being drawn finish, the others are cancelled); a worker
+    or the zygote that dies raises :class:`concurrent.futures.process.BrokenProcessPool`.
     """
 
     def __init__(self, formats: tuple[str, ...] = FORMATS, processes: int | None = None) -> None:
         self.formats = tuple(formats)
         self.processes = _workers(_start_method()) if processes is None else processes  # 0: drawn here
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: ProcessPoolExecutor | None = None  # of one process: the zygote
+        self._queue: Any = None  # the figures to draw, to the zygote
+        self._job: Future | None = None  # the zygote's _serve of the analysis being drawn
+        self._session = 0  # which analysis the zygote draws (messages of another are dropped)
         self._analysis: Any = None  # the analysis whose figures were sent to the workers
-        self._jobs: dict[str, Future] = {}
+        self._sent: set[str] = set()
         self._unsupported: set[str] = set()
 
     def __enter__(self) -> "FigureWriter":
         if self._pool is None and self.processes > 0:
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context(_start_method()),
-                                             initializer=_start_worker)
-            for _ in range(self.processes):  # spawn: each submit starts one more worker (fork: all at once)
-                self._pool.submit(int)
+            context = multiprocessing.get_context(_start_method())
+            self._queue = context.Queue()
+            # Put never waits for the zygote; a queue a dead zygote leaves unread is not waited for at exit.
+            self._queue.cancel_join_thread()
+            self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_zygote,
+                                             initargs=(self._queue,))
+            self._start_session()
         return self
 
     def __exit__(self, exc_type: Any, *_exc: Any) -> None:
         self.close(wait=exc_type is None)
 
+    def _start_session(self) -> None:
+        """A new analysis to draw: the zygote forks its workers for it now (once warm)."""
+        assert self._pool is not None
+        self._session += 1
+        self._job = self._pool.submit(_serve, self._session, self.processes, self.formats)
+        self._analysis, self._sent, self._unsupported = None, set(), set()
+
+    def _end_session(self) -> None:
+        if self._job is not None and not self._job.done():
+            self._queue.put(("cancel", self._session))
+        self._job = None
+
     def close(self, wait: bool = True) -> None:
         """Stop the workers; with ``wait``, once they have exited."""
         pool, self._pool = self._pool, None
-        self._jobs, self._analysis = {}, None
         if pool is not None:
+            self._end_session()
             pool.shutdown(wait=wait, cancel_futures=True)
+            self._queue.close()
+        self._analysis = None
 
     def prepare(self, analysis: Any) -> None:
         """Send each figure of ``analysis`` whose statistics are computed by now to a worker (the dearest
@@ -208,17 +317,20 @@ class FigureWriter:
         if self.processes == 0 or not self.formats:
             return
         self.__enter__()
-        assert self._pool is not None
-        if analysis is not self._analysis:  # another analysis: what was sent for the last one is not for it
-            for job in self._jobs.values():
-                job.cancel()
-            self._analysis, self._jobs, self._unsupported = analysis, {}, set()
+        if analysis is not self._analysis:
+            if self._job is None or self._analysis is not None:  # another analysis: what was sent is not for it
+                self._end_session()
+                self._start_session()
+            self._analysis = analysis
         for name in DRAW_ORDER:
-            if name in self._jobs or name in self._unsupported:
+            if name in self._sent or name in self._unsupported:
                 continue
             state = ready(name, analysis)
             if state:
-                self._jobs[name] = self._pool.submit(_render, name, _inputs(name, analysis), self.formats)
+                # Pickled here, so that the zygote passes on bytes it does not read.
+                inputs = pickle.dumps(_inputs(name, analysis), protocol=pickle.HIGHEST_PROTOCOL)
+                self._queue.put(("draw", self._session, name, inputs))
+                self._sent.add(name)
             elif state is False:
                 self._unsupported.add(name)
 
@@ -232,12 +344,16 @@ class FigureWriter:
 
             return analysis_plots(analysis, plots_dir, self.formats)
         self.prepare(analysis)  # the figures not sent yet (all of them, where analyze did not call prepare)
+        assert self._job is not None
+        job, self._job, self._analysis = self._job, None, None
+        self._queue.put(("end", self._session, names))
         try:
-            drawn = {name: self._jobs[name].result() for name in names}
+            drawn = job.result()
         except BaseException:
             # The figures being drawn finish, the others are not started; nothing was written.
             self.close(wait=True)
             raise
+        assert drawn is not None
         plots_dir.mkdir(exist_ok=True)
         files = []
         for name in names:
