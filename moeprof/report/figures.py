@@ -16,6 +16,7 @@ Each figure gets only the part of the analysis it draws (:func:`figure_inputs`, 
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -58,10 +59,11 @@ FIGURES: dict[str, tuple[str | None, Callable[[dict], bool], dict[str, tuple[str
     "transitions": ("coactivation", _transitions, {"arrays": ("transition_cond", "transition_pair",
                                                               "transition_concentration", "top_k", "num_experts")}),
 }
-# Dearest to draw first (PNG + SVG at DeepSeek-V3's shape: the 8 panels of domain_js take about a quarter of
-# the time), so that no worker starts a long figure when the others are nearly done.
-DRAW_ORDER = ("domain_js", "transitions", "load_heatmap", "domain_popularity", "imbalance_vs_batch",
-              "prefill_decode")
+# Dearest to draw first, so that no worker starts a long figure when the others are nearly done: CPU
+# seconds of PNG + SVG at DeepSeek-V3's shape, 10^6 rows (bench/figures_bench.py --per-figure): domain_js
+# 0.29, transitions 0.25, domain_popularity 0.20, load_heatmap 0.16, prefill_decode 0.14, imbalance_vs_batch 0.10.
+DRAW_ORDER = ("domain_js", "transitions", "domain_popularity", "load_heatmap", "prefill_decode",
+              "imbalance_vs_batch")
 # More workers than this would not finish sooner: domain_js alone is about a quarter of the drawing.
 MAX_WORKERS = 3
 
@@ -153,8 +155,9 @@ def _start_method() -> str:
 _queue: Any = None
 _writer_pid = 0
 # How often the zygote checks that the writer's process still runs, and a drawing worker that the zygote
-# that forked it does (seconds).
+# that forked it does (seconds); how often the zygote looks for an idle worker while figures wait.
 _WATCH_S = 0.2
+_POLL_S = 0.005
 
 
 def _start_zygote(queue: Any) -> None:
@@ -189,16 +192,43 @@ def _render(name: str, inputs: bytes, formats: tuple[str, ...]) -> dict[str, byt
     return plots.render(name, pickle.loads(inputs), formats)
 
 
-def _next_message() -> tuple:
-    """The writer's next message; exits this process (the zygote) once the writer's process is gone."""
+def _next_message(timeout: float) -> tuple | None:
+    """The writer's next message (None: none came within ``timeout`` seconds); exits this process (the
+    zygote) once the writer's process is gone."""
     import queue
 
-    while True:
-        try:
-            return _queue.get(timeout=_WATCH_S)
-        except queue.Empty:
-            if os.getppid() != _writer_pid:  # its workers exit too (_watch_zygote)
-                os._exit(1)
+    try:
+        return _queue.get(timeout=timeout)
+    except queue.Empty:
+        if os.getppid() != _writer_pid:  # its workers exit too (_watch_zygote)
+            os._exit(1)
+        return None
+
+
+def _failure(jobs: dict[str, Future]) -> BaseException | None:
+    return next((job.exception() for job in jobs.values() if job.done() and job.exception()), None)
+
+
+def _dispatch(pool: ProcessPoolExecutor, processes: int, waiting: dict[str, bytes], jobs: dict[str, Future],
+              formats: tuple[str, ...]) -> None:
+    """Give each idle worker the dearest figure waiting (:data:`DRAW_ORDER`), none once one failed. The
+    pool gets a figure only when a worker is idle: its queue is first come first served, and the figures
+    done last (co-activation's) would wait behind cheaper ones sent before."""
+    while waiting and sum(not job.done() for job in jobs.values()) < processes and _failure(jobs) is None:
+        name = min(waiting, key=DRAW_ORDER.index)
+        jobs[name] = pool.submit(_render, name, waiting.pop(name), formats)
+
+
+def _collect(names: list[str], jobs: dict[str, Future]) -> dict[str, dict[str, bytes]]:
+    """The figures ``names``, drawn; the first that failed (in their order) raises."""
+    for name in names:
+        if name not in jobs:  # not drawn: one failed before its turn, or it was never sent
+            failure = _failure(jobs)
+            if failure is None:
+                raise RuntimeError(f"figure {name} was not sent to be drawn")
+            raise failure
+        jobs[name].exception()  # wait for it
+    return {name: jobs[name].result() for name in names}
 
 
 def _serve(session: int, processes: int, formats: tuple[str, ...]) -> dict[str, dict[str, bytes]] | None:
@@ -209,34 +239,41 @@ def _serve(session: int, processes: int, formats: tuple[str, ...]) -> dict[str, 
     The zygote never unpickles a figure's inputs (a worker does): whatever they hold reaches a worker."""
     pool = None
     if processes > 1 and _start_method() == "fork":
+        # What this process made is left out of the workers' garbage collections: they share its pages
+        # rather than copy each one a collection writes to (about 3% of analyze --out's CPU).
+        gc.freeze()
         pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
                                    initializer=_watch_zygote, initargs=(os.getpid(),))
         pool.submit(int)  # forks them all now, before the first figure comes (a forking pool starts all at once)
-    jobs: dict[str, Future] = {}  # drawn by the workers
-    drawn: dict[str, dict[str, bytes]] = {}  # drawn here
-    failed: Exception | None = None  # drawn here: the first figure that failed (the others are not drawn)
+    waiting: dict[str, bytes] = {}  # sent, for the next idle worker
+    jobs: dict[str, Future] = {}  # given to a worker, or drawn here
+    end: list[str] | None = None  # the figures to return, once the writer has sent them all
     try:
         while True:
-            kind, sid, *rest = _next_message()
+            if pool is not None:
+                _dispatch(pool, processes, waiting, jobs, formats)
+            if end is not None and not (waiting and _failure(jobs) is None):
+                return _collect(end, jobs)
+            message = _next_message(_POLL_S if waiting else _WATCH_S)
+            if message is None:
+                continue
+            kind, sid, *rest = message
             if sid != session:  # sent for an analysis before this one
                 continue
             if kind == "cancel":
                 return None
             if kind == "end":
-                if failed is not None:
-                    raise failed
-                missing = [name for name in rest[0] if name not in jobs and name not in drawn]
-                if missing:
-                    raise RuntimeError(f"figures {missing} were not sent to be drawn")
-                return {name: jobs[name].result() if pool is not None else drawn[name] for name in rest[0]}
+                end = rest[0]
+                continue
             name, inputs = rest
             if pool is not None:
-                jobs[name] = pool.submit(_render, name, inputs, formats)
-            elif failed is None:
+                waiting[name] = inputs
+            elif _failure(jobs) is None:  # drawn here, as they come; none once one failed
+                jobs[name] = job = Future()
                 try:
-                    drawn[name] = _render(name, inputs, formats)
+                    job.set_result(_render(name, inputs, formats))
                 except Exception as e:
-                    failed = e
+                    job.set_exception(e)
     finally:
         if pool is not None:
             # The figures being drawn finish, the others are not started. Waited for here: a worker
