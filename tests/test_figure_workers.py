@@ -356,6 +356,82 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(trace, tmp_path):
     assert not multiprocessing.active_children()
 
 
+def _record(path: str, value):
+    """Unpickled in a worker: note which process it is, and its parent, then give ``value``."""
+    import os
+
+    with open(path, "a", encoding="ascii") as f:
+        f.write(f"{os.getpid()} {os.getppid()}\n")
+    return value
+
+
+def _kill_parent(path: str, value):
+    """Unpickled in a worker: note it, then kill the process that forked it (the zygote), as the OOM
+    killer would."""
+    import os
+    import signal
+
+    _record(path, value)
+    os.kill(os.getppid(), signal.SIGKILL)
+    return value
+
+
+class _Unpickled:
+    """``fn(path, value)`` where it is unpickled."""
+
+    def __init__(self, fn, path: Path, value):
+        self.fn, self.path, self.value = fn, str(path), value
+
+    def __reduce__(self):
+        return (self.fn, (self.path, self.value))
+
+
+def _with_load(a, load):
+    return SimpleNamespace(summary=a.summary, tables=a.tables, arrays={**a.arrays, "load": load})
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie that its new parent has not reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_workers_are_forked_by_one_process_that_imported_matplotlib(analysis, tmp_path):
+    """This process starts one worker, the zygote, which imports matplotlib once and forks the workers
+    that draw: a figure's inputs are unpickled in a worker whose parent is the zygote (not here, not in
+    the zygote), and this process has one child while they draw."""
+    import os
+
+    notes = tmp_path / "notes"
+    with figures.FigureWriter(processes=2) as writer:
+        (tmp_path / "a").mkdir()
+        files = writer(_with_load(analysis, _Unpickled(_record, notes, analysis.arrays["load"])), tmp_path / "a")
+        children = multiprocessing.active_children()
+    assert len(files) == 12
+    (worker, parent), = [map(int, line.split()) for line in notes.read_text(encoding="ascii").splitlines()]
+    assert [c.pid for c in children] == [parent] and worker not in (os.getpid(), parent)
+    assert not multiprocessing.active_children()
+
+
+def test_a_zygote_that_dies_is_an_error_not_a_hang(analysis, tmp_path):
+    """The zygote killed while its workers draw: the writer raises (its workers, left without their
+    parent, exit: they hold the pipe that tells this process the zygote is gone), and no process stays."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    notes = tmp_path / "notes"
+    with pytest.raises(BrokenProcessPool):
+        with figures.FigureWriter(processes=2) as writer:
+            (tmp_path / "a").mkdir()
+            writer(_with_load(analysis, _Unpickled(_kill_parent, notes, analysis.arrays["load"])), tmp_path / "a")
+    assert list((tmp_path / "a").iterdir()) == []
+    assert not multiprocessing.active_children()
+    (worker, _zygote), = [map(int, line.split()) for line in notes.read_text(encoding="ascii").splitlines()]
+    assert _gone(worker)  # before the writer could see the zygote exit
+
+
 @pytest.mark.parametrize("cpus, load, method, workers", [
     (2, 5.5, "spawn", 0), (2, 1.6, "spawn", 0), (2, 1.2, "spawn", 2), (2, 0.0, "spawn", 2), (16, 0.5, "spawn", 3),
     (16, 14.7, "spawn", 2), (16, 14.5, "spawn", 3), (1, 0.0, "spawn", 1),
