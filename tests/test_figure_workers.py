@@ -478,19 +478,27 @@ def test_workers_are_forked_only_from_a_process_of_one_thread(monkeypatch):
 
 
 def test_the_command_line_forks_its_workers_before_polars_is_imported(tmp_path):
-    """`moeprof analyze --out` starts its workers while it runs one thread: they are forked, and draw
-    the same figures as this process."""
+    """`moeprof analyze --out` starts its workers while it runs one thread: the zygote is forked, and
+    forks in turn the workers that draw (each figure drawn in a process whose parent is the zygote),
+    which draw the same figures as this process."""
     import subprocess
     import sys
 
     trace = synthetic_trace(tmp_path / "trace", num_experts=8)
     code = (
-        "import sys\n"
+        "import os, sys\n"
         "from moeprof.report import figures\n"
         "methods = []\n"
         "start = figures._start_method\n"
         "figures._start_method = lambda: methods.append(start()) or methods[-1]\n"
         "figures._workers = lambda method: 2\n"
+        "render, notes = figures._render, sys.argv[3]\n"
+        "def noted(*args):\n"
+        "    with open(notes, 'a') as f:\n"
+        "        f.write(f'{os.getpid()} {os.getppid()} {os.environ.get(\"OPENBLAS_NUM_THREADS\")}\\n')\n"
+        "    return render(*args)\n"
+        "figures._render = noted\n"
+        "print('pid', os.getpid(), file=sys.stderr)\n"
         "from moeprof.commands.main import main\n"
         "sys.argv = ['moeprof', 'analyze', sys.argv[1], '--out', sys.argv[2], '--json']\n"
         "try:\n"
@@ -498,10 +506,17 @@ def test_the_command_line_forks_its_workers_before_polars_is_imported(tmp_path):
         "finally:\n"
         "    print('methods', methods, file=sys.stderr)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(trace), str(tmp_path / "a")], capture_output=True,
-                          text=True, cwd=tmp_path)
+    notes = tmp_path / "notes"
+    done = subprocess.run([sys.executable, "-c", code, str(trace), str(tmp_path / "a"), str(notes)],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "methods ['fork', 'fork']" in done.stderr
+    cli = int(done.stderr.split("pid ", 1)[1].split()[0])
+    drawers = [line.split() for line in notes.read_text(encoding="ascii").splitlines()]
+    zygotes = {parent for _pid, parent, _blas in drawers}
+    assert len(drawers) == len(figures.supported(analyze_trace(trace).summary))
+    assert len(zygotes) == 1 and cli not in zygotes and not {pid for pid, *_ in drawers} & zygotes
+    assert {blas for *_, blas in drawers} == {"1"}  # numpy started no BLAS threads in the zygote, which forked
     drawn = sorted(p.name for p in (tmp_path / "a" / "plots").iterdir())
     assert len(drawn) == 2 * len(figures.supported(analyze_trace(trace).summary)) and drawn[0].endswith(".png")
     here = plots.write_plots(analyze_trace(trace), tmp_path / "here")
