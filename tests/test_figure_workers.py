@@ -167,6 +167,25 @@ def test_each_figure_is_sent_to_a_worker_as_soon_as_its_statistics_are_computed(
         f"{name}.{ext}" for name in figures.FIGURES for ext in ("png", "svg"))
 
 
+def test_one_writer_draws_analysis_after_analysis(trace, analysis, tmp_path):
+    """The workers stay for the next analysis: what was sent for one left half done is not drawn into
+    the next, and each gets its own pictures."""
+    other = analyze_trace(trace, batch_sizes=[1, 4])  # another imbalance figure
+    for name, a in (("here-a", analysis), ("here-b", other)):
+        plots.write_plots(a, tmp_path / name)
+    with figures.FigureWriter(processes=2) as writer:
+        writer.prepare(other)  # sent, then abandoned
+        for name, a in (("a", analysis), ("b", other), ("a2", analysis)):
+            (tmp_path / name).mkdir()
+            writer(a, tmp_path / name)
+    for here, there in (("here-a", "a"), ("here-b", "b"), ("here-a", "a2")):
+        for path in sorted((tmp_path / here / "plots").glob("*.png")):
+            assert np.array_equal(_pixels(path), _pixels(tmp_path / there / "plots" / path.name)), (there, path.name)
+    assert not np.array_equal(_pixels(tmp_path / "a" / "plots" / "imbalance_vs_batch.png"),
+                              _pixels(tmp_path / "b" / "plots" / "imbalance_vs_batch.png"))
+    assert not multiprocessing.active_children()
+
+
 def test_a_figure_is_ready_once_what_it_draws_is_there(analysis):
     partial = SimpleNamespace(summary={}, tables={}, arrays={})
     assert figures.ready("load_heatmap", partial) is None
