@@ -2,13 +2,16 @@
 processes.
 
 Drawing is most of what ``analyze --out`` costs on a trace of a million rows, and matplotlib draws on
-one core. :class:`FigureWriter` starts its workers before the analysis runs, so that they import
-matplotlib while the trace is read; each figure goes to a worker as soon as the statistics it shows
-are computed (:meth:`FigureWriter.prepare`, which the analysis calls as it goes), so that the
-figures are drawn while the other statistics are computed (most of them on one core) and side by
-side. A worker draws into memory; the files are written by the process that owns the output
-directory. The process that computes the analysis does not import matplotlib (this module does
-not). How many workers, and whether they are forked or spawned: :func:`_workers`, :func:`_start_method`.
+one core. :class:`FigureWriter` starts one process before the analysis runs, the zygote, which imports
+matplotlib while the trace is read and then forks the workers that draw (:func:`_serve`): each starts
+with matplotlib imported and its fonts loaded, so the import (about as much CPU as two of the six
+figures) is paid once, not once a worker. Each figure goes to the zygote as soon as the statistics it
+shows are computed (:meth:`FigureWriter.prepare`, which the analysis calls as it goes), and from it to
+the next idle worker, the dearest first, so that the figures are drawn while the other statistics are
+computed (most of them on one core) and side by side. A worker draws into memory; the files are
+written by the process that owns the output directory. The process that computes the analysis does not
+import matplotlib (this module does not). How many workers, and whether the zygote is forked or
+spawned: :func:`_workers`, :func:`_start_method`.
 
 Each figure gets only the part of the analysis it draws (:func:`figure_inputs`, a few hundred KiB at
 256 experts), not the whole analysis with its tables.
