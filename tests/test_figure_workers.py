@@ -454,11 +454,12 @@ def test_a_zygote_that_dies_is_an_error_not_a_hang(analysis, tmp_path):
 @pytest.mark.parametrize("cpus, load, method, workers", [
     (2, 5.5, "spawn", 0), (2, 1.6, "spawn", 0), (2, 1.2, "spawn", 2), (2, 0.0, "spawn", 2), (16, 0.5, "spawn", 3),
     (16, 14.7, "spawn", 2), (16, 14.5, "spawn", 3), (1, 0.0, "spawn", 1),
-    (2, 5.5, "fork", 1), (2, 1.6, "fork", 1), (2, 1.2, "fork", 2), (16, 0.5, "fork", 3), (1, 3.0, "fork", 1)])
+    (2, 5.5, "fork", 2), (2, 1.6, "fork", 2), (2, 1.2, "fork", 2), (16, 0.5, "fork", 3), (16, 15.0, "fork", 2),
+    (1, 3.0, "fork", 1), (1, 0.0, "fork", 1)])
 def test_workers_only_where_the_machine_has_idle_cores(monkeypatch, cpus, load, method, workers):
-    """One more than the idle cores (rounded), at most three; on busy cores (less than half a core
-    idle) one forked worker (it imports matplotlib in place of this process) but no spawned one (its
-    imports cost more CPU than drawing here saves)."""
+    """One more than the idle cores (rounded), at most three; a forked zygote at least two where there
+    are two cores (it imports matplotlib in place of this process, and forks the second); on busy cores
+    (less than half a core idle) no spawned one (its imports cost more CPU than drawing here saves)."""
     monkeypatch.setattr(figures.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
     monkeypatch.setattr(figures.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(figures, "_running_tasks", lambda: None)  # the load average alone

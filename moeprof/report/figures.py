@@ -105,16 +105,17 @@ def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
 def _workers(start_method: str = "spawn") -> int:
     """How many worker processes draw the figures: one more than the idle cores (the cores less those
     other programs keep busy, :func:`_busy_cores`; rounded), up to :data:`MAX_WORKERS` and the cores.
-    Where less than half a core is idle: one forked worker (it imports matplotlib in place of this
-    process, and draws while the analysis runs on the other threads), but no spawned one (a spawned
-    worker imports numpy and moeprof again). Measured at 10⁶ rows on 2 cores with spawned workers (`bench/figures_bench.py --workers
-    0,1,2`): busy (load 4.6–5.5), analyze --out took 4.09 s of CPU drawing here, 4.85 s with one worker
-    and 5.64 s with two, and the most wall time with two; nearly idle (load 1.1–1.3, the benchmark's
-    own runs), two workers took the least wall time, 2.87 s against 3.44 s here."""
+    Where the zygote is forked, at least two (one where there is one core): it imports matplotlib in
+    place of this process, and a second worker costs it a fork, not an import (at 10⁶ rows, load 2.3–2.5,
+    `bench/figures_bench.py --workers 1,2`: analyze with its figures took 1.68 s with two workers
+    against 2.01 s with one, for 3.18 s of CPU against 3.03 s). Where less than half a core is idle, no
+    spawned zygote (a fresh interpreter imports numpy and moeprof again): drawn in this process."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     idle = cpus - _busy_cores()
+    if start_method == "fork":
+        return min(MAX_WORKERS, cpus, max(2, 1 + int(idle + 0.5)))
     if idle < 0.5:
-        return 1 if start_method == "fork" else 0
+        return 0
     return min(MAX_WORKERS, cpus, 1 + int(idle + 0.5))
 
 
