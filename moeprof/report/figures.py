@@ -63,8 +63,9 @@ FIGURES: dict[str, tuple[str | None, Callable[[dict], bool], dict[str, tuple[str
                                                               "transition_concentration", "top_k", "num_experts")}),
 }
 # Dearest to draw first, so that no worker starts a long figure when the others are nearly done: CPU
-# seconds of PNG + SVG at DeepSeek-V3's shape, 10^6 rows (bench/figures_bench.py --per-figure): domain_js
-# 0.29, transitions 0.25, domain_popularity 0.20, load_heatmap 0.16, prefill_decode 0.14, imbalance_vs_batch 0.10.
+# seconds of PNG + SVG at DeepSeek-V3's shape, 10^6 rows (bench/figures_bench.py --per-figure, load 2.0-2.5):
+# domain_js 0.30, transitions 0.26, domain_popularity 0.20, load_heatmap 0.17, prefill_decode 0.14,
+# imbalance_vs_batch 0.11.
 DRAW_ORDER = ("domain_js", "transitions", "domain_popularity", "load_heatmap", "prefill_decode",
               "imbalance_vs_batch")
 # More workers than this would not finish sooner: domain_js alone is about a quarter of the drawing.
