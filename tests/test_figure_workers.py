@@ -518,7 +518,7 @@ def test_the_command_line_forks_its_workers_before_polars_is_imported(tmp_path):
         "        f.write(f'{os.getpid()} {os.getppid()} {os.environ.get(\"OPENBLAS_NUM_THREADS\")}\\n')\n"
         "    return render(*args)\n"
         "figures._render = noted\n"
-        "print('pid', os.getpid(), file=sys.stderr)\n"
+        "print(f'command line pid={os.getpid()}.', file=sys.stderr)\n"
         "from moeprof.commands.main import main\n"
         "sys.argv = ['moeprof', 'analyze', sys.argv[1], '--out', sys.argv[2], '--json']\n"
         "try:\n"
@@ -531,8 +531,9 @@ def test_the_command_line_forks_its_workers_before_polars_is_imported(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "methods ['fork', 'fork']" in done.stderr
-    cli = int(done.stderr.split("pid ", 1)[1].split()[0])
-    drawers = [line.split() for line in notes.read_text(encoding="ascii").splitlines()]
+    cli = int(done.stderr.split("command line pid=", 1)[1].split(".", 1)[0])
+    drawers = [(int(pid), int(parent), blas) for pid, parent, blas in
+               (line.split() for line in notes.read_text(encoding="ascii").splitlines())]
     zygotes = {parent for _pid, parent, _blas in drawers}
     assert len(drawers) == len(figures.supported(analyze_trace(trace).summary))
     assert len(zygotes) == 1 and cli not in zygotes and not {pid for pid, *_ in drawers} & zygotes
