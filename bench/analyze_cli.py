@@ -62,8 +62,8 @@ def main() -> None:
                                                              str(tmp / f"{name}-{figures}"), "--force", "--json",
                                                              "--figures", figures]
     if args.exit_gc_freeze:
-        arms["this checkout, --out, gc.freeze() at exit"] = [
-            sys.executable, "-c", EXIT_GC_FREEZE, "analyze", args.trace, "--out", str(tmp / "freeze"), "--force", "--json"]
+        arms["this checkout, --out, gc.freeze() at exit"] = [sys.executable, "-c", EXIT_GC_FREEZE, "analyze", args.trace,
+                                                              "--out", str(tmp / "freeze"), "--force", "--json"]
     times: dict[str, list[float]] = {k: [] for k in arms}
     cpus: dict[str, list[float]] = {k: [] for k in arms}
     print("load average at the start", " ".join(f"{x:.1f}" for x in os.getloadavg()))
