@@ -170,8 +170,8 @@ def _start_zygote(queue: Any) -> None:
     the workers it forks (:func:`_serve`) start warm, with none of that to do again."""
     global _queue, _writer_pid
     _queue, _writer_pid = queue, os.getppid()
-    # Drawing does no linear algebra: numpy's BLAS would start a thread for each core when it is
-    # imported, and a process with threads does not fork (_start_method).
+    # Drawing does no linear algebra: numpy's BLAS (OpenBLAS) would start threads when it is imported,
+    # and a process with threads does not fork (_start_method).
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from moeprof.report import plots
 
@@ -211,7 +211,8 @@ def _next_message(timeout: float) -> tuple | None:
 
 
 def _failure(jobs: dict[str, Future]) -> BaseException | None:
-    return next((job.exception() for job in jobs.values() if job.done() and job.exception()), None)
+    return next((job.exception() for job in jobs.values() if job.done() and not job.cancelled() and job.exception()),
+                None)
 
 
 def _dispatch(pool: ProcessPoolExecutor, processes: int, waiting: dict[str, bytes], jobs: dict[str, Future],
