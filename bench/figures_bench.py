@@ -13,11 +13,12 @@ load average.
 the same interpreters: the median CPU seconds of ``--repeats`` drawings after one not timed, each arm's
 and the ratio this / baseline.
 
-``--workers 0,1,2`` times instead, in this checkout, the whole ``analyze(TRACE, out=...)`` library call
-with its figures drawn in this process (0) or by a :class:`moeprof.report.figures.FigureWriter` of 1, 2
-workers started before the analysis (before polars is imported, as the command line does: forked), each
-figure drawn as soon as its statistics are done: wall seconds and CPU seconds of the process and its
-workers, from the interpreter's start (imports included).
+``--workers 0,1,2`` times instead the whole ``analyze(TRACE, out=...)`` library call with its figures
+drawn in this process (0) or by a :class:`moeprof.report.figures.FigureWriter` of 1, 2 workers started
+before the analysis (before polars is imported, as the command line does: forked), each figure drawn as
+soon as its statistics are done: wall seconds and CPU seconds of the process and its workers, from the
+interpreter's start (imports included); with ``--baseline``, the other install's in the same rounds
+(taking turns to go first) and each round's ratio this / baseline.
 """
 
 from __future__ import annotations
@@ -94,22 +95,30 @@ if __name__ == "__main__":  # the workers import this module again
 """
 
 
-def _whole(trace: str, workers: list[int], repeats: int) -> None:
+def _whole(trace: str, workers: list[int], repeats: int, arms: dict[str, str]) -> None:
     script = Path(tempfile.mkdtemp(prefix="figures-bench-")) / "whole.py"
     script.write_text(WHOLE, encoding="utf-8")
-    got: dict[int, list[dict]] = {n: [] for n in workers}
-    for _ in range(repeats):
+    got: dict[tuple[str, int], list[dict]] = {(arm, n): [] for n in workers for arm in arms}
+    for round_ in range(repeats):
         for n in workers:
-            out = subprocess.run([sys.executable, str(script), trace, str(n)], capture_output=True, text=True,
-                                 check=True, cwd=tempfile.gettempdir())
-            got[n].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    for n, rows in got.items():
+            for arm in (list(arms) if round_ % 2 == 0 else list(arms)[::-1]):  # each install first in turn
+                out = subprocess.run([arms[arm], str(script), trace, str(n)], capture_output=True, text=True,
+                                     check=True, cwd=tempfile.gettempdir())
+                got[arm, n].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for (arm, n), rows in got.items():
         what = "figures in this process" if n == 0 else f"figures in {n} worker{'s' if n > 1 else ''}"
-        line = [f"{what:26s}"]
+        line = [f"{arm:14s} {what:26s}"]
         for key in ("wall", "cpu"):
             xs = [r[key] for r in rows]
             line.append(f"{key} {statistics.median(xs):.2f} s [{min(xs):.2f} - {max(xs):.2f}]")
         print("  ".join(line) + f"  ({rows[0]['files']} files)")
+    if len(arms) > 1:
+        for n in workers:
+            line = [f"this / baseline, {n} worker{'s' if n != 1 else ''}:"]
+            for key in ("wall", "cpu"):
+                ratios = [a[key] / b[key] for a, b in zip(got["this checkout", n], got["baseline", n])]
+                line.append(f"{key} {statistics.median(ratios):.2f}x [{min(ratios):.2f} - {max(ratios):.2f}]")
+            print("  ".join(line))
 
 
 def _per_figure(trace: str, arms: dict[str, str], repeats: int) -> None:
@@ -148,7 +157,8 @@ def main() -> None:
     trace = str(Path(args.trace).resolve())
     if args.workers:
         print("load average at the start", " ".join(f"{x:.1f}" for x in os.getloadavg()))
-        _whole(trace, [int(n) for n in args.workers.split(",")], args.repeats)
+        _whole(trace, [int(n) for n in args.workers.split(",")], args.repeats,
+               {"this checkout": sys.executable} | ({"baseline": args.baseline} if args.baseline else {}))
         print("load average at the end", " ".join(f"{x:.1f}" for x in os.getloadavg()))
         return
     if args.per_figure:

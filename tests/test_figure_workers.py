@@ -152,7 +152,7 @@ def test_each_figure_is_sent_to_a_worker_as_soon_as_its_statistics_are_computed(
     class Recording(figures.FigureWriter):
         def prepare(self, analysis):
             super().prepare(analysis)
-            seen.append((set(self._jobs), set(analysis.summary)))
+            seen.append((set(self._sent), set(analysis.summary)))
 
     with Recording(processes=1) as writer:
         got = analyze(trace, out=tmp_path / "a", writers=[writer], batch_sizes=[1, 8, 64])
@@ -165,6 +165,25 @@ def test_each_figure_is_sent_to_a_worker_as_soon_as_its_statistics_are_computed(
                                  "coactivation", "outputs"]  # summary.json's order, as before
     assert sorted(p.name for p in (tmp_path / "a" / "plots").iterdir()) == sorted(
         f"{name}.{ext}" for name in figures.FIGURES for ext in ("png", "svg"))
+
+
+def test_one_writer_draws_analysis_after_analysis(trace, analysis, tmp_path):
+    """The workers stay for the next analysis: what was sent for one left half done is not drawn into
+    the next, and each gets its own pictures."""
+    other = analyze_trace(trace, batch_sizes=[1, 4])  # another imbalance figure
+    for name, a in (("here-a", analysis), ("here-b", other)):
+        plots.write_plots(a, tmp_path / name)
+    with figures.FigureWriter(processes=2) as writer:
+        writer.prepare(other)  # sent, then abandoned
+        for name, a in (("a", analysis), ("b", other), ("a2", analysis)):
+            (tmp_path / name).mkdir()
+            writer(a, tmp_path / name)
+    for here, there in (("here-a", "a"), ("here-b", "b"), ("here-a", "a2")):
+        for path in sorted((tmp_path / here / "plots").glob("*.png")):
+            assert np.array_equal(_pixels(path), _pixels(tmp_path / there / "plots" / path.name)), (there, path.name)
+    assert not np.array_equal(_pixels(tmp_path / "a" / "plots" / "imbalance_vs_batch.png"),
+                              _pixels(tmp_path / "b" / "plots" / "imbalance_vs_batch.png"))
+    assert not multiprocessing.active_children()
 
 
 def test_a_figure_is_ready_once_what_it_draws_is_there(analysis):
@@ -356,14 +375,91 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(trace, tmp_path):
     assert not multiprocessing.active_children()
 
 
+def _record(path: str, value):
+    """Unpickled in a worker: note which process it is, and its parent, then give ``value``."""
+    import os
+
+    with open(path, "a", encoding="ascii") as f:
+        f.write(f"{os.getpid()} {os.getppid()}\n")
+    return value
+
+
+def _kill_parent(path: str, value):
+    """Unpickled in a worker: note it, then kill the process that forked it (the zygote), as the OOM
+    killer would."""
+    import os
+    import signal
+
+    _record(path, value)
+    os.kill(os.getppid(), signal.SIGKILL)
+    return value
+
+
+class _Unpickled:
+    """``fn(path, value)`` where it is unpickled."""
+
+    def __init__(self, fn, path: Path, value):
+        self.fn, self.path, self.value = fn, str(path), value
+
+    def __reduce__(self):
+        return (self.fn, (self.path, self.value))
+
+
+def _with_load(a, load):
+    return SimpleNamespace(summary=a.summary, tables=a.tables, arrays={**a.arrays, "load": load})
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie that its new parent has not reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_workers_are_forked_by_one_process_that_imported_matplotlib(analysis, tmp_path):
+    """This process starts one worker, the zygote, which imports matplotlib once and forks the workers
+    that draw: a figure's inputs are unpickled in a worker whose parent is the zygote (not here, not in
+    the zygote), and this process has one child while they draw."""
+    import os
+
+    notes = tmp_path / "notes"
+    with figures.FigureWriter(processes=2) as writer:
+        (tmp_path / "a").mkdir()
+        files = writer(_with_load(analysis, _Unpickled(_record, notes, analysis.arrays["load"])), tmp_path / "a")
+        children = multiprocessing.active_children()
+    assert len(files) == 12
+    (worker, parent), = [map(int, line.split()) for line in notes.read_text(encoding="ascii").splitlines()]
+    assert [c.pid for c in children] == [parent] and worker not in (os.getpid(), parent)
+    assert not multiprocessing.active_children()
+
+
+def test_a_zygote_that_dies_is_an_error_not_a_hang(analysis, tmp_path):
+    """The zygote killed while its workers draw: the writer raises (its workers, left without their
+    parent, exit: they hold the pipe that tells this process the zygote is gone), and no process stays."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    notes = tmp_path / "notes"
+    with pytest.raises(BrokenProcessPool):
+        with figures.FigureWriter(processes=2) as writer:
+            (tmp_path / "a").mkdir()
+            writer(_with_load(analysis, _Unpickled(_kill_parent, notes, analysis.arrays["load"])), tmp_path / "a")
+    assert list((tmp_path / "a").iterdir()) == []
+    assert not multiprocessing.active_children()
+    (worker, _zygote), = [map(int, line.split()) for line in notes.read_text(encoding="ascii").splitlines()]
+    assert _gone(worker)  # before the writer could see the zygote exit
+
+
 @pytest.mark.parametrize("cpus, load, method, workers", [
     (2, 5.5, "spawn", 0), (2, 1.6, "spawn", 0), (2, 1.2, "spawn", 2), (2, 0.0, "spawn", 2), (16, 0.5, "spawn", 3),
     (16, 14.7, "spawn", 2), (16, 14.5, "spawn", 3), (1, 0.0, "spawn", 1),
-    (2, 5.5, "fork", 1), (2, 1.6, "fork", 1), (2, 1.2, "fork", 2), (16, 0.5, "fork", 3), (1, 3.0, "fork", 1)])
+    (2, 5.5, "fork", 2), (2, 1.6, "fork", 2), (2, 1.2, "fork", 2), (16, 0.5, "fork", 3), (16, 15.0, "fork", 2),
+    (1, 3.0, "fork", 1), (1, 0.0, "fork", 1)])
 def test_workers_only_where_the_machine_has_idle_cores(monkeypatch, cpus, load, method, workers):
-    """One more than the idle cores (rounded), at most three; on busy cores (less than half a core
-    idle) one forked worker (it imports matplotlib in place of this process) but no spawned one (its
-    imports cost more CPU than drawing here saves)."""
+    """One more than the idle cores (rounded), at most three; a forked zygote at least two where there
+    are two cores (it imports matplotlib in place of this process, and forks the second); on busy cores
+    (less than half a core idle) no spawned one (its imports cost more CPU than drawing here saves)."""
     monkeypatch.setattr(figures.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
     monkeypatch.setattr(figures.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(figures, "_running_tasks", lambda: None)  # the load average alone
@@ -402,19 +498,27 @@ def test_workers_are_forked_only_from_a_process_of_one_thread(monkeypatch):
 
 
 def test_the_command_line_forks_its_workers_before_polars_is_imported(tmp_path):
-    """`moeprof analyze --out` starts its workers while it runs one thread: they are forked, and draw
-    the same figures as this process."""
+    """`moeprof analyze --out` starts its workers while it runs one thread: the zygote is forked, and
+    forks in turn the workers that draw (each figure drawn in a process whose parent is the zygote),
+    which draw the same figures as this process."""
     import subprocess
     import sys
 
     trace = synthetic_trace(tmp_path / "trace", num_experts=8)
     code = (
-        "import sys\n"
+        "import os, sys\n"
         "from moeprof.report import figures\n"
         "methods = []\n"
         "start = figures._start_method\n"
         "figures._start_method = lambda: methods.append(start()) or methods[-1]\n"
         "figures._workers = lambda method: 2\n"
+        "render, notes = figures._render, sys.argv[3]\n"
+        "def noted(*args):\n"
+        "    with open(notes, 'a') as f:\n"
+        "        f.write(f'{os.getpid()} {os.getppid()} {os.environ.get(\"OPENBLAS_NUM_THREADS\")}\\n')\n"
+        "    return render(*args)\n"
+        "figures._render = noted\n"
+        "print(f'command line pid={os.getpid()}.', file=sys.stderr)\n"
         "from moeprof.commands.main import main\n"
         "sys.argv = ['moeprof', 'analyze', sys.argv[1], '--out', sys.argv[2], '--json']\n"
         "try:\n"
@@ -422,10 +526,18 @@ def test_the_command_line_forks_its_workers_before_polars_is_imported(tmp_path):
         "finally:\n"
         "    print('methods', methods, file=sys.stderr)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(trace), str(tmp_path / "a")], capture_output=True,
-                          text=True, cwd=tmp_path)
+    notes = tmp_path / "notes"
+    done = subprocess.run([sys.executable, "-c", code, str(trace), str(tmp_path / "a"), str(notes)],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "methods ['fork', 'fork']" in done.stderr
+    cli = int(done.stderr.split("command line pid=", 1)[1].split(".", 1)[0])
+    drawers = [(int(pid), int(parent), blas) for pid, parent, blas in
+               (line.split() for line in notes.read_text(encoding="ascii").splitlines())]
+    zygotes = {parent for _pid, parent, _blas in drawers}
+    assert len(drawers) == len(figures.supported(analyze_trace(trace).summary))
+    assert len(zygotes) == 1 and cli not in zygotes and not {pid for pid, *_ in drawers} & zygotes
+    assert {blas for *_, blas in drawers} == {"1"}  # numpy started no BLAS threads in the zygote, which forked
     drawn = sorted(p.name for p in (tmp_path / "a" / "plots").iterdir())
     assert len(drawn) == 2 * len(figures.supported(analyze_trace(trace).summary)) and drawn[0].endswith(".png")
     here = plots.write_plots(analyze_trace(trace), tmp_path / "here")

@@ -2,13 +2,16 @@
 processes.
 
 Drawing is most of what ``analyze --out`` costs on a trace of a million rows, and matplotlib draws on
-one core. :class:`FigureWriter` starts its workers before the analysis runs, so that they import
-matplotlib while the trace is read; each figure goes to a worker as soon as the statistics it shows
-are computed (:meth:`FigureWriter.prepare`, which the analysis calls as it goes), so that the
-figures are drawn while the other statistics are computed (most of them on one core) and side by
-side. A worker draws into memory; the files are written by the process that owns the output
-directory. The process that computes the analysis does not import matplotlib (this module does
-not). How many workers, and whether they are forked or spawned: :func:`_workers`, :func:`_start_method`.
+one core. :class:`FigureWriter` starts one process before the analysis runs, the zygote, which imports
+matplotlib while the trace is read and then forks the workers that draw (:func:`_serve`): each starts
+with matplotlib imported and its fonts loaded, so the import (about as much CPU as two of the six
+figures) is paid once, not once a worker. Each figure goes to the zygote as soon as the statistics it
+shows are computed (:meth:`FigureWriter.prepare`, which the analysis calls as it goes), and from it to
+the next idle worker, the dearest first, so that the figures are drawn while the other statistics are
+computed (most of them on one core) and side by side. A worker draws into memory; the files are
+written by the process that owns the output directory. The process that computes the analysis does not
+import matplotlib (this module does not). How many workers, and whether the zygote is forked or
+spawned: :func:`_workers`, :func:`_start_method`.
 
 Each figure gets only the part of the analysis it draws (:func:`figure_inputs`, a few hundred KiB at
 256 experts), not the whole analysis with its tables.
@@ -16,9 +19,12 @@ Each figure gets only the part of the analysis it draws (:func:`figure_inputs`, 
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
+import pickle
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,10 +62,12 @@ FIGURES: dict[str, tuple[str | None, Callable[[dict], bool], dict[str, tuple[str
     "transitions": ("coactivation", _transitions, {"arrays": ("transition_cond", "transition_pair",
                                                               "transition_concentration", "top_k", "num_experts")}),
 }
-# Dearest to draw first (PNG + SVG at DeepSeek-V3's shape: the 8 panels of domain_js take about a quarter of
-# the time), so that no worker starts a long figure when the others are nearly done.
-DRAW_ORDER = ("domain_js", "transitions", "load_heatmap", "domain_popularity", "imbalance_vs_batch",
-              "prefill_decode")
+# Dearest to draw first, so that no worker starts a long figure when the others are nearly done: CPU
+# seconds of PNG + SVG at DeepSeek-V3's shape, 10^6 rows (bench/figures_bench.py --per-figure, load 2.0-2.5):
+# domain_js 0.30, transitions 0.26, domain_popularity 0.20, load_heatmap 0.17, prefill_decode 0.14,
+# imbalance_vs_batch 0.11.
+DRAW_ORDER = ("domain_js", "transitions", "domain_popularity", "load_heatmap", "prefill_decode",
+              "imbalance_vs_batch")
 # More workers than this would not finish sooner: domain_js alone is about a quarter of the drawing.
 MAX_WORKERS = 3
 
@@ -98,16 +106,17 @@ def figure_inputs(analysis: Any) -> dict[str, SimpleNamespace]:
 def _workers(start_method: str = "spawn") -> int:
     """How many worker processes draw the figures: one more than the idle cores (the cores less those
     other programs keep busy, :func:`_busy_cores`; rounded), up to :data:`MAX_WORKERS` and the cores.
-    Where less than half a core is idle: one forked worker (it imports matplotlib in place of this
-    process, and draws while the analysis runs on the other threads), but no spawned one (a spawned
-    worker imports numpy and moeprof again). Measured at 10⁶ rows on 2 cores with spawned workers (`bench/figures_bench.py --workers
-    0,1,2`): busy (load 4.6–5.5), analyze --out took 4.09 s of CPU drawing here, 4.85 s with one worker
-    and 5.64 s with two, and the most wall time with two; nearly idle (load 1.1–1.3, the benchmark's
-    own runs), two workers took the least wall time, 2.87 s against 3.44 s here."""
+    Where the zygote is forked, at least two (one where there is one core): it imports matplotlib in
+    place of this process, and a second worker costs it a fork, not an import (at 10⁶ rows, load 2.3–2.5,
+    `bench/figures_bench.py --workers 1,2`: analyze with its figures took 1.68 s with two workers
+    against 2.01 s with one, for 3.18 s of CPU against 3.03 s). Where less than half a core is idle, no
+    spawned zygote (a fresh interpreter imports numpy and moeprof again): drawn in this process."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     idle = cpus - _busy_cores()
+    if start_method == "fork":
+        return min(MAX_WORKERS, cpus, max(2, 1 + int(idle + 0.5)))
     if idle < 0.5:
-        return 1 if start_method == "fork" else 0
+        return 0
     return min(MAX_WORKERS, cpus, 1 + int(idle + 0.5))
 
 
@@ -146,16 +155,136 @@ def _start_method() -> str:
     return "spawn"
 
 
-def _start_worker() -> None:
+# In the first worker (the zygote): the queue the writer sends figures on and the writer's process id
+# (_start_zygote sets them).
+_queue: Any = None
+_writer_pid = 0
+# How often the zygote checks that the writer's process still runs, and a drawing worker that the zygote
+# that forked it does (seconds); how often the zygote looks for an idle worker while figures wait.
+_WATCH_S = 0.2
+_POLL_S = 0.005
+
+
+def _start_zygote(queue: Any) -> None:
+    """The first worker's start: import matplotlib and draw a small figure once (fonts, caches), so that
+    the workers it forks (:func:`_serve`) start warm, with none of that to do again."""
+    global _queue, _writer_pid
+    _queue, _writer_pid = queue, os.getppid()
+    # Drawing does no linear algebra: numpy's BLAS (OpenBLAS) would start threads when it is imported,
+    # and a process with threads does not fork (_start_method).
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from moeprof.report import plots
 
     plots.warm_up()
 
 
-def _render(name: str, inputs: SimpleNamespace, formats: tuple[str, ...]) -> dict[str, bytes]:
+def _watch_zygote(zygote: int) -> None:
+    """A drawing worker's start: exit when the zygote that forked it is gone. Each worker holds, from the
+    fork, the zygote's end of the pipe that tells the writer's process that the zygote exited: a zygote
+    that was killed would not be seen to exit while its workers wait for figures that never come."""
+
+    def watch() -> None:
+        while os.getppid() == zygote:
+            time.sleep(_WATCH_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="moeprof-zygote-watch", daemon=True).start()
+
+
+def _render(name: str, inputs: bytes, formats: tuple[str, ...]) -> dict[str, bytes]:
     from moeprof.report import plots
 
-    return plots.render(name, inputs, formats)
+    return plots.render(name, pickle.loads(inputs), formats)
+
+
+def _next_message(timeout: float) -> tuple | None:
+    """The writer's next message (None: none came within ``timeout`` seconds); exits this process (the
+    zygote) once the writer's process is gone."""
+    import queue
+
+    try:
+        return _queue.get(timeout=timeout)
+    except queue.Empty:
+        if os.getppid() != _writer_pid:  # its workers exit too (_watch_zygote)
+            os._exit(1)
+        return None
+
+
+def _failure(jobs: dict[str, Future]) -> BaseException | None:
+    return next((job.exception() for job in jobs.values() if job.done() and not job.cancelled() and job.exception()),
+                None)
+
+
+def _dispatch(pool: ProcessPoolExecutor, processes: int, waiting: dict[str, bytes], jobs: dict[str, Future],
+              formats: tuple[str, ...]) -> None:
+    """Give each idle worker the dearest figure waiting (:data:`DRAW_ORDER`), none once one failed. The
+    pool gets a figure only when a worker is idle: its queue is first come first served, and the figures
+    done last (co-activation's) would wait behind cheaper ones sent before."""
+    while waiting and sum(not job.done() for job in jobs.values()) < processes and _failure(jobs) is None:
+        name = min(waiting, key=DRAW_ORDER.index)
+        jobs[name] = pool.submit(_render, name, waiting.pop(name), formats)
+
+
+def _collect(names: list[str], jobs: dict[str, Future]) -> dict[str, dict[str, bytes]]:
+    """The figures ``names``, drawn; the first that failed (in their order) raises."""
+    for name in names:
+        if name not in jobs:  # not drawn: one failed before its turn, or it was never sent
+            failure = _failure(jobs)
+            if failure is None:
+                raise RuntimeError(f"figure {name} was not sent to be drawn")
+            raise failure
+        jobs[name].exception()  # wait for it
+    return {name: jobs[name].result() for name in names}
+
+
+def _serve(session: int, processes: int, formats: tuple[str, ...]) -> dict[str, dict[str, bytes]] | None:
+    """In the zygote: draw the figures of one analysis as the writer sends them, by ``processes`` workers
+    forked from this process (warm: matplotlib imported, fonts loaded), or here where that is one or
+    this process cannot fork. Messages: ``("draw", session, name, pickled inputs)``; ``("end", session,
+    names)``: the figures drawn, by name (the first that failed raises); ``("cancel", session)``: None.
+    The zygote never unpickles a figure's inputs (a worker does): whatever they hold reaches a worker."""
+    pool = None
+    if processes > 1 and _start_method() == "fork":
+        # What this process made is left out of the workers' garbage collections: they share its pages
+        # rather than copy each one a collection writes to (about 3% of analyze --out's CPU).
+        gc.freeze()
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_watch_zygote, initargs=(os.getpid(),))
+        pool.submit(int)  # forks them all now, before the first figure comes (a forking pool starts all at once)
+    waiting: dict[str, bytes] = {}  # sent, for the next idle worker
+    jobs: dict[str, Future] = {}  # given to a worker, or drawn here
+    end: list[str] | None = None  # the figures to return, once the writer has sent them all
+    try:
+        while True:
+            if pool is not None:
+                _dispatch(pool, processes, waiting, jobs, formats)
+            if end is not None and not (waiting and _failure(jobs) is None):
+                return _collect(end, jobs)
+            message = _next_message(_POLL_S if waiting else _WATCH_S)
+            if message is None:
+                continue
+            kind, sid, *rest = message
+            if sid != session:  # sent for an analysis before this one
+                continue
+            if kind == "cancel":
+                return None
+            if kind == "end":
+                end = rest[0]
+                continue
+            name, inputs = rest
+            if pool is not None:
+                waiting[name] = inputs
+            elif _failure(jobs) is None:  # drawn here, as they come; none once one failed
+                jobs[name] = job = Future()
+                try:
+                    job.set_result(_render(name, inputs, formats))
+                except Exception as e:
+                    job.set_exception(e)
+    finally:
+        if pool is not None:
+            # The figures being drawn finish, the others are not started. Waited for here: a worker
+            # process exits its children before its threads, and this pool's thread tells them to exit.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class FigureWriter:
@@ -168,39 +297,62 @@ class FigureWriter:
             analyze(trace, out=out, writers=[figures])
 
     ``analyze`` calls :meth:`prepare` as statistics are computed, and each figure is sent to a worker as
-    soon as what it draws is there. The workers are forked where this process runs one thread
-    (:func:`_start_method`), else fresh interpreters (spawn); as with any spawned pool, the program's
-    main module is then imported again in each worker: it must not run its work on import
-    (``if __name__ == "__main__":``); moeprof's command line does not. A worker draws into memory and
-    this process writes the files, once every figure is drawn: a figure that fails raises in the caller
-    and no file is written (the figures being drawn finish, the others are cancelled).
+    soon as what it draws is there. One process is started (the zygote): forked where this process
+    runs one thread (:func:`_start_method`), else a fresh interpreter (spawn); as with any spawned
+    pool, the program's main module is then imported again in it: it must not run its work on import
+    (``if __name__ == "__main__":``); moeprof's command line does not. The zygote imports matplotlib
+    once and forks the workers that draw (:func:`_serve`): matplotlib's import costs about as much CPU
+    as two of the six figures, and is paid once, not once a worker. A worker draws into memory and
+    this process writes the files, once every figure is drawn: a figure that fails raises in the
+    caller and no file is written (the figures being drawn finish, the others are cancelled); a worker
+    or the zygote that dies raises :class:`concurrent.futures.process.BrokenProcessPool`.
     """
 
     def __init__(self, formats: tuple[str, ...] = FORMATS, processes: int | None = None) -> None:
         self.formats = tuple(formats)
         self.processes = _workers(_start_method()) if processes is None else processes  # 0: drawn here
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: ProcessPoolExecutor | None = None  # of one process: the zygote
+        self._queue: Any = None  # the figures to draw, to the zygote
+        self._job: Future | None = None  # the zygote's _serve of the analysis being drawn
+        self._session = 0  # which analysis the zygote draws (messages of another are dropped)
         self._analysis: Any = None  # the analysis whose figures were sent to the workers
-        self._jobs: dict[str, Future] = {}
+        self._sent: set[str] = set()
         self._unsupported: set[str] = set()
 
     def __enter__(self) -> "FigureWriter":
         if self._pool is None and self.processes > 0:
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context(_start_method()),
-                                             initializer=_start_worker)
-            for _ in range(self.processes):  # spawn: each submit starts one more worker (fork: all at once)
-                self._pool.submit(int)
+            context = multiprocessing.get_context(_start_method())
+            self._queue = context.Queue()
+            # Put never waits for the zygote; a queue a dead zygote leaves unread is not waited for at exit.
+            self._queue.cancel_join_thread()
+            self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_zygote,
+                                             initargs=(self._queue,))
+            self._start_session()
         return self
 
     def __exit__(self, exc_type: Any, *_exc: Any) -> None:
         self.close(wait=exc_type is None)
 
+    def _start_session(self) -> None:
+        """A new analysis to draw: the zygote forks its workers for it now (once warm)."""
+        assert self._pool is not None
+        self._session += 1
+        self._job = self._pool.submit(_serve, self._session, self.processes, self.formats)
+        self._analysis, self._sent, self._unsupported = None, set(), set()
+
+    def _end_session(self) -> None:
+        if self._job is not None and not self._job.done():
+            self._queue.put(("cancel", self._session))
+        self._job = None
+
     def close(self, wait: bool = True) -> None:
         """Stop the workers; with ``wait``, once they have exited."""
         pool, self._pool = self._pool, None
-        self._jobs, self._analysis = {}, None
         if pool is not None:
+            self._end_session()
             pool.shutdown(wait=wait, cancel_futures=True)
+            self._queue.close()
+        self._analysis = None
 
     def prepare(self, analysis: Any) -> None:
         """Send each figure of ``analysis`` whose statistics are computed by now to a worker (the dearest
@@ -208,17 +360,20 @@ class FigureWriter:
         if self.processes == 0 or not self.formats:
             return
         self.__enter__()
-        assert self._pool is not None
-        if analysis is not self._analysis:  # another analysis: what was sent for the last one is not for it
-            for job in self._jobs.values():
-                job.cancel()
-            self._analysis, self._jobs, self._unsupported = analysis, {}, set()
+        if analysis is not self._analysis:
+            if self._job is None or self._analysis is not None:  # another analysis: what was sent is not for it
+                self._end_session()
+                self._start_session()
+            self._analysis = analysis
         for name in DRAW_ORDER:
-            if name in self._jobs or name in self._unsupported:
+            if name in self._sent or name in self._unsupported:
                 continue
             state = ready(name, analysis)
             if state:
-                self._jobs[name] = self._pool.submit(_render, name, _inputs(name, analysis), self.formats)
+                # Pickled here, so that the zygote passes on bytes it does not read.
+                inputs = pickle.dumps(_inputs(name, analysis), protocol=pickle.HIGHEST_PROTOCOL)
+                self._queue.put(("draw", self._session, name, inputs))
+                self._sent.add(name)
             elif state is False:
                 self._unsupported.add(name)
 
@@ -232,12 +387,16 @@ class FigureWriter:
 
             return analysis_plots(analysis, plots_dir, self.formats)
         self.prepare(analysis)  # the figures not sent yet (all of them, where analyze did not call prepare)
+        assert self._job is not None
+        job, self._job, self._analysis = self._job, None, None
+        self._queue.put(("end", self._session, names))
         try:
-            drawn = {name: self._jobs[name].result() for name in names}
+            drawn = job.result()
         except BaseException:
             # The figures being drawn finish, the others are not started; nothing was written.
             self.close(wait=True)
             raise
+        assert drawn is not None
         plots_dir.mkdir(exist_ok=True)
         files = []
         for name in names:
