@@ -126,7 +126,15 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
     w.close()
 
 
-_FLOOR = """
+# Put before every child's code: the child's own peak RSS. VmHWM, not ru_maxrss, which a child starts
+# from its parent's peak (inherited at exec).
+OWN_PEAK = """
+def own_peak():
+    with open('/proc/self/status') as status:
+        return int(next(line for line in status if line.startswith('VmHWM')).split()[1]) * 1024
+"""
+
+_FLOOR = OWN_PEAK + """
 import sys, time, resource, json
 import polars as pl
 from moeprof.trace import Trace
@@ -139,11 +147,11 @@ r = t.routing(cols).select(
 ).collect(engine="streaming")
 dt = time.perf_counter() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
-peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024  # own peak (VmHWM): a child's ru_maxrss starts from its parent's
+peak = own_peak()
 print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=peak)))
 """
 
-_ANALYZE = """
+_ANALYZE = OWN_PEAK + """
 import sys, time, resource, json
 t0 = time.perf_counter()
 from pathlib import Path
@@ -153,13 +161,13 @@ options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 a = analyze(sys.argv[1], out=Path(sys.argv[2]), force=True, **options)  # what `analyze --out` does, less the plots' writer
 t2 = time.perf_counter()
 ru = resource.getrusage(resource.RUSAGE_SELF)
-peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024  # own peak (VmHWM): a child's ru_maxrss starts from its parent's
+peak = own_peak()
 print(json.dumps(dict(seconds=t2 - t1, imports=t1 - t0, cpu=ru.ru_utime + ru.ru_stime, peak_rss=peak,
                       tokens=a.summary["trace"]["tokens"], requests=a.summary["trace"]["requests"])))
 """
 
 
-_POLARS_COUNTS = """
+_POLARS_COUNTS = OWN_PEAK + """
 import sys, time, resource, json
 import polars as pl
 from moeprof.trace import Trace
@@ -168,7 +176,7 @@ t0 = time.perf_counter()
 r = (t.routing(["request_id", "phase", "layer", "experts"]).with_columns(pl.col("experts").arr.to_list())
      .explode("experts").group_by(["request_id", "phase", "layer", "experts"]).len().collect(engine="streaming"))
 dt = time.perf_counter() - t0
-peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024  # own peak (VmHWM): a child's ru_maxrss starts from its parent's
+peak = own_peak()
 print(json.dumps(dict(seconds=dt, peak_rss=peak, groups=r.height)))
 """
 

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
-from analyze_bench import DOMAINS, LAYERS, E, K, bench_model  # noqa: E402  the same model and domains
+from analyze_bench import DOMAINS, LAYERS, OWN_PEAK, E, K, bench_model  # noqa: E402  the same model and domains
 
 POOL = 1024  # top-k patterns per domain x layer
 GIB = 1 << 30
@@ -107,7 +107,7 @@ def generate(path: Path, requests: int, rows_per_request: int, seed: int = 0) ->
     w.close()
 
 
-_ANALYZE = """
+_ANALYZE = OWN_PEAK + """
 import sys, time, resource, json
 sys.path.insert(0, sys.argv[1])
 import moeprof.analysis.run as run
@@ -127,7 +127,7 @@ for sec in ("classification", "prefill_decode"):
         c[sec].pop(key, None)
 digest = hashlib.sha256(json.dumps(c).encode()).hexdigest()[:12]
 ru = resource.getrusage(resource.RUSAGE_SELF)
-peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024  # own peak (VmHWM): a child's ru_maxrss starts from its parent's
+peak = own_peak()
 print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=peak, requests=s["trace"]["requests"],
                       rows=s["trace"]["rows_analyzed"],
                       pd_requests=s["prefill_decode"].get("requests"),

@@ -55,7 +55,7 @@ import analyze_bench as b
 GIB = 1 << 30
 COLUMNS = ["request_id", "step", "phase", "pos", "layer", "experts", "batch_id"]  # analyze_bench's floor's
 
-_ARROW = """
+_ARROW = b.OWN_PEAK + """
 import sys, time, resource, json, os
 from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
@@ -83,12 +83,11 @@ with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
 dt = time.perf_counter() - t0
 assert rows == t.num_routing_rows, (rows, t.num_routing_rows)
 ru = resource.getrusage(resource.RUSAGE_SELF)
-# VmHWM: this process's own peak (ru_maxrss would also count the parent's peak, inherited at exec)
-hwm = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+hwm = own_peak()
 print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=hwm, rows=rows)))
 """
 
-_POLARS = """
+_POLARS = b.OWN_PEAK + """
 import sys, time, resource, json
 import polars as pl
 from moeprof.trace import Trace
@@ -106,8 +105,7 @@ dt = time.perf_counter() - t0
 rows = int(r.item(0, 0))
 assert rows == t.num_routing_rows, (rows, t.num_routing_rows)
 ru = resource.getrusage(resource.RUSAGE_SELF)
-# VmHWM: this process's own peak (ru_maxrss would also count the parent's peak, inherited at exec)
-hwm = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+hwm = own_peak()
 print(json.dumps(dict(seconds=dt, cpu=ru.ru_utime + ru.ru_stime, peak_rss=hwm, rows=rows)))
 """
 

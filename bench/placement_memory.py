@@ -32,12 +32,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
-from analyze_bench import LAYERS, E  # noqa: E402  the benchmark model's shape
+from analyze_bench import LAYERS, OWN_PEAK, E  # noqa: E402  the benchmark model's shape, the children's peak
 from analyze_memory import generate  # noqa: E402  the same traces (request-major shards)
 
 GIB = 1 << 30
 
-_RUN = """
+_RUN = OWN_PEAK + """
 import sys, time, resource, json, hashlib
 sys.path.insert(0, sys.argv[1])
 import moeprof.placement.run as run
@@ -53,7 +53,7 @@ else:
 dt = time.perf_counter() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
 fit = json.load(open(placement)).get("fit", {})
-peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024  # own peak (VmHWM): a child's ru_maxrss starts from its parent's
+peak = own_peak()
 print(json.dumps(dict(seconds=dt, peak_rss=peak, scored=metrics["requests"],
                       fitted=fit.get("train_requests"), tokens=metrics["tokens"],
                       results=hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:12])))
