@@ -39,11 +39,14 @@ def diff(
 
         moeprof diff base/analysis/summary.json new/analysis --max-js 0.05
     """
+    from moeprof.errors import UsageError
     from moeprof.outputs import check_entries
     from moeprof.report.diff import DIFF_FILES, write_diff
     from moeprof.report.diff import diff as run_diff
     from moeprof.report.terminal import render_diff
 
+    if max_js is not None and not 0 <= max_js <= 1:  # NaN too: a gate that can never fail (or never hold)
+        raise UsageError(f"--max-js: {max_js} is out of range: JS divergence takes values from 0 to 1")
     if out is not None:
         check_entries(out, list(DIFF_FILES.values()), force)  # before the runs are read
     result = run_diff(a, b, engine=engine.value, address=address)

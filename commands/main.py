@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         err_console().print(Text(f"Error: {where}{exc.strerror or exc}", style="red"), soft_wrap=True)
         return 2
+    except MemoryError as exc:
+        # numpy says how much it could not allocate; the options that bound it are the user's to lower.
+        err_console().print(Text(
+            f"Error: out of memory ({exc or 'no detail'}); ask for less at once (place and simulate: "
+            "--sample-requests, --sample-rows or a smaller cluster; analyze: --sample-tokens) or use a machine "
+            "with more memory", style="red"), soft_wrap=True)
+        return 2
     except (*_ABORT, KeyboardInterrupt):
         err_console().print(Text("Aborted.", style="yellow"))
         return 130

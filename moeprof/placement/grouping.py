@@ -46,6 +46,30 @@ class GroupingModel:
                 score[:, node] = np.maximum(score[:, node], sim[:, c])
         return balanced_assign(score, self.nodes, self.slack)
 
+    def check(self, nodes: int, signature_width: int) -> None:
+        """Raise :class:`PlacementError` unless the model fits ``nodes`` nodes and signatures of that width."""
+        if self.nodes != nodes:
+            raise PlacementError(f"grouping/nodes is {self.nodes}, the topology has {nodes} nodes")
+        bad = [len(share) for share in self.domain_nodes.values() if len(share) != nodes]
+        if bad:
+            raise PlacementError(f"grouping/domain_nodes: a share list of {bad[0]} nodes, the topology has {nodes}")
+        if self.kind != "prefill" or self.centroids is None:
+            return
+        c = self.centroids
+        if c.ndim != 2 or c.shape[1] != signature_width or not np.isfinite(c).all():
+            raise PlacementError(
+                f"grouping/centroids: expected rows of {signature_width} finite numbers (MoE layers × experts), "
+                f"got shape {c.shape}"
+            )
+        if len(self.cluster_nodes) != len(c) or not all(self.cluster_nodes):
+            raise PlacementError(
+                f"grouping/cluster_nodes: expected one non-empty list of nodes per centroid ({len(c)}), "
+                f"got {self.cluster_nodes}"
+            )
+        outside = sorted({n for ns in self.cluster_nodes for n in ns if not 0 <= n < nodes})
+        if outside:
+            raise PlacementError(f"grouping/cluster_nodes: nodes {outside} outside 0..{nodes - 1}")
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(kind=self.kind, nodes=self.nodes, seed=self.seed, capacity_slack=self.slack)
         if self.kind == "prefill":

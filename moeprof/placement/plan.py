@@ -69,6 +69,7 @@ class Placement:
             raise PlacementError(
                 f"layer {self.moe_layers[layer]}: expert {expert} has no slot ({len(missing)} unplaced in all)"
             )
+        self.grouping.check(t.nodes, L * t.num_experts)
 
     def to_dict(self) -> dict[str, Any]:
         from moeprof import __version__
@@ -91,6 +92,9 @@ class Placement:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Placement":
+        slots = {len(row) for row in d["physical_to_logical_map"]}
+        if len(slots) > 1:
+            raise PlacementError(f"physical_to_logical_map: rows of {sorted(slots)} slots; every layer needs the same")
         p = cls(
             topology=Topology.from_dict(d["topology"]),
             policy=d["policy"]["name"],
@@ -104,6 +108,13 @@ class Placement:
             metrics=d.get("metrics"),
         )
         p.check()
+        # The two derived maps are what an engine may load; a hand edit of one map only is a mistake.
+        for key, derived in (("logical_replica_count", p.logcnt), ("logical_to_physical_map", p.log2phy)):
+            if d[key] != derived.tolist():
+                raise PlacementError(
+                    f"{key} does not match physical_to_logical_map (the map moeprof reads); make them agree, "
+                    "or write the file again with `moeprof place`"
+                )
         return p
 
 
@@ -134,8 +145,8 @@ def read_placement(path: str | Path) -> Placement:
     if not path.is_file():
         raise PlacementError(f"{path}: no such placement file; write one with `moeprof place`")
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlacementError(f"{path}: not JSON ({exc})") from None
     if not isinstance(d, dict):
         raise PlacementError(f"{path}: not a placement file (expected a JSON object)")

@@ -461,6 +461,10 @@ def locality(
             f"--load-bound must be at least 1.0 (it bounds busiest GPU / mean GPU load, which is never below 1), "
             f"got {load_bound}"
         )
+    if load_bound == float("inf"):
+        # placement.json records the bound, and JSON has no infinity (Python would write a bare Infinity).
+        raise PlacementError("--load-bound must be finite, got inf; for a bound that never binds give a large one, "
+                             "such as 1000")
     t = fit.topology
     R, L, E = fit.load.shape
     N = t.nodes

@@ -14,6 +14,10 @@ import numpy as np
 
 from moeprof.errors import PlacementError, UsageError
 
+# Slots per layer the simulator holds at most: it keeps arrays over every slot (and slot pairs), so far
+# beyond this a typo such as `-n 99999999999` would end in a numpy allocation error, not a message.
+MAX_SLOTS = 1 << 16
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -94,6 +98,7 @@ def build_topology(
         if redundant < 0:
             raise UsageError(f"--redundant must be 0 or more, got {redundant}")
         total = num_experts + redundant
+        _check_size(max(total, gpus), f"{nodes} nodes × {gpus_per_node} GPUs, {num_experts} experts + {redundant} redundant")
         if total % gpus:
             up = -(-total // gpus) * gpus - num_experts
             raise PlacementError(
@@ -105,6 +110,7 @@ def build_topology(
         slots_per_gpu = -(-num_experts // gpus)
     if slots_per_gpu < 1:
         raise UsageError(f"--slots-per-gpu must be at least 1, got {slots_per_gpu}")
+    _check_size(gpus * slots_per_gpu, f"{nodes} nodes × {gpus_per_node} GPUs × {slots_per_gpu} slots")
     if gpus * slots_per_gpu < num_experts:
         need = -(-num_experts // gpus)
         raise PlacementError(
@@ -112,3 +118,11 @@ def build_topology(
             f"per layer, fewer than the model's {num_experts} experts; use --slots-per-gpu {need} or more GPUs"
         )
     return Topology(nodes, gpus_per_node, slots_per_gpu, num_experts)
+
+
+def _check_size(slots: int, what: str) -> None:
+    if slots > MAX_SLOTS:
+        raise UsageError(
+            f"{what} = {slots:,} expert slots per layer; moeprof simulates at most {MAX_SLOTS:,}: "
+            "check --nodes, --gpus-per-node, --slots-per-gpu and --redundant"
+        )

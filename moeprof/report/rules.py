@@ -165,7 +165,7 @@ def load_rules(path: str | Path) -> list[Rule]:
     """Parse a rules file; raise :class:`UsageError` naming ``file:line`` for anything wrong."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not TOML
     except FileNotFoundError:
         raise UsageError(f"{path}: rules file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -218,11 +218,18 @@ def _rule_from_table(table: dict[str, Any], path: Path, text: str, start: int) -
             _check_limit(metric, float(v), at(side))
     if not limits:
         raise UsageError(f"{at('metric')}: rule on '{metric}' has neither 'max' nor 'min'")
+    if limits.get("min", -math.inf) > limits.get("max", math.inf):
+        raise UsageError(f"{at('min')}: min {limits['min']:g} is above max {limits['max']:g}: no value can hold")
     layers = table.get("layers")
     if layers is not None and (
         not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
     ):
         raise UsageError(f"{at('layers')}: 'layers' must be a list of layer numbers, got {layers!r}")
+    if layers == []:  # a rule over no layer checks nothing, and would always hold
+        raise UsageError(f"{at('layers')}: 'layers' is empty; name at least one MoE layer, or leave 'layers' out")
+    name = table.get("name")
+    if name is not None and not isinstance(name, str):
+        raise UsageError(f"{at('name')}: 'name' must be a string, got {name!r}")
     params = {}
     for key, (typ, default, _help) in spec.params.items():
         value = table.get(key, default)
@@ -234,6 +241,9 @@ def _rule_from_table(table: dict[str, Any], path: Path, text: str, start: int) -
     except UsageError as exc:
         bad = next(iter(k for k in params if k in str(exc)), None)
         raise UsageError(f"{at(bad)}: {exc}") from None
+    if "stat" in table and table.get("batch_size") is None:
+        # Without batch_size the metric is the whole run's one value per layer: no median or p90 to take.
+        raise UsageError(f"{at('stat')}: 'stat' needs 'batch_size' (median or p90 over batches of that size)")
     return Rule(
         metric=metric, max=limits.get("max"), min=limits.get("min"), layers=layers, params=params,
         origin=at(), name=table.get("name"),
@@ -309,7 +319,11 @@ def evaluate(rules: list[Rule], inputs: view.Inputs) -> list[Outcome]:
                     f"layers with one: {sorted(x for x in known if x is not None)}"
                 )
             values = [v for v in values if v.layer in rule.layers]
-        values = [v for v in values if v.value is not None and not math.isnan(v.value)]
+        defined = [v for v in values if v.value is not None and not math.isnan(v.value)]
+        if not defined:  # a rule that checked nothing must not pass
+            why = f"all {len(values)} of its values are undefined (NaN)" if values else "the inputs hold no value of it"
+            raise UsageError(f"{rule.origin}: cannot check '{rule.label()}': {why}")
+        values = defined
         failures = []
         for v in values:
             if rule.max is not None and v.value > rule.max:

@@ -60,11 +60,16 @@ class Inputs:
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); is it a moeprof {what}?") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file; is it a moeprof {what}?") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path}: a JSON {type(doc).__name__}, not the object of a moeprof {what}")
+    return doc
 
 
 def read_summary(path: Path) -> dict[str, Any]:
@@ -72,7 +77,9 @@ def read_summary(path: Path) -> dict[str, Any]:
     from moeprof.analysis.run import SUMMARY_FORMAT
 
     doc = read_json(path, "analyze summary")
-    found = str(doc.get("summary_format", "?"))
+    if "summary_format" not in doc:
+        raise UsageError(f"{path}: not a summary.json of `moeprof analyze` (it has no summary_format)")
+    found = str(doc["summary_format"])
     if found.split(".")[0] != SUMMARY_FORMAT.split(".")[0]:
         raise UsageError(
             f"{path}: summary format {found}, this moeprof reads format {SUMMARY_FORMAT}; "
@@ -115,7 +122,7 @@ def classify(path: Path) -> str | None:
 def _sniff(path: Path) -> str | None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if not isinstance(doc, dict):
         return None

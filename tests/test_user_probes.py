@@ -1,0 +1,232 @@
+"""What a demanding new user tried on place, simulate, check and diff, and what broke before.
+
+Each test is one input a user can hand moeprof (an absurd cluster, a hand-edited placement.json, a rules
+file with a key of the wrong type, a gate that can never fail) and asserts the one-shot message and
+exit code 2 it must get, instead of the traceback, the silent pass or the wrong number it got before.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeprof.trace import ModelInfo, TraceWriter
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_TRACE = REPO / "sample_data" / "trace"
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory) -> Path:
+    """A synthetic per-token trace: 40 requests, 3 MoE layers × 16 experts, top-2."""
+    from moeprof.synthetic import generate_trace
+
+    out = tmp_path_factory.mktemp("probes") / "trace"
+    generate_trace(out, num_requests=40, num_layers=3, num_experts=16, top_k=2, seed=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def placement(trace, tmp_path_factory) -> dict:
+    """placement.json of the locality policy (prefill grouping) on 2 nodes × 2 GPUs, as a dict."""
+    from moeprof.commands.main import main
+
+    out = tmp_path_factory.mktemp("placement") / "placement.json"
+    assert main(["place", str(trace), "-n", "2", "-g", "2", "-p", "locality", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+# -- cluster shapes no machine holds ----------------------------------------------------------------
+@pytest.mark.parametrize("shape, total", [
+    (["-n", "99999999999", "-g", "2"], "199,999,999,998"),
+    (["-n", "1", "-g", "1", "--redundant", "1000000"], "1,000,016"),
+    (["-n", "2", "-g", "2", "--slots-per-gpu", "100000000000000000000"], "400,000,000,000,000,000,000"),
+])
+@pytest.mark.parametrize("command", ["place", "simulate"])
+def test_a_cluster_too_big_to_simulate_is_refused_by_name(cli, trace, tmp_path, shape, total, command):
+    args = (["place", trace, "-p", "eplb", "--out", tmp_path / "p.json"] if command == "place"
+            else ["simulate", trace, "--compare", "--out", tmp_path / "c"])
+    r = cli(*args, *shape)
+    assert r.exit_code == 2, r.stderr
+    assert f"= {total} expert slots per layer; moeprof simulates at most 65,536" in flat(r.stderr)
+    assert "check --nodes, --gpus-per-node, --slots-per-gpu and --redundant" in flat(r.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS bounds the address space on Linux")
+def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path):
+    # 1024 nodes × 8 GPUs is under the slot cap but needs GiBs for this trace: numpy's MemoryError.
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200", POLARS_MAX_THREADS="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "moeprof", "place", str(SAMPLE_TRACE), "-n", "1024", "-g", "8",
+                        "-p", "eplb", "--out", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, env=env, preexec_fn=limit, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert flat(r.stderr).startswith("Error: out of memory (Unable to allocate")
+    assert "--sample-requests, --sample-rows or a smaller cluster" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_infinite_load_bound_is_refused_not_written_as_bare_infinity(cli, trace, tmp_path):
+    r = cli("place", trace, "-n", "2", "-g", "2", "-p", "locality", "--load-bound", "inf", "--out", tmp_path / "p.json")
+    assert r.exit_code == 2
+    assert flat(r.stderr) == ("Error: --load-bound must be finite, got inf; for a bound that never binds give a "
+                              "large one, such as 1000")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- placement.json edited by hand, cut or replaced -------------------------------------------------
+def _ragged(d):
+    d["physical_to_logical_map"][0].pop()
+
+
+def _cluster_node_outside(d):
+    d["grouping"]["cluster_nodes"][0] = [7]
+
+
+def _grouping_nodes(d):
+    d["grouping"]["nodes"] = 5
+
+
+def _centroid_width(d):
+    d["grouping"]["centroids"] = [[1.0], [0.5]]
+
+
+def _no_cluster_nodes(d):
+    d["grouping"]["cluster_nodes"] = []
+
+
+def _replica_count(d):
+    d["logical_replica_count"][1][0] += 2
+
+
+def _log2phy(d):
+    d["logical_to_physical_map"][0][0][0] = 63
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_ragged, "physical_to_logical_map: rows of [15, 16] slots; every layer needs the same"),
+    (_cluster_node_outside, "grouping/cluster_nodes: nodes [7] outside 0..1"),
+    (_grouping_nodes, "grouping/nodes is 5, the topology has 2 nodes"),
+    (_centroid_width, "grouping/centroids: expected rows of 48 finite numbers (MoE layers × experts), got shape (2, 1)"),
+    (_no_cluster_nodes, "grouping/cluster_nodes: expected one non-empty list of nodes per centroid (2), got []"),
+    (_replica_count, "logical_replica_count does not match physical_to_logical_map (the map moeprof reads)"),
+    (_log2phy, "logical_to_physical_map does not match physical_to_logical_map (the map moeprof reads)"),
+])
+def test_a_hand_edited_placement_is_refused_naming_the_field(cli, trace, placement, tmp_path, edit, message):
+    d = copy.deepcopy(placement)
+    edit(d)
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps(d))
+    r = cli("simulate", trace, "--placement", path)
+    assert r.exit_code == 2, r.stderr
+    assert flat(r.stderr).startswith(f"Error: {path}: {message}")
+
+
+def test_a_binary_placement_file_is_refused(cli, trace, tmp_path):
+    path = tmp_path / "placement.json"
+    path.write_bytes(bytes(range(256)))
+    r = cli("simulate", trace, "--placement", path)
+    assert r.exit_code == 2
+    assert flat(r.stderr).startswith(f"Error: {path}: not JSON ('utf-8' codec can't decode byte 0x80")
+
+
+# -- check: rules that could not fail, or that crashed ----------------------------------------------
+@pytest.fixture(scope="module")
+def analysis(trace, tmp_path_factory) -> Path:
+    from moeprof.commands.main import main
+
+    out = tmp_path_factory.mktemp("analysis") / "a"
+    assert main(["analyze", str(trace), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[rule]]\nname = 3\nmetric = "imbalance"\nmax = 9\n', "rules.toml:2: 'name' must be a string, got 3"),
+    ('[[rule]]\nmetric = "imbalance"\nmax = 9\nlayers = []\n',
+     "rules.toml:4: 'layers' is empty; name at least one MoE layer, or leave 'layers' out"),
+    ('[[rule]]\nmetric = "imbalance"\nstat = "p90"\nmax = 9\n',
+     "rules.toml:3: 'stat' needs 'batch_size' (median or p90 over batches of that size)"),
+    ('[[rule]]\nmetric = "imbalance"\nmax = 2\nmin = 5\n', "rules.toml:4: min 5 is above max 2: no value can hold"),
+])
+def test_a_rule_that_cannot_mean_what_it_says_is_refused(cli, analysis, tmp_path, body, message):
+    rules = tmp_path / "rules.toml"
+    rules.write_text(body)
+    r = cli("check", analysis, "--rules", rules)
+    assert r.exit_code == 2, r.stdout
+    assert flat(r.stderr) == flat(f"Error: {tmp_path}/{message}")
+
+
+def test_a_rules_file_with_a_byte_order_mark_is_read(cli, analysis, tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_bytes(b'\xef\xbb\xbf[[rule]]\nmetric = "imbalance"\nmax = 1000\n')  # as Notepad saves UTF-8
+    r = cli("check", analysis, "--rules", rules)
+    assert r.exit_code == 0, r.stderr
+    assert "All 1 rules hold." in r.stdout
+
+
+def test_a_rule_whose_every_value_is_undefined_does_not_pass(cli, tmp_path):
+    # Every token picks all 4 experts: prefill and decode counts are constant, their correlation NaN in
+    # every layer. The rule checked nothing, and `check` used to say "All 1 rules hold."
+    model = ModelInfo(name="flat", architecture="hand-built", num_experts=4, top_k=4, moe_layers=[0, 1],
+                      num_layers=2, hidden_size=8, dtype="bfloat16")
+    with TraceWriter(tmp_path / "t", model=model, source="synthetic") as w:
+        for r, domain in ((0, "a"), (1, "b")):
+            w.set_request(r, domain, prompt_tokens=8, decode_tokens=8)
+            pos = np.arange(16)
+            step = np.where(pos < 8, 0, pos - 7).astype(np.int32)
+            for layer in (0, 1):
+                w.write_routing(dict(request_id=r, step=step, phase=(step > 0).astype(np.int8), pos=pos, layer=layer,
+                                     experts=np.tile(np.arange(4), (16, 1)), weights=None,
+                                     batch_id=step.astype(np.int64)))
+    r = cli("check", tmp_path / "t", "--min-prefill-decode-corr", "0.5")
+    assert r.exit_code == 2, r.stdout
+    assert flat(r.stderr) == ("Error: --min-prefill-decode-corr: cannot check 'prefill_decode_corr': all 2 of its "
+                              "values are undefined (NaN)")
+
+
+# -- diff: gates that could never fail, inputs that are not summaries -------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1.5"])
+def test_diff_max_js_outside_0_to_1_is_refused(cli, analysis, value):
+    r = cli("diff", analysis, analysis, "--max-js", value)
+    assert r.exit_code == 2
+    assert flat(r.stderr) == f"Error: --max-js: {float(value)} is out of range: JS divergence takes values from 0 to 1"
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(256)), "not a text file; is it a moeprof analyze summary?"),
+    (b"[1, 2]", "a JSON list, not the object of a moeprof analyze summary"),
+    (b'{"physical_to_logical_map": []}', "not a summary.json of `moeprof analyze` (it has no summary_format)"),
+])
+def test_diff_against_a_file_that_is_no_summary(cli, analysis, tmp_path, content, message):
+    path = tmp_path / "summary.json"
+    path.write_bytes(content)
+    r = cli("diff", analysis, path)
+    assert r.exit_code == 2
+    assert flat(r.stderr) == f"Error: {path}: {message}"
+
+
+def test_report_and_check_on_a_binary_json_name_it(cli, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_bytes(bytes(range(256)))
+    for args in (["report", path, "--out", tmp_path / "r"], ["check", path, "--max-imbalance", "3"]):
+        r = cli(*args)
+        assert r.exit_code == 2
+        assert flat(r.stderr).startswith(f"Error: {path}: not a trace, an analyze output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
