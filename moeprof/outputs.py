@@ -136,17 +136,26 @@ def refuse_uri(out: str | Path, option: str = "--out") -> None:
         )
 
 
-def check_target(out: str | Path, force: bool, *, option: str = "--out") -> None:
+def check_target(out: str | Path, force: bool, *, option: str = "--out", whole: bool = True) -> None:
     """Raise now (before any expensive work) if writing a directory output at ``out`` cannot succeed.
 
     Refuses: ``out`` is a file; ``out`` holds something and ``force`` is false; ``force`` is given but
-    something under ``out`` is not moeprof's; the parent cannot be written (read-only, no permission).
+    something under ``out`` is not moeprof's; the parent cannot be written (read-only, no permission);
+    ``out`` is the current directory or holds it, when ``whole`` (the output replaces ``out`` as a whole).
     """
     refuse_uri(out, option)
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise OutputExistsError(f"{option} {out}: exists and is not a directory; choose another {option}")
+        here = Path.cwd().resolve()
+        if whole and (out.resolve() == here or out.resolve() in here.parents):
+            # Replacing it would pull the directory out from under the shell (and `.` cannot be renamed).
+            raise OutputExistsError(
+                f"{option} {out}: is the current directory{'' if out.resolve() == here else ' or holds it'}; "
+                f"moeprof writes {option} as a directory of its own and replaces it whole: give a new one, "
+                f"such as {option} {Path(out, 'moeprof-out') if out.resolve() != here else 'moeprof-out'}"
+            )
         if any(out.iterdir()):
             if not force:
                 raise OutputExistsError(f"{out} already exists; pass --force to replace it")
@@ -292,7 +301,7 @@ def begin_demo(out: str | Path, force: bool) -> None:
     """``moeprof demo``: ``out`` holds one moeprof output per step (each replaced by its own step);
     check it as a whole now (with ``force``, nothing in it may be the user's) and mark it."""
     out = Path(out)
-    check_target(out, force)
+    check_target(out, force, whole=False)  # each step replaces its own subdirectory, never ``out``
     try:
         out.mkdir(parents=True, exist_ok=True)
         if read_marker(out) is None:

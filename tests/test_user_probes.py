@@ -230,3 +230,33 @@ def test_report_and_check_on_a_binary_json_name_it(cli, tmp_path):
         assert r.exit_code == 2
         assert flat(r.stderr).startswith(f"Error: {path}: not a trace, an analyze output")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+# -- --out that is the directory the user stands in -------------------------------------------------
+def tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("out", [".", "{cwd}", ".."])
+def test_analyze_out_the_current_directory_is_refused_before_work(cli, trace, tmp_path, monkeypatch, out):
+    here = tmp_path / "work" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    out = out.format(cwd=here)
+    r = cli("analyze", trace, "--out", out, "--force")
+    assert r.exit_code == 2, r.stderr
+    assert flat(r.stderr).startswith(f"Error: --out {out}: is the current directory")
+    assert "replaces it whole: give a new one, such as --out" in flat(r.stderr)
+    assert "reading routing" not in r.stderr  # refused before the trace was read
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["here", "work"]
+
+
+def test_capture_force_into_the_current_directory_keeps_the_trace_there(cli, tmp_path, monkeypatch):
+    # Before: the earlier capture in `.` was deleted, then `rmdir .` failed: "cannot write (Invalid argument)".
+    assert cli("capture", "--out", tmp_path / "t", "--limit", "2").exit_code == 0
+    before = tree(tmp_path / "t")
+    monkeypatch.chdir(tmp_path / "t")
+    r = cli("capture", "--out", ".", "--limit", "2", "--force")
+    assert r.exit_code == 2
+    assert flat(r.stderr).startswith("Error: --out .: is the current directory")
+    assert tree(tmp_path / "t") == before
