@@ -251,12 +251,33 @@ def test_analyze_out_the_current_directory_is_refused_before_work(cli, trace, tm
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["here", "work"]
 
 
-def test_capture_force_into_the_current_directory_keeps_the_trace_there(cli, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory) -> Path:
+    """A capture of the embedded default (2 prompts), made outside the repository."""
+    from moeprof.commands.main import main
+
+    out = tmp_path_factory.mktemp("captured") / "t"
+    assert main(["capture", "--out", str(out), "--limit", "2"]) == 0
+    return out
+
+
+def test_capture_force_into_the_current_directory_keeps_the_trace_there(cli, captured, tmp_path, monkeypatch):
     # Before: the earlier capture in `.` was deleted, then `rmdir .` failed: "cannot write (Invalid argument)".
-    assert cli("capture", "--out", tmp_path / "t", "--limit", "2").exit_code == 0
+    import shutil
+
+    shutil.copytree(captured, tmp_path / "t")
     before = tree(tmp_path / "t")
     monkeypatch.chdir(tmp_path / "t")
     r = cli("capture", "--out", ".", "--limit", "2", "--force")
     assert r.exit_code == 2
     assert flat(r.stderr).startswith("Error: --out .: is the current directory")
     assert tree(tmp_path / "t") == before
+
+
+def test_timeline_of_an_embedded_default_capture_works_outside_the_repository(cli, captured, tmp_path, monkeypatch):
+    # The manifest names the model "sample_data/tiny-moe"; its config.json was only found from the repo root.
+    monkeypatch.chdir(tmp_path)
+    r = cli("simulate", captured, "--timeline", "-n", "2", "-g", "2", "--policies", "linear,eplb", "--out", "tl")
+    assert r.exit_code == 0, r.stderr
+    assert "note: moe_intermediate_size 96 from " in r.stdout
+    assert (tmp_path / "tl" / "timeline.json").is_file()

@@ -36,7 +36,9 @@ def expert_shape(trace: Trace, data: RoutingData, *, hidden_size: int | None, dt
         inter = (raw.get("model") or {}).get("moe_intermediate_size")
         model_dir = (raw.get("capture") or {}).get("model")
         if inter is None and isinstance(model_dir, str):
-            for base in (Path.cwd(), trace.path.parent, trace.path.parent.parent):
+            # A capture of the embedded default records "sample_data/tiny-moe": the shipped package's copy,
+            # wherever the user stands (the last base), not only from the repository root.
+            for base in (Path.cwd(), trace.path.parent, trace.path.parent.parent, _shipped_root()):
                 cfg_file = base / model_dir / "config.json"
                 if cfg_file.is_file():
                     try:
@@ -55,6 +57,13 @@ def expert_shape(trace: Trace, data: RoutingData, *, hidden_size: int | None, dt
         raise UsageError("--moe-intermediate-size and --weight-bytes must be at least 1")
     wb = int(weight_bytes or cfg.dtype_bytes)
     return ExpertShape(cfg.hidden_size, int(inter), cfg.dtype_bytes, wb), notes
+
+
+def _shipped_root() -> Path:
+    """The directory that holds the installed ``sample_data`` (the repository root in a checkout)."""
+    from moeprof import sample_data
+
+    return Path(sample_data.__file__).resolve().parent.parent
 
 
 def summarize(run: Run, rp: Replay) -> dict[str, Any]:
