@@ -56,6 +56,7 @@ def simulate(
     address: AddressOpt = None,
     sample_requests: SampleRequests = None,
     sample_rows: SampleRows = None,
+    ctx: typer.Context = None,
 ) -> None:
     """Simulate the all-to-all traffic and GPU load of expert placements on held-out requests.
 
@@ -94,6 +95,7 @@ def simulate(
 
     if sum([compare_all, timeline, placement is not None]) != 1:
         raise UsageError("give one of --placement FILE, --compare or --timeline (the last two with --nodes and --gpus-per-node)")
+    _refuse_unused(ctx, "--timeline" if timeline else "--compare" if compare_all else "--placement")
     runner = None
     if engine is EngineName.ray or address is not None:
         from moeprof.analysis.engine import get_engine
@@ -139,6 +141,30 @@ def simulate(
         typer.echo(json.dumps(d, indent=2))
     else:
         render_comparison(d, con, files=[str(f) for f in files])
+
+
+# Options only some modes read; given to another, they were ignored without a word.
+_TIMELINE_ONLY = {"policies", "rebalance_every", "window", "concurrency", "report_windows", "moe_intermediate_size",
+                  "weight_bytes", "gpu", "intra_fabric", "inter_fabric", "intra_bw", "inter_bw", "gpu_tflops",
+                  "gpu_hbm_bw", "link_latency_us", "rank_cost"}
+_UNUSED = {
+    "--placement": _TIMELINE_ONLY | {"nodes", "gpus_per_node", "slots_per_gpu", "redundant", "seed", "test_fraction",
+                                     "out", "force"},
+    "--compare": _TIMELINE_ONLY,
+    "--timeline": {"batch_size", "test_fraction"},
+}
+
+
+def _refuse_unused(ctx: Optional[typer.Context], mode: str) -> None:
+    if ctx is None:
+        return
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if param.name in _UNUSED[mode] and source is not None and source.name == "COMMANDLINE":
+            why = ("it writes no file; --json prints the result" if param.name in ("out", "force")
+                   else "the placement file fixes the topology and the split" if mode == "--placement"
+                   else "it is not read there")
+            raise UsageError(f"{param.opts[0]} does not apply to simulate {mode} ({why}); leave it out")
 
 
 def _ints(text: Optional[str], option: str) -> Optional[list[int]]:

@@ -281,3 +281,28 @@ def test_timeline_of_an_embedded_default_capture_works_outside_the_repository(cl
     assert r.exit_code == 0, r.stderr
     assert "note: moe_intermediate_size 96 from " in r.stdout
     assert (tmp_path / "tl" / "timeline.json").is_file()
+
+
+# -- simulate: options of another mode were ignored without a word ----------------------------------
+@pytest.mark.parametrize("mode, extra, message", [
+    (["--compare", "-n", "2", "-g", "2"], ["--policies", "eplb"],
+     "--policies does not apply to simulate --compare (it is not read there); leave it out"),
+    (["--compare", "-n", "2", "-g", "2"], ["--gpu", "h200"],
+     "--gpu does not apply to simulate --compare (it is not read there); leave it out"),
+    (["--placement", "{placement}"], ["-n", "4"],
+     "--nodes does not apply to simulate --placement (the placement file fixes the topology and the split); "
+     "leave it out"),
+    (["--placement", "{placement}"], ["--out", "{tmp}/x"],
+     "--out does not apply to simulate --placement (it writes no file; --json prints the result); leave it out"),
+    (["--timeline", "-n", "2", "-g", "2"], ["--batch-size", "8"],
+     "--batch-size does not apply to simulate --timeline (it is not read there); leave it out"),
+])
+def test_simulate_refuses_an_option_its_mode_does_not_read(cli, trace, placement, tmp_path, monkeypatch, mode, extra,
+                                                          message):
+    monkeypatch.chdir(tmp_path)  # where --compare and --timeline would write by default
+    (tmp_path / "p.json").write_text(json.dumps(placement))
+    args = [a.format(placement=tmp_path / "p.json", tmp=tmp_path) for a in mode + extra]
+    r = cli("simulate", trace, *args)
+    assert r.exit_code == 2, r.stdout
+    assert flat(r.stderr) == f"Error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
