@@ -79,7 +79,8 @@ def demo(
         con.print("$ moeprof " + " ".join(args), style="cyan", highlight=False)
         code = main(args)
         if code != 0:
-            con.print(f"[red]step {number} ({args[0]}) failed with exit code {code}; the demo stops here[/]")
+            what = "was interrupted" if code == 130 else f"failed with exit code {code}"
+            con.print(f"[red]step {number} ({args[0]}) {what}; the demo stops here[/]")
             return code
     _rule(con, "[bold green]done")
     con.print(f"Everything is in {out}/" + (" — open report/index.html" if "report" in registered else ""))

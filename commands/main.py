@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 from rich.text import Text
@@ -132,6 +133,37 @@ _EXIT, _CLICK_ERROR, _ABORT = _click_exception_types()
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (console_scripts passes it to sys.exit)."""
+    import signal
+
+    # typer >= 0.29 turns Ctrl-C into a silent exit 130 before it reaches us: note the signal as it comes.
+    interrupted: list[bool] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.append(True)
+        signal.default_int_handler(signum, frame)
+
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+            previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        pass
+    try:
+        code = _main(argv, interrupted)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if code is _ABORTED:
+        err_console().print(Text("Aborted.", style="yellow"))
+        return 130
+    return code
+
+
+# What _main returns for Ctrl-C or an abort it saw itself (older typer), so that main says it once.
+_ABORTED = object()
+
+
+def _main(argv: list[str] | None, interrupted: list[bool]) -> Any:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="moeprof", standalone_mode=False)
@@ -139,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console().print(Text(f"Error: {exc}", style="red"), soft_wrap=True)
         return exc.exit_code
     except _EXIT as exc:
-        return exc.exit_code
+        return _ABORTED if exc.exit_code == 130 and interrupted else exc.exit_code
     except _CLICK_ERROR as exc:
         exc.show()
         return exc.exit_code
@@ -156,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             "with more memory", style="red"), soft_wrap=True)
         return 2
     except (*_ABORT, KeyboardInterrupt):
-        err_console().print(Text("Aborted.", style="yellow"))
-        return 130
+        return _ABORTED
+    if result == 130 and interrupted:
+        return _ABORTED
     return result if isinstance(result, int) else 0
 
 

@@ -306,3 +306,50 @@ def test_simulate_refuses_an_option_its_mode_does_not_read(cli, trace, placement
     assert r.exit_code == 2, r.stdout
     assert flat(r.stderr) == f"Error: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+# -- Ctrl-C -------------------------------------------------------------------------------------------
+def _children(pid: int) -> list[str]:
+    return subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="process groups and pgrep as on Linux")
+def test_ctrl_c_in_analyze_says_aborted_once_with_no_traceback_and_no_process_left(tmp_path):
+    # A terminal's Ctrl-C goes to the whole process group: moeprof and its figure workers. Before, each
+    # worker printed a KeyboardInterrupt traceback, and moeprof itself exited 130 without a word.
+    import signal
+    import time
+
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
+    p = subprocess.Popen([sys.executable, "-m", "moeprof", "analyze", str(SAMPLE_TRACE), "--out", str(tmp_path / "a")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not _children(p.pid) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not _children(p.pid):
+        p.kill()
+        p.communicate()
+        pytest.skip("no figure worker was started (figures drawn in the process on a busy machine)")
+    time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == "Aborted."
+    assert err.count("Aborted.") == 1
+    assert left == []
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_demo_says_a_step_was_interrupted_not_failed(cli, tmp_path, monkeypatch):
+    import moeprof.commands.main as main_mod
+
+    def step(argv):  # capture and inspect done, Ctrl-C during analyze
+        return 130 if argv[0] == "analyze" else 0
+
+    monkeypatch.setattr(main_mod, "main", step)
+    r = cli("demo", "--out", tmp_path / "d")
+    assert r.exit_code == 130
+    assert "step 3 (analyze) was interrupted; the demo stops here" in r.stdout

@@ -23,6 +23,7 @@ import gc
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -169,6 +170,9 @@ def _start_zygote(queue: Any) -> None:
     """The first worker's start: import matplotlib and draw a small figure once (fonts, caches), so that
     the workers it forks (:func:`_serve`) start warm, with none of that to do again."""
     global _queue, _writer_pid
+    # Ctrl-C reaches the whole process group: the writer's process handles it and stops this one (and the
+    # workers forked from it, which inherit this); here it printed a KeyboardInterrupt traceback per process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _queue, _writer_pid = queue, os.getppid()
     # Drawing does no linear algebra: numpy's BLAS (OpenBLAS) would start threads when it is imported,
     # and a process with threads does not fork (_start_method).
