@@ -283,18 +283,61 @@ def staged_dir(out: str | Path, kind: str, force: bool = False) -> Iterator[Path
         raise
 
 
-def begin_in_place(out: str | Path, kind: str, force: bool) -> None:
+def begin_in_place(out: str | Path, kind: str, force: bool, *, lock: bool = False) -> None:
     """Prepare ``out`` for an output written where it stands (a capture): check it, remove an earlier
-    moeprof output there (only with ``force``, only if all of it is moeprof's), create it, mark it."""
+    moeprof output there (only with ``force``, only if all of it is moeprof's), create it, mark it.
+    With ``lock``, ``out`` stays locked (:func:`lock_output`) until :func:`release_output` or this
+    process ends."""
     out = Path(out)
     check_target(out, force)
     try:
         if out.exists() and any(out.iterdir()):
+            if lock:
+                lock_output(out)  # not while another process writes it
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        if lock:
+            lock_output(out)
         write_marker(out, kind)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write ({_reason(exc)})") from None
+
+
+# Directories this process writes in place, by (device, inode): the open descriptor holding its lock.
+_LOCKS: dict[tuple[int, int], int] = {}
+
+
+def lock_output(out: Path) -> None:
+    """Take an exclusive lock on the directory ``out`` for this process, or raise
+    :class:`OutputExistsError` if another process holds it: two captures started into one ``--out``
+    each checked it empty, wrote into it together and both reported success, with one's trace lost."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock, as before
+        return
+    st = out.stat()
+    if (st.st_dev, st.st_ino) in _LOCKS:
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputExistsError(
+            f"{out}: another moeprof process is writing it now; wait for it to finish or choose another --out"
+        ) from None
+    _LOCKS[(st.st_dev, st.st_ino)] = fd
+
+
+def release_output(out: str | Path) -> None:
+    """Release the lock :func:`lock_output` took on ``out`` (nothing if none)."""
+    try:
+        st = Path(out).stat()
+    except OSError:
+        return
+    fd = _LOCKS.pop((st.st_dev, st.st_ino), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def begin_demo(out: str | Path, force: bool) -> None:

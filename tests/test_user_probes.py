@@ -353,3 +353,42 @@ def test_demo_says_a_step_was_interrupted_not_failed(cli, tmp_path, monkeypatch)
     r = cli("demo", "--out", tmp_path / "d")
     assert r.exit_code == 130
     assert "step 3 (analyze) was interrupted; the demo stops here" in r.stdout
+
+
+# -- two writers, one --out -------------------------------------------------------------------------
+HOLD_WRITER = """
+import sys
+from moeprof.trace import ModelInfo, TraceWriter
+model = ModelInfo(name="x", architecture="hand-built", num_experts=4, top_k=1, moe_layers=[0], num_layers=1,
+                  hidden_size=8, dtype="bfloat16")
+w = TraceWriter(sys.argv[1], model=model, source="synthetic")
+print("ready", flush=True)
+sys.stdin.read()  # writing, until the test closes stdin
+w.close()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_capture_into_a_trace_another_process_is_writing_is_refused(cli, tmp_path):
+    # Before: both captures checked the directory, wrote into it together and both said they succeeded,
+    # the trace of one lost under the other's.
+    out = tmp_path / "t"
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        before = {p.name for p in out.iterdir()}
+        r = cli("capture", "--out", out, "--limit", "2", "--force")
+        assert r.exit_code == 2
+        assert flat(r.stderr) == (f"Error: {out}: another moeprof process is writing it now; wait for it to finish "
+                                  "or choose another --out")
+        assert {p.name for p in out.iterdir()} == before
+    finally:
+        writer.communicate("", timeout=60)
+    assert writer.returncode == 0
+    # Once that writer closed, the directory is free again.
+    from moeprof.trace import ModelInfo, TraceWriter
+
+    model = ModelInfo(name="y", architecture="hand-built", num_experts=4, top_k=1, moe_layers=[0], num_layers=1,
+                      hidden_size=8, dtype="bfloat16")
+    TraceWriter(out, model=model, source="synthetic", force=True).close()

@@ -142,12 +142,13 @@ def routing_table(
     )
 
 
-def prepare_output_dir(out: Path, force: bool) -> None:
+def prepare_output_dir(out: Path, force: bool, *, lock: bool = False) -> None:
     """Make ``out`` an empty directory marked as a trace, replacing an earlier moeprof output only with
-    ``force`` and only if every file in it is moeprof's (see :mod:`moeprof.outputs`)."""
+    ``force`` and only if every file in it is moeprof's (see :mod:`moeprof.outputs`); with ``lock``,
+    refused while another process writes it, and held by this one (a :class:`TraceWriter` until it closes)."""
     from moeprof.outputs import begin_in_place
 
-    begin_in_place(out, "trace", force)
+    begin_in_place(out, "trace", force, lock=lock)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -220,7 +221,7 @@ class TraceWriter:
 
             self.out = begin_staged(self.target, "trace", force)
         else:
-            prepare_output_dir(self.target, force)
+            prepare_output_dir(self.target, force, lock=True)
             self.out = self.target
         self.manifest = Manifest(
             source=source,
@@ -336,6 +337,9 @@ class TraceWriter:
     def _finish_staged(self, ok: bool) -> None:
         """A staged trace: move it to its target when complete, else remove every file of it."""
         if not self._staged:
+            from moeprof.outputs import release_output
+
+            release_output(self.out)  # written in place: another process may replace it now
             return
         from moeprof.outputs import commit_staged, discard_staged
 
