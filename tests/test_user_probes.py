@@ -392,3 +392,15 @@ def test_a_capture_into_a_trace_another_process_is_writing_is_refused(cli, tmp_p
     model = ModelInfo(name="y", architecture="hand-built", num_experts=4, top_k=1, moe_layers=[0], num_layers=1,
                       hidden_size=8, dtype="bfloat16")
     TraceWriter(out, model=model, source="synthetic", force=True).close()
+
+
+@pytest.mark.parametrize("figures, written", [
+    ("none", "summary.json, {out}/tables/*.parquet"),
+    ("png", "summary.json, {out}/tables/*.parquet, {out}/plots/*.png"),
+])
+def test_analyze_says_only_the_files_it_wrote(cli, trace, tmp_path, figures, written):
+    out = tmp_path / "a"
+    r = cli("analyze", trace, "--out", out, "--figures", figures)
+    assert r.exit_code == 0, r.stderr
+    assert flat(r.stdout).endswith(f"wrote {out}/" + written.format(out=out))
+    assert (out / "plots").exists() == (figures != "none")

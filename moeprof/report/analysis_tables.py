@@ -57,7 +57,10 @@ def render_analysis(s: dict[str, Any], con: Console, out: Path | None = None) ->
     _phase(s["prefill_decode"], con)
     _coactivation(s["coactivation"], con)
     if out is not None:
-        con.print(f"\nwrote {out}/summary.json, {out}/tables/*.parquet, {out}/plots/*.png|svg")
+        # The figures' formats from what was written: none with --figures none.
+        formats = sorted({f.rsplit(".", 1)[-1] for f in s.get("outputs", []) if f.startswith("plots/")})
+        plots = f", {out}/plots/*.{'|'.join(formats)}" if formats else ""
+        con.print(f"\nwrote {out}/summary.json, {out}/tables/*.parquet{plots}")
 
 
 def _imbalance(imb: dict[str, Any], con: Console) -> None:
