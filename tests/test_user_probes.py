@@ -404,3 +404,25 @@ def test_analyze_says_only_the_files_it_wrote(cli, trace, tmp_path, figures, wri
     assert r.exit_code == 0, r.stderr
     assert flat(r.stdout).endswith(f"wrote {out}/" + written.format(out=out))
     assert (out / "plots").exists() == (figures != "none")
+
+
+def test_compare_on_a_decode_only_trace_skips_what_needs_prefill(cli, tmp_path):
+    # Logs of generated tokens only (the gpt-oss set in ../shared/realdata is one): --compare failed
+    # outright on locality+domain, leaving the user no comparison at all.
+    rng = np.random.default_rng(0)
+    model = ModelInfo(name="decode-only", architecture="hand-built", num_experts=8, top_k=2, moe_layers=[0, 1],
+                      num_layers=2, hidden_size=8, dtype="bfloat16")
+    with TraceWriter(tmp_path / "t", model=model, source="synthetic") as w:
+        for r in range(40):
+            w.set_request(r, "ab"[r % 2], prompt_tokens=0, decode_tokens=12)
+            step = np.arange(1, 13, dtype=np.int32)
+            for layer in (0, 1):
+                first = rng.integers(0, 8, 12)
+                experts = np.stack([first, (first + 1 + rng.integers(0, 7, 12)) % 8], 1)
+                w.write_routing(dict(request_id=r, step=step, phase=np.ones(12, np.int8), pos=step, layer=layer,
+                                     experts=experts, weights=None, batch_id=step.astype(np.int64)))
+    r = cli("simulate", tmp_path / "t", "--compare", "-n", "2", "-g", "2", "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.stderr
+    assert "locality+domain: skipped, locality fits on prefill routing and the trace has no prefill rows" in flat(r.stdout)
+    rows = json.loads((tmp_path / "c" / "compare.json").read_text())["rows"]
+    assert [row["key"] for row in rows] == ["linear", "round_robin", "eplb"]

@@ -60,12 +60,16 @@ class PolicyResult:
 Policy = Callable[..., PolicyResult]
 POLICIES: dict[str, Policy] = {}
 DEFAULT_GROUPING: dict[str, str] = {}
+FITS_ON_PREFILL: set[str] = set()
+"""Policies that fit on prefill routing whatever the grouping: a trace without prefill rows cannot use them."""
 
 
-def register(name: str, default_grouping: str = "random") -> Callable[[Policy], Policy]:
+def register(name: str, default_grouping: str = "random", *, fits_on_prefill: bool = False) -> Callable[[Policy], Policy]:
     def wrap(fn: Policy) -> Policy:
         POLICIES[name] = fn
         DEFAULT_GROUPING[name] = default_grouping
+        if fits_on_prefill:
+            FITS_ON_PREFILL.add(name)
         return fn
 
     return wrap
@@ -418,7 +422,7 @@ def _repair(row: np.ndarray, slot_load: np.ndarray, Wn: np.ndarray, topo: Topolo
     return row, float(slot_load.reshape(-1, S).sum(1).max())
 
 
-@register("locality", default_grouping="prefill")
+@register("locality", default_grouping="prefill", fits_on_prefill=True)
 def locality(
     fit: FitInput,
     load_bound: float | None = None,

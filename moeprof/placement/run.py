@@ -17,7 +17,7 @@ from moeprof.placement.data import RoutingData, load_routing, signatures, split_
 from moeprof.placement.export import EXPORTERS, write_export
 from moeprof.placement.grouping import GROUPINGS, fit_grouping
 from moeprof.placement.plan import Placement, _jsonable, read_placement, write_placement
-from moeprof.placement.policies import DEFAULT_GROUPING, FitInput, get_policy
+from moeprof.placement.policies import DEFAULT_GROUPING, FITS_ON_PREFILL, FitInput, get_policy
 from moeprof.placement.sample import RequestSample, check_budget, check_sides, ids_digest, plan_sample
 from moeprof.placement.simulate import SimConfig, simulate
 from moeprof.placement.topology import Topology, build_topology
@@ -364,6 +364,10 @@ def compare(
         g = grouping or DEFAULT_GROUPING[policy]
         if g == "prefill" and not has_prefill:
             cmp.notes.append(f"{policy}: skipped, the trace has no prefill rows to group requests by")
+            continue
+        if policy in FITS_ON_PREFILL and not has_prefill:
+            key = policy if grouping is None else f"{policy}+{grouping}"
+            cmp.notes.append(f"{key}: skipped, {policy} fits on prefill routing and the trace has no prefill rows")
             continue
         todo.append((policy, grouping))
     fitted = [_fit_and_score(item, (data, test, topo, cfg, seed), engine) for item in todo]
