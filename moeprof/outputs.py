@@ -354,13 +354,17 @@ def begin_demo(out: str | Path, force: bool) -> None:
 
 
 # -- files written into a directory that may hold other things -----------------------------------
-def check_entries(directory: str | Path, names: list[str], force: bool, *, option: str = "--out") -> None:
+def check_entries(directory: str | Path, names: list[str], force: bool, *, option: str = "--out",
+                  shown: Path | None = None) -> None:
     """Refuse (before any work) to write the entries ``names`` (files or directories) into ``directory``
     unless each is new, or ``force`` is given and it is moeprof's (listed in the marker, or a nested
-    moeprof output). Other things in ``directory`` are never touched."""
+    moeprof output). Other things in ``directory`` are never touched. ``shown``: what the user gave
+    ``option`` (a file in ``directory``), for the messages; by default ``directory``."""
     refuse_uri(directory, option)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
+        if shown is not None:
+            raise OutputExistsError(f"{option} {shown}: {directory} is not a directory")
         raise OutputExistsError(f"{option} {directory}: exists and is not a directory; choose another {option}")
     marker = read_marker(directory) if directory.is_dir() else None
     listed = set((marker or {}).get("files") or ())
@@ -382,7 +386,7 @@ def check_entries(directory: str | Path, names: list[str], force: bool, *, optio
                 f"{bad}: not written by moeprof (not listed in {directory / MARKER}); refusing to replace "
                 f"{target} even with --force: choose another {option} or remove it yourself"
             )
-    check_writable(directory, option=option, target=directory)
+    check_writable(directory, option=option, target=shown or directory)
 
 
 @contextmanager

@@ -426,3 +426,21 @@ def test_compare_on_a_decode_only_trace_skips_what_needs_prefill(cli, tmp_path):
     assert "locality+domain: skipped, locality fits on prefill routing and the trace has no prefill rows" in flat(r.stdout)
     rows = json.loads((tmp_path / "c" / "compare.json").read_text())["rows"]
     assert [row["key"] for row in rows] == ["linear", "round_robin", "eplb"]
+
+
+# -- outputs that cannot be written: named as the user gave them, said before the work ---------------
+def test_place_names_its_out_file_when_the_place_cannot_be_written(cli, trace, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "p.json"
+    r = cli("place", trace, "-n", "2", "-g", "2", "-p", "eplb", "--out", out)
+    assert r.exit_code == 2
+    assert flat(r.stderr) == f"Error: --out {out}: {tmp_path / 'file'} is not a directory"
+
+
+def test_timeline_says_its_out_cannot_be_written_before_the_replay(cli, trace, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "tl"
+    r = cli("simulate", trace, "--timeline", "-n", "2", "-g", "2", "--moe-intermediate-size", "64", "--out", out)
+    assert r.exit_code == 2
+    assert flat(r.stderr) == f"Error: --out {out}: {tmp_path / 'file'} is not a directory"
+    assert r.stdout == ""  # no replay was run and printed

@@ -174,7 +174,7 @@ def place(
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; give the file to write, e.g. {out / 'placement.json'}")
     names = [out.name] + [export_path(out, fmt).name for fmt in exports]
-    check_entries(out.parent, names, force)  # before the trace is read
+    check_entries(out.parent, names, force, shown=out)  # before the trace is read
     opened = Trace.open(trace)
     data = _load_split(opened, phase, seed, test_fraction, sample_requests, sample_rows, engine)
     topo = build_topology(data.model.num_experts, nodes, gpus_per_node, slots_per_gpu=slots_per_gpu,

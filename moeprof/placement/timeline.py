@@ -246,12 +246,15 @@ def _human(n: float) -> str:
 
 
 def check_timeline_out(out: str | Path, force: bool) -> Path:
-    """Refuse to replace an earlier timeline in ``out`` unless ``force``; nothing is written here."""
+    """Refuse to replace an earlier timeline in ``out`` unless ``force``, or to write where nothing can be
+    written (read-only, no permission: said before the replay, not after it); nothing is written here."""
     from moeprof.errors import OutputExistsError
+    from moeprof.outputs import check_writable
 
     out = Path(out)
     if out.exists() and any(out.glob("timeline.*")) and not force:
         raise OutputExistsError(f"{out} already holds a timeline; pass --force to replace it")
+    check_writable(out, target=out)
     return out
 
 
