@@ -132,3 +132,47 @@ def test_jsonl_dummy_passes_under_a_real_request_id(tmp_path):
     assert rep.routing_rows == 7
     kept = import_trace("jsonl", [src], tmp_path / "u")
     assert kept.routing_rows == 15 and kept.warmup == rep.warmup
+
+
+def _pass_starts_row_by_row(pos, layer, last):
+    """The definition, one row at a time."""
+    starts = []
+    for i, (p, lay) in enumerate(zip(pos.tolist(), layer.tolist())):
+        prev = last.get(lay)
+        if prev is not None and p <= prev:
+            starts.append(i)
+            last.clear()
+        last[lay] = p
+    return starts
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pass_starts_equal_the_row_by_row_definition(seed):
+    rng = np.random.default_rng(seed)
+    fast, slow = {}, {}
+    for _ in range(4):  # calls for one unit carry their state
+        n = int(rng.integers(0, 60))
+        layers = int(rng.integers(1, 5))
+        if rng.random() < 0.5:  # passes of token-major rows, token indices restarting
+            toks = np.concatenate([np.arange(int(rng.integers(1, 6))) for _ in range(n // 3 + 1)])
+            pos, lay = np.repeat(toks, layers)[:n], np.tile(np.arange(layers), toks.size)[:n]
+        else:  # anything
+            pos, lay = rng.integers(-2, 6, n), rng.integers(0, layers, n)
+        assert pass_starts(pos, lay, fast) == _pass_starts_row_by_row(pos, lay, slow)
+        assert fast == slow
+
+
+@pytest.mark.parametrize("ids", [[5, 5, -1, -1, 7, 5, 0], [2**62 + 1, 2**62 + 1, -(2**63), 3, 3, 3, -1]])
+def test_rows_per_request_and_phase_counted_for_every_id(ids):
+    from collections import Counter
+
+    from moeprof.importers.run import _Requests
+
+    rid, phase = np.array(ids, np.int64), np.array([0, 1, 0, 1, 1, 1, 0], np.int8)
+    reqs = _Requests(None)
+    reqs.count(rid, phase)
+    reqs.count(rid[:3], phase[:3])
+    want: dict[int, list[int]] = {}
+    for (r, p), c in (Counter(zip(ids, phase.tolist())) + Counter(zip(ids[:3], phase[:3].tolist()))).items():
+        want.setdefault(r, [0, 0])[p] += c
+    assert reqs.rows == want
