@@ -84,6 +84,9 @@ class _Requests:
             for k in np.unique(keys).tolist():
                 self._register(int(k), where)
             return keys.astype(np.int64, copy=False)
+        if isinstance(keys, list) and keys and keys.count(keys[0]) == len(keys):
+            # one request's chunk (nearly always): one lookup, not one per row (0.8 s of a 1.3 M-row import)
+            return np.full(len(keys), self._register(keys[0], where), np.int64)
         out = np.empty(len(keys), dtype=np.int64)
         cache: dict[Any, int] = {}
         for i, k in enumerate(keys):
