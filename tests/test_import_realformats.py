@@ -176,3 +176,26 @@ def test_rows_per_request_and_phase_counted_for_every_id(ids):
     for (r, p), c in (Counter(zip(ids, phase.tolist())) + Counter(zip(ids[:3], phase[:3].tolist()))).items():
         want.setdefault(r, [0, 0])[p] += c
     assert reqs.rows == want
+
+
+def test_expert_selection_steps_with_and_without_null_layers_give_every_row(tmp_path):
+    # steps read whole (no null layer), layer by layer (a null layer), and with no tokens at all
+    rng = np.random.default_rng(3)
+    steps = []
+    for i in range(40):
+        n = int(rng.integers(0, 4)) if i else 3
+        step = {str(lay): rng.integers(0, 8, (n, 2)).tolist() for lay in (1, 2, 3)}
+        if rng.random() < 0.4:
+            step["0"] = None
+        steps.append(step)
+    src = tmp_path / "src" / "tag-x" / "7.json"
+    src.parent.mkdir(parents=True)
+    src.write_text(json.dumps(steps))
+    import_trace("auto", [tmp_path / "src"], tmp_path / "t", ImportOptions(num_experts=8))
+    want, pos = [], 0
+    for i, step in enumerate(steps):
+        n = max((len(v) for v in step.values() if v is not None), default=0)
+        for lay in sorted(int(k) for k, v in step.items() if v):
+            want += [("tag-x", i, "prefill" if i == 0 else "decode", pos + t, lay, step[str(lay)][t]) for t in range(n)]
+        pos += n
+    assert _rows(tmp_path / "t") == sorted(want)

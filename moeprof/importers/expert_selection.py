@@ -169,7 +169,8 @@ class ExpertSelectionImporter(Importer):
             raise bad(where, "top level", "expected a JSON list of forward steps, each an object layer -> tokens")
         # One entry per (step, layer) run of tokens; the rows' columns are built from them in numpy (a
         # list extended per token-column per layer cost 3.8 s of a 6.4 s import of 1.3 M rows).
-        runs: dict[str, list] = {"step": [], "layer": [], "n": [], "pos0": [], "tokens": []}
+        # per run: tokens, layer, n; per step: step, pos0, count (its runs)
+        runs: dict[str, list] = {"tokens": [], "layer": [], "n": [], "step": [], "pos0": [], "count": []}
         pos0 = 0
         for i, step in enumerate(steps):
             n_tok = self._step(step, i, pos0, runs, where)
@@ -180,10 +181,12 @@ class ExpertSelectionImporter(Importer):
             self.note(f"{where}: no MoE layer has routing; the request is left out")
             return None
         n = np.asarray(runs["n"], dtype=np.int64)
+        count = np.asarray(runs["count"], dtype=np.int64)
         first = np.cumsum(n) - n  # each run's first row
-        step = np.repeat(np.asarray(runs["step"], dtype=np.int32), n)
+        step = np.repeat(np.repeat(np.asarray(runs["step"], dtype=np.int32), count), n)
         layer = np.repeat(np.asarray(runs["layer"], dtype=np.int64), n)
-        pos = (np.repeat(np.asarray(runs["pos0"], dtype=np.int64) - first, n) + np.arange(int(n.sum()))).astype(np.int32)
+        pos0 = np.repeat(np.asarray(runs["pos0"], dtype=np.int64), count)
+        pos = (np.repeat(pos0 - first, n) + np.arange(int(n.sum()))).astype(np.int32)
         cols = {"step": step, "layer": layer, "pos": pos, "experts": list(chain.from_iterable(runs["tokens"]))}
         experts = self._experts(cols, where)
         return RoutingChunk(
@@ -218,6 +221,38 @@ class ExpertSelectionImporter(Importer):
         return experts.astype(np.int64, copy=False)
 
     def _step(self, step: dict[str, Any], i: int, pos0: int, runs: dict[str, list], where: str) -> int:
+        """Add the step's runs of tokens (one per layer with tokens) to ``runs``; its number of tokens."""
+        before = len(runs["tokens"])
+        n_tok = self._step_whole(step, runs)
+        if n_tok is None:  # some layer is null or not as expected: layer by layer, naming what is wrong
+            n_tok = self._step_layers(step, i, runs, where)
+        runs["step"].append(i)
+        runs["pos0"].append(pos0)
+        runs["count"].append(len(runs["tokens"]) - before)
+        return n_tok
+
+    @staticmethod
+    def _step_whole(step: dict[str, Any], runs: dict[str, list]) -> int | None:
+        """A step whose every layer holds a list of as many tokens, added with a few bulk calls (most
+        steps are one decode token in every layer: per-layer Python was most of an import); else None."""
+        tokens = list(step.values())
+        if not tokens or None in tokens or not all(type(t) is list for t in tokens):
+            return None
+        try:
+            layers = list(map(int, step))
+        except ValueError:
+            return None
+        n = list(map(len, tokens))
+        if n.count(n[0]) != len(n):
+            return None
+        if n[0]:
+            runs["tokens"] += tokens
+            runs["layer"] += layers
+            runs["n"] += n
+        return n[0]
+
+    @staticmethod
+    def _step_layers(step: dict[str, Any], i: int, runs: dict[str, list], where: str) -> int:
         n_tok: int | None = None
         for lay_s, tokens in step.items():
             if tokens is None:
@@ -238,7 +273,5 @@ class ExpertSelectionImporter(Importer):
             if n:
                 runs["tokens"].append(tokens)
                 runs["layer"].append(lay)
-                runs["step"].append(i)
                 runs["n"].append(n)
-                runs["pos0"].append(pos0)
         return n_tok or 0
