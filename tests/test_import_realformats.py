@@ -172,8 +172,12 @@ def test_rows_per_request_and_phase_counted_for_every_id(ids):
     reqs = _Requests(None)
     reqs.count(rid, phase)
     reqs.count(rid[:3], phase[:3])
+    reqs.count(rid[:2], phase[:2])  # one request's rows
+    reqs.count(rid[2:4], phase[2:4])
     want: dict[int, list[int]] = {}
-    for (r, p), c in (Counter(zip(ids, phase.tolist())) + Counter(zip(ids[:3], phase[:3].tolist()))).items():
+    seen = Counter(zip(ids, phase.tolist())) + Counter(zip(ids[:3], phase[:3].tolist()))
+    seen += Counter(zip(ids[:2], phase[:2].tolist())) + Counter(zip(ids[2:4], phase[2:4].tolist()))
+    for (r, p), c in seen.items():
         want.setdefault(r, [0, 0])[p] += c
     assert reqs.rows == want
 

@@ -123,6 +123,12 @@ class _Requests:
         if rid.size == 0:
             return
         rid = rid.astype(np.int64, copy=False)
+        if rid[0] == rid[-1] and (rid == rid[0]).all():  # one request's chunk (nearly always)
+            row = self.rows.setdefault(int(rid[0]), [0, 0])
+            decode = int(np.count_nonzero(phase))
+            row[0] += rid.size - decode
+            row[1] += decode
+            return
         if -(1 << 61) < rid.min() and rid.max() < (1 << 61):
             # (request, phase) as one integer 2 * request + phase: a 1-D unique (unique along an axis
             # sorts rows as opaque records, several times slower); ids of -1 (no request) decode right too
