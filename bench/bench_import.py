@@ -5,8 +5,9 @@
 
 Per-token JSONL, for each size of ``--rows``: ``--repeats`` alternating rounds of `moeprof import`
 and of the reference, ``polars.read_ndjson`` + ``write_parquet`` of the same file (no checks, no
-trace), each in a fresh process; prints both (median [min - max]) and the ratio import / reference
-per round. ``--baseline`` names another interpreter (another checkout's environment, or a wrapper
+trace), each in a fresh process, timed from after its library's imports (polars; moeprof's
+importer modules) and as a whole process; prints both (median [min - max]) and the ratios import /
+reference per round. ``--baseline`` names another interpreter (another checkout's environment, or a wrapper
 that puts an older tree on PYTHONPATH) whose import is timed in the same rounds. Megatron: one
 import of the last size. Prints rows/s and the peak RSS growth; memory must stay flat as --rows
 grows (the importers stream).
@@ -55,6 +56,10 @@ _IMPORT = """
 import sys, time, json, resource
 from pathlib import Path
 from moeprof.importers import ImportOptions, import_trace
+try:  # the modules an import runs, imported before the clock starts, as the reference's polars is
+    import moeprof.importers.run, moeprof.importers.jsonl, moeprof.trace.writer
+except ImportError:
+    pass
 t0 = time.perf_counter()
 rep = import_trace("jsonl", [Path(sys.argv[1])], Path(sys.argv[2]), ImportOptions(num_experts=int(sys.argv[3]), force=True))
 ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -75,11 +80,14 @@ print(json.dumps(dict(seconds=time.perf_counter() - t0, rows=df.height, cpu=ru.r
 
 
 def _child(code: str, *args: str, python: str = sys.executable) -> dict:
+    t0 = time.perf_counter()
     # -P: the code imports moeprof from the interpreter's environment (or PYTHONPATH), not from here
     res = subprocess.run([python, "-P", "-c", code, *args], capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(res.stderr)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["process"] = time.perf_counter() - t0  # the whole process: interpreter start and imports too
+    return out
 
 
 def _spread(xs: list[float], fmt: str = "{:.2f}") -> str:
@@ -118,7 +126,10 @@ def jsonl_point(tmp: Path, rows: int, args: argparse.Namespace) -> dict:
     print(f"  import / polars: {_spread(ratio)}x")
     print(f"  CPU seconds, whole process (less sensitive to load): polars {_spread([p['cpu'] for p in ref])}, "
           f"import {_spread([o['cpu'] for o in ours])}")
-    out = dict(rows=rows, mib=size / 2**20, ratio=ratio, seconds=mo, polars=po)
+    whole = [o["process"] / p["process"] for o, p in zip(ours, ref)]
+    print(f"  whole processes (interpreter start and imports too): polars {_spread([p['process'] for p in ref])} s, "
+          f"import {_spread([o['process'] for o in ours])} s, import / polars {_spread(whole)}x")
+    out = dict(rows=rows, mib=size / 2**20, ratio=ratio, seconds=mo, polars=po, whole=whole)
     if base:
         bo = [b["seconds"] for b in base]
         print(f"  baseline import ({args.baseline}): {_spread(bo)} s, {_spread([b / p for b, p in zip(bo, po)])}x polars, "
@@ -139,9 +150,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         points = [jsonl_point(Path(tmp), rows, args) for rows in args.rows]
         if len(points) > 1:
-            print("\nsize          MiB   import / polars (median [min - max])" + ("   import / baseline" if args.baseline else ""))
+            print("\nsize          MiB   import / polars (median [min - max])   whole processes" +
+                  ("   import / baseline" if args.baseline else ""))
             for p in points:
-                line = f"{p['rows']:>11,} {p['mib']:7.1f}   {_spread(p['ratio']):>24}x"
+                line = f"{p['rows']:>11,} {p['mib']:7.1f}   {_spread(p['ratio']):>24}x   {_spread(p['whole']):>24}x"
                 if "baseline" in p:
                     line += f"   {_spread([m / b for m, b in zip(p['seconds'], p['baseline'])])}x"
                 print(line)
