@@ -138,10 +138,12 @@ def analyze(
     )
     figure_writer: Any = nullcontext()
     if out is not None and formats:  # figures only for an output directory, drawn in worker processes
-        from moeprof.outputs import check_target
+        from moeprof.outputs import check_target, refuse_overwriting_input
         from moeprof.report.figures import FigureWriter
 
-        check_target(out, force)  # before starting workers for an output that cannot be written
+        # before starting workers for an output that cannot be written
+        refuse_overwriting_input(out, trace, f"the trace being read ({trace})")
+        check_target(out, force)
         figure_writer = FigureWriter(formats)
     with figure_writer as draw_figures, progress_bar(transient=True, disable=as_json) as bar:
         # Imported once the workers have started: this process has one thread until polars is imported,

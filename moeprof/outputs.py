@@ -136,6 +136,17 @@ def refuse_uri(out: str | Path, option: str = "--out") -> None:
         )
 
 
+def refuse_overwriting_input(out: str | Path, path: str | Path, what: str, *, option: str = "--out") -> None:
+    """Raise :class:`OutputError` if the input ``path`` is ``out`` or lies inside it: replacing ``out``
+    (``--force``: it may well be moeprof's, a trace is) would delete what the command reads.
+    ``what`` names the input in the message, e.g. "the trace being read (T)"."""
+    if _URI_LIKE.match(str(path)) or _URI_LIKE.match(str(out)):
+        return
+    target, inside = Path(out).resolve(), Path(path).resolve()
+    if inside == target or target in inside.parents:
+        raise OutputError(f"{option} {out}: holds {what}; writing there would replace it: choose another {option}")
+
+
 def check_target(out: str | Path, force: bool, *, option: str = "--out") -> None:
     """Raise now (before any expensive work) if writing a directory output at ``out`` cannot succeed.
 

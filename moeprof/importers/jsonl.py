@@ -40,6 +40,7 @@ from moeprof.importers.base import (
     Importer,
     RoutingChunk,
     bad,
+    not_utf8,
     phase_code,
     read_prompt_lens,
 )
@@ -199,7 +200,10 @@ class JsonlImporter(Importer):
             return False
         if table.num_rows != n:  # blank lines: the line numbers would not follow the rows
             return False
-        cols = self._fast_columns(table, data, n)
+        try:
+            cols = self._fast_columns(table, data, n)
+        except pa.ArrowException:  # e.g. a string that is not UTF-8, which read_json does not check
+            return False
         if cols is None:
             return False
         yield from self._fast_units(cols, n, path, line0)
@@ -663,6 +667,9 @@ def _parse_line(raw: bytes, path: Path, lineno: int, what: str) -> dict[str, Any
     try:
         obj = _json_loads(raw)
     except ValueError:
+        encoding = not_utf8(path, lineno, raw, "JSON must be UTF-8: convert the file")
+        if encoding is not None:
+            raise encoding from None
         raise bad(path, f"line {lineno}", f"not valid JSON (the file is cut off here, or not a {what})") from None
     if not isinstance(obj, dict):
         raise bad(path, f"line {lineno}", "expected a JSON object per line")

@@ -1,0 +1,273 @@
+"""Mistakes a new user makes with `import`, `analyze`, `inspect` and `report`, and files the world damages.
+
+Each test is one probe that once went wrong (a traceback, a deleted input, a number that silently
+counted the wrong thing, a help example that failed); it pins the message and the exit code, and
+that nothing of the user's was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import import_fixtures as fx
+from report_data import synthetic_trace
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+REAL = REPO.parent / "shared" / "realdata"
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def err(res) -> str:
+    """The one-line error of a refused command: exit 2, no traceback, nothing on stdout."""
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    return flat(res.stderr)
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory) -> Path:
+    return synthetic_trace(tmp_path_factory.mktemp("user") / "trace")
+
+
+def routes(path: Path, *, requests: int = 3, tokens: int = 10, raw: dict[int, bytes] | None = None) -> Path:
+    """A small per-token JSONL log (2 layers, top-2, phase given); ``raw`` replaces lines by their bytes."""
+    lines = [json.dumps({"req_id": f"r{i % requests}", "token_idx": i // requests, "layer": layer,
+                         "topk_ids": [i % 4, (i + 1) % 4], "phase": "prefill" if i < 2 * requests else "decode"}).encode()
+             for i in range(requests * tokens) for layer in range(2)]
+    for i, b in (raw or {}).items():
+        lines[i] = b
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+# -- non-UTF-8 bytes, byte-order marks ----------------------------------------------------------------
+def test_jsonl_with_a_non_utf8_request_id_names_the_line(cli, tmp_path):
+    """pyarrow's JSON reader takes the bytes unchecked; converting the column then failed with a traceback."""
+    src = routes(tmp_path / "r.jsonl", raw={2: b'{"req_id": "r\xff1", "token_idx": 0, "layer": 0, "topk_ids": [1, 2], '
+                                               b'"phase": "prefill"}'})
+    assert err(cli("import", "jsonl", src, "--out", tmp_path / "t")) == flat(
+        f"Error: {src}: line 3: not UTF-8 text (byte 0xff at byte 14 of the line); JSON must be UTF-8: "
+        "convert the file (e.g. iconv -f latin1 -t utf-8)")
+    assert not (tmp_path / "t").exists()
+
+
+def test_counts_csv_with_non_utf8_bytes_names_the_line(cli, tmp_path):
+    src = tmp_path / "c.csv"
+    src.write_bytes(b"layer,expert,count\n0,1,5\n0,\xff2,3\n")
+    assert err(cli("import", "counts", src, "--out", tmp_path / "t")) == flat(
+        f"Error: {src}: line 3: not UTF-8 text (byte 0xff at byte 3 of the line); save the file as UTF-8 "
+        "(e.g. iconv -f latin1 -t utf-8)")
+
+
+def test_domain_map_with_non_utf8_bytes_names_the_line(cli, tmp_path):
+    dom = tmp_path / "d.csv"
+    dom.write_bytes(b"request_id,domain\nr0,code\nr1,c\xe9ode\n")
+    assert err(cli("import", "jsonl", routes(tmp_path / "r.jsonl"), "--domains", dom, "--out", tmp_path / "t")) == flat(
+        f"Error: {dom}: line 3: not UTF-8 text (byte 0xe9 at byte 5 of the line); save the file as UTF-8 "
+        "(e.g. iconv -f latin1 -t utf-8)")
+
+
+def test_csv_saved_with_a_byte_order_mark_reads_as_without(cli, tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM: the first column was then not found."""
+    src, dom = tmp_path / "c.csv", tmp_path / "d.csv"
+    src.write_bytes(b"\xef\xbb\xbflayer,expert,count\r\n0,1,5\r\n0,2,3\r\n")
+    assert cli("import", "auto", src, "--out", tmp_path / "t").exit_code == 0
+    dom.write_bytes(b"\xef\xbb\xbfrequest_id,domain\r\nr0,code\r\nr1,math\r\nr2,code\r\n")
+    res = cli("import", "jsonl", routes(tmp_path / "r.jsonl"), "--domains", dom, "--out", tmp_path / "t2")
+    assert res.exit_code == 0, res.stderr
+    manifest = json.loads((tmp_path / "t2" / "manifest.json").read_text())
+    assert f"domains: 3 of 3 requests found in {dom}" in manifest["notes"]
+
+
+# -- sources that would count twice or mix ------------------------------------------------------------
+def test_the_same_source_named_twice_is_refused(cli, tmp_path):
+    """Every row would have been imported twice (a shell glob that overlaps): every count doubled."""
+    src = routes(tmp_path / "r.jsonl")
+    assert err(cli("import", "auto", src, tmp_path / "." / "r.jsonl", "--out", tmp_path / "t")) == flat(
+        f"Error: {tmp_path / '.' / 'r.jsonl'}: the same file as {src}, named twice; each source must be named once "
+        "(its rows would be counted twice)")
+
+
+def test_a_counts_table_of_several_models_is_refused(cli, tmp_path):
+    """OLMoE's published counts hold four models in one table, told apart by a `model` column."""
+    src = tmp_path / "c.csv"
+    src.write_text("model,domain,layer,expert,count\nolmoe,arxiv,0,0,5\nolmoe,arxiv,0,1,3\nmistral,arxiv,0,0,7\n")
+    assert err(cli("import", "counts", src, "--out", tmp_path / "t")) == flat(
+        f"Error: {src}: line 4: model 'mistral' here, 'olmoe' on line 2: a trace holds one model's routing; "
+        "keep one model's rows (e.g. with grep or polars) and import each model separately")
+    one = tmp_path / "one.csv"
+    one.write_text("model,domain,layer,expert,count\nolmoe,arxiv,0,0,5\nolmoe,book,0,1,3\n")
+    assert cli("import", "counts", one, "--out", tmp_path / "t").exit_code == 0
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent (real routing data is not shipped)")
+def test_the_published_olmoe_counts_need_one_model_picked(cli, tmp_path):
+    src = REAL / "olmoe_routing" / "expert_counts.csv"
+    assert "a trace holds one model's routing" in err(cli("import", "auto", src, "--out", tmp_path / "t"))
+
+
+def test_a_domain_map_giving_a_request_two_domains_is_refused(cli, tmp_path):
+    dom = tmp_path / "d.csv"
+    dom.write_text("request_id,domain\nr0,code\nr1,math\nr0,math\nr1,math\n")
+    assert err(cli("import", "jsonl", routes(tmp_path / "r.jsonl"), "--domains", dom, "--out", tmp_path / "t")) == flat(
+        f"Error: {dom}: line 4: request r0 is mapped to math here and to code on line 2; give each request one domain")
+
+
+def test_sglang_dump_with_a_damaged_tensor_is_refused(cli, tmp_path):
+    """torch.load does not check the zip's CRC-32: a flipped bit in a count tensor was imported as a count."""
+    src = fx.sglang_stat(tmp_path / "d.pt")
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/0"))
+    start = info.header_offset + 30 + int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[start + 8] ^= 1
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    assert err(cli("import", "auto", bad, "--out", tmp_path / "t")) == flat(
+        f"Error: {bad}: {info.filename}: CRC-32 differs from the one stored in the file: the dump was damaged "
+        "after it was written (copy it again)")
+    assert cli("import", "auto", src, "--out", tmp_path / "t").exit_code == 0
+
+
+# -- outputs that would replace the input -------------------------------------------------------------
+@pytest.mark.parametrize("where", ["trace", "parent"])
+def test_analyze_out_onto_its_own_trace_is_refused_even_with_force(cli, trace, tmp_path, where):
+    """`analyze T --out T --force` replaced the trace (moeprof wrote it) by its own analysis."""
+    home = tmp_path / "demo"
+    home.mkdir()
+    t = Path(shutil.copytree(trace, home / "trace"))
+    (home / ".moeprof").write_text(json.dumps({"moeprof": "0.1.0", "kind": "demo", "files": []}))
+    out = t if where == "trace" else home
+    before = tree(home)
+    for extra in ([], ["--force"], ["--force", "--figures", "none"]):
+        assert err(cli("analyze", t, "--out", out, *extra)) == flat(
+            f"Error: --out {out}: holds the trace being read ({t}); writing there would replace it: "
+            "choose another --out")
+    assert tree(home) == before
+
+
+def test_import_out_onto_a_source_is_refused_even_with_force(cli, tmp_path):
+    t = tmp_path / "t"
+    assert cli("import", "jsonl", routes(tmp_path / "r.jsonl"), "--out", t).exit_code == 0
+    from moeprof.importers import export_jsonl
+
+    src = t / "routing" / "export.jsonl"
+    export_jsonl(t, src)
+    from moeprof.outputs import record_files
+
+    record_files(t, ["routing/export.jsonl"])  # as if moeprof had written it there: --force would take it
+    before = tree(t)
+    assert err(cli("import", "jsonl", src, "--out", t, "--force")) == flat(
+        f"Error: --out {t}: holds {src}, a source being read; writing there would replace it: choose another --out")
+    assert tree(t) == before
+
+
+# -- the command's help examples run ---------------------------------------------------------------
+def test_analyze_help_examples_run_on_the_demo_layout(cli, tmp_path, monkeypatch):
+    """The first example of `analyze --help` named layers 3-5 of the demo's 4-layer model, and the
+    demo's own analysis directory, which exists once the demo ran."""
+    from moeprof.commands.main import COMMANDS, app  # noqa: F401
+    import typer
+
+    demo = tmp_path / "moeprof-demo"
+    shutil.copytree(SAMPLE / "trace", demo / "trace")
+    (demo / "analysis").mkdir()  # `moeprof demo` leaves its analysis there
+    monkeypatch.chdir(tmp_path)
+    cmd = typer.main.get_command(app).commands["analyze"]
+    examples = [line.strip() for line in cmd.help.split("Example")[1].splitlines()
+                if line.strip().startswith("moeprof analyze moeprof-demo/")]
+    assert examples
+    for line in examples:
+        args = line.split("#")[0].split()[1:]
+        res = cli(*args, "--figures", "none", "--json")
+        assert res.exit_code == 0, (line, res.stderr)
+
+
+# -- interrupted and terminated commands ---------------------------------------------------------------
+def test_ctrl_c_says_aborted(cli, trace, tmp_path, monkeypatch):
+    """typer turns KeyboardInterrupt into a silent exit 130: the user saw nothing."""
+    import moeprof.analysis.run as run
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "analyze", interrupted)
+    res = cli("analyze", trace, "--out", tmp_path / "a", "--figures", "none")
+    assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
+
+
+def test_interrupt_while_the_staging_directory_is_marked_leaves_nothing(trace, tmp_path, monkeypatch):
+    import moeprof.outputs as outputs
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "write_marker", interrupted)
+    for make in (lambda: outputs.begin_staged(tmp_path / "a", "analysis", False),
+                 lambda: outputs.staged_files(tmp_path / "r", ["index.html"]).__enter__()):
+        with pytest.raises(KeyboardInterrupt):
+            make()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+SPAWNED_WRITER = r"""
+import polars  # threads: the figure workers are spawned, not forked (report.figures._start_method)
+from moeprof.report.figures import FigureWriter, _start_method
+assert _start_method() == "spawn"
+try:
+    with FigureWriter(("png",), processes=2):
+        raise ValueError("the trace is bad")  # what an analysis that fails at once does
+except ValueError:
+    pass
+"""
+
+
+def test_figure_workers_stopped_at_once_print_nothing(tmp_path):
+    """`report` on a damaged trace failed within milliseconds; the spawned zygote, still starting, then
+    found the queue's semaphore gone and printed a traceback under the error."""
+    res = subprocess.run([sys.executable, "-c", SPAWNED_WRITER], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert res.returncode == 0 and res.stderr == ""
+
+
+def _moeprof(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", COLUMNS="200", NO_COLOR="1")
+    return subprocess.Popen([sys.executable, "-m", "moeprof", *map(str, args)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigterm_during_analyze_leaves_nothing_and_says_so(trace, tmp_path):
+    """`kill PID`, a CI timeout or `docker stop`: Python's default SIGTERM left the hidden half-written
+    output beside --out."""
+    import signal
+    import time
+
+    out = tmp_path / "a"
+    proc = _moeprof("analyze", trace, "--out", out, "--figures", "png")
+    deadline = time.monotonic() + 120
+    # Once the staging directory exists the analysis is done and its figures are awaited: the worst moment.
+    while not list(tmp_path.glob(".a.moeprof-partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("analyze finished before the signal came")
+    assert proc.returncode == 143 and flat(stderr).endswith("Terminated.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
