@@ -115,7 +115,7 @@ def analyze(
 
     Example:
 
-        moeprof analyze moeprof-demo/trace --out moeprof-demo/analysis --layers 0,3-5 --domains code,math
+        moeprof analyze moeprof-demo/trace --out moeprof-demo/code-math --layers 0,2-3 --domains code,math
 
         moeprof analyze s3://bucket/traces/day1 --engine ray --address auto --out day1-analysis
 

@@ -235,9 +235,15 @@ def begin_staged(out: str | Path, kind: str, force: bool) -> Path:
     _clear_stale(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{os.getpid()}-", dir=out.parent))
-        write_marker(tmp, kind)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write ({_reason(exc)})") from None
+    try:
+        write_marker(tmp, kind)
+    except BaseException as exc:  # Ctrl-C or SIGTERM too: the caller's cleanup does not know tmp yet
+        discard_staged(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{out}: cannot write ({_reason(exc)})") from None
+        raise
     return tmp
 
 
@@ -358,13 +364,20 @@ def staged_files(directory: str | Path, names: list[str], force: bool = False, *
     directory = Path(directory)
     check_entries(directory, names, force, option=option)
     created = not directory.exists()
+    tmp = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _clear_stale(directory / "files")
         tmp = Path(tempfile.mkdtemp(prefix=f".files{STAGING}{os.getpid()}-", dir=directory))
         write_marker(tmp, kind)
-    except OSError as exc:
-        raise OutputError(f"{option} {directory}: cannot write ({_reason(exc)})") from None
+    except BaseException as exc:  # Ctrl-C or SIGTERM too: nothing of this output may be left
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{option} {directory}: cannot write ({_reason(exc)})") from None
+        raise
     try:
         yield tmp
         written = []

@@ -262,8 +262,10 @@ def test_sigterm_during_analyze_leaves_nothing_and_says_so(trace, tmp_path):
     out = tmp_path / "a"
     proc = _moeprof("analyze", trace, "--out", out, "--figures", "png")
     deadline = time.monotonic() + 120
-    # Once the staging directory exists the analysis is done and its figures are awaited: the worst moment.
-    while not list(tmp_path.glob(".a.moeprof-partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+    # Once the staging directory is marked the analysis is done and its figures are awaited: the worst
+    # moment. (A signal while it is being marked: test_interrupt_while_the_staging_directory_is_marked...)
+    while not list(tmp_path.glob(".a.moeprof-partial-*/.moeprof")) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
