@@ -67,7 +67,8 @@ def analyze(
     trace: TraceLocation,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Write summary.json, Parquet tables and the figures (--figures) here."),
+        typer.Option("--out", "-o", help="Write summary.json, Parquet tables and the figures (--figures) here "
+                                        "(default: none; the tables are printed only)."),
     ] = None,
     layers: Annotated[
         Optional[str], typer.Option("--layers", help="MoE layers to analyze, e.g. 0,3-5 (default: all).")

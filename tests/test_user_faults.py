@@ -273,3 +273,25 @@ def test_sigterm_during_analyze_leaves_nothing_and_says_so(trace, tmp_path):
         pytest.skip("analyze finished before the signal came")
     assert proc.returncode == 143 and flat(stderr).endswith("Terminated.")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["import", "analyze", "inspect", "report"])
+def test_options_without_a_shown_default_say_what_happens_without_them(name):
+    """`import --num-experts` (and --top-k, --model-name, --domains) and `analyze --out` said nothing of
+    what moeprof does when they are left out."""
+    import typer
+
+    from moeprof.commands.main import app
+
+    cmd = typer.main.get_command(app).commands[name]
+    for p in cmd.params:
+        if p.param_type_name != "option" or p.is_flag or getattr(p, "hidden", False) or p.name == "help":
+            continue
+        if p.default in (None, [], ()) and p.name != "field":  # --field: "rename", nothing to default
+            assert "default" in (p.help or ""), f"moeprof {name} {p.opts[0]}: its help does not say its default"
+
+
+def test_import_without_domains_says_the_word_the_trace_uses(cli, tmp_path):
+    assert cli("import", "jsonl", routes(tmp_path / "r.jsonl"), "--out", tmp_path / "t").exit_code == 0
+    notes = json.loads((tmp_path / "t" / "manifest.json").read_text())["notes"]
+    assert "domains: no --domains map given; every request's domain is 'unlabelled'" in notes

@@ -358,7 +358,7 @@ class _Run:
                 )
             notes.append(f"domains: {mapped} of {len(seen)} requests found in {origin}")
         elif "request_ids" not in missing:
-            notes.append("domains: no --domains map given; every request's domain is 'unknown'")
+            notes.append(f"domains: no --domains map given; every request's domain is '{UNKNOWN_DOMAIN}'")
         n_layers = max(1, len(model.moe_layers))
         for rid, (pre, dec) in sorted(self.requests.rows.items()):
             if rid < 0:
