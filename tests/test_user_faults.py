@@ -295,3 +295,30 @@ def test_import_without_domains_says_the_word_the_trace_uses(cli, tmp_path):
     assert cli("import", "jsonl", routes(tmp_path / "r.jsonl"), "--out", tmp_path / "t").exit_code == 0
     notes = json.loads((tmp_path / "t" / "manifest.json").read_text())["notes"]
     assert "domains: no --domains map given; every request's domain is 'unlabelled'" in notes
+
+
+@pytest.mark.parametrize("layers", [None, "0"])
+def test_rows_of_a_layer_the_manifest_does_not_list_are_an_error(cli, trace, tmp_path, layers):
+    """A manifest edited to list fewer MoE layers: their rows were dropped in silence (rows_analyzed fell
+    from 15,084 to 10,056), where an expert id beyond num_experts was already an error."""
+    t = Path(shutil.copytree(trace, tmp_path / "t"))
+    manifest = json.loads((t / "manifest.json").read_text())
+    manifest["model"]["moe_layers"] = [0, 1]
+    (t / "manifest.json").write_text(json.dumps(manifest))
+    shard = sorted((t / "routing").glob("*.parquet"))[0].relative_to(t).as_posix()
+    args = ["--layers", layers] if layers else []
+    message = err(cli("analyze", t, "--json", *args))
+    assert message.startswith(f"Error: {t / shard} (row group 0): layer 2 is not among the manifest's MoE layers (0-1); "
+                              "the trace is inconsistent with its model"), message
+
+
+def test_a_counts_trace_with_a_layer_the_manifest_does_not_list_is_an_error(cli, tmp_path):
+    src = tmp_path / "c.csv"
+    src.write_text("layer,expert,count\n0,0,5\n0,1,3\n3,1,2\n")
+    t = tmp_path / "t"
+    assert cli("import", "counts", src, "--out", t).exit_code == 0
+    manifest = json.loads((t / "manifest.json").read_text())
+    manifest["model"]["moe_layers"] = [0]
+    (t / "manifest.json").write_text(json.dumps(manifest))
+    assert err(cli("analyze", t, "--json")) == flat(
+        f"Error: {t}/loads: layer 3 is not among the manifest's MoE layers (0); the trace is inconsistent with its model")

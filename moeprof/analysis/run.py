@@ -119,6 +119,7 @@ def build_selection(trace: Trace, layers: Sequence[int] | None, domains: Sequenc
         sample_tokens=sample_tokens,
         keep_unlisted=domains is None,
         sampled=pick_requests(ids, np.flatnonzero(req_dom >= 0), sample_requests, seed),
+        model_layers=moe,
     )
 
 
