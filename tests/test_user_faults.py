@@ -322,3 +322,17 @@ def test_a_counts_trace_with_a_layer_the_manifest_does_not_list_is_an_error(cli,
     (t / "manifest.json").write_text(json.dumps(manifest))
     assert err(cli("analyze", t, "--json")) == flat(
         f"Error: {t}/loads: layer 3 is not among the manifest's MoE layers (0); the trace is inconsistent with its model")
+
+
+def test_a_compressed_dump_says_to_decompress_it(cli, tmp_path):
+    """A gzipped JSONL or CSV (as the real data sets are shared) was "not UTF-8: iconv ..." or of no format."""
+    import gzip
+
+    src = routes(tmp_path / "r.jsonl")
+    packed = tmp_path / "r.jsonl.gz"
+    packed.write_bytes(gzip.compress(src.read_bytes()))
+    assert err(cli("import", "jsonl", packed, "--out", tmp_path / "t")) == flat(
+        f"Error: {packed}: gzip-compressed; decompress it first (gunzip -k {packed}) and import the result")
+    assert err(cli("import", "auto", packed, "--out", tmp_path / "t")) == flat(
+        f"Error: {packed}: gzip-compressed, and not a .tar.gz of expert-selection traces (or one cut off); decompress "
+        f"it first (gunzip -k {packed}) and import the result")

@@ -173,6 +173,16 @@ def import_trace(
         fmt = kinds[0]
     if fmt not in classes:
         raise UsageError(f"unknown import format {fmt!r}; choose one of: auto, {', '.join(classes)}")
+    if fmt != "expert-selection":  # which reads a .tar.gz; the others read the dump as the engine wrote it
+        from moeprof.importers import COMPRESSORS, compression
+
+        for p in paths:
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    packed = compression(fh.read(8))
+                if packed:
+                    raise ImportFormatError(f"{p}: {packed}-compressed; decompress it first "
+                                            f"({COMPRESSORS[packed]} {p}) and import the result")
     if (options.phase_from or "auto") != "auto" and fmt != "jsonl":
         raise UsageError(
             f"--phase-from applies to per-token JSONL only; {fmt} sources record the phase themselves "
