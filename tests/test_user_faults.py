@@ -336,3 +336,18 @@ def test_a_compressed_dump_says_to_decompress_it(cli, tmp_path):
     assert err(cli("import", "auto", packed, "--out", tmp_path / "t")) == flat(
         f"Error: {packed}: gzip-compressed, and not a .tar.gz of expert-selection traces (or one cut off); decompress "
         f"it first (gunzip -k {packed}) and import the result")
+
+
+def test_report_of_a_trace_and_the_analysis_of_another_is_refused(cli, trace, tmp_path):
+    """The analysis was used and the trace ignored: the report named one trace and showed another's numbers."""
+    other = synthetic_trace(tmp_path / "other", seed=2, num_requests=20)
+    assert cli("analyze", other, "--out", tmp_path / "a", "--figures", "none", "--json").exit_code == 0
+    from moeprof.trace.reader import Trace
+
+    rows, theirs = Trace.open(trace, verify="none").num_routing_rows, Trace.open(other, verify="none").num_routing_rows
+    assert err(cli("report", tmp_path / "a", trace, "--out", tmp_path / "r")) == flat(
+        f"Error: {tmp_path / 'a' / 'summary.json'} is the analysis of another trace ({other}: {theirs} routing rows of "
+        f"synthetic), not of {trace} ({rows} routing rows of synthetic); give the trace alone (it is analysed now) "
+        "or its own analysis")
+    assert not (tmp_path / "r").exists()
+    assert cli("report", tmp_path / "a", other, "--out", tmp_path / "r").exit_code == 0
