@@ -351,3 +351,13 @@ def test_report_of_a_trace_and_the_analysis_of_another_is_refused(cli, trace, tm
         "or its own analysis")
     assert not (tmp_path / "r").exists()
     assert cli("report", tmp_path / "a", other, "--out", tmp_path / "r").exit_code == 0
+
+
+def test_expert_selection_directory_with_a_trace_imported_into_it_imports_again(cli, tmp_path):
+    """`import auto DIR --out DIR/trace`: the next import of DIR read the trace's manifest.json as a request."""
+    src = fx.expert_selection(tmp_path / "es")
+    first = cli("import", "auto", src, "--num-experts", "8", "--out", src / "trace", "--json")
+    assert first.exit_code == 0, first.stderr
+    again = cli("import", "auto", src, "--num-experts", "8", "--out", tmp_path / "t2", "--json")
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["routing_rows"] == json.loads(first.stdout)["routing_rows"]
