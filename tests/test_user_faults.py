@@ -361,3 +361,14 @@ def test_expert_selection_directory_with_a_trace_imported_into_it_imports_again(
     again = cli("import", "auto", src, "--num-experts", "8", "--out", tmp_path / "t2", "--json")
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["routing_rows"] == json.loads(first.stdout)["routing_rows"]
+
+
+def test_top_k_that_changes_between_files_names_the_other_file(cli, tmp_path):
+    files = []
+    for name, k in (("a", 2), ("b", 3)):
+        lines = [json.dumps({"req_id": f"{name}{i % 2}", "token_idx": i // 2, "layer": 0, "topk_ids": list(range(k)),
+                             "phase": "prefill"}) for i in range(6)]
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("\n".join(lines) + "\n")
+    assert err(cli("import", "jsonl", *files, "--out", tmp_path / "t")) == flat(
+        f"Error: {files[1]}: line 1: inconsistent top-k: 3 expert ids here, 2 on {files[0]} line 1")

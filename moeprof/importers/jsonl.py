@@ -105,6 +105,7 @@ class JsonlImporter(Importer):
         self._phase_reason: str | None = None
         self._k: int | None = None
         self._k_line = 0
+        self._k_path: Path | None = None  # the file of the line that set the top-k
         self._declared: dict[str, str] = {}
         self._seen_real_request = False
         self._prefill_len: dict[Any, int] = {}
@@ -420,9 +421,10 @@ class JsonlImporter(Importer):
         except (TypeError, ValueError):
             raise bad(path, where, f"{names['token_idx']!r} and {names['layer']!r} must be integers") from None
         if self._k is None:
-            self._k, self._k_line = len(ids), lineno
+            self._k, self._k_line, self._k_path = len(ids), lineno, path
         elif len(ids) != self._k:
-            raise bad(path, where, f"inconsistent top-k: {len(ids)} expert ids here, {self._k} on line {self._k_line}")
+            there = f"line {self._k_line}" if self._k_path == path else f"{self._k_path} line {self._k_line}"
+            raise bad(path, where, f"inconsistent top-k: {len(ids)} expert ids here, {self._k} on {there}")
         limit = self.options.num_experts or self.num_experts
         if limit and (max(ids) >= limit or min(ids) < 0):
             e = max(ids) if max(ids) >= limit else min(ids)
