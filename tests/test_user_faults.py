@@ -372,3 +372,14 @@ def test_top_k_that_changes_between_files_names_the_other_file(cli, tmp_path):
         files[-1].write_text("\n".join(lines) + "\n")
     assert err(cli("import", "jsonl", *files, "--out", tmp_path / "t")) == flat(
         f"Error: {files[1]}: line 1: inconsistent top-k: 3 expert ids here, 2 on {files[0]} line 1")
+
+
+@pytest.mark.parametrize("figures, said", [("none", ""), ("png", ", {out}/plots/*.png"),
+                                           ("png,svg", ", {out}/plots/*.png|svg")])
+def test_analyze_says_the_figures_it_wrote(cli, trace, tmp_path, figures, said):
+    """`--figures none` still said it wrote plots/*.png|svg."""
+    out = tmp_path / "a"
+    res = cli("analyze", trace, "--out", out, "--figures", figures)
+    assert res.exit_code == 0, res.stderr
+    last = flat(res.stdout).rsplit(" wrote ", 1)[-1]
+    assert last == f"{out}/summary.json, {out}/tables/*.parquet" + said.format(out=out)
