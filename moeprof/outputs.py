@@ -260,7 +260,12 @@ def commit_staged(tmp: Path, out: str | Path, *, files: bool = True) -> None:
             raise OutputExistsError(f"{foreign_file(out)}: appeared while moeprof was writing {out}; left as it is")
         old = out.with_name(f".{out.name}{STAGING}{os.getpid()}-old")
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:  # Ctrl-C, SIGTERM or an OS error between the two renames: the previous output stays
+        if old is not None and not out.exists():
+            os.rename(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

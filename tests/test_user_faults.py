@@ -383,3 +383,27 @@ def test_analyze_says_the_figures_it_wrote(cli, trace, tmp_path, figures, said):
     assert res.exit_code == 0, res.stderr
     last = flat(res.stdout).rsplit(" wrote ", 1)[-1]
     assert last == f"{out}/summary.json, {out}/tables/*.parquet" + said.format(out=out)
+
+
+def test_interrupt_between_the_renames_of_a_commit_keeps_the_previous_output(trace, tmp_path, monkeypatch):
+    """The previous output was moved aside, then the new one failed to take its place: the old one was
+    left under a hidden name that the next write deletes as stale."""
+    import moeprof.outputs as outputs
+
+    out = tmp_path / "a"
+    with outputs.staged_dir(out, "analysis") as tmp:
+        (tmp / "summary.json").write_text("old")
+    before = tree(out)
+    real = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".a.moeprof-partial-") and not str(src).endswith("-old"):
+            raise KeyboardInterrupt  # the new output's rename
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.staged_dir(out, "analysis", force=True) as tmp:
+            (tmp / "summary.json").write_text("new")
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
