@@ -407,3 +407,15 @@ def test_interrupt_between_the_renames_of_a_commit_keeps_the_previous_output(tra
             (tmp / "summary.json").write_text("new")
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_report_of_an_analysis_and_a_compare_result_of_another_model_is_refused(cli, trace, tmp_path):
+    """The placement comparison of one model was reported under another model's analysis."""
+    other = synthetic_trace(tmp_path / "other", seed=2, num_requests=20, num_experts=8)
+    assert cli("simulate", other, "--compare", "-n", "2", "-g", "2", "--out", tmp_path / "cmp", "--json").exit_code == 0
+    assert cli("analyze", trace, "--out", tmp_path / "a", "--figures", "none", "--json").exit_code == 0
+    placement = sorted((tmp_path / "cmp").glob("placement-*.json"))[0]
+    assert err(cli("report", tmp_path / "a", tmp_path / "cmp", "--out", tmp_path / "r")) == flat(
+        f"Error: {placement} was fitted on model synthetic (8 experts, MoE layers 0-2), the analysis is of synthetic "
+        "(16 experts, MoE layers 0-2); give the placement or --compare result of the analysed trace")
+    assert not (tmp_path / "r").exists()

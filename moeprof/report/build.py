@@ -51,7 +51,37 @@ def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None, figur
         inputs.summary_path = out / view.SUMMARY
         inputs.summary = view.read_summary(inputs.summary_path)
         inputs.figure_dirs.insert(0, out)
+    _same_model(inputs)
     return inputs
+
+
+def _same_model(inputs: Any) -> None:
+    """Raise when a placement (or a --compare result, through the placements beside it) was fitted on
+    another model than the analysis describes: the report would show one's numbers under the other's."""
+    model = ((inputs.summary or {}).get("trace") or {}).get("model")
+    if not model:
+        return
+    placed = []
+    if inputs.placement is not None:
+        placed.append((inputs.placement_path, inputs.placement))
+    if inputs.compare_path is not None:
+        import json
+
+        for p in sorted(Path(inputs.compare_path).parent.glob("placement-*.json"))[:1]:
+            try:
+                placed.append((p, json.loads(p.read_text(encoding="utf-8"))))
+            except (OSError, ValueError):
+                pass
+    for path, placement in placed:
+        theirs = placement.get("model") or {}
+        fitted = (theirs.get("name"), theirs.get("num_experts"), placement.get("moe_layers"))
+        analysed = (model.get("name"), model.get("num_experts"), model.get("moe_layers"))
+        if None not in fitted and fitted != analysed:
+            raise UsageError(
+                f"{path} was fitted on model {fitted[0]} ({fitted[1]} experts, MoE layers "
+                f"{format_ranges(fitted[2])}), the analysis is of {analysed[0]} ({analysed[1]} experts, MoE layers "
+                f"{format_ranges(analysed[2] or [])}); give the placement or --compare result of the analysed trace"
+            )
 
 
 def _same_trace(summary: dict, summary_path: Any, trace_path: Any) -> None:
