@@ -419,3 +419,20 @@ def test_report_of_an_analysis_and_a_compare_result_of_another_model_is_refused(
         f"Error: {placement} was fitted on model synthetic (8 experts, MoE layers 0-2), the analysis is of synthetic "
         "(16 experts, MoE layers 0-2); give the placement or --compare result of the analysed trace")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["model"].update(num_experts=8),
+     "expert ids run 0..15, the manifest says 8 experts; the trace is inconsistent with its model"),
+    (lambda m: m["model"].update(moe_layers=[0, 1]),
+     "layer 2 is not among the manifest's MoE layers (0-1); the trace is inconsistent with its model"),
+])
+def test_inspect_finds_a_manifest_that_disagrees_with_its_data(cli, trace, tmp_path, edit, message):
+    """`inspect` said such a trace was valid (sizes, rows and checksums agree); analyze then refused it."""
+    t = Path(shutil.copytree(trace, tmp_path / "t"))
+    manifest = json.loads((t / "manifest.json").read_text())
+    edit(manifest)
+    (t / "manifest.json").write_text(json.dumps(manifest))
+    for quick in ([], ["--quick"]):
+        got = "Error: " + err(cli("inspect", t, *quick)).split("Error: ", 1)[1]  # after the progress line
+        assert got.startswith(f"Error: {t / 'routing'}/part-") and got.endswith(flat(message)), got
