@@ -130,8 +130,51 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[
 _EXIT, _CLICK_ERROR, _ABORT = _click_exception_types()
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill PID``, a CI job's timeout, ``docker stop``), raised in the main thread so that
+    what is being written is removed on the way out, as for Ctrl-C; Python's default ends the process
+    where it stands, leaving the hidden half-written output beside ``--out``. A ``BaseException``, so
+    that no ``except Exception`` takes it for an error of the work."""
+
+
+TERM_GRACE_S = 10.0
+"""Seconds a terminated command has to remove what it was writing before it exits regardless."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    # Raised at any point of the work, the exception could leave a lock held and the cleanup waiting on
+    # it: a second SIGTERM ends the process at once, and so does this deadline.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def deadline() -> None:
+        time.sleep(TERM_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=deadline, name="moeprof-term-deadline", daemon=True).start()
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (console_scripts passes it to sys.exit)."""
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="moeprof", standalone_mode=False)
@@ -151,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     except (*_ABORT, KeyboardInterrupt):
         err_console().print(Text("Aborted.", style="yellow"))
         return 130
+    except Terminated:
+        err_console().print(Text("Terminated.", style="yellow"))
+        return 143
+    if result == 130:
+        # typer >= 0.20 turns Ctrl-C into Exit(130), which it returns outside standalone mode: no command
+        # of moeprof returns or exits with 130 otherwise, and the user would see nothing.
+        err_console().print(Text("Aborted.", style="yellow"))
     return result if isinstance(result, int) else 0
 
 

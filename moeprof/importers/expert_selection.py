@@ -54,9 +54,12 @@ def _is_tar(path: Path, head: bytes) -> bool:
 
 
 def _json_files(root: Path) -> Iterator[Path]:
-    """``*.json`` under ``root`` in a stable order (directories and files sorted)."""
+    """``*.json`` under ``root`` in a stable order (directories and files sorted). Directories moeprof
+    wrote (a trace imported into the source directory, an analysis) are not requests: left out."""
+    from moeprof.outputs import MARKER
+
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not (Path(dirpath) / d / MARKER).exists())
         for name in sorted(filenames):
             if name.endswith(".json"):
                 yield Path(dirpath) / name

@@ -41,6 +41,7 @@ from moeprof.importers.base import (
     Importer,
     RoutingChunk,
     bad,
+    not_utf8,
     phase_code,
     read_prompt_lens,
 )
@@ -107,6 +108,7 @@ class JsonlImporter(Importer):
         self._phase_reason: str | None = None
         self._k: int | None = None
         self._k_line = 0
+        self._k_path: Path | None = None  # the file of the line that set the top-k
         self._declared: dict[str, str] = {}
         self._seen_real_request = False
         self._prefill_len: dict[Any, int] = {}
@@ -213,7 +215,10 @@ class JsonlImporter(Importer):
             return False
         if table.num_rows != n:  # blank lines: the line numbers would not follow the rows
             return False
-        cols = self._fast_columns(table, data, n)
+        try:
+            cols = self._fast_columns(table, data, n)
+        except pa.ArrowException:  # e.g. a string that is not UTF-8, which read_json does not check
+            return False
         if cols is None:
             return False
         yield from self._fast_units(cols, n, path, line0)
@@ -434,9 +439,10 @@ class JsonlImporter(Importer):
         except (TypeError, ValueError):
             raise bad(path, where, f"{names['token_idx']!r} and {names['layer']!r} must be integers") from None
         if self._k is None:
-            self._k, self._k_line = len(ids), lineno
+            self._k, self._k_line, self._k_path = len(ids), lineno, path
         elif len(ids) != self._k:
-            raise bad(path, where, f"inconsistent top-k: {len(ids)} expert ids here, {self._k} on line {self._k_line}")
+            there = f"line {self._k_line}" if self._k_path == path else f"{self._k_path} line {self._k_line}"
+            raise bad(path, where, f"inconsistent top-k: {len(ids)} expert ids here, {self._k} on {there}")
         limit = self.options.num_experts or self.num_experts
         if limit and (max(ids) >= limit or min(ids) < 0):
             e = max(ids) if max(ids) >= limit else min(ids)
@@ -681,6 +687,9 @@ def _parse_line(raw: bytes, path: Path, lineno: int, what: str) -> dict[str, Any
     try:
         obj = _json_loads(raw)
     except ValueError:
+        encoding = not_utf8(path, lineno, raw, "JSON must be UTF-8: convert the file")
+        if encoding is not None:
+            raise encoding from None
         raise bad(path, f"line {lineno}", f"not valid JSON (the file is cut off here, or not a {what})") from None
     if not isinstance(obj, dict):
         raise bad(path, f"line {lineno}", "expected a JSON object per line")

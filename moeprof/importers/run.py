@@ -8,6 +8,7 @@ dropped or skipped and why; the same sentences go into the manifest's ``notes``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,7 +26,7 @@ from moeprof.importers.base import (
     read_domain_map,
 )
 from moeprof.errors import ImportFormatError, UsageError
-from moeprof.outputs import check_target
+from moeprof.outputs import check_target, refuse_overwriting_input
 from moeprof.trace.manifest import Manifest, ModelInfo
 from moeprof.trace.schema import LOADS_SCHEMA, UNLABELLED
 from moeprof.trace.writer import TraceWriter, phase_array
@@ -170,9 +171,14 @@ def import_trace(
     if not paths:
         raise UsageError("no source files given; name at least one dump to import")
     classes = _importer_classes()
-    for p in paths:
+    for i, p in enumerate(paths):
         if not p.exists():
             raise ImportFormatError(f"{p}: no such file")
+        twin = next((q for q in paths[:i] if os.path.samefile(q, p)), None)
+        if twin is not None:  # a shell glob that overlaps: every row would count twice
+            raise UsageError(f"{p}: the same file as {twin}, named twice; each source must be named once "
+                             "(its rows would be counted twice)")
+        refuse_overwriting_input(out, p, f"{p}, a source being read")
         if p.is_dir() and not (fmt == "auto" or getattr(classes.get(fmt), "accepts_directories", False)):
             raise ImportFormatError(f"{p}: is a directory; name the dump files inside it")
     if fmt == "auto":
@@ -184,6 +190,16 @@ def import_trace(
         fmt = kinds[0]
     if fmt not in classes:
         raise UsageError(f"unknown import format {fmt!r}; choose one of: auto, {', '.join(classes)}")
+    if fmt != "expert-selection":  # which reads a .tar.gz; the others read the dump as the engine wrote it
+        from moeprof.importers import COMPRESSORS, compression
+
+        for p in paths:
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    packed = compression(fh.read(8))
+                if packed:
+                    raise ImportFormatError(f"{p}: {packed}-compressed; decompress it first "
+                                            f"({COMPRESSORS[packed]} {p}) and import the result")
     if (options.phase_from or "auto") != "auto" and fmt != "jsonl":
         raise UsageError(
             f"--phase-from applies to per-token JSONL only; {fmt} sources record the phase themselves "
@@ -369,7 +385,7 @@ class _Run:
                 )
             notes.append(f"domains: {mapped} of {len(seen)} requests found in {origin}")
         elif "request_ids" not in missing:
-            notes.append("domains: no --domains map given; every request's domain is 'unknown'")
+            notes.append(f"domains: no --domains map given; every request's domain is '{UNKNOWN_DOMAIN}'")
         n_layers = max(1, len(model.moe_layers))
         for rid, (pre, dec) in sorted(self.requests.rows.items()):
             if rid < 0:

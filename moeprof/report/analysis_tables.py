@@ -57,7 +57,9 @@ def render_analysis(s: dict[str, Any], con: Console, out: Path | None = None) ->
     _phase(s["prefill_decode"], con)
     _coactivation(s["coactivation"], con)
     if out is not None:
-        con.print(f"\nwrote {out}/summary.json, {out}/tables/*.parquet, {out}/plots/*.png|svg")
+        plots = [o.rsplit(".", 1)[-1] for o in s.get("outputs", []) if o.startswith("plots/")]
+        kinds = "|".join(k for k in ("png", "svg") if k in plots)  # none with --figures none
+        con.print(f"\nwrote {out}/summary.json, {out}/tables/*.parquet" + (f", {out}/plots/*.{kinds}" if kinds else ""))
 
 
 def _imbalance(imb: dict[str, Any], con: Console) -> None:
