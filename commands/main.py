@@ -8,7 +8,7 @@ import typer
 from rich.text import Text
 
 from moeprof import __version__
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, Terminated  # Terminated: SIGTERM, raised by _terminate
 from moeprof.report.console import err_console
 
 app = typer.Typer(
@@ -128,13 +128,6 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[
 
 
 _EXIT, _CLICK_ERROR, _ABORT = _click_exception_types()
-
-
-class Terminated(BaseException):
-    """SIGTERM (``kill PID``, a CI job's timeout, ``docker stop``), raised in the main thread so that
-    what is being written is removed on the way out, as for Ctrl-C; Python's default ends the process
-    where it stands, leaving the hidden half-written output beside ``--out``. A ``BaseException``, so
-    that no ``except Exception`` takes it for an error of the work."""
 
 
 TERM_GRACE_S = 10.0

@@ -137,19 +137,20 @@ def test_sigkill_keeps_the_steps_recorded_seconds_before(tmp_path):
         assert sorted(rows["pos"].to_list()) == list(range(rows.height)), f"request {rid} has a gap"
 
 
-def test_ctrl_c_says_what_was_kept_and_where(tmp_path):
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_says_what_was_kept_and_where(tmp_path, sig, code, word):
     out = tmp_path / "trace"
     proc = _moeprof("capture", "--out", str(out), "--prompts", str(_workload(tmp_path / "w.jsonl", 200)),
                     "--max-new-tokens", "64", "--batch-size", "4")
     try:
         _wait_for_shard(out, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr
-    assert "interrupted: kept" in stderr and str(out) in stderr and "marked incomplete" in stderr
+    assert proc.returncode == code, stderr
+    assert f"{word}: kept" in stderr and str(out) in stderr and "marked incomplete" in stderr
     trace = Trace.open(out, verify="full")
     assert not trace.complete
     kept = int(stderr.split("kept ")[1].split(" routing rows")[0].replace(",", ""))
