@@ -67,7 +67,8 @@ def analyze(
     trace: TraceLocation,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Write summary.json, Parquet tables and the figures (--figures) here."),
+        typer.Option("--out", "-o", help="Write summary.json, Parquet tables and the figures (--figures) here "
+                                        "(default: none; the tables are printed only)."),
     ] = None,
     layers: Annotated[
         Optional[str], typer.Option("--layers", help="MoE layers to analyze, e.g. 0,3-5 (default: all).")
@@ -115,7 +116,7 @@ def analyze(
 
     Example:
 
-        moeprof analyze moeprof-demo/trace --out moeprof-demo/analysis --layers 0,3-5 --domains code,math
+        moeprof analyze moeprof-demo/trace --out moeprof-demo/code-math --layers 0,2-3 --domains code,math
 
         moeprof analyze s3://bucket/traces/day1 --engine ray --address auto --out day1-analysis
 
@@ -138,10 +139,12 @@ def analyze(
     )
     figure_writer: Any = nullcontext()
     if out is not None and formats:  # figures only for an output directory, drawn in worker processes
-        from moeprof.outputs import check_target
+        from moeprof.outputs import check_target, refuse_overwriting_input
         from moeprof.report.figures import FigureWriter
 
-        check_target(out, force)  # before starting workers for an output that cannot be written
+        # before starting workers for an output that cannot be written
+        refuse_overwriting_input(out, trace, f"the trace being read ({trace})")
+        check_target(out, force)
         figure_writer = FigureWriter(formats)
     with figure_writer as draw_figures, progress_bar(transient=True, disable=as_json) as bar:
         # Imported once the workers have started: this process has one thread until polars is imported,

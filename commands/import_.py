@@ -23,13 +23,17 @@ def import_(
     ],
     sources: Annotated[list[Path], typer.Argument(metavar="SRC...", help="Dump files to import (a directory for expert-selection traces).", show_default=False)],
     out: OutDir = Path("trace"),
-    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model name for the manifest.")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model name for the manifest (default: the name the source records, else "
+                                              "'unknown').")] = None,
     num_experts: Annotated[
-        Optional[int], typer.Option("--num-experts", min=1, help="Routed experts per layer; ids must be below it.")
+        Optional[int], typer.Option("--num-experts", min=1, help="Routed experts per layer; ids must be below it (default: what the "
+                                              "source records, else the largest id + 1, with a note).")
     ] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Experts per token; every record must agree.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Experts per token; every record must agree (default: what the "
+                                      "records hold; 1, with a note, for counts).")] = None,
     domains: Annotated[
-        Optional[Path], typer.Option("--domains", help="CSV request_id,domain that attaches a domain to each request.")
+        Optional[Path], typer.Option("--domains", help="CSV request_id,domain that attaches a domain to each request (default: "
+                                    "none; requests are 'unlabelled').")
     ] = None,
     phase_from: Annotated[
         str,

@@ -18,7 +18,8 @@ def inspect(
     """Validate a trace and print what it holds.
 
     Checks the format version, every shard's schema, size and row count against the manifest and,
-    unless --quick, its sha256. Exits non-zero naming the first shard that disagrees.
+    unless --quick, its sha256; and, from the shards' column statistics, that expert ids and layers are
+    within the manifest's model. Exits non-zero naming the first shard that disagrees.
 
     Example:
 
@@ -36,6 +37,7 @@ def inspect(
         with progress_bar(transient=True, disable=as_json) as bar:
             task = bar.add_task("verifying shards", total=len(shards))
             opened.verify(full=True, progress=lambda _s: bar.advance(task))
+    opened.check_ranges()
     info = describe(opened)
     if as_json:
         typer.echo(json.dumps(info, indent=2))

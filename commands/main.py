@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import typer
 from rich.text import Text
 
 from moeprof import __version__
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, Terminated  # Terminated: SIGTERM, raised by _terminate
 from moeprof.report.console import err_console
 
 app = typer.Typer(
@@ -131,39 +130,44 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[
 _EXIT, _CLICK_ERROR, _ABORT = _click_exception_types()
 
 
+TERM_GRACE_S = 10.0
+"""Seconds a terminated command has to remove what it was writing before it exits regardless."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    # Raised at any point of the work, the exception could leave a lock held and the cleanup waiting on
+    # it: a second SIGTERM ends the process at once, and so does this deadline.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def deadline() -> None:
+        time.sleep(TERM_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=deadline, name="moeprof-term-deadline", daemon=True).start()
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (console_scripts passes it to sys.exit)."""
     import signal
-
-    # typer >= 0.29 turns Ctrl-C into a silent exit 130 before it reaches us: note the signal as it comes.
-    interrupted: list[bool] = []
-
-    def on_sigint(signum: int, frame: object) -> None:
-        interrupted.append(True)
-        signal.default_int_handler(signum, frame)
+    import threading
 
     previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
-            previous = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread: signals are not ours to handle
-        pass
-    try:
-        code = _main(argv, interrupted)
+        return _main(argv)
     finally:
         if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if code is _ABORTED:
-        err_console().print(Text("Aborted.", style="yellow"))
-        return 130
-    return code
+            signal.signal(signal.SIGTERM, previous)
 
 
-# What _main returns for Ctrl-C or an abort it saw itself (older typer), so that main says it once.
-_ABORTED = object()
-
-
-def _main(argv: list[str] | None, interrupted: list[bool]) -> Any:
+def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="moeprof", standalone_mode=False)
@@ -171,7 +175,7 @@ def _main(argv: list[str] | None, interrupted: list[bool]) -> Any:
         err_console().print(Text(f"Error: {exc}", style="red"), soft_wrap=True)
         return exc.exit_code
     except _EXIT as exc:
-        return _ABORTED if exc.exit_code == 130 and interrupted else exc.exit_code
+        return exc.exit_code
     except _CLICK_ERROR as exc:
         exc.show()
         return exc.exit_code
@@ -188,9 +192,15 @@ def _main(argv: list[str] | None, interrupted: list[bool]) -> Any:
             "with more memory", style="red"), soft_wrap=True)
         return 2
     except (*_ABORT, KeyboardInterrupt):
-        return _ABORTED
-    if result == 130 and interrupted:
-        return _ABORTED
+        err_console().print(Text("Aborted.", style="yellow"))
+        return 130
+    except Terminated:
+        err_console().print(Text("Terminated.", style="yellow"))
+        return 143
+    if result == 130:
+        # typer >= 0.20 turns Ctrl-C into Exit(130), which it returns outside standalone mode: no command
+        # of moeprof returns or exits with 130 otherwise, and the user would see nothing.
+        err_console().print(Text("Aborted.", style="yellow"))
     return result if isinstance(result, int) else 0
 
 

@@ -48,9 +48,16 @@ class CaptureError(MoeprofError):
 
 
 class CaptureInterrupted(MoeprofError):
-    """A capture stopped by Ctrl-C: the message says what was kept and where."""
+    """A capture stopped by Ctrl-C (exit 130) or SIGTERM (143): the message says what was kept and where."""
 
     exit_code = 130
+
+
+class Terminated(BaseException):
+    """SIGTERM (``kill PID``, a CI job's timeout, ``docker stop``), raised in the main thread by the
+    command line's handler so that what is being written is removed (or, for a capture, kept and
+    marked incomplete) on the way out, as for Ctrl-C. A ``BaseException``, so that no
+    ``except Exception`` takes it for an error of the work."""
 
 
 class ImportFormatError(MoeprofError):

@@ -136,6 +136,17 @@ def refuse_uri(out: str | Path, option: str = "--out") -> None:
         )
 
 
+def refuse_overwriting_input(out: str | Path, path: str | Path, what: str, *, option: str = "--out") -> None:
+    """Raise :class:`OutputError` if the input ``path`` is ``out`` or lies inside it: replacing ``out``
+    (``--force``: it may well be moeprof's, a trace is) would delete what the command reads.
+    ``what`` names the input in the message, e.g. "the trace being read (T)"."""
+    if _URI_LIKE.match(str(path)) or _URI_LIKE.match(str(out)):
+        return
+    target, inside = Path(out).resolve(), Path(path).resolve()
+    if inside == target or target in inside.parents:
+        raise OutputError(f"{option} {out}: holds {what}; writing there would replace it: choose another {option}")
+
+
 def check_target(out: str | Path, force: bool, *, option: str = "--out", whole: bool = True) -> None:
     """Raise now (before any expensive work) if writing a directory output at ``out`` cannot succeed.
 
@@ -233,9 +244,15 @@ def begin_staged(out: str | Path, kind: str, force: bool) -> Path:
     _clear_stale(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{os.getpid()}-", dir=out.parent))
-        write_marker(tmp, kind)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write ({_reason(exc)})") from None
+    try:
+        write_marker(tmp, kind)
+    except BaseException as exc:  # Ctrl-C or SIGTERM too: the caller's cleanup does not know tmp yet
+        discard_staged(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{out}: cannot write ({_reason(exc)})") from None
+        raise
     return tmp
 
 
@@ -252,7 +269,12 @@ def commit_staged(tmp: Path, out: str | Path, *, files: bool = True) -> None:
             raise OutputExistsError(f"{foreign_file(out)}: appeared while moeprof was writing {out}; left as it is")
         old = out.with_name(f".{out.name}{STAGING}{os.getpid()}-old")
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:  # Ctrl-C, SIGTERM or an OS error between the two renames: the previous output stays
+        if old is not None and not out.exists():
+            os.rename(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -403,13 +425,20 @@ def staged_files(directory: str | Path, names: list[str], force: bool = False, *
     directory = Path(directory)
     check_entries(directory, names, force, option=option)
     created = not directory.exists()
+    tmp = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _clear_stale(directory / "files")
         tmp = Path(tempfile.mkdtemp(prefix=f".files{STAGING}{os.getpid()}-", dir=directory))
         write_marker(tmp, kind)
-    except OSError as exc:
-        raise OutputError(f"{option} {directory}: cannot write ({_reason(exc)})") from None
+    except BaseException as exc:  # Ctrl-C or SIGTERM too: nothing of this output may be left
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{option} {directory}: cannot write ({_reason(exc)})") from None
+        raise
     try:
         yield tmp
         written = []

@@ -266,3 +266,11 @@ def _router_linear(layer_module, num_experts: int, hidden: int):
             found.append((name, mod))
     assert len(found) == 1, f"router linear of shape ({num_experts}, {hidden}): found {[n for n, _ in found]}"
     return found[0][1]
+
+
+def cache_kw(model) -> str:
+    """The name this transformers gives a forward's KV cache argument: ``cache`` from 5.24 (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 
-from capture_models import build
+from capture_models import build, cache_kw
 from moeprof.capture.session import capture
 from moeprof.errors import CaptureError
 from moeprof.trace.reader import Trace
@@ -79,7 +79,7 @@ def test_blocks_match_step_by_step_in_an_own_loop_without_positions(qwen, tmp_pa
         cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(9):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **{cache_kw(model): cache}, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
 
     routing, _, steps = _same(model, tmp_path, loop)
@@ -100,7 +100,7 @@ def test_a_bad_decode_step_inside_a_block_keeps_the_steps_before_it(qwen, tmp_pa
             out = model(input_ids=ids, position_ids=torch.arange(6).expand(2, 6), use_cache=True)
             cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
             for pos in (6, 7, 9, 10):  # the third decode step skips position 8
-                out = model(input_ids=ids[:, -1:], past_key_values=cache, position_ids=torch.full((2, 1), pos),
+                out = model(input_ids=ids[:, -1:], **{cache_kw(model): cache}, position_ids=torch.full((2, 1), pos),
                             use_cache=True)
     assert rec.steps == 3  # the prefill and the two good decode steps, processed in one block
     routing = Trace.open(tmp_path / "t").routing().collect()
@@ -140,7 +140,7 @@ def test_without_weights_and_with_int32_token_ids(qwen, tmp_path):
         cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
         nxt = out.logits[:, -1:].argmax(-1).to(torch.int32)
         for _ in range(4):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **{cache_kw(model): cache}, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1).to(torch.int32)
 
     routing, _, _ = _same(model, tmp_path, loop, weights=False)

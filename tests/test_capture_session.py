@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from capture_models import build, deepseek_choice, gate_logits_hooks
+from capture_models import build, cache_kw, deepseek_choice, gate_logits_hooks
 from moeprof.capture import session as session_mod
 from moeprof.capture.session import capture
 from moeprof.errors import CaptureError, OutputExistsError
@@ -98,11 +98,11 @@ def test_own_loop_with_labels(qwen, tmp_path):
     with capture(model, tmp_path / "t", domain="general") as rec, torch.no_grad():
         rid = rec.new_request(domain="math", dataset="gsm8k", text="1+1=")
         out = model(input_ids=torch.tensor([[11, 12, 13]]), use_cache=True)
-        past = out.past_key_values
+        past = out.past_key_values if hasattr(out, "past_key_values") else out.cache
         for _ in range(2):
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=nxt, **{cache_kw(model): past}, use_cache=True)
+            past = out.past_key_values if hasattr(out, "past_key_values") else out.cache
         model(input_ids=torch.tensor([[20, 21]]))  # a new sequence without a label: default domain
     assert rid == 0
     t = Trace.open(tmp_path / "t")

@@ -22,7 +22,7 @@ import polars as pl
 import pytest
 import torch
 
-from capture_models import build
+from capture_models import build, cache_kw
 from moeprof.capture.session import capture
 from moeprof.errors import CaptureError
 from moeprof.trace.reader import Trace
@@ -59,7 +59,7 @@ def test_own_loop_with_cache_records_decode_steps(qwen, tmp_path):
         cache = _prefill(model, ids)
         nxt = ids[:, -1:]
         for i in range(3):
-            out = model(input_ids=nxt, position_ids=torch.tensor([[5 + i]]), **{_cache_kw(model): cache}, use_cache=True)
+            out = model(input_ids=nxt, position_ids=torch.tensor([[5 + i]]), **{cache_kw(model): cache}, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
     df = Trace.open(tmp_path / "t").routing().collect()
     assert rec.steps == 4
@@ -75,14 +75,7 @@ def test_decode_positions_that_do_not_continue_are_an_error(qwen, tmp_path):
     with pytest.raises(CaptureError, match="previous step ended at 4"):
         with capture(model, tmp_path / "t"), torch.no_grad():
             cache = _prefill(model, ids)
-            model(input_ids=ids[:, -1:], position_ids=torch.tensor([[9]]), **{_cache_kw(model): cache})
-
-
-def _cache_kw(model) -> str:
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+            model(input_ids=ids[:, -1:], position_ids=torch.tensor([[9]]), **{cache_kw(model): cache})
 
 
 def _workload(path: Path, n: int) -> Path:
@@ -144,19 +137,20 @@ def test_sigkill_keeps_the_steps_recorded_seconds_before(tmp_path):
         assert sorted(rows["pos"].to_list()) == list(range(rows.height)), f"request {rid} has a gap"
 
 
-def test_ctrl_c_says_what_was_kept_and_where(tmp_path):
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_says_what_was_kept_and_where(tmp_path, sig, code, word):
     out = tmp_path / "trace"
     proc = _moeprof("capture", "--out", str(out), "--prompts", str(_workload(tmp_path / "w.jsonl", 200)),
                     "--max-new-tokens", "64", "--batch-size", "4")
     try:
         _wait_for_shard(out, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr
-    assert "interrupted: kept" in stderr and str(out) in stderr and "marked incomplete" in stderr
+    assert proc.returncode == code, stderr
+    assert f"{word}: kept" in stderr and str(out) in stderr and "marked incomplete" in stderr
     trace = Trace.open(out, verify="full")
     assert not trace.complete
     kept = int(stderr.split("kept ")[1].split(" routing rows")[0].replace(",", ""))

@@ -135,7 +135,7 @@ def test_inconsistent_top_k(cli, tmp_path):
     q.write_text(json.dumps({"req_id": 2, "token_idx": 0, "layer": 0, "topk_ids": [1, 2, 3]}) + "\n")
     p.write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
     assert err(cli("import", "jsonl", p, q, "--out", tmp_path / "t3")) == (
-        f"Error: {q}: line 1: inconsistent top-k: 3 expert ids here, 2 on line 1"
+        f"Error: {q}: line 1: inconsistent top-k: 3 expert ids here, 2 on {p} line 1"
     )
     s = fx.sglang_per_token(tmp_path / "d.pt")
     assert err(cli("import", "sglang", s, "--out", tmp_path / "t4", "--top-k", "3")) == (

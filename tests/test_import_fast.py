@@ -183,3 +183,22 @@ def test_blank_lines_keep_line_numbers(tmp_path, monkeypatch):
     src = _write(tmp_path / "blank.jsonl", rows)
     with pytest.raises(MoeprofError, match="line 303: field 'layer' is missing"):
         _run(tmp_path, "t", src, ImportOptions(), True, monkeypatch)
+
+
+def test_each_block_parsed_once_the_next_while_this_one_is_checked(tmp_path, monkeypatch):
+    import threading
+
+    src = _write(tmp_path / "log.jsonl", _hook_rows())
+    threads = []
+    real_parse = jsonl.JsonlImporter._parse
+
+    def parse(self, data):
+        threads.append(threading.current_thread().name)
+        return real_parse(self, data)
+
+    monkeypatch.setattr(jsonl.JsonlImporter, "_parse", parse)
+    _, blocks = _run(tmp_path, "fast", src, ImportOptions(), True, monkeypatch)
+    assert blocks >= 3 and len(threads) == blocks  # no block parsed twice
+    # the first block holds the head that types the columns: parsed where it is read; every later one ahead
+    assert threads.count(threading.current_thread().name) == 1
+    assert sum(name.startswith("moeprof-json") for name in threads) == blocks - 1

@@ -132,3 +132,74 @@ def test_jsonl_dummy_passes_under_a_real_request_id(tmp_path):
     assert rep.routing_rows == 7
     kept = import_trace("jsonl", [src], tmp_path / "u")
     assert kept.routing_rows == 15 and kept.warmup == rep.warmup
+
+
+def _pass_starts_row_by_row(pos, layer, last):
+    """The definition, one row at a time."""
+    starts = []
+    for i, (p, lay) in enumerate(zip(pos.tolist(), layer.tolist())):
+        prev = last.get(lay)
+        if prev is not None and p <= prev:
+            starts.append(i)
+            last.clear()
+        last[lay] = p
+    return starts
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pass_starts_equal_the_row_by_row_definition(seed):
+    rng = np.random.default_rng(seed)
+    fast, slow = {}, {}
+    for _ in range(4):  # calls for one unit carry their state
+        n = int(rng.integers(0, 60))
+        layers = int(rng.integers(1, 5))
+        if rng.random() < 0.5:  # passes of token-major rows, token indices restarting
+            toks = np.concatenate([np.arange(int(rng.integers(1, 6))) for _ in range(n // 3 + 1)])
+            pos, lay = np.repeat(toks, layers)[:n], np.tile(np.arange(layers), toks.size)[:n]
+        else:  # anything
+            pos, lay = rng.integers(-2, 6, n), rng.integers(0, layers, n)
+        assert pass_starts(pos, lay, fast) == _pass_starts_row_by_row(pos, lay, slow)
+        assert fast == slow
+
+
+@pytest.mark.parametrize("ids", [[5, 5, -1, -1, 7, 5, 0], [2**62 + 1, 2**62 + 1, -(2**63), 3, 3, 3, -1]])
+def test_rows_per_request_and_phase_counted_for_every_id(ids):
+    from collections import Counter
+
+    from moeprof.importers.run import _Requests
+
+    rid, phase = np.array(ids, np.int64), np.array([0, 1, 0, 1, 1, 1, 0], np.int8)
+    reqs = _Requests(None)
+    reqs.count(rid, phase)
+    reqs.count(rid[:3], phase[:3])
+    reqs.count(rid[:2], phase[:2])  # one request's rows
+    reqs.count(rid[2:4], phase[2:4])
+    want: dict[int, list[int]] = {}
+    seen = Counter(zip(ids, phase.tolist())) + Counter(zip(ids[:3], phase[:3].tolist()))
+    seen += Counter(zip(ids[:2], phase[:2].tolist())) + Counter(zip(ids[2:4], phase[2:4].tolist()))
+    for (r, p), c in seen.items():
+        want.setdefault(r, [0, 0])[p] += c
+    assert reqs.rows == want
+
+
+def test_expert_selection_steps_with_and_without_null_layers_give_every_row(tmp_path):
+    # steps read whole (no null layer), layer by layer (a null layer), and with no tokens at all
+    rng = np.random.default_rng(3)
+    steps = []
+    for i in range(40):
+        n = int(rng.integers(0, 4)) if i else 3
+        step = {str(lay): rng.integers(0, 8, (n, 2)).tolist() for lay in (1, 2, 3)}
+        if rng.random() < 0.4:
+            step["0"] = None
+        steps.append(step)
+    src = tmp_path / "src" / "tag-x" / "7.json"
+    src.parent.mkdir(parents=True)
+    src.write_text(json.dumps(steps))
+    import_trace("auto", [tmp_path / "src"], tmp_path / "t", ImportOptions(num_experts=8))
+    want, pos = [], 0
+    for i, step in enumerate(steps):
+        n = max((len(v) for v in step.values() if v is not None), default=0)
+        for lay in sorted(int(k) for k, v in step.items() if v):
+            want += [("tag-x", i, "prefill" if i == 0 else "decode", pos + t, lay, step[str(lay)][t]) for t in range(n)]
+        pos += n
+    assert _rows(tmp_path / "t") == sorted(want)

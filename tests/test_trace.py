@@ -111,3 +111,74 @@ def test_inspect_cli_reports_summary_and_names_bad_shard(tmp_path, cli):
     assert "part-00000.parquet" in r.stderr and "Traceback" not in r.stderr
     r = cli("inspect", tmp_path / "nope")
     assert r.exit_code == 2 and "no such trace directory" in r.stderr
+
+
+def _rows(w, request_id, n, layer=1):
+    w.write_routing(dict(request_id=request_id, step=0, phase="prefill", pos=np.arange(n), layer=layer,
+                         experts=np.tile([[0, 1]], (n, 1))))
+
+
+def test_shard_written_a_row_group_at_a_time_while_rows_come(tmp_path):
+    out = tmp_path / "t"
+    w = TraceWriter(out, model=MODEL, source="hf", shard_rows=10, group_rows=3)
+    for r in range(5):
+        w.set_request(r, "code")
+        _rows(w, r, 5 if r == 2 else 1)
+    # 9 rows queued: 3 row groups of 3 already in the open shard's temporary file, not yet listed
+    for _ in range(100):
+        tmp = out / "routing" / ".part-00000.parquet.tmp"
+        if tmp.exists() and tmp.stat().st_size:
+            break
+        import time
+
+        time.sleep(0.02)
+    assert tmp.exists() and not (out / "routing" / "part-00000.parquet").exists()
+    w.flush()  # the open shard closes with every row so far
+    assert not tmp.exists()
+    _rows(w, 5, 4)
+    w.close()
+    t = Trace.open(out, verify="full")
+    shards = t.manifest.shards_of("routing")
+    assert [s.rows for s in shards] == [9, 4]
+    assert [s.request_ids for s in shards] == [[0, 4], [5, 5]]
+    assert [pq.ParquetFile(p).metadata.num_rows for p in t.shard_paths("routing")] == [9, 4]
+    assert [pq.ParquetFile(p).num_row_groups for p in t.shard_paths("routing")] == [3, 2]  # 3+3+3; 3+1
+    rows = t.routing().collect()
+    assert rows["request_id"].to_list() == [0, 1, 2, 2, 2, 2, 2, 3, 4, 5, 5, 5, 5]
+    assert rows["pos"].to_list() == [0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 1, 2, 3]
+
+
+def test_full_shards_close_at_shard_rows_and_groups_never_cross_them(tmp_path):
+    out = tmp_path / "t"
+    with TraceWriter(out, model=MODEL, source="hf", shard_rows=7, group_rows=3) as w:
+        w.set_request(0, "code")
+        for _ in range(4):
+            _rows(w, 0, 5)
+    t = Trace.open(out, verify="full")
+    assert [s.rows for s in t.manifest.shards_of("routing")] == [7, 7, 6]
+    groups = [[pq.ParquetFile(p).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(p).num_row_groups)]
+              for p in t.shard_paths("routing")]
+    assert groups == [[3, 3, 1], [3, 3, 1], [3, 3]]
+    assert t.routing().collect()["pos"].to_list() == list(range(5)) * 4
+
+
+def test_a_failed_row_group_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from moeprof.errors import TraceError
+    from moeprof.trace import writer as tw
+
+    out = tmp_path / "t"
+    w = TraceWriter(out, model=MODEL, source="hf", shard_rows=10, group_rows=2)
+    w.set_request(0, "code")
+    _rows(w, 0, 2)
+    w.flush()  # one shard listed
+
+    def full(self, table):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tw._OpenShard, "write", full)
+    _rows(w, 0, 3)
+    with pytest.raises(TraceError, match="No space left on device"):
+        w.close()
+    assert not list((out / "routing").glob(".*tmp*"))
+    t = Trace.open(out, verify="full")
+    assert not t.complete and t.num_routing_rows == 2

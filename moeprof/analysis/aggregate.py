@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from moeprof.errors import AnalysisError, TraceIntegrityError
+from moeprof.text import format_ranges
 from moeprof.trace.fs import parquet_file
 from moeprof.trace.reader import ShardReader, Trace
 from moeprof.trace.schema import PHASES
@@ -120,6 +121,7 @@ class Selection:
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS
     keep_unlisted: bool = True  # rows of requests missing from requests.parquet (group D)
     sampled: np.ndarray | None = None  # (S,) int64 sorted indices into request_ids; None: every selected request
+    model_layers: list[int] | None = None  # the manifest's MoE layers: a row of any other is an error (None: no check)
 
     def __post_init__(self) -> None:
         if self.sampled is None:
@@ -291,6 +293,10 @@ class _Pass:
         # selected layers l0, l0 + 1, ... (every MoE layer of most models): a row's index is layer - l0
         first = int(sel.layers[0]) if sel.layers else 0
         self._layer_offset = first if list(sel.layers) == list(range(first, first + self.L)) else None
+        self.model_lut: np.ndarray | None = None  # True at the manifest's MoE layers
+        if sel.model_layers:
+            self.model_lut = np.zeros(1 << 16, bool)
+            self.model_lut[np.asarray(sel.model_layers, np.int64) & 0xFFFF] = True
         ids = sel.request_ids
         # index per request id: its position, -1 if its domain is left out, R if it is not listed.
         slot = np.where(sel.request_domain >= 0, np.arange(self.R), -1).astype(np.int32)
@@ -332,6 +338,18 @@ class _Pass:
                 return out
         return self.layer_lut[layer.astype(np.int16, copy=False).view(np.uint16)]  # == layer & 0xFFFF
 
+    def check_layers(self, layer: np.ndarray, where: str) -> None:
+        """Raise if a row left out of the selection (``layer``, its layers) is of no MoE layer of the
+        manifest: it would be dropped in silence, as rows of the layers --layers leaves out are."""
+        if self.model_lut is None or not layer.size:
+            return
+        bad = layer[~self.model_lut[layer.astype(np.int16, copy=False).view(np.uint16)]]
+        if bad.size:
+            raise AnalysisError(
+                f"{where}: layer {int(bad[0])} is not among the manifest's MoE layers "
+                f"({format_ranges(self.sel.model_layers)}); the trace is inconsistent with its model"
+            )
+
     def _seen(self, ri: np.ndarray, phase: np.ndarray, runs: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """``2 * request index + phase`` of every listed request and phase among the rows, sorted, unique."""
         if runs is not None:  # per run: which phases its rows hold (codes 0 and 1: their min and max)
@@ -372,6 +390,7 @@ class _Pass:
         li = self._layer_index(layer)
         keep = (ri >= 0) & (li >= 0)
         if not keep.all():
+            self.check_layers(layer[li < 0], where)
             sel_rows = np.flatnonzero(keep)
             rid, ri, li, phase, experts = (np.take(x, sel_rows, axis=0) for x in (rid, ri, li, phase, experts))
             runs = None
@@ -663,6 +682,7 @@ def aggregate_loads(trace: Trace, sel: Selection) -> Aggregates:
     where = f"{trace.path}/loads"
     work = _Pass(sel, None, False)
     layer_i = work.layer_lut[table["layer"].to_numpy().astype(np.int64) & 0xFFFF]
+    work.check_layers(table["layer"].to_numpy()[layer_i < 0], where)
     expert = table["expert"].to_numpy().astype(np.int64)
     if expert.min() < 0 or expert.max() >= E:
         raise AnalysisError(f"{where}: expert id outside 0..{E - 1} (the manifest says {E} experts)")

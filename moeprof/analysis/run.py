@@ -119,6 +119,7 @@ def build_selection(trace: Trace, layers: Sequence[int] | None, domains: Sequenc
         sample_tokens=sample_tokens,
         keep_unlisted=domains is None,
         sampled=pick_requests(ids, np.flatnonzero(req_dom >= 0), sample_requests, seed),
+        model_layers=moe,
     )
 
 
@@ -726,10 +727,11 @@ def analyze(
     """:func:`analyze_trace`, then (with ``out``) write the summary, tables and ``writers``' files there,
     whole or not at all (``out`` is checked before the analysis; ``force`` replaces only a moeprof output).
     Tables are encoded as the analysis produces them, and written once it is done."""
-    from moeprof.outputs import check_target, staged_dir
+    from moeprof.outputs import check_target, refuse_overwriting_input, staged_dir
 
     if out is None:
         return analyze_trace(path, **options)
+    refuse_overwriting_input(out, path, f"the trace being read ({path})")
     check_target(out, force)
     # A writer may start on the statistics done while the others are computed (the figures).
     prepares = [w.prepare for w in writers if callable(getattr(w, "prepare", None))]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moeprof.capture.workload import Prompt, parse_workload, read_workload
-from moeprof.errors import CaptureError, CaptureInterrupted, UsageError
+from moeprof.errors import CaptureError, CaptureInterrupted, Terminated, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BATCHING = ("static", "continuous")
@@ -282,14 +282,17 @@ def run_capture(
                             pad_token_id=pad_id,
                         )
                     report(start + len(batch))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         m = rec.manifest
-        raise CaptureInterrupted(
-            f"interrupted: kept {rec.rows:,} routing rows of {rec.steps:,} forward steps "
-            f"({len(rec._requests):,} requests) in {out}, marked "
+        err = CaptureInterrupted(
+            f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: kept {rec.rows:,} routing rows "
+            f"of {rec.steps:,} forward steps ({len(rec._requests):,} requests) in {out}, marked "
             f"incomplete ({len([s for s in m.shards if s.kind == 'routing'])} shards); "
             f"`moeprof inspect {out}` shows it, and analyze reads it as it is"
-        ) from None
+        )
+        if isinstance(stop, Terminated):
+            err.exit_code = 143
+        raise err from None
     seconds = time.perf_counter() - started
     manifest = rec.manifest
     reqs = list(rec._requests.values())

@@ -42,6 +42,15 @@ def registry() -> dict[str, type[Importer]]:
     return out
 
 
+COMPRESSORS = {"gzip": "gunzip -k", "zstd": "zstd -d", "bzip2": "bunzip2 -k", "xz": "unxz -k"}
+_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def compression(head: bytes) -> str | None:
+    """The compressor whose magic number ``head`` starts with, or None."""
+    return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+
+
 def detect(path: str | Path) -> str:
     """The format of ``path`` from its first bytes; :class:`ImportFormatError` if none matches."""
     path = Path(path)
@@ -64,6 +73,10 @@ def detect(path: str | Path) -> str:
     for name, cls in registry().items():
         if cls.sniff(path, head):
             return name
+    compressed = compression(head)
+    if compressed:
+        raise ImportFormatError(f"{path}: {compressed}-compressed, and not a .tar.gz of expert-selection traces (or one "
+                                f"cut off); decompress it first ({COMPRESSORS[compressed]} {path}) and import the result")
     raise ImportFormatError(
         f"{path}: cannot tell its format from its content; name it: moeprof import FORMAT "
         f"(one of {', '.join(FORMATS)})"

@@ -154,6 +154,30 @@ def bad(path: Path | str, where: str, what: str) -> ImportFormatError:
     return ImportFormatError(f"{path}: {where}: {what}")
 
 
+def not_utf8(path: Path | str, lineno: int, raw: bytes, advice: str = "save the file as UTF-8") -> ImportFormatError | None:
+    """The error for a line whose bytes are not UTF-8 (``None`` if they are): the first bad byte and
+    where it is in the line, since the line as text cannot be shown."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return bad(path, f"line {lineno}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of "
+                   f"the line); {advice} (e.g. iconv -f latin1 -t utf-8)")
+    return None
+
+
+def first_non_utf8_line(path: Path | str) -> ImportFormatError:
+    """The error naming the first line of ``path`` that is not UTF-8. Text files are decoded in blocks,
+    so a decoding error does not say which line: the file is read again, as bytes (only on that error)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            error = not_utf8(path, lineno, raw)
+            if error is not None:
+                return error
+    return ImportFormatError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
 def identical_routing(layer: np.ndarray, experts: np.ndarray, token_id: np.ndarray | None = None) -> bool:
     """True if this unit is a dummy input: >= MIN_IDENTICAL_TOKENS tokens, every one routed alike per layer.
 
@@ -178,19 +202,29 @@ def read_domain_map(path: Path) -> dict[str, str]:
     if not path.exists():
         raise ImportFormatError(f"{path}: domain map not found")
     out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        if "request_id" not in cols or "domain" not in cols:
-            raise ImportFormatError(
-                f"{path}: line 1: the domain map needs a header with columns request_id,domain "
-                f"(found {', '.join(cols) or 'nothing'})"
-            )
-        for i, row in enumerate(reader, start=2):
-            rid, dom = (row.get("request_id") or "").strip(), (row.get("domain") or "").strip()
-            if not rid or not dom:
-                raise ImportFormatError(f"{path}: line {i}: empty request_id or domain")
-            out[rid] = dom
+    line_of: dict[str, int] = {}
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of the header
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        try:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            if "request_id" not in cols or "domain" not in cols:
+                raise ImportFormatError(
+                    f"{path}: line 1: the domain map needs a header with columns request_id,domain "
+                    f"(found {', '.join(cols) or 'nothing'})"
+                )
+            for row in reader:
+                i = reader.line_num
+                rid, dom = (row.get("request_id") or "").strip(), (row.get("domain") or "").strip()
+                if not rid or not dom:
+                    raise ImportFormatError(f"{path}: line {i}: empty request_id or domain")
+                if out.get(rid, dom) != dom:  # the same request twice: one label would win in silence
+                    raise ImportFormatError(f"{path}: line {i}: request {rid} is mapped to {dom} here and to "
+                                            f"{out[rid]} on line {line_of[rid]}; give each request one domain")
+                out[rid] = dom
+                line_of.setdefault(rid, i)
+        except UnicodeDecodeError:
+            raise first_non_utf8_line(path) from None
     return out
 
 
@@ -200,18 +234,21 @@ def read_prompt_lens(path: Path) -> dict[str, int]:
     if not path.exists():
         raise ImportFormatError(f"{path}: prompt-length file not found")
     out: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        if "request_id" not in cols or "prompt_tokens" not in cols:
-            raise ImportFormatError(
-                f"{path}: line 1: --phase-from prompt-len needs a CSV with columns request_id,prompt_tokens"
-            )
-        for i, row in enumerate(reader, start=2):
-            try:
-                out[row["request_id"].strip()] = int(row["prompt_tokens"])
-            except (TypeError, ValueError):
-                raise ImportFormatError(f"{path}: line {i}: prompt_tokens is not an integer") from None
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        try:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            if "request_id" not in cols or "prompt_tokens" not in cols:
+                raise ImportFormatError(
+                    f"{path}: line 1: --phase-from prompt-len needs a CSV with columns request_id,prompt_tokens"
+                )
+            for i, row in enumerate(reader, start=2):
+                try:
+                    out[row["request_id"].strip()] = int(row["prompt_tokens"])
+                except (TypeError, ValueError):
+                    raise ImportFormatError(f"{path}: line {i}: prompt_tokens is not an integer") from None
+        except UnicodeDecodeError:
+            raise first_non_utf8_line(path) from None
     return out
 
 

@@ -18,11 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeprof.importers.base import Importer, LoadsChunk, bad, phase_code
+from moeprof.importers.base import Importer, LoadsChunk, bad, first_non_utf8_line, phase_code
 from moeprof.trace.schema import PHASES
 
 REQUIRED = ("layer", "expert", "count")
 OPTIONAL = ("domain", "phase", "request_id", "window")
+MODEL = "model"
+"""A column that tells models apart (published tables hold several): one value only, or an error."""
 _PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 
 
@@ -35,6 +37,7 @@ class CountsImporter(Importer):
         super().__init__(options)
         self.names = {f: options.fields.get(f, f) for f in REQUIRED + OPTIONAL}
         self._present: set[str] = set()
+        self._model: tuple[str, str] | None = None  # the first row's model, and where it is
 
     @classmethod
     def sniff(cls, path: Path, head: bytes) -> bool:
@@ -45,7 +48,7 @@ class CountsImporter(Importer):
                 return False
             return set(REQUIRED) <= names
         try:
-            first = head.decode("utf-8", errors="strict").splitlines()[0]
+            first = head.decode("utf-8-sig", errors="strict").splitlines()[0]
         except (UnicodeDecodeError, IndexError):
             return False
         cols = {c.strip().lower() for c in next(csv.reader(io.StringIO(first)), [])}
@@ -66,7 +69,14 @@ class CountsImporter(Importer):
 
     # -- CSV -------------------------------------------------------------------------------------
     def _csv(self, path: Path, progress) -> Iterator[LoadsChunk]:
-        with open(path, newline="", encoding="utf-8") as fh:
+        try:
+            yield from self._csv_rows(path, progress)
+        except UnicodeDecodeError:
+            raise first_non_utf8_line(path) from None
+
+    def _csv_rows(self, path: Path, progress) -> Iterator[LoadsChunk]:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of the header
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             try:
                 header = [c.strip() for c in next(reader)]
@@ -101,7 +111,20 @@ class CountsImporter(Importer):
                 raise bad(path, "line 1", f"column {self.names[f]!r} is missing (header: {', '.join(header)}); "
                           f"use --field {f}=NAME if it has another name")
         self._present.update(f for f in OPTIONAL if f in idx)
+        if MODEL in lower:
+            idx[MODEL] = lower[MODEL]
         return idx
+
+    def _one_model(self, models: list[Any], path: Path, row_where: Callable[[int], str]) -> None:
+        """Refuse a table whose ``model`` column names two models: their counts would be summed."""
+        for j, m in enumerate(models):
+            m = "" if m is None else str(m).strip()
+            if self._model is None:
+                self._model = (m, row_where(j))
+            elif m != self._model[0]:
+                raise bad(path, row_where(j), f"model {m!r} here, {self._model[0]!r} on {self._model[1]}: a trace "
+                          "holds one model's routing; keep one model's rows (e.g. with grep or polars) and import "
+                          "each model separately")
 
     def _table(self, rows: list[list[str]], idx: dict[str, int], path: Path, first_line: int) -> LoadsChunk:
         def ints(col: str) -> np.ndarray:
@@ -120,6 +143,8 @@ class CountsImporter(Importer):
         rkeys = None
         if "request_id" in idx:
             rkeys = [_key(r[idx["request_id"]]) for r in rows]
+        if MODEL in idx:
+            self._one_model([r[idx[MODEL]] for r in rows], path, lambda j: f"line {first_line + j}")
         return self._chunk(cols, phase, domain, rkeys, path, lambda j: f"line {first_line + j}",
                            f"lines {first_line}-{first_line + len(rows) - 1}")
 
@@ -153,6 +178,8 @@ class CountsImporter(Importer):
             domain = col["domain"].to_pylist() if "domain" in col else None
             rkeys = [_key(v) for v in col["request_id"].to_pylist()] if "request_id" in col else None
             s = start
+            if MODEL in col:
+                self._one_model(col[MODEL].to_pylist(), path, lambda j: f"row {s + j + 1}")
             yield self._chunk(cols, phase, domain, rkeys, path, lambda j: f"row {s + j + 1}",
                               f"row group {g}")
             start += batch.num_rows

@@ -70,7 +70,17 @@ def load_pt(path: Path) -> Any:
             "pip install torch (the CPU wheel is enough)"
         ) from None
     import pickle
+    import zipfile
 
+    # torch.load does not check the zip's CRC-32s: a damaged count tensor would be read as counts.
+    try:
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        damaged = None  # not a zip (torch's legacy format has no checksums), or cut off: torch.load says so
+    if damaged is not None:
+        raise ImportFormatError(f"{path}: {damaged}: CRC-32 differs from the one stored in the file: the dump was "
+                                "damaged after it was written (copy it again)")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:

@@ -45,15 +45,44 @@ def pass_starts(pos: np.ndarray, layer: np.ndarray, last: dict[int, int]) -> lis
 
     ``pos``, ``layer`` ``(n,)`` in file order. ``last`` (layer -> last token index of the current
     pass) carries the state from the previous call for the same unit; clear it when the unit changes.
+
+    Row i starts a pass when the row before it in its layer (or ``last``) is in the current pass and
+    has a token index at least as large. Only such candidates are visited one by one: a row-by-row
+    loop cost a third of a JSONL import (0.35 s at 10^6 rows).
     """
+    n = len(pos)
+    if n == 0:
+        return []
+    pos = np.asarray(pos, np.int64)
+    layer = np.asarray(layer, np.int64)
+    # prev[i]: the row before i in its layer; -1: none in this call, but `last` has the layer; -2: none
+    order = np.argsort(layer, kind="stable")
+    by_layer = layer[order]
+    follows = np.r_[False, by_layer[1:] == by_layer[:-1]]
+    prev = np.empty(n, np.int64)
+    prev[order[follows]] = order[np.flatnonzero(follows) - 1]
+    first = order[~follows]  # each layer's first row here
+    carried = np.array([last.get(lay, _NONE) for lay in layer[first].tolist()], np.int64)
+    prev[first] = np.where(carried != _NONE, -1, -2)
+    before = np.where(prev >= 0, pos[np.maximum(prev, 0)], _NONE)
+    before[first] = carried
+    candidates = np.flatnonzero((prev >= -1) & (before >= pos)).tolist()
     starts: list[int] = []
-    for i, (p, lay) in enumerate(zip(pos.tolist(), layer.tolist())):
-        prev = last.get(lay)
-        if prev is not None and p <= prev:
+    b = -1  # the current pass starts here (-1: before this call, with the rows of `last`)
+    for i, p in zip(candidates, prev[candidates].tolist()):
+        if p >= b:  # the row before, in the current pass, had this token index or a later one
             starts.append(i)
-            last.clear()
-        last[lay] = p
+            b = i
+    # what the next call carries: each layer's last row of the current pass
+    if b >= 0:
+        last.clear()
+    rows = layer[max(b, 0):][::-1]
+    lays, at = np.unique(rows, return_index=True)
+    last.update(zip(lays.tolist(), pos[max(b, 0):][::-1][at].tolist()))
     return starts
+
+
+_NONE = np.iinfo(np.int64).min
 
 
 def _same_rows(a: np.ndarray | None) -> bool:

@@ -57,10 +57,9 @@ def render_analysis(s: dict[str, Any], con: Console, out: Path | None = None) ->
     _phase(s["prefill_decode"], con)
     _coactivation(s["coactivation"], con)
     if out is not None:
-        # The figures' formats from what was written: none with --figures none.
-        formats = sorted({f.rsplit(".", 1)[-1] for f in s.get("outputs", []) if f.startswith("plots/")})
-        plots = f", {out}/plots/*.{'|'.join(formats)}" if formats else ""
-        con.print(f"\nwrote {out}/summary.json, {out}/tables/*.parquet{plots}")
+        plots = [o.rsplit(".", 1)[-1] for o in s.get("outputs", []) if o.startswith("plots/")]
+        kinds = "|".join(k for k in ("png", "svg") if k in plots)  # none with --figures none
+        con.print(f"\nwrote {out}/summary.json, {out}/tables/*.parquet" + (f", {out}/plots/*.{kinds}" if kinds else ""))
 
 
 def _imbalance(imb: dict[str, Any], con: Console) -> None:

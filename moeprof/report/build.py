@@ -11,8 +11,9 @@ import datetime as _dt
 import math
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from moeprof.errors import UsageError
 from moeprof.text import format_ranges
 from moeprof import __version__
 from moeprof.report import view
@@ -42,13 +43,64 @@ def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None, figur
     temporary directory whose figures are read before it goes), with its figures unless ``figures`` is
     false (a caller that only reads numbers); ``workers``: see :func:`run_analysis`."""
     inputs = view.discover(list(paths))
+    if inputs.summary is not None and inputs.trace_path is not None:
+        _same_trace(inputs.summary, inputs.summary_path, inputs.trace_path)
     if inputs.summary is None and inputs.trace_path is not None:
         out = analysis_dir or Path(tempfile.mkdtemp(prefix="moeprof-report-"))
         run_analysis(inputs.trace_path, out, figures=figures, workers=workers)
         inputs.summary_path = out / view.SUMMARY
         inputs.summary = view.read_summary(inputs.summary_path)
         inputs.figure_dirs.insert(0, out)
+    _same_model(inputs)
     return inputs
+
+
+def _same_model(inputs: Any) -> None:
+    """Raise when a placement (or a --compare result, through the placements beside it) was fitted on
+    another model than the analysis describes: the report would show one's numbers under the other's."""
+    model = ((inputs.summary or {}).get("trace") or {}).get("model")
+    if not model:
+        return
+    placed = []
+    if inputs.placement is not None:
+        placed.append((inputs.placement_path, inputs.placement))
+    if inputs.compare_path is not None:
+        import json
+
+        for p in sorted(Path(inputs.compare_path).parent.glob("placement-*.json"))[:1]:
+            try:
+                placed.append((p, json.loads(p.read_text(encoding="utf-8"))))
+            except (OSError, ValueError):
+                pass
+    for path, placement in placed:
+        theirs = placement.get("model") or {}
+        fitted = (theirs.get("name"), theirs.get("num_experts"), placement.get("moe_layers"))
+        analysed = (model.get("name"), model.get("num_experts"), model.get("moe_layers"))
+        if None not in fitted and fitted != analysed:
+            raise UsageError(
+                f"{path} was fitted on model {fitted[0]} ({fitted[1]} experts, MoE layers "
+                f"{format_ranges(fitted[2])}), the analysis is of {analysed[0]} ({analysed[1]} experts, MoE layers "
+                f"{format_ranges(analysed[2] or [])}); give the placement or --compare result of the analysed trace"
+            )
+
+
+def _same_trace(summary: dict, summary_path: Any, trace_path: Any) -> None:
+    """Raise when a trace and an analysis of another trace are given together: the report would show the
+    analysis under the trace's name (the analysis is used; the trace is not read again)."""
+    from moeprof.trace.reader import Trace
+
+    described = summary.get("trace") or {}
+    m = Trace.open(trace_path, verify="none")
+    model = described.get("model") or {}
+    ours = (m.model.name, m.model.num_experts, m.model.top_k, list(m.model.moe_layers), m.num_routing_rows)
+    theirs = (model.get("name"), model.get("num_experts"), model.get("top_k"), model.get("moe_layers"),
+              described.get("routing_rows"))
+    if ours != theirs:
+        raise UsageError(
+            f"{summary_path} is the analysis of another trace ({described.get('path')}: {theirs[4]} routing rows of "
+            f"{theirs[0]}), not of {trace_path} ({ours[4]} routing rows of {ours[0]}); give the trace alone "
+            "(it is analysed now) or its own analysis"
+        )
 
 
 def run_analysis(trace_path: Path, out: Path, *, figures: bool = True, workers: bool = False) -> None:

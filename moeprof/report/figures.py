@@ -170,9 +170,11 @@ def _start_zygote(queue: Any) -> None:
     """The first worker's start: import matplotlib and draw a small figure once (fonts, caches), so that
     the workers it forks (:func:`_serve`) start warm, with none of that to do again."""
     global _queue, _writer_pid
-    # Ctrl-C reaches the whole process group: the writer's process handles it and stops this one (and the
-    # workers forked from it, which inherit this); here it printed a KeyboardInterrupt traceback per process.
+    # Ctrl-C reaches every process of the terminal's group: the writer's process stops the zygote (its
+    # workers follow it, _watch_zygote), which would otherwise print a KeyboardInterrupt traceback of its
+    # own. SIGTERM ends it as before, whatever handler the command installed before forking it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _queue, _writer_pid = queue, os.getppid()
     # Drawing does no linear algebra: numpy's BLAS (OpenBLAS) would start threads when it is imported,
     # and a process with threads does not fork (_start_method).
@@ -291,6 +293,10 @@ def _serve(session: int, processes: int, formats: tuple[str, ...]) -> dict[str, 
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+_CLOSED_QUEUES: list[Any] = []
+"""Queues of writers closed without waiting for their zygote (:meth:`FigureWriter.close`)."""
+
+
 class FigureWriter:
     """The figures of an analyze output directory (into ``OUT/plots``), in each of ``formats``: a writer
     for :func:`moeprof.analysis.run.analyze`, drawn by ``processes`` workers (by default as many as
@@ -356,6 +362,11 @@ class FigureWriter:
             self._end_session()
             pool.shutdown(wait=wait, cancel_futures=True)
             self._queue.close()
+            if not wait:
+                # A spawned zygote may still be starting: it unpickles the queue, whose semaphores go
+                # when the queue is collected (a traceback in the zygote). The interpreter's exit
+                # waits for the pool's processes before it collects this list.
+                _CLOSED_QUEUES.append(self._queue)
         self._analysis = None
 
     def prepare(self, analysis: Any) -> None:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moeprof.errors import TraceError, TraceIntegrityError
+from moeprof.text import format_ranges
 from moeprof.trace import fs
 from moeprof.trace.manifest import Manifest, ModelInfo, Shard, read_manifest
 from moeprof.trace.schema import (
@@ -148,6 +149,33 @@ class Trace:
                         (lambda: sha256_file(path)) if full else None)
             if progress is not None:
                 progress(shard)
+
+    def check_ranges(self) -> None:
+        """Raise :class:`TraceIntegrityError` when a shard's column statistics (min and max per row group,
+        kept in its footer: nothing else is read) hold an expert id outside ``0..num_experts-1`` or a layer
+        the manifest's MoE layers do not cover: a manifest that disagrees with its data, which
+        :meth:`verify` (sizes, rows, checksums) cannot see. Shards written without statistics are passed."""
+        moe = list(self.model.moe_layers)
+        for kind in ("routing", "loads"):
+            for path in self.shard_paths(kind):
+                meta = fs.parquet_file(path).metadata
+                for g in range(meta.num_row_groups):
+                    for i in range(meta.num_columns):
+                        col = meta.row_group(g).column(i)
+                        name = col.path_in_schema.split(".")[0]
+                        stats = col.statistics if col.is_stats_set else None
+                        if name not in ("layer", "experts", "expert") or stats is None or not stats.has_min_max:
+                            continue
+                        lo, hi = int(stats.min), int(stats.max)
+                        if name != "layer" and (lo < 0 or hi >= self.model.num_experts):
+                            raise TraceIntegrityError(
+                                f"{path} (row group {g}): expert ids run {lo}..{hi}, the manifest says "
+                                f"{self.model.num_experts} experts; the trace is inconsistent with its model")
+                        bad = [x for x in (lo, hi) if moe and x not in moe]
+                        if name == "layer" and bad:
+                            raise TraceIntegrityError(
+                                f"{path} (row group {g}): layer {bad[0]} is not among the manifest's MoE layers "
+                                f"({format_ranges(moe)}); the trace is inconsistent with its model")
 
     # -- reading shard data, verified ------------------------------------------------------------
     def shard_bytes(self, path: Path) -> bytes:
