@@ -167,8 +167,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+_ABORTS_SAID = [0]  # how often "Aborted." was printed in this process (demo runs commands through main too)
+
+
+def _aborted() -> int:
+    err_console().print(Text("Aborted.", style="yellow"))
+    _ABORTS_SAID[0] += 1
+    return 130
+
+
 def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
+    said = _ABORTS_SAID[0]
     try:
         result = command.main(args=argv, prog_name="moeprof", standalone_mode=False)
     except MoeprofError as exc:
@@ -192,15 +202,15 @@ def _main(argv: list[str] | None) -> int:
             "with more memory", style="red"), soft_wrap=True)
         return 2
     except (*_ABORT, KeyboardInterrupt):
-        err_console().print(Text("Aborted.", style="yellow"))
-        return 130
+        return _aborted()
     except Terminated:
         err_console().print(Text("Terminated.", style="yellow"))
         return 143
-    if result == 130:
+    if result == 130 and _ABORTS_SAID[0] == said:
         # typer >= 0.20 turns Ctrl-C into Exit(130), which it returns outside standalone mode: no command
-        # of moeprof returns or exits with 130 otherwise, and the user would see nothing.
-        err_console().print(Text("Aborted.", style="yellow"))
+        # of moeprof returns or exits with 130 otherwise, and the user would see nothing (unless a step
+        # of the demo, run through main, said it already).
+        _aborted()
     return result if isinstance(result, int) else 0
 
 

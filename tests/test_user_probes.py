@@ -346,13 +346,16 @@ def test_ctrl_c_in_analyze_says_aborted_once_with_no_traceback_and_no_process_le
 def test_demo_says_a_step_was_interrupted_not_failed(cli, tmp_path, monkeypatch):
     import moeprof.commands.main as main_mod
 
-    def step(argv):  # capture and inspect done, Ctrl-C during analyze
-        return 130 if argv[0] == "analyze" else 0
+    def step(argv):  # capture and inspect done, Ctrl-C during analyze, which says so as main does
+        if argv[0] != "analyze":
+            return 0
+        return main_mod._aborted()  # as main says it
 
     monkeypatch.setattr(main_mod, "main", step)
     r = cli("demo", "--out", tmp_path / "d")
     assert r.exit_code == 130
     assert "step 3 (analyze) was interrupted; the demo stops here" in r.stdout
+    assert r.stderr.count("Aborted.") == 1  # the step's; the demo's own main said it again
 
 
 # -- two writers, one --out -------------------------------------------------------------------------
