@@ -426,16 +426,20 @@ def staged_files(directory: str | Path, names: list[str], force: bool = False, *
     check_entries(directory, names, force, option=option)
     created = not directory.exists()
     tmp = None
+
+    def discard() -> None:  # on any exception, Ctrl-C and SIGTERM too: nothing of this output may be left
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _clear_stale(directory / "files")
         tmp = Path(tempfile.mkdtemp(prefix=f".files{STAGING}{os.getpid()}-", dir=directory))
         write_marker(tmp, kind)
-    except BaseException as exc:  # Ctrl-C or SIGTERM too: nothing of this output may be left
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
+    except BaseException as exc:
+        discard()
         if isinstance(exc, OSError):
             raise OutputError(f"{option} {directory}: cannot write ({_reason(exc)})") from None
         raise
@@ -456,9 +460,7 @@ def staged_files(directory: str | Path, names: list[str], force: bool = False, *
                 os.replace(src, dst)
         record_files(directory, written, kind)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
+        discard()
         if isinstance(exc, OSError):
             raise OutputError(f"{directory}: writing failed ({_reason(exc)}); nothing was written") from exc
         raise
