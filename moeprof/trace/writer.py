@@ -8,10 +8,7 @@ holding every shard it finished. :meth:`TraceWriter.close` writes the last shard
 manifest ``complete: true``.
 
 Memory is bounded: at most ``max_pending`` chunks wait in the queue (a producer that outruns the
-disk blocks), and rows are written as they come, a row group of ``group_rows`` rows at a time, into
-the shard being filled (under its temporary name until it is full or flushed): the shard's encoding
-overlaps the producer's work instead of following it. Shards cut between requests
-(``request_shards``) are held whole, up to ``shard_rows`` rows, and written at once.
+disk blocks), and at most ``shard_rows`` rows are held before they are spilled to a shard.
 """
 
 from __future__ import annotations
@@ -172,42 +169,6 @@ def _write_parquet_atomic(table: pa.Table, path: Path) -> Shard:
     return Shard(path="", kind="", rows=table.num_rows, bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
-class _OpenShard:
-    """A routing shard written a row group at a time under a temporary name; :meth:`finish` fsyncs it
-    and gives it its name, as :func:`_write_parquet_atomic` does for a shard written at once."""
-
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
-        self.rows = 0
-        self._range: list[int] | None = None
-        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
-
-    def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table)
-        self.rows += table.num_rows
-        lo_hi = request_range(table)
-        if lo_hi is not None:
-            self._range = lo_hi if self._range is None else [min(self._range[0], lo_hi[0]), max(self._range[1], lo_hi[1])]
-
-    def finish(self) -> Shard:
-        self._writer.close()
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
-        shard = Shard(path=self.path.name, kind="", rows=self.rows, bytes=self.path.stat().st_size,
-                      sha256=sha256_file(self.path))
-        shard.request_ids = self._range
-        return shard
-
-    def discard(self) -> None:
-        try:
-            self._writer.close()
-        except Exception:  # noqa: BLE001 - the disk that failed the write may fail the footer too
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-
 def request_cut(request_id: np.ndarray, limit: int) -> int:
     """Rows to put in a shard of at most ``limit`` rows so the request at the cut is not split: the
     start of the run of that request's rows (``limit`` when a single request fills the shard)."""
@@ -250,7 +211,6 @@ class TraceWriter:
         max_pending: int = 16,
         staged: bool = False,
         request_shards: bool = False,
-        group_rows: int = 1 << 17,
     ) -> None:
         # staged: write into a hidden sibling that becomes ``out`` only when the trace closes complete
         # (an import: whole or nothing); otherwise write in place (a capture: a killed run keeps its steps).
@@ -275,8 +235,6 @@ class TraceWriter:
         # Cut shards between requests, so a producer that writes request after request gets each
         # request's rows in one shard (per-request aggregates then stay local to one shard's task).
         self._request_shards = bool(request_shards)
-        self._group_rows = max(1, int(group_rows))
-        self._open: _OpenShard | None = None  # the shard being filled, row group by row group
         self._requests: dict[int, RequestInfo] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
@@ -417,61 +375,14 @@ class TraceWriter:
                     continue  # drain the queue so producers never block on a dead writer
                 self._pending.append(item)
                 self._pending_rows += item.num_rows
-                if not self._request_shards:
-                    self._fill()
                 while self._pending_rows >= self._shard_rows:
                     self._spill(limit=self._shard_rows)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the producer
                 self._error = exc
-                self._abandon_open()
                 if item is _STOP:
                     return  # the last spill failed (disk full): close() must not wait for another item
 
-    def _fill(self, final: bool = False) -> None:
-        """Write pending rows into the open shard, a row group of ``group_rows`` rows at a time (every
-        row when ``final``), closing it once it holds ``shard_rows`` rows, and at the end when ``final``."""
-        while self._pending_rows:
-            room = self._shard_rows - (self._open.rows if self._open is not None else 0)
-            take = min(self._pending_rows, room, self._group_rows)
-            if take < min(room, self._group_rows) and not final:
-                return
-            table = pa.concat_tables(self._pending)
-            rest = table.slice(take)
-            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-            if self._open is None:
-                self._open = _OpenShard(self.out / f"{ROUTING_DIR}/part-{self._n_routing:05d}.parquet", self._schema)
-            self._open.write(table.slice(0, take).combine_chunks())
-            if self._open.rows >= self._shard_rows:
-                self._close_open()
-        if final and self._open is not None:
-            self._close_open()
-
-    def _close_open(self) -> None:
-        shard = self._open.finish()
-        self._open = None
-        shard.path, shard.kind = f"{ROUTING_DIR}/{shard.path}", "routing"
-        self._add_shard(shard)
-
-    def _abandon_open(self) -> None:
-        """After a failed write: the open shard's temporary file goes (its rows were never listed)."""
-        if self._open is not None:
-            self._open.discard()
-            self._open = None
-
-    def _add_shard(self, shard: Shard) -> None:
-        self._n_routing += 1
-        self.rows_written += shard.rows
-        with self._lock:
-            self.manifest.shards.append(shard)
-        self._write_manifest()
-
     def _spill(self, limit: int | None = None) -> None:
-        if not self._request_shards:
-            closed = self._n_routing
-            self._fill(final=limit is None)
-            if self._n_routing == closed:  # no shard closed: the manifest (requests) still updated
-                self._write_manifest()
-            return
         if not self._pending_rows:
             self._write_manifest()
             return
@@ -488,7 +399,11 @@ class TraceWriter:
         shard = _write_parquet_atomic(table.combine_chunks(), self.out / name)
         shard.path, shard.kind = name, "routing"
         shard.request_ids = request_range(table)
-        self._add_shard(shard)
+        self._n_routing += 1
+        self.rows_written += shard.rows
+        with self._lock:
+            self.manifest.shards.append(shard)
+        self._write_manifest()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
