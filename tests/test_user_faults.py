@@ -228,7 +228,10 @@ def test_interrupt_while_the_staging_directory_is_marked_leaves_nothing(trace, t
 
 
 SPAWNED_WRITER = r"""
-import polars  # threads: the figure workers are spawned, not forked (report.figures._start_method)
+import threading, time
+# a process with threads spawns its figure workers, not forks them (report.figures._start_method); polars
+# 2 starts its pool when imported, polars 1.3 only when first used: a thread of our own, whatever polars does
+threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
 from moeprof.report.figures import FigureWriter, _start_method
 assert _start_method() == "spawn"
 try:
