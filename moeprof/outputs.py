@@ -367,6 +367,10 @@ def begin_demo(out: str | Path, force: bool) -> None:
     check it as a whole now (with ``force``, nothing in it may be the user's) and mark it."""
     out = Path(out)
     check_target(out, force, whole=False)  # each step replaces its own subdirectory, never ``out``
+    kind = (read_marker(out) or {}).get("kind") if out.is_dir() else None
+    if kind not in (None, "demo"):  # a trace or an analysis: the steps' folders would be written inside it
+        raise OutputExistsError(f"--out {out}: holds a moeprof {kind}, not a demo; the demo writes its steps' "
+                                "folders in a directory of its own: choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         if read_marker(out) is None:

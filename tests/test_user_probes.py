@@ -447,3 +447,15 @@ def test_timeline_says_its_out_cannot_be_written_before_the_replay(cli, trace, t
     assert r.exit_code == 2
     assert flat(r.stderr) == f"Error: --out {out}: {tmp_path / 'file'} is not a directory"
     assert r.stdout == ""  # no replay was run and printed
+
+
+def test_demo_into_another_moeprof_output_is_refused_even_with_force(cli, tmp_path):
+    """It wrote its steps' folders inside the trace (nothing deleted, but a trace with a demo in it)."""
+    from moeprof.synthetic import generate_trace
+
+    trace = tmp_path / "t"
+    generate_trace(trace, num_requests=4, seed=1)
+    before = sorted(p.name for p in trace.iterdir())
+    r = cli("demo", "--out", trace, "--force")
+    assert r.exit_code == 2 and "holds a moeprof trace, not a demo" in flat(r.stderr)
+    assert sorted(p.name for p in trace.iterdir()) == before
