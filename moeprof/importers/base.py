@@ -196,6 +196,22 @@ def identical_routing(layer: np.ndarray, experts: np.ndarray, token_id: np.ndarr
     return True
 
 
+def _csv_rows(path: Path, columns: tuple[str, ...], needs: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV whose header holds ``columns``; ``needs`` is the error for a header without
+    them (``{found}``: the header's columns). Read as UTF-8 (a spreadsheet's "CSV UTF-8" byte-order mark is not part of
+    the header); a line that is not UTF-8 is named."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        try:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            if not set(columns) <= set(cols):
+                raise ImportFormatError(f"{path}: line 1: " + needs.format(found=", ".join(cols) or "nothing"))
+            for row in reader:
+                yield reader.line_num, row
+        except UnicodeDecodeError:
+            raise first_non_utf8_line(path) from None
+
+
 def read_domain_map(path: Path) -> dict[str, str]:
     """``request_id,domain`` CSV (header required) -> {request id as text: domain}."""
     path = Path(path)
@@ -203,28 +219,16 @@ def read_domain_map(path: Path) -> dict[str, str]:
         raise ImportFormatError(f"{path}: domain map not found")
     out: dict[str, str] = {}
     line_of: dict[str, int] = {}
-    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of the header
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        try:
-            reader = csv.DictReader(fh)
-            cols = reader.fieldnames or []
-            if "request_id" not in cols or "domain" not in cols:
-                raise ImportFormatError(
-                    f"{path}: line 1: the domain map needs a header with columns request_id,domain "
-                    f"(found {', '.join(cols) or 'nothing'})"
-                )
-            for row in reader:
-                i = reader.line_num
-                rid, dom = (row.get("request_id") or "").strip(), (row.get("domain") or "").strip()
-                if not rid or not dom:
-                    raise ImportFormatError(f"{path}: line {i}: empty request_id or domain")
-                if out.get(rid, dom) != dom:  # the same request twice: one label would win in silence
-                    raise ImportFormatError(f"{path}: line {i}: request {rid} is mapped to {dom} here and to "
-                                            f"{out[rid]} on line {line_of[rid]}; give each request one domain")
-                out[rid] = dom
-                line_of.setdefault(rid, i)
-        except UnicodeDecodeError:
-            raise first_non_utf8_line(path) from None
+    for i, row in _csv_rows(path, ("request_id", "domain"),
+                            "the domain map needs a header with columns request_id,domain (found {found})"):
+        rid, dom = (row.get("request_id") or "").strip(), (row.get("domain") or "").strip()
+        if not rid or not dom:
+            raise ImportFormatError(f"{path}: line {i}: empty request_id or domain")
+        if out.get(rid, dom) != dom:  # the same request twice: one label would win in silence
+            raise ImportFormatError(f"{path}: line {i}: request {rid} is mapped to {dom} here and to "
+                                    f"{out[rid]} on line {line_of[rid]}; give each request one domain")
+        out[rid] = dom
+        line_of.setdefault(rid, i)
     return out
 
 
@@ -234,21 +238,12 @@ def read_prompt_lens(path: Path) -> dict[str, int]:
     if not path.exists():
         raise ImportFormatError(f"{path}: prompt-length file not found")
     out: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    for i, row in _csv_rows(path, ("request_id", "prompt_tokens"),
+                            "--phase-from prompt-len needs a CSV with columns request_id,prompt_tokens"):
         try:
-            reader = csv.DictReader(fh)
-            cols = reader.fieldnames or []
-            if "request_id" not in cols or "prompt_tokens" not in cols:
-                raise ImportFormatError(
-                    f"{path}: line 1: --phase-from prompt-len needs a CSV with columns request_id,prompt_tokens"
-                )
-            for i, row in enumerate(reader, start=2):
-                try:
-                    out[row["request_id"].strip()] = int(row["prompt_tokens"])
-                except (TypeError, ValueError):
-                    raise ImportFormatError(f"{path}: line {i}: prompt_tokens is not an integer") from None
-        except UnicodeDecodeError:
-            raise first_non_utf8_line(path) from None
+            out[row["request_id"].strip()] = int(row["prompt_tokens"])
+        except (TypeError, ValueError):
+            raise ImportFormatError(f"{path}: line {i}: prompt_tokens is not an integer") from None
     return out
 
 
