@@ -31,7 +31,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a
 
 from moeprof.capture import session as S  # noqa: E402
 
-PARTS = ("hook_calls", "forward_start", "layer_hooks", "forward_end", "pack", "submit", "process", "handoff", "drain")
+PARTS = ("hook_calls", "outside_hooks", "forward_start", "layer_hooks", "forward_end", "pack", "submit", "process", "handoff", "drain")
 
 
 def _tiny() -> torch.nn.Module:
@@ -54,16 +54,23 @@ class Timers:
     def __init__(self) -> None:
         self.ns: dict[str, int] = defaultdict(int)
         self._saved: list[tuple[object, str, object]] = []
+        self.depth = [0]  # top-level hook calls in progress
 
     def timed(self, fn, part: str):
-        ns = self.ns
+        ns, depth = self.ns, self.depth
 
         def timed(*a, **kw):
             t = time.perf_counter_ns()
+            outer = part == "hook_calls" or not depth[0]
+            depth[0] += part == "hook_calls"
             try:
                 return fn(*a, **kw)
             finally:
-                ns[part] += time.perf_counter_ns() - t
+                depth[0] -= part == "hook_calls"
+                dt = time.perf_counter_ns() - t
+                ns[part] += dt
+                if outer and part in ("forward_start", "forward_end"):  # called outside any hook
+                    ns["outside_hooks"] += dt
 
         return timed
 
@@ -118,8 +125,15 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compil
         for r in range(reps):
             times_plain.append(plain())
             timers = Timers()
-            # the top-level hooks as torch calls them: through the torch.compile guard (S._eager)
-            timers.replace(S, "_eager", lambda hook, _e=S._eager, _t=timers: _t.timed(_e(hook), "hook_calls"))
+            # the top-level hooks as torch calls them: S._top_level's functions (this tree), or through
+            # torch.compile's guard (S._eager, earlier trees). This tree's own compiled call runs the
+            # hooks' work around the compiled step instead: timed as forward_start/forward_end, added
+            # to hook_calls where no hook call holds them.
+            if hasattr(S, "_top_level"):
+                # (the hook inside: the top-level function itself is traced into the capture's graph)
+                timers.replace(S, "_top_level", lambda r, hook, _e=S._top_level, _t=timers: _e(r, _t.timed(hook, "hook_calls")))
+            else:
+                timers.replace(S, "_eager", lambda hook, _e=S._eager, _t=timers: _t.timed(_e(hook), "hook_calls"))
             rec = S.capture(model, Path(tmp) / f"t{r}", force=True, eos_token_id=None)
             if big_bytes is not None:  # blocks of at least this many bytes are processed by the worker thread
                 rec._pipe._big_bytes = big_bytes
@@ -140,7 +154,7 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compil
             sync()
             t = time.perf_counter()
             with rec, torch.inference_mode():
-                if compiled:  # capture drops code compiled without its hooks: the first call re-traces, untimed
+                if compiled:  # the capture compiles its own call (earlier trees: re-trace): the first call is untimed
                     model.generate(**inputs, **kw)
                     sync()
                     timers.ns.clear()
@@ -163,7 +177,7 @@ def run(model, batch: int, prompt: int, new: int, device: str, reps: int, compil
     med = {p: statistics.median(v) for p, v in per_part.items()}
     # hook_calls: the two top-level hooks as called (forward_start and forward_end inside, which hold
     # pack, submit and the processing of finished blocks); the rest of processing runs at close.
-    added = med["hook_calls"] + med["layer_hooks"] + med["drain"]
+    added = med["hook_calls"] + med["outside_hooks"] + med["layer_hooks"] + med["drain"]
     return dict(batch=batch, prompt=prompt, new=new, layers=L, compiled=compiled, step_us_plain=step_us,
                 host_us_per_step=med, added_us_per_step=added, share_of_step=added / step_us,
                 wall_ratio=statistics.median(times_cap) / statistics.median(times_plain))

@@ -7,13 +7,17 @@ CUDA graphs themselves are exercised by ``bench/gpu_capture.py`` on a GPU.
 
 from __future__ import annotations
 
+import gc
+
 import polars as pl
 import pytest
 import torch
 import transformers as tf
+from torch._dynamo.utils import counters
 from transformers.generation.configuration_utils import CompileConfig
 
 import moeprof
+from moeprof.capture.session import COMPILED_WEIGHTS_NOTE
 from moeprof.trace import Trace
 
 KEY = ["request_id", "step", "pos", "layer", "experts", "token_id"]
@@ -63,20 +67,43 @@ def test_compiled_decoding_records_every_step_even_if_compiled_before_capture(mo
     eager = _capture(model, tmp_path / "eager")
     # Compile first, without capture: code compiled now has no hooks in it.
     model.generate(**INPUTS, cache_implementation="static", compile_config=_compile_config())
-    assert getattr(model, "_compiled_call", None) is not None
+    plain = getattr(model, "_compiled_call", None)
+    assert plain is not None
     compiled = _capture(model, tmp_path / "compiled", cache_implementation="static", compile_config=_compile_config())
-    assert getattr(model, "_compiled_call", None) is not None, "decode steps did not run compiled"
     assert compiled.equals(eager)
     assert sorted(compiled["step"].unique().to_list()) == [0, 1, 2, 3, 4, 5]
-    notes = Trace.open(tmp_path / "compiled").manifest.notes
-    assert any("compiled before capture" in n for n in notes)
+    assert COMPILED_WEIGHTS_NOTE in Trace.open(tmp_path / "compiled").manifest.notes, "decode steps did not run compiled"
+    # The model's own compiled code is kept, not re-traced after the capture.
+    assert model._compiled_call is plain
+    assert "get_compiled_call" not in vars(model)
+    before = dict(counters["stats"])
+    model.generate(**INPUTS, cache_implementation="static", compile_config=_compile_config())
+    assert dict(counters["stats"]) == before
+
+
+def test_each_capture_compiles_one_graph_and_frees_it(model, tmp_path):
+    """The capture's compiled step is one graph (its bookkeeping runs around it, not in graph breaks);
+    captures in a row each record every step, past dynamo's recompile limit, and leave no graph behind."""
+    compiled = dict(cache_implementation="static", compile_config=_compile_config())
+    model.generate(**INPUTS, **compiled)
+    gc.collect()
+    graphs = sum(isinstance(o, torch.fx.GraphModule) for o in gc.get_objects())
+    for i in range(torch._dynamo.config.recompile_limit + 2):
+        before = counters["stats"]["unique_graphs"]
+        with moeprof.capture(model, tmp_path / str(i), force=True, eos_token_id=None) as rec:
+            model.generate(**INPUTS, **compiled)
+            model.generate(**INPUTS, **compiled)
+        assert rec.rows == 2 * 2 * (3 + 5 + 2 * 5), i
+        assert counters["stats"]["unique_graphs"] == before + 1, i
+        assert COMPILED_WEIGHTS_NOTE in rec.manifest.notes, i
+    del rec
+    gc.collect()
+    assert sum(isinstance(o, torch.fx.GraphModule) for o in gc.get_objects()) == graphs
 
 
 def test_compiled_weights_are_flagged_in_the_manifest(model, tmp_path):
     """Weights read from compiled steps come with a note (capture's hooks are part of that graph);
     ids only, a static cache without compiling, and eager decoding come without it."""
-    from moeprof.capture.session import COMPILED_WEIGHTS_NOTE
-
     def notes(out, weights=True, **kw):
         with moeprof.capture(model, out, force=True, eos_token_id=None, weights=weights):
             model.generate(**INPUTS, **kw)

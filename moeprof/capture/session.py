@@ -32,9 +32,11 @@ go to the writer, whose queue and shard size are bounded too (see :mod:`moeprof.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import platform
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,7 +200,6 @@ class Recorder:
         self._constants: dict[tuple, torch.Tensor] = {}
         self._batch_running = False
         self._static_cache = False  # the step's KV cache is static: compiled decoding, CUDA graphs
-        self._saw_static = False  # some step ran with a static cache
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
         self.steps = 0
@@ -206,6 +207,9 @@ class Recorder:
         self.rows = 0
         """Routing rows produced so far (staged or written)."""
         self._closed = False
+        self._compiled: tuple[Any, Any, Any] | None = None  # (compile config, the capture's compiled call, its code)
+        self._in_compiled = False  # the capture's compiled call is running: the top-level hooks stand aside
+        self._saw_compiled = False  # some step ran compiled: its weights may be rounded differently
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -257,11 +261,13 @@ class Recorder:
             return self
         self._prepare_for_compile()
         self._tap.install()
-        # The top-level hooks do host-side work; under torch.compile they run eagerly at the edges of
-        # the compiled forward (one graph break before, one after), while the per-layer hooks are
-        # traced into the graph, so CUDA-graph replay still records every layer of every step.
-        top_pre = self.model.register_forward_pre_hook(_eager(self._on_forward_start), with_kwargs=True)
-        top_post = self.model.register_forward_hook(_eager(self._on_forward_end), with_kwargs=True)
+        # The top-level hooks do host-side work. Compiled decoding through transformers' compiled call
+        # runs that work around the capture's own compiled call (:meth:`_compiled_call`); a forward
+        # compiled some other way (``model.compile()``, a caller's compiled module) runs it eagerly at
+        # the edges of its graph (a graph break before, one after). The per-layer hooks are traced into
+        # the graph either way, so CUDA-graph replay still records every layer of every step.
+        top_pre = self.model.register_forward_pre_hook(_top_level(self, self._on_forward_start), with_kwargs=True)
+        top_post = self.model.register_forward_hook(_top_level(self, self._on_forward_end), with_kwargs=True)
         self._handles += [top_pre, top_post]
         for ordinal, point in enumerate(self.layout.points):
             self._handles.append(_attach(point, ordinal, self._sink))
@@ -286,7 +292,7 @@ class Recorder:
             error = e
         finally:
             self._pipe.shutdown()
-        if self._weights and self._saw_static and getattr(self.model, "_compiled_call", None) is not None:
+        if self._weights and self._saw_compiled:
             self.writer.manifest.notes.append(COMPILED_WEIGHTS_NOTE)
         try:
             self._write_staged()
@@ -306,11 +312,14 @@ class Recorder:
 
     # -- torch.compile ----------------------------------------------------------------------------
     def _prepare_for_compile(self) -> None:
-        """Make sure no compiled code runs the model without our hooks.
+        """Make sure no compiled code runs the model without our hooks, and leave the model's own
+        compiled code alone.
 
         Dynamo installs no guards on module hooks by default (``skip_nnmodule_hook_guards``), so code
         compiled before capture started would replay without them and record nothing, silently.
-        While capturing, hooks are guarded; code compiled earlier for this model is dropped.
+        While capturing, hooks are guarded, and transformers' ``get_compiled_call`` hands out the
+        capture's own compiled call (:meth:`_compiled_call`), compiled with a backend equal to no other:
+        code compiled before the capture does not match it, and stays for after the capture.
         """
         try:
             import torch._dynamo as dynamo
@@ -319,19 +328,74 @@ class Recorder:
             return
         self._saved_hook_guards = dynamo.config.skip_nnmodule_hook_guards
         dynamo.config.skip_nnmodule_hook_guards = False
-        if getattr(self.model, "_compiled_call", None) is not None:
-            dynamo.reset()
-            del self.model._compiled_call
-            self.writer.manifest.notes.append(
-                "the model had been compiled before capture: its compiled code was dropped so that "
-                "the capture hooks are part of every compiled step"
-            )
+        if callable(getattr(type(self.model), "get_compiled_call", None)):
+            self._saved_get_compiled = self.model.__dict__.get("get_compiled_call", _ABSENT)
+            self.model.get_compiled_call = self._compiled_call
 
     def _restore_compile_settings(self) -> None:
+        saved = getattr(self, "_saved_get_compiled", None)
+        if saved is not None:
+            if saved is _ABSENT:
+                self.model.__dict__.pop("get_compiled_call", None)
+            else:
+                self.model.get_compiled_call = saved
+            self._saved_get_compiled = None
+        self._drop_compiled()
         if getattr(self, "_saved_hook_guards", None) is not None:
             import torch._dynamo as dynamo
 
             dynamo.config.skip_nnmodule_hook_guards = self._saved_hook_guards
+
+    def _compiled_call(self, compile_config: Any) -> Any:
+        """transformers' ``get_compiled_call`` while capturing: the same compilation, but the capture's own.
+
+        The model's method decides whether and how to compile (its default config, models it never
+        compiles); its ``_compiled_call`` and ``_last_compile_config`` are put back as they were, so the
+        model's compiled code is untouched and runs again, not re-traced, after the capture. The capture
+        compiles ``model.__call__`` with the same settings, through a function of its own (its compiled
+        code is dropped when the capture ends) and a backend object equal only to itself (dynamo reuses
+        code compiled before, without the hooks, only under an equal backend). Its top-level
+        bookkeeping runs around the compiled call, in plain Python: no ``torch._dynamo.disable``
+        wrapper to pay per step.
+        """
+        if self._compiled is not None and self._compiled[0] == compile_config:
+            return self._compiled[1]
+        model = self.model
+        keep = {k: model.__dict__.get(k, _ABSENT) for k in ("_compiled_call", "_last_compile_config")}
+        plain = type(model).get_compiled_call(model, compile_config)
+        config = model.__dict__.get("_last_compile_config")
+        for k, v in keep.items():
+            if v is _ABSENT:
+                model.__dict__.pop(k, None)
+            else:
+                model.__dict__[k] = v
+        if not hasattr(plain, "_torchdynamo_orig_callable") or config is None:
+            return plain  # this model is not compiled (transformers skips some): the hooks run eagerly
+        own = _own_code(model.__call__)
+        compiled = torch.compile(own, backend=_distinct_backend(config), fullgraph=config.fullgraph,
+                                 dynamic=config.dynamic)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._on_forward_start(model, args, kwargs)
+            self._saw_compiled = self._in_compiled = True
+            try:
+                out = compiled(*args, **kwargs)
+            finally:
+                self._in_compiled = False
+            self._on_forward_end(model, args, kwargs, out)
+            return out
+
+        self._drop_compiled()
+        self._compiled = (compile_config, call, own.__code__)
+        return call
+
+    def _drop_compiled(self) -> None:
+        """Free the capture's compiled code: dynamo holds it (and its CUDA graphs) until its code's cache is reset."""
+        if self._compiled is not None:
+            from torch._dynamo.eval_frame import remove_from_cache
+
+            remove_from_cache(self._compiled[2])
+            self._compiled = None
 
     # -- top-level hooks ------------------------------------------------------------------------------
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -358,7 +422,6 @@ class Recorder:
             cache_name, cache = _find_cache(kwargs)
             new_sequences = self._starts_new_sequences(cache, s)
             self._static_cache = bool(getattr(cache, "is_compileable", False))
-            self._saw_static |= self._static_cache
             mask = kwargs.get("attention_mask")
             labels: list[_Label] = []
             if new_sequences:
@@ -859,6 +922,73 @@ def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
         if hasattr(value, "get_seq_length"):
             return name, value
     return None, None
+
+
+def _top_level(recorder: Recorder, hook: Any) -> Any:
+    """A top-level hook of ``recorder``: ``hook`` run eagerly, once per forward.
+
+    - Inside the capture's own compiled call (:meth:`Recorder._compiled_call`), which runs the hooks'
+      work around the compiled graph, it does nothing. Dynamo traces that check (a guard on a flag): no
+      graph break; were the compiled call to fall back to eager, the flag still holds.
+    - Traced by dynamo otherwise (``model.compile()``, a caller's compiled module): ``hook`` is called
+      through ``torch._dynamo.disable``, a graph break.
+    - Eagerly: ``hook`` itself, with no wrapper to pay.
+    """
+    def in_graph(*args: Any) -> None:
+        recorder._saw_compiled = True
+        return hook(*args)
+
+    disabled = _eager(in_graph)
+
+    def top_level(*args: Any) -> None:
+        if recorder._in_compiled:
+            return None
+        if torch.compiler.is_compiling():
+            return disabled(*args)
+        return hook(*args)
+
+    return top_level
+
+
+def _distinct_backend(config: Any) -> Any:
+    """The backend ``torch.compile`` builds from a transformers ``CompileConfig``, as an object equal only to
+    itself: dynamo does not reuse code compiled before under an equal backend."""
+    conf = config.to_dict()
+    backend, mode, options, dynamic = conf["backend"], conf.get("mode"), conf.get("options"), conf.get("dynamic")
+    if backend == "inductor":
+        inner = torch._TorchCompileInductorWrapper(mode, options, dynamic)
+    else:
+        inner = torch._TorchCompileWrapper(backend, mode, options, dynamic)
+    return _Distinct(inner)
+
+
+class _Distinct:
+    """A compiler backend that delegates to ``inner`` and equals no other object."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.compiler_name = getattr(inner, "compiler_name", "capture")
+        self.__name__ = self.compiler_name
+
+    def __call__(self, gm: Any, example_inputs: Any) -> Any:
+        return self.inner(gm, example_inputs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+
+_ABSENT = object()
+
+
+def _own_code(fn: Any) -> Any:
+    """A function calling ``fn`` with a code object and globals of its own: dynamo keeps compiled code on
+    the code object it compiled and its compiled graphs in that code's globals, so what a capture
+    compiles goes when its function does."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return types.FunctionType(call.__code__.replace(), {"__builtins__": builtins}, "capture_call", None, call.__closure__)
 
 
 def _eager(hook: Any) -> Any:
