@@ -20,7 +20,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, "bench")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older tree can be timed
 import torch
 from torch._dynamo.utils import counters
 from transformers.generation.configuration_utils import CompileConfig
