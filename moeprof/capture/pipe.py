@@ -32,7 +32,6 @@ The host side decodes a unit into per-step numpy views and hands them, in order,
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -440,7 +439,7 @@ def _views(layout: Layout, device: torch.device, shape: tuple) -> tuple:
     Normal tensors even inside ``torch.inference_mode()``: buffers are reused across steps and
     captures, and one made there (or a dtype view of one) could not be written once the caller leaves
     inference mode. Slices of these views can, wherever they are made."""
-    with torch.inference_mode(False), own_memory(device):
+    with torch.inference_mode(False):
         buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
         o, sizes = layout.offsets, layout.sizes
         T, L, n, k = layout.steps, layout.layers, layout.n, layout.k
@@ -499,26 +498,3 @@ class PinnedPool:
 
 
 _PINNED = PinnedPool()
-_POOLS: dict[int, Any] = {}
-
-
-@contextlib.contextmanager
-def own_memory(device: torch.device) -> Any:
-    """Device buffers kept across steps and calls are allocated here: on CUDA, in a memory pool of the
-    capture's own (``torch.cuda.MemPool``), so they do not move what the model allocates.
-
-    A static KV cache is allocated anew by each ``generate()`` call and is a static input of the
-    CUDA graphs that compiled decoding replays: where it lands decides whether a recorded graph can
-    be replayed or a new one is recorded (cudagraph trees: "static input data pointer changed"). With
-    the capture's buffers in the model's pool, it landed elsewhere, and the first calls of every
-    capture session recorded graphs anew (H200, ``bench/gpu_cudagraph_log.py``).
-    """
-    if device.type != "cuda" or not hasattr(torch.cuda, "use_mem_pool"):
-        yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    pool = _POOLS.get(index)
-    if pool is None:
-        pool = _POOLS[index] = torch.cuda.MemPool()
-    with torch.cuda.use_mem_pool(pool, device=index):
-        yield

@@ -47,7 +47,7 @@ from torch import nn
 
 from moeprof.capture.continuous import BatchPlan, PlanTap, is_packed_forward
 from moeprof.capture.hooks import MoeLayout, RoutingPoint, discover
-from moeprof.capture.pipe import HostPipe, Step, own_memory
+from moeprof.capture.pipe import HostPipe, Step
 from moeprof.errors import CaptureError
 from moeprof.trace.manifest import Manifest
 from moeprof.trace.schema import PHASES
@@ -517,8 +517,7 @@ class Recorder:
         if t is None:
             if len(self._constants) > 64:
                 self._constants.clear()
-            with own_memory(device):
-                t = self._constants[key] = torch.full(shape, value, dtype=torch.int64, device=device)
+            t = self._constants[key] = torch.full(shape, value, dtype=torch.int64, device=device)
         return t
 
     # -- host side (the pipe's worker thread) -----------------------------------------------------------
