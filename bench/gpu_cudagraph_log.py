@@ -4,13 +4,16 @@ Three plain compiled calls, then (logged) a fourth, then ``sessions`` capture se
 each followed by two plain calls. Every generate() call prints one line: its time, the CUDA graphs
 cudagraph trees recorded in it, the recorded graphs it refused (one line of their log per refusal),
 the frames dynamo compiled, and the GPU memory allocated and reserved after it; each session's rows
-are checked. At the end: why graphs were refused, by reason and input name, with counts.
+are checked. At the end: why graphs were refused, by reason and input name, with counts, and the
+line of the model that made each input.
 
     python bench/gpu_cudagraph_log.py qwen3 12 16 8 4 [sessions=2] [log file]
 
 Arguments: model (qwen3 or deepseek), layers, new tokens, batch, calls per capture session, capture
 sessions, and a file for cudagraph trees' whole debug log. Run an older tree with ``PYTHONPATH``.
-H200, PyTorch 2.11, transformers 5.17, tree 71a4387: ``bench/results/gpu-cudagraph-log-qwen3-b8.txt``.
+H200, PyTorch 2.11, transformers 5.17: ``bench/results/gpu-cudagraph-log-qwen3-b8.txt`` (tree 71a4387) and
+``bench/results/capture-own-call-h200.txt`` (this capture against 3df24df): every refusal names the
+static KV cache, which transformers allocates anew in every generate() call.
 """
 import logging
 import re
@@ -46,6 +49,7 @@ class Tally(logging.Handler):
         super().__init__(logging.DEBUG)
         self.recorded = self.refused = 0
         self.reasons: Counter = Counter()
+        self.where: dict[str, str] = {}  # input name -> the innermost frame of its stack trace
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
@@ -56,6 +60,9 @@ class Tally(logging.Handler):
             why = msg.split("reason=", 1)[-1].split(".", 1)[0]
             names = re.findall(r"input name: (\S+)\.", msg)
             self.reasons[(phase, why, ",".join(names[:4]))] += 1
+            for name, trace in re.findall(r"input name: (\S+)\..*?input stack trace:(.*?)(?=\ninput name:|\Z)", msg, re.S):
+                lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+                self.where.setdefault(name, " | ".join(lines[-2:]))
         elif "] Recording function" in msg:
             self.recorded += 1
 
@@ -102,3 +109,6 @@ for s in range(sessions):
 print("refusals by calls (plain or capture), reason and input:")
 for (where, why, names), n in tally.reasons.most_common():
     print(f"  {n:5d}  {where:7s}  {why}  {names}")
+print("where those inputs come from (innermost frame):")
+for input_name, frame in tally.where.items():
+    print(f"  {input_name}: {frame[-300:]}")
