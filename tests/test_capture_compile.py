@@ -101,6 +101,19 @@ def test_each_capture_compiles_one_graph_and_frees_it(model, tmp_path):
     assert sum(isinstance(o, torch.fx.GraphModule) for o in gc.get_objects()) == graphs
 
 
+def test_the_captures_compiled_call_kept_past_the_capture_runs_the_models_own(model, tmp_path):
+    """A caller that keeps what ``get_compiled_call`` gave during a capture gets the model's own compiled
+    call from it afterwards: no bookkeeping of a closed capture, the same logits."""
+    batch = dict(input_ids=INPUTS["input_ids"], attention_mask=INPUTS["attention_mask"])
+    with moeprof.capture(model, tmp_path / "t", force=True, eos_token_id=None):
+        kept = model.get_compiled_call(_compile_config())
+    with torch.no_grad():
+        got = kept(**batch).logits
+        want = model(**batch).logits
+    assert "get_compiled_call" not in vars(model)
+    torch.testing.assert_close(got, want)
+
+
 def test_compiled_weights_are_flagged_in_the_manifest(model, tmp_path):
     """Weights read from compiled steps come with a note (capture's hooks are part of that graph);
     ids only, a static cache without compiling, and eager decoding come without it."""

@@ -376,6 +376,8 @@ class Recorder:
                                  dynamic=config.dynamic)
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            if self._closed:  # kept by a caller past the capture: the model's own compiled call
+                return model.get_compiled_call(compile_config)(*args, **kwargs)
             self._on_forward_start(model, args, kwargs)
             self._saw_compiled = self._in_compiled = True
             try:
