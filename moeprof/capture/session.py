@@ -329,16 +329,13 @@ class Recorder:
         self._saved_hook_guards = dynamo.config.skip_nnmodule_hook_guards
         dynamo.config.skip_nnmodule_hook_guards = False
         if callable(getattr(type(self.model), "get_compiled_call", None)):
-            self._saved_get_compiled = self.model.__dict__.get("get_compiled_call", _ABSENT)
+            self._saved_get_compiled = _own_attrs(self.model, "get_compiled_call")
             self.model.get_compiled_call = self._compiled_call
 
     def _restore_compile_settings(self) -> None:
         saved = getattr(self, "_saved_get_compiled", None)
         if saved is not None:
-            if saved is _ABSENT:
-                self.model.__dict__.pop("get_compiled_call", None)
-            else:
-                self.model.get_compiled_call = saved
+            _put_back(self.model, saved)
             self._saved_get_compiled = None
         self._drop_compiled()
         if getattr(self, "_saved_hook_guards", None) is not None:
@@ -361,14 +358,10 @@ class Recorder:
         if self._compiled is not None and self._compiled[0] == compile_config:
             return self._compiled[1]
         model = self.model
-        keep = {k: model.__dict__.get(k, _ABSENT) for k in ("_compiled_call", "_last_compile_config")}
+        keep = _own_attrs(model, "_compiled_call", "_last_compile_config")
         plain = type(model).get_compiled_call(model, compile_config)
         config = model.__dict__.get("_last_compile_config")
-        for k, v in keep.items():
-            if v is _ABSENT:
-                model.__dict__.pop(k, None)
-            else:
-                model.__dict__[k] = v
+        _put_back(model, keep)
         if not hasattr(plain, "_torchdynamo_orig_callable") or config is None:
             return plain  # this model is not compiled (transformers skips some): the hooks run eagerly
         own = _own_code(model.__call__)
@@ -980,6 +973,20 @@ class _Distinct:
 
 
 _ABSENT = object()
+
+
+def _own_attrs(obj: Any, *names: str) -> dict[str, Any]:
+    """``obj``'s own (instance) attributes ``names``, :data:`_ABSENT` where it has none, for :func:`_put_back`."""
+    return {name: obj.__dict__.get(name, _ABSENT) for name in names}
+
+
+def _put_back(obj: Any, saved: dict[str, Any]) -> None:
+    """Give ``obj`` back the instance attributes :func:`_own_attrs` saved (removing those it did not have)."""
+    for name, value in saved.items():
+        if value is _ABSENT:
+            obj.__dict__.pop(name, None)
+        else:
+            obj.__dict__[name] = value
 
 
 def _own_code(fn: Any) -> Any:
