@@ -33,13 +33,15 @@ FORMATS = tuple(_REGISTRY)
 HEAD_BYTES = 1 << 16
 
 
+def importer_class(name: str) -> type[Importer]:
+    """The importer class of format ``name`` (one of :data:`FORMATS`), its module imported alone."""
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def registry() -> dict[str, type[Importer]]:
     """Format name -> importer class (the modules import no optional dependency at import time)."""
-    out = {}
-    for name, target in _REGISTRY.items():
-        module, cls = target.split(":")
-        out[name] = getattr(importlib.import_module(module), cls)
-    return out
+    return {name: importer_class(name) for name in _REGISTRY}
 
 
 COMPRESSORS = {"gzip": "gunzip -k", "zstd": "zstd -d", "bzip2": "bunzip2 -k", "xz": "unxz -k"}

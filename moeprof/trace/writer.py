@@ -23,7 +23,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moeprof.errors import TraceError
@@ -117,15 +116,18 @@ def routing_table(
             return pa.nulls(n, pa_type)
         return pa.array(col(x, dtype), pa_type)
 
+    # Lists built with the schema's own types (items not null): Table.from_arrays would otherwise cast them,
+    # and a cast imports pyarrow.compute (about 30 ms of every capture's and import's start)
+    schema = routing_schema(top_k)
     flat_e = pa.array(np.ascontiguousarray(experts, dtype=np.int16).reshape(-1), pa.int16())
     if weights is None:
-        weights_arr: pa.Array = pa.nulls(n, pa.list_(pa.float32(), top_k))
+        weights_arr: pa.Array = pa.nulls(n, schema.field("weights").type)
     else:
         w = np.asarray(weights, dtype=np.float32)
         if w.shape != (n, top_k):
             raise TraceError(f"weights must have shape ({n}, {top_k}), got {w.shape}")
-        weights_arr = pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1), pa.float32()), top_k)
-    schema = routing_schema(top_k)
+        weights_arr = pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1), pa.float32()),
+                                                         type=schema.field("weights").type)
     return pa.Table.from_arrays(
         [
             pa.array(col(request_id, np.int64), pa.int64()),
@@ -133,7 +135,7 @@ def routing_table(
             phase_array(phase, n),
             pa.array(col(pos, np.int32), pa.int32()),
             pa.array(col(layer, np.int16), pa.int16()),
-            pa.FixedSizeListArray.from_arrays(flat_e, top_k),
+            pa.FixedSizeListArray.from_arrays(flat_e, type=schema.field("experts").type),
             weights_arr,
             nullable(batch_id, np.int64, pa.int64()),
             nullable(token_id, np.int32, pa.int32()),
@@ -182,8 +184,10 @@ def request_range(table: pa.Table) -> list[int] | None:
     """``[first, last]`` request id of a routing table (None when it has no rows)."""
     if table.num_rows == 0:
         return None
-    lo_hi = pc.min_max(table.column("request_id"))
-    return [int(lo_hi["min"].as_py()), int(lo_hi["max"].as_py())]
+    # numpy over each chunk (non-null int64): pyarrow.compute would cost its import, about 30 ms, to every
+    # capture and import that writes a trace
+    chunks = [c.to_numpy() for c in table.column("request_id").chunks if len(c)]
+    return [int(min(c.min() for c in chunks)), int(max(c.max() for c in chunks))]
 
 
 _STOP = object()
