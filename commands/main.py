@@ -177,9 +177,10 @@ def _aborted() -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    command = typer.main.get_command(app)
     said = _ABORTS_SAID[0]
     try:
+        # inside the try: a Ctrl-C while typer builds the commands (20 ms or more) says Aborted., not a traceback
+        command = typer.main.get_command(app)
         result = command.main(args=argv, prog_name="moeprof", standalone_mode=False)
     except MoeprofError as exc:
         err_console().print(Text(f"Error: {exc}", style="red"), soft_wrap=True)

@@ -213,6 +213,19 @@ def test_ctrl_c_says_aborted(cli, trace, tmp_path, monkeypatch):
     assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
 
 
+def test_ctrl_c_while_the_commands_are_built_says_aborted(cli, trace, monkeypatch):
+    """Before: typer's building of the commands ran before moeprof's handlers, and a Ctrl-C there (seen
+    with a debugger's timing) printed a KeyboardInterrupt traceback."""
+    import typer
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(typer.main, "get_command", interrupted)
+    res = cli("inspect", trace)
+    assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
+
+
 def test_interrupt_while_the_staging_directory_is_marked_leaves_nothing(trace, tmp_path, monkeypatch):
     import moeprof.outputs as outputs
 
