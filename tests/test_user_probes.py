@@ -366,7 +366,7 @@ def test_ctrl_c_in_analyze_says_aborted_once_with_no_traceback_and_no_process_le
     out, err = p.communicate(timeout=120)
     left = _running_in_session(p.pid, wait_s=10)
     # 130, or killed by SIGINT: a shell reports both as 130. CPython ends its own process with SIGINT
-    # (bpo-1054041) when it flagged a KeyboardInterrupt as unhandled; in 3 runs of about 300 it did so here
+    # (bpo-1054041) when it flagged a KeyboardInterrupt as unhandled; in 3 runs of about 390 it did so here
     # after moeprof had handled the interrupt and returned 130 (strace: the process's kill(self, SIGINT)
     # after "Aborted."), with no traceback printed and its cause not found.
     assert p.returncode in (130, -signal.SIGINT), (p.returncode, err, _session(p.pid))
