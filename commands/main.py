@@ -157,14 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+    previous, previous_int = None, None
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous_int = signal.signal(signal.SIGINT, _interrupt)
     try:
         code = _main(argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
     if code == 130:
         # A Ctrl-C that lands in code run from a string (exec/eval: a dataclass's generated __init__, a
         # namedtuple being defined) makes CPython mark the interrupt unhandled, even once it is caught here;
@@ -175,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _ABORTS_SAID = [0]  # how often "Aborted." was printed in this process (demo runs commands through main too)
+_SIGINTS = [0]  # how many Ctrl-Cs this process received while a command ran
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Python's own Ctrl-C (a KeyboardInterrupt), counted: a library may turn the interrupt into another
+    error (polars: a TypeError, the KeyboardInterrupt swallowed while it converted a dtype)."""
+    import signal
+
+    _SIGINTS[0] += 1
+    signal.default_int_handler(signum, frame)
 
 
 def _aborted() -> int:
@@ -184,7 +199,7 @@ def _aborted() -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    said = _ABORTS_SAID[0]
+    said, sigints = _ABORTS_SAID[0], _SIGINTS[0]
     try:
         # inside the try: a Ctrl-C while typer builds the commands (20 ms or more) says Aborted., not a traceback
         command = typer.main.get_command(app)
@@ -214,6 +229,10 @@ def _main(argv: list[str] | None) -> int:
     except Terminated:
         err_console().print(Text("Terminated.", style="yellow"))
         return 143
+    except Exception:
+        if _SIGINTS[0] == sigints:
+            raise  # a bug: its traceback
+        return _aborted()  # the interrupt, as another error from the library it landed in
     if result == 130 and _ABORTS_SAID[0] == said:
         # typer >= 0.20 turns Ctrl-C into Exit(130), which it returns outside standalone mode: no command
         # of moeprof returns or exits with 130 otherwise, and the user would see nothing (unless a step

@@ -226,6 +226,41 @@ def test_ctrl_c_while_the_commands_are_built_says_aborted(cli, trace, monkeypatc
     assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
 
 
+def test_ctrl_c_that_a_library_turns_into_another_error_says_aborted(cli, trace, tmp_path, monkeypatch):
+    """A Ctrl-C while polars converted a dtype came out as "TypeError: '<unprintable str object>' is not a
+    Polars data type" (the KeyboardInterrupt swallowed inside it): a traceback and exit 1, in 1 run of
+    about 100 of the analyze Ctrl-C test in tests/test_user_probes.py."""
+    import os
+    import signal
+    import time
+
+    import moeprof.analysis.run as run
+
+    def polars_like(*_a, **_k):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the command line's handler
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        raise TypeError("'<unprintable str object>' is not a Polars data type")
+
+    monkeypatch.setattr(run, "analyze", polars_like)
+    res = cli("analyze", trace, "--out", tmp_path / "a", "--figures", "none")
+    assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_error_without_a_ctrl_c_is_still_a_bug_with_its_traceback(cli, trace, tmp_path, monkeypatch):
+    import moeprof.analysis.run as run
+
+    def broken(*_a, **_k):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(run, "analyze", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        cli("analyze", trace, "--out", tmp_path / "a", "--figures", "none")
+
+
 def test_interrupt_while_the_staging_directory_is_marked_leaves_nothing(trace, tmp_path, monkeypatch):
     import moeprof.outputs as outputs
 
