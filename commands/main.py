@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from typing import Any
 
 import typer
 from rich.text import Text
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             previous = signal.signal(signal.SIGTERM, _terminate)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             previous_int = signal.signal(signal.SIGINT, _interrupt)
+    hook = sys.unraisablehook
+    if previous_int is not None:
+        sys.unraisablehook = functools.partial(_redeliver_interrupt, hook)
     try:
         code = _main(argv)
     finally:
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
         if previous_int is not None:
             signal.signal(signal.SIGINT, previous_int)
+            sys.unraisablehook = hook
     if code == 130:
         # A Ctrl-C that lands in code run from a string (exec/eval: a dataclass's generated __init__, a
         # namedtuple being defined) makes CPython mark the interrupt unhandled, even once it is caught here;
@@ -196,6 +202,23 @@ def _aborted() -> int:
     err_console().print(Text("Aborted.", style="yellow"))
     _ABORTS_SAID[0] += 1
     return 130
+
+
+def _redeliver_interrupt(hook: Any, unraisable: Any) -> None:
+    """``sys.unraisablehook`` while a command runs: a Ctrl-C raised where Python cannot raise it (a weakref
+    callback such as an import lock's, a ``__del__``) was printed as "Exception ignored" and lost, the
+    command running on to its end. It is sent again to the main thread, as a signal (which also wakes a
+    wait there), from another thread a moment later: sent from here, it would land in this hook."""
+    import signal
+    import threading
+
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        main = threading.main_thread().ident
+        again = threading.Timer(0.05, signal.pthread_kill, (main, signal.SIGINT))
+        again.daemon = True
+        again.start()
+        return
+    hook(unraisable)
 
 
 def _main(argv: list[str] | None) -> int:
