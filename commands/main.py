@@ -191,7 +191,8 @@ _SIGINTS = [0]  # how many Ctrl-Cs this process received while a command ran
 
 def _interrupt(signum: int, frame: object) -> None:
     """Python's own Ctrl-C (a KeyboardInterrupt), counted: a library may turn the interrupt into another
-    error (polars: a TypeError, the KeyboardInterrupt swallowed while it converted a dtype)."""
+    error (polars: a TypeError, the KeyboardInterrupt swallowed while it converted a dtype; a Rust panic,
+    pyo3's PanicException, when it landed in numpy's import of its C API for ``Series.to_numpy``)."""
     import signal
 
     _SIGINTS[0] += 1
@@ -252,8 +253,8 @@ def _main(argv: list[str] | None) -> int:
     except Terminated:
         err_console().print(Text("Terminated.", style="yellow"))
         return 143
-    except Exception:
-        if _SIGINTS[0] == sigints:
+    except BaseException as exc:  # pyo3's PanicException is a BaseException
+        if _SIGINTS[0] == sigints or isinstance(exc, (SystemExit, GeneratorExit)):
             raise  # a bug: its traceback
         return _aborted()  # the interrupt, as another error from the library it landed in
     if result == 130 and _ABORTS_SAID[0] == said:

@@ -250,6 +250,31 @@ def test_ctrl_c_that_a_library_turns_into_another_error_says_aborted(cli, trace,
     assert not (tmp_path / "a").exists()
 
 
+def test_ctrl_c_that_a_library_turns_into_a_rust_panic_says_aborted(cli, trace, tmp_path, monkeypatch):
+    """polars' Series.to_numpy panicked ("Failed to access NumPy array API capsule: PyErr { type:
+    KeyboardInterrupt ... }") when the Ctrl-C landed in numpy's import of its C API: pyo3's PanicException,
+    a BaseException, came out with a traceback and exit 1 (1 run in about 116)."""
+    import os
+    import signal
+    import time
+
+    from polars.exceptions import PanicException  # pyo3's, a BaseException
+
+    import moeprof.analysis.run as run
+
+    def panics(*_a, **_k):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        raise PanicException("Failed to access NumPy array API capsule")
+
+    monkeypatch.setattr(run, "analyze", panics)
+    res = cli("analyze", trace, "--out", tmp_path / "a", "--figures", "none")
+    assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
+
+
 def test_ctrl_c_lost_in_a_callback_is_delivered_again(cli, trace, tmp_path, monkeypatch):
     """A Ctrl-C that landed in an import lock's weakref callback was printed as "Exception ignored ...
     KeyboardInterrupt" and lost: the analysis ran on and wrote its output (1 run in about 140 of the analyze
