@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from polars.exceptions import PanicException  # pyo3's, a BaseException
 
 import import_fixtures as fx
 from report_data import synthetic_trace
@@ -226,53 +227,34 @@ def test_ctrl_c_while_the_commands_are_built_says_aborted(cli, trace, monkeypatc
     assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
 
 
-def test_ctrl_c_that_a_library_turns_into_another_error_says_aborted(cli, trace, tmp_path, monkeypatch):
-    """A Ctrl-C while polars converted a dtype came out as "TypeError: '<unprintable str object>' is not a
-    Polars data type" (the KeyboardInterrupt swallowed inside it): a traceback and exit 1, in 1 run of
-    about 100 of the analyze Ctrl-C test in tests/test_user_probes.py."""
+@pytest.mark.parametrize("mangled", [
+    # polars converting a dtype swallowed the KeyboardInterrupt: 1 run in about 100 of the analyze Ctrl-C test
+    # in tests/test_user_probes.py
+    TypeError("'<unprintable str object>' is not a Polars data type"),
+    # Series.to_numpy when the Ctrl-C landed in numpy's import of its C API: a Rust panic, pyo3's
+    # PanicException, a BaseException (1 run in about 116)
+    PanicException("Failed to access NumPy array API capsule: PyErr { type: <class 'KeyboardInterrupt'> }"),
+], ids=["TypeError", "PanicException"])
+def test_ctrl_c_that_a_library_turns_into_another_error_says_aborted(cli, trace, tmp_path, monkeypatch, mangled):
+    """Before: a traceback of the library's error and exit 1."""
     import os
     import signal
     import time
 
     import moeprof.analysis.run as run
 
-    def polars_like(*_a, **_k):
+    def mangles(*_a, **_k):
         try:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the command line's handler
             time.sleep(5)
         except KeyboardInterrupt:
             pass
-        raise TypeError("'<unprintable str object>' is not a Polars data type")
+        raise mangled
 
-    monkeypatch.setattr(run, "analyze", polars_like)
+    monkeypatch.setattr(run, "analyze", mangles)
     res = cli("analyze", trace, "--out", tmp_path / "a", "--figures", "none")
     assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
     assert not (tmp_path / "a").exists()
-
-
-def test_ctrl_c_that_a_library_turns_into_a_rust_panic_says_aborted(cli, trace, tmp_path, monkeypatch):
-    """polars' Series.to_numpy panicked ("Failed to access NumPy array API capsule: PyErr { type:
-    KeyboardInterrupt ... }") when the Ctrl-C landed in numpy's import of its C API: pyo3's PanicException,
-    a BaseException, came out with a traceback and exit 1 (1 run in about 116)."""
-    import os
-    import signal
-    import time
-
-    from polars.exceptions import PanicException  # pyo3's, a BaseException
-
-    import moeprof.analysis.run as run
-
-    def panics(*_a, **_k):
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
-        except KeyboardInterrupt:
-            pass
-        raise PanicException("Failed to access NumPy array API capsule")
-
-    monkeypatch.setattr(run, "analyze", panics)
-    res = cli("analyze", trace, "--out", tmp_path / "a", "--figures", "none")
-    assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
 
 
 def test_ctrl_c_lost_in_a_callback_is_delivered_again(cli, trace, tmp_path, monkeypatch):
