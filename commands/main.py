@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             previous = signal.signal(signal.SIGTERM, _terminate)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            previous_int = signal.signal(signal.SIGINT, _interrupt)
+        current = signal.getsignal(signal.SIGINT)
+        if callable(current):  # Python's handler, or a program's around main(): counted, then called
+            previous_int = signal.signal(signal.SIGINT, functools.partial(_interrupt, current))
     hook = sys.unraisablehook
     if previous_int is not None:
         sys.unraisablehook = functools.partial(_redeliver_interrupt, hook)
@@ -189,14 +190,13 @@ _ABORTS_SAID = [0]  # how often "Aborted." was printed in this process (demo run
 _SIGINTS = [0]  # how many Ctrl-Cs this process received while a command ran
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """Python's own Ctrl-C (a KeyboardInterrupt), counted: a library may turn the interrupt into another
-    error (polars: a TypeError, the KeyboardInterrupt swallowed while it converted a dtype; a Rust panic,
-    pyo3's PanicException, when it landed in numpy's import of its C API for ``Series.to_numpy``)."""
-    import signal
-
+def _interrupt(handler: Any, signum: int, frame: object) -> None:
+    """The Ctrl-C handler that was there (Python's: a KeyboardInterrupt), counted: a library may turn the
+    interrupt into another error (polars: a TypeError, the KeyboardInterrupt swallowed while it converted a
+    dtype; a Rust panic, pyo3's PanicException, when it landed in numpy's import of its C API for
+    ``Series.to_numpy``)."""
     _SIGINTS[0] += 1
-    signal.default_int_handler(signum, frame)
+    handler(signum, frame)
 
 
 def _aborted() -> int:
