@@ -227,6 +227,18 @@ def test_ctrl_c_while_the_commands_are_built_says_aborted(cli, trace, monkeypatc
     assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler while the test runs, as a command started from a terminal has it: a
+    test run started as a shell's background job inherits SIGINT ignored, and the SIGINT these tests send
+    themselves would then do nothing."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("mangled", [
     # polars converting a dtype swallowed the KeyboardInterrupt: 1 run in about 100 of the analyze Ctrl-C test
     # in tests/test_user_probes.py
@@ -235,7 +247,8 @@ def test_ctrl_c_while_the_commands_are_built_says_aborted(cli, trace, monkeypatc
     # PanicException, a BaseException (1 run in about 116)
     PanicException("Failed to access NumPy array API capsule: PyErr { type: <class 'KeyboardInterrupt'> }"),
 ], ids=["TypeError", "PanicException"])
-def test_ctrl_c_that_a_library_turns_into_another_error_says_aborted(cli, trace, tmp_path, monkeypatch, mangled):
+def test_ctrl_c_that_a_library_turns_into_another_error_says_aborted(cli, trace, tmp_path, monkeypatch, mangled,
+                                                                     python_ctrl_c):
     """Before: a traceback of the library's error and exit 1."""
     import os
     import signal
@@ -257,7 +270,7 @@ def test_ctrl_c_that_a_library_turns_into_another_error_says_aborted(cli, trace,
     assert not (tmp_path / "a").exists()
 
 
-def test_ctrl_c_lost_in_a_callback_is_delivered_again(cli, trace, tmp_path, monkeypatch):
+def test_ctrl_c_lost_in_a_callback_is_delivered_again(cli, trace, tmp_path, monkeypatch, python_ctrl_c):
     """A Ctrl-C that landed in an import lock's weakref callback was printed as "Exception ignored ...
     KeyboardInterrupt" and lost: the analysis ran on and wrote its output (1 run in about 140 of the analyze
     Ctrl-C test in tests/test_user_probes.py)."""
