@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--delay", type=float, default=0.4, help="seconds after the zygote starts (jittered 0.7-1.3x)")
     args = ap.parse_args()
+    # Started as a shell's background job, this process ignores SIGINT, and so would each command it starts
+    # (exec keeps an ignored signal ignored): Python's own handler here gives them the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     outcomes: collections.Counter[str] = collections.Counter()
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):

@@ -24,6 +24,19 @@ class CliResult:
 
 
 @pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler while the test runs, as a command started from a terminal has it. A
+    test run started as a shell's background job inherits SIGINT ignored: a SIGINT a test sends to its own
+    process would do nothing, and a command it starts would ignore it too (exec keeps an ignored signal
+    ignored, and resets a handled one to the default, which Python turns into KeyboardInterrupt)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def cli(capsys, monkeypatch):
     """Run ``moeprof ARGS...`` in-process; return its exit code and captured output."""
     from moeprof.commands.main import main

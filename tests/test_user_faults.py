@@ -227,18 +227,6 @@ def test_ctrl_c_while_the_commands_are_built_says_aborted(cli, trace, monkeypatc
     assert res.exit_code == 130 and flat(res.stderr) == "Aborted." and res.stdout == ""
 
 
-@pytest.fixture
-def python_ctrl_c():
-    """Python's own Ctrl-C handler while the test runs, as a command started from a terminal has it: a
-    test run started as a shell's background job inherits SIGINT ignored, and the SIGINT these tests send
-    themselves would then do nothing."""
-    import signal
-
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 @pytest.mark.parametrize("mangled", [
     # polars converting a dtype swallowed the KeyboardInterrupt: 1 run in about 100 of the analyze Ctrl-C test
     # in tests/test_user_probes.py

@@ -345,7 +345,7 @@ def _running_in_session(sid: int, wait_s: float) -> list[tuple[int, int, str, st
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="process groups and pgrep as on Linux")
-def test_ctrl_c_in_analyze_says_aborted_once_with_no_traceback_and_no_process_left(tmp_path):
+def test_ctrl_c_in_analyze_says_aborted_once_with_no_traceback_and_no_process_left(tmp_path, python_ctrl_c):
     # A terminal's Ctrl-C goes to the whole process group: moeprof and its figure workers. Before, each
     # worker printed a KeyboardInterrupt traceback, and moeprof itself exited 130 without a word.
     import signal
