@@ -676,10 +676,11 @@ def _phase_codes(values: pa.Array) -> np.ndarray | None:
         return None if None in codes else np.asarray(codes, np.int8)
     # Each value as whole 8-byte words: its bytes, zeros, its length last ("a\0" and "a" stay apart)
     words = -(-(width + 1) // 8)
-    data = np.zeros(offsets[-1] + 8 * words, np.uint8)
-    data[: offsets[-1] - offsets[0]] = np.frombuffer(values.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    start, end = int(offsets[0]), int(offsets[-1])
+    data = np.zeros(end - start + 8 * words, np.uint8)  # the values' bytes, room to read a whole key past the last
+    data[: end - start] = np.frombuffer(values.buffers()[2], np.uint8)[start:end]
     at = np.arange(8 * words)
-    keys = np.where(at < lengths[:, None], data[offsets[:-1, None] - offsets[0] + at], 0).astype(np.uint8)
+    keys = np.where(at < lengths[:, None], data[offsets[:-1, None] - start + at], 0).astype(np.uint8)
     keys[:, -1] = lengths
     keys = keys.view(np.uint64)  # (n, words)
     out = np.empty(n, np.int8)
