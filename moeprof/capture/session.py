@@ -368,14 +368,22 @@ class Recorder:
         compiled = torch.compile(own, backend=_distinct_backend(config), fullgraph=config.fullgraph,
                                  dynamic=config.dynamic)
 
+        import torch._dynamo.config as dynamo_config
+
         def call(*args: Any, **kwargs: Any) -> Any:
             if self._closed:  # kept by a caller past the capture: the model's own compiled call
                 return model.get_compiled_call(compile_config)(*args, **kwargs)
             self._on_forward_start(model, args, kwargs)
             self._saw_compiled = self._in_compiled = True
+            # Compiled without guards on module hooks: this code is the capture's own, its hooks stay
+            # as they are until it is dropped at close, and each step would otherwise check every
+            # module's hook dicts (about 90 µs a step for a 3-layer model on an H200's host).
+            guarded = dynamo_config.skip_nnmodule_hook_guards
+            dynamo_config.skip_nnmodule_hook_guards = True
             try:
                 out = compiled(*args, **kwargs)
             finally:
+                dynamo_config.skip_nnmodule_hook_guards = guarded
                 self._in_compiled = False
             self._on_forward_end(model, args, kwargs, out)
             return out

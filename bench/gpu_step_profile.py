@@ -1,0 +1,208 @@
+"""Where capture's end-to-end overhead lies, step by step: per-step wall times with and without capture.
+
+``bench/capture_host_cost.py`` times capture's own entry points; ``bench/gpu_grid.py`` times whole
+``generate()`` calls. Earlier notes found the end-to-end excess larger than the entry points' sum.
+This benchmark stamps every decode step of both arms at the same place (a stopping criterion, which
+``generate()`` calls once per step in either arm) and compares the distributions: a cost paid by
+every step moves the median step; a cost paid now and then (a block processed, a garbage
+collection, a CUDA graph recorded) moves the mean and the tail but not the median. Garbage
+collections are counted and timed per call (``gc.callbacks``) in both arms.
+
+Within one capture session the calls after the first ``--untimed`` are timed (a long capture's
+steady state); plain calls alternate with capture sessions, so slow drift falls on both arms alike.
+
+    python bench/gpu_step_profile.py --model deepseek --layers 3 --batch 1 --mode compiled
+    python bench/gpu_step_profile.py --model qwen3 --layers 12 --batch 1 --mode eager --gc-freeze
+
+Prints, per arm, the decode step's median, mean and percentiles (µs), the collections by generation,
+the excess of capture at the median and at the mean with a bootstrap 95% interval, and writes the
+per-step times as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older tree can be timed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import moeprof  # noqa: E402
+
+
+class Stamps:
+    """A stopping criterion that never stops: it stamps the time of each step, in both arms alike."""
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self._no: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter_ns())
+        if self._no is None or self._no.shape[0] != input_ids.shape[0] or self._no.device != input_ids.device:
+            self._no = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._no
+
+
+class Collections:
+    """Garbage collections during a call: count and seconds per generation."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            g = info["generation"]
+            self.count[g] += 1
+            self.seconds[g] += time.perf_counter() - self._t0
+
+    def reset(self) -> None:
+        self.count, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+
+
+def generate(model, inputs, new, compiled, stamps):
+    from transformers import StoppingCriteriaList
+
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+              stopping_criteria=StoppingCriteriaList([stamps]))
+    if compiled:
+        from transformers.generation.configuration_utils import CompileConfig
+
+        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=False, mode="reduce-overhead"))
+    torch.cuda.synchronize()
+    stamps.times.clear()
+    t0 = time.perf_counter_ns()
+    model.generate(**inputs, **kw)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter_ns()
+    # step i's time: from the stamp of step i-1 (the prefill's stamp first) to its own; the first
+    # decode step is skipped with the prefill (it may still pay the prefill's host work)
+    t = np.array(stamps.times, dtype=np.int64)
+    return (t1 - t0) / 1e9, np.diff(t)[1:] / 1e3
+
+
+def boot_ci(a: np.ndarray, b: np.ndarray, stat, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """stat(b) / stat(a) - 1 with a bootstrap 95% interval (steps resampled within each arm)."""
+    rng = np.random.default_rng(seed)
+    point = stat(b) / stat(a) - 1
+    draws = [stat(b[rng.integers(0, len(b), len(b))]) / stat(a[rng.integers(0, len(a), len(a))]) - 1 for _ in range(n)]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(point), float(lo), float(hi)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="deepseek", choices=("qwen3", "deepseek"))
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128, help="new tokens per generate() (default 128)")
+    ap.add_argument("--mode", default="compiled", choices=("eager", "compiled"))
+    ap.add_argument("--rounds", type=int, default=6, help="capture sessions, each alternating with plain calls")
+    ap.add_argument("--calls", type=int, default=4, help="timed calls per round and arm (default 4)")
+    ap.add_argument("--untimed", type=int, default=None, help="untimed calls opening each capture session "
+                    "(default 2 compiled: re-trace, then CUDA graphs re-recorded; 0 eager)")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the warm-up (as vLLM does after start-up)")
+    ap.add_argument("--arms", default="both", choices=("both", "plain", "capture"),
+                    help="run one arm only (for a sampling profiler to compare two processes)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from gpu_capture import build
+
+    compiled = args.mode == "compiled"
+    untimed = args.untimed if args.untimed is not None else (2 if compiled else 0)
+    model = build(args.model, args.layers, "grouped_mm" if args.model == "deepseek" else None)
+    g = torch.Generator(device="cpu").manual_seed(args.batch * 10007 + args.prompt)
+    ids = torch.randint(10, model.config.vocab_size, (args.batch, args.prompt), generator=g).cuda()
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    stamps, collections = Stamps(), Collections()
+    work = Path(tempfile.mkdtemp(prefix="moeprof-steps-"))
+
+    # warm-up: both arms compiled and their allocations grown
+    for _ in range(2):
+        generate(model, inputs, args.new, compiled, stamps)
+    with moeprof.capture(model, work / "warm", force=True, eos_token_id=None):
+        for _ in range(untimed + 1):
+            generate(model, inputs, args.new, compiled, stamps)
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
+    steps = {"plain": [], "capture": []}
+    calls = {"plain": [], "capture": []}
+    gcs = {"plain": [[0, 0, 0], [0.0, 0.0, 0.0]], "capture": [[0, 0, 0], [0.0, 0.0, 0.0]]}
+
+    def timed(arm: str) -> None:
+        collections.reset()
+        seconds, per_step = generate(model, inputs, args.new, compiled, stamps)
+        calls[arm].append(seconds)
+        steps[arm].append(per_step)
+        for gen in range(3):
+            gcs[arm][0][gen] += collections.count[gen]
+            gcs[arm][1][gen] += collections.seconds[gen]
+
+    for r in range(args.rounds):
+        for arm in ("plain", "capture") if r % 2 == 0 else ("capture", "plain"):
+            if args.arms not in ("both", arm):
+                continue
+            if arm == "plain":
+                for _ in range(args.calls):
+                    timed("plain")
+                continue
+            rec = moeprof.capture(model, work / f"r{r % 2}", force=True, eos_token_id=None).start()
+            try:
+                for _ in range(untimed):
+                    generate(model, inputs, args.new, compiled, stamps)
+                for _ in range(args.calls):
+                    timed("capture")
+            finally:
+                rec.close()
+
+    if args.arms != "both":
+        x = np.concatenate(steps[args.arms])
+        print(f"{args.arms} only: {len(x)} decode steps, median {np.median(x):.1f} µs, mean {x.mean():.1f} µs")
+        return
+    a = np.concatenate(steps["plain"])
+    b = np.concatenate(steps["capture"])
+    print(f"{args.model} L{args.layers} {args.mode} batch {args.batch} prompt {args.prompt} new {args.new}"
+          f"{' gc-frozen' if args.gc_freeze else ''}: {len(a)} plain and {len(b)} captured decode steps")
+    for arm, x in (("plain", a), ("capture", b)):
+        p = np.percentile(x, [10, 50, 90, 99])
+        print(f"  {arm:8s} step µs: median {p[1]:8.1f}  mean {x.mean():8.1f}  p10 {p[0]:8.1f}  p90 {p[2]:8.1f}  "
+              f"p99 {p[3]:8.1f}  max {x.max():9.1f} | call s median {statistics.median(calls[arm]):.4f} | "
+              f"gc per call {[round(c / len(calls[arm]), 2) for c in gcs[arm][0]]} "
+              f"ms per call {[round(1e3 * s / len(calls[arm]), 3) for s in gcs[arm][1]]}")
+    med = boot_ci(a, b, np.median)
+    mean = boot_ci(a, b, np.mean)
+    print(f"  capture excess: median step {100 * med[0]:+.2f}% [{100 * med[1]:+.2f}, {100 * med[2]:+.2f}]  "
+          f"mean step {100 * mean[0]:+.2f}% [{100 * mean[1]:+.2f}, {100 * mean[2]:+.2f}]  "
+          f"({np.median(b) - np.median(a):+.1f} µs at the median, {b.mean() - a.mean():+.1f} µs mean)")
+    # where the mean's excess lies: the steps above the plain arm's p99
+    cut = np.percentile(a, 99)
+    print(f"  steps above plain p99 ({cut:.0f} µs): plain {np.mean(a > cut) * 100:.2f}%, capture {np.mean(b > cut) * 100:.2f}%; "
+          f"their excess time per step: plain {np.sum(np.maximum(a - cut, 0)) / len(a):.1f} µs, "
+          f"capture {np.sum(np.maximum(b - cut, 0)) / len(b):.1f} µs")
+    if args.out:
+        args.out.write_text(json.dumps(dict(
+            args={k: str(v) for k, v in vars(args).items()}, torch=torch.__version__,
+            device=torch.cuda.get_device_name(), calls=calls, gc=gcs,
+            steps={k: [s.round(1).tolist() for s in v] for k, v in steps.items()},
+            median_excess=med, mean_excess=mean)))
+
+
+if __name__ == "__main__":
+    main()
