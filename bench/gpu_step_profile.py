@@ -39,6 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moeprof  # noqa: E402
 
 
+# two-sided 95% t quantiles by degrees of freedom
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
+        12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 17: 2.11, 18: 2.10, 19: 2.09, 20: 2.09}
+
+
 class Stamps:
     """A stopping criterion that never stops: it stamps the time of each step, in both arms alike."""
 
@@ -119,10 +124,15 @@ def main() -> None:
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the warm-up (as vLLM does after start-up)")
     ap.add_argument("--arms", default="both", choices=("both", "plain", "capture"),
                     help="run one arm only (for a sampling profiler to compare two processes)")
+    ap.add_argument("--within-session", type=int, default=0, metavar="PAIRS",
+                    help="instead of rounds: one capture session, PAIRS calls recorded and PAIRS paused "
+                         "(rec.pause(): the model's own compiled code), alternating call by call")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     from gpu_capture import build
+
+    print(f"moeprof from {Path(moeprof.__file__).parent}", flush=True)
 
     compiled = args.mode == "compiled"
     untimed = args.untimed if args.untimed is not None else (2 if compiled else 0)
@@ -142,6 +152,8 @@ def main() -> None:
     if args.gc_freeze:
         gc.collect()
         gc.freeze()
+    if args.within_session:
+        return within_session(args, model, inputs, compiled, untimed, stamps, work)
     steps = {"plain": [], "capture": []}
     calls = {"plain": [], "capture": []}
     gcs = {"plain": [[0, 0, 0], [0.0, 0.0, 0.0]], "capture": [[0, 0, 0], [0.0, 0.0, 0.0]]}
@@ -191,6 +203,15 @@ def main() -> None:
     print(f"  capture excess: median step {100 * med[0]:+.2f}% [{100 * med[1]:+.2f}, {100 * med[2]:+.2f}]  "
           f"mean step {100 * mean[0]:+.2f}% [{100 * mean[1]:+.2f}, {100 * mean[2]:+.2f}]  "
           f"({np.median(b) - np.median(a):+.1f} µs at the median, {b.mean() - a.mean():+.1f} µs mean)")
+    # rounds as the unit: drift between rounds falls on both arms of a round alike
+    per_round = [np.log(np.concatenate(steps["capture"][r * args.calls:(r + 1) * args.calls]).mean()
+                        / np.concatenate(steps["plain"][r * args.calls:(r + 1) * args.calls]).mean())
+                 for r in range(args.rounds)]
+    m, sd = float(np.mean(per_round)), float(np.std(per_round, ddof=1)) if args.rounds > 1 else float("nan")
+    half = _T95.get(args.rounds - 1, 2.0) * sd / np.sqrt(args.rounds)
+    rounds_ci = (float(np.expm1(m)), float(np.expm1(m - half)), float(np.expm1(m + half)))
+    print(f"  by rounds ({args.rounds}, t-interval of per-round mean-step log ratios): "
+          f"{100 * rounds_ci[0]:+.2f}% [{100 * rounds_ci[1]:+.2f}, {100 * rounds_ci[2]:+.2f}]")
     # where the mean's excess lies: the steps above the plain arm's p99
     cut = np.percentile(a, 99)
     print(f"  steps above plain p99 ({cut:.0f} µs): plain {np.mean(a > cut) * 100:.2f}%, capture {np.mean(b > cut) * 100:.2f}%; "
@@ -201,7 +222,57 @@ def main() -> None:
             args={k: str(v) for k, v in vars(args).items()}, torch=torch.__version__,
             device=torch.cuda.get_device_name(), calls=calls, gc=gcs,
             steps={k: [s.round(1).tolist() for s in v] for k, v in steps.items()},
-            median_excess=med, mean_excess=mean)))
+            median_excess=med, mean_excess=mean, rounds_excess=rounds_ci)))
+
+
+def within_session(args, model, inputs, compiled, untimed, stamps, work) -> None:
+    """One warm capture session; calls alternate recorded / paused (order swapped every pair). Per pair:
+    the log ratio of the mean decode step, and of the whole call; a t-interval over pairs."""
+    try:
+        from gpu_capture import GraphWork
+
+        graphs = GraphWork()
+    except Exception:  # no cudagraph trees (CPU)
+        graphs = None
+    rec = moeprof.capture(model, work / "session", force=True, eos_token_id=None).start()
+    step_logs, call_logs, flagged = [], [], 0
+    means = {"capture": [], "paused": []}
+    try:
+        for arm in ("capture", "paused") * (untimed + 1):  # both arms warm: traced, graphs recorded
+            rec.resume() if arm == "capture" else rec.pause()
+            generate(model, inputs, args.new, compiled, stamps)
+        for i in range(args.within_session):
+            pair = {}
+            for arm in ("capture", "paused") if i % 2 == 0 else ("paused", "capture"):
+                rec.resume() if arm == "capture" else rec.pause()
+                before = graphs.mark() if graphs else 0
+                seconds, per_step = generate(model, inputs, args.new, compiled, stamps)
+                work_done = (graphs.mark() if graphs else 0) - before
+                pair[arm] = (seconds, per_step.mean(), work_done)
+                means[arm].append(per_step.mean())
+            flagged += bool(pair["capture"][2] or pair["paused"][2])
+            step_logs.append(np.log(pair["capture"][1] / pair["paused"][1]))
+            call_logs.append(np.log(pair["capture"][0] / pair["paused"][0]))
+    finally:
+        rec.close()
+
+    def ci(logs):
+        n = len(logs)
+        m, sd = float(np.mean(logs)), float(np.std(logs, ddof=1))
+        half = _T95.get(n - 1, 1.96 if n > 30 else 2.05) * sd / np.sqrt(n)
+        return float(np.expm1(m)), float(np.expm1(m - half)), float(np.expm1(m + half))
+
+    st, ca = ci(step_logs), ci(call_logs)
+    print(f"{args.model} L{args.layers} {args.mode} batch {args.batch} prompt {args.prompt} new {args.new}: "
+          f"{len(step_logs)} pairs in one capture session (recorded vs paused), {flagged} with graphs recorded")
+    print(f"  mean decode step µs: recorded {np.median(means['capture']):.1f}, paused {np.median(means['paused']):.1f} (medians over calls)")
+    print(f"  capture excess, mean decode step: {100 * st[0]:+.2f}% [{100 * st[1]:+.2f}, {100 * st[2]:+.2f}]; "
+          f"whole call: {100 * ca[0]:+.2f}% [{100 * ca[1]:+.2f}, {100 * ca[2]:+.2f}]", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(dict(
+            args={k: str(v) for k, v in vars(args).items()}, torch=torch.__version__,
+            device=torch.cuda.get_device_name(), pairs=len(step_logs), pairs_with_graph_work=flagged,
+            step_excess=st, call_excess=ca, step_logs=step_logs, call_logs=call_logs)))
 
 
 if __name__ == "__main__":

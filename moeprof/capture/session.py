@@ -210,6 +210,8 @@ class Recorder:
         self._compiled: tuple[Any, Any, Any] | None = None  # (compile config, the capture's compiled call, its code)
         self._in_compiled = False  # the capture's compiled call is running: the top-level hooks stand aside
         self._saw_compiled = False  # some step ran compiled: its weights may be rounded differently
+        self._want_paused = False  # pause() asked for; takes effect at the next batch of new sequences
+        self._paused = False  # the running batch is not being recorded
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -248,6 +250,27 @@ class Recorder:
         if domain is not None:
             self._default_domain = domain
         self._default_dataset = dataset
+
+    def pause(self) -> None:
+        """Stop recording from the next batch on: the next ``generate()`` call (a batch of new
+        sequences) and those after it run as if no capture were there, until :meth:`resume`. A batch
+        already running is recorded to its end, so every request in the trace is whole.
+
+        Compiled decoding runs the model's own compiled code while paused (no hooks in it); eager
+        decoding still calls the hooks, which return at once. For sampling a long-running server
+        (record one batch in N) and for timing a capture against no capture in one warm process.
+        Continuous batching (``generate_batch``) cannot be paused.
+        """
+        self._want_paused = True
+
+    def resume(self) -> None:
+        """Record again from the next batch of new sequences on (undoes :meth:`pause`)."""
+        self._want_paused = False
+
+    @property
+    def paused(self) -> bool:
+        """Whether the capture is paused, or will be from the next batch on."""
+        return self._want_paused
 
     def flush(self) -> None:
         """Write every finished step to disk now (the trace stays marked incomplete until close)."""
@@ -355,9 +378,11 @@ class Recorder:
         bookkeeping runs around the compiled call, in plain Python: no ``torch._dynamo.disable``
         wrapper to pay per step.
         """
+        model = self.model
+        if self._want_paused:  # generate() asks once per call: this call runs as without a capture
+            return type(model).get_compiled_call(model, compile_config)
         if self._compiled is not None and self._compiled[0] == compile_config:
             return self._compiled[1]
-        model = self.model
         keep = _own_attrs(model, "_compiled_call", "_last_compile_config")
         plain = type(model).get_compiled_call(model, compile_config)
         config = model.__dict__.get("_last_compile_config")
@@ -417,13 +442,28 @@ class Recorder:
         has_positions = isinstance(position_ids, torch.Tensor) and tuple(position_ids.shape) in {(b, s), (1, s)}
         mask: Any = None
         if is_packed_forward(kwargs):
+            if self._want_paused or self._paused:
+                # raised here and again at close: the engine's loop turns an error in a forward into
+                # failed requests, and the caller would not see it
+                self._tap.error = self._tap.error or CaptureError(
+                    "capture: continuous batching (generate_batch) cannot be paused; call resume() "
+                    "before it, or capture it in a capture of its own")
+                raise self._tap.error
             meta = self._packed_step(b, s)
             if meta is None:  # the engine's warm-up pass: fake requests, nothing to record
                 self._meta = None
                 return
         else:
+            if self._paused and self._want_paused and s == 1:
+                self._meta = None  # a decode step of a paused batch (no cache length read: no sync)
+                return
             cache_name, cache = _find_cache(kwargs)
             new_sequences = self._starts_new_sequences(cache, s)
+            if new_sequences:
+                self._paused = self._want_paused
+            if self._paused:
+                self._meta = None
+                return
             self._static_cache = bool(getattr(cache, "is_compileable", False))
             mask = kwargs.get("attention_mask")
             labels: list[_Label] = []

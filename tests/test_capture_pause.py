@@ -1,0 +1,144 @@
+"""``Recorder.pause()`` / ``resume()``: batches started while paused are not recorded, a running batch is
+recorded whole, and what is recorded equals a capture of the same calls alone.
+
+The known answer is the shipped tiny model's own capture of the same ``generate()`` call, made without
+any pause. Compiled decoding is taken through transformers' compiled call on the CPU (``aot_eager``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from moeprof.capture.session import capture
+from moeprof.errors import CaptureError
+from moeprof.sample_data import path
+from moeprof.trace.reader import Trace
+
+transformers = pytest.importorskip("transformers")
+
+KEY = ["request_id", "step", "pos", "layer", "token_id"]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path("tiny-moe"), attn_implementation="sdpa").eval()
+
+
+def _inputs(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 500, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row
+    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                pad_token_id=0)
+
+
+def _routing(out) -> pl.DataFrame:
+    trace = Trace.open(out, verify="full")
+    assert trace.complete
+    return trace.routing().collect().sort(KEY)
+
+
+def _same(got: pl.DataFrame, want: pl.DataFrame) -> None:
+    assert got.height == want.height > 0
+    for col in KEY:
+        assert got[col].to_list() == want[col].to_list(), col
+    np.testing.assert_array_equal(np.stack(got["experts"].to_numpy()), np.stack(want["experts"].to_numpy()))
+
+
+def test_batches_started_while_paused_are_not_recorded(tiny, tmp_path):
+    with capture(tiny, tmp_path / "alone", eos_token_id=None) as rec:
+        tiny.generate(**_inputs(2))
+    alone = _routing(tmp_path / "alone")
+
+    with capture(tiny, tmp_path / "paused", eos_token_id=None) as rec:
+        rec.pause()
+        assert rec.paused
+        tiny.generate(**_inputs(1))
+        assert rec.rows == 0 and rec.steps == 0
+        rec.resume()
+        assert not rec.paused
+        tiny.generate(**_inputs(2))
+        steps = rec.steps
+        rec.pause()
+        tiny.generate(**_inputs(3))
+        assert rec.steps == steps
+    _same(_routing(tmp_path / "paused"), alone)
+    assert Trace.open(tmp_path / "paused").requests().height == 2
+
+
+def test_a_batch_running_when_paused_is_recorded_whole(tiny, tmp_path):
+    """pause() called in the middle of a generate() call (here from a stopping criterion, after the
+    third step) leaves that batch recorded to its end; the next call is not recorded."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    with capture(tiny, tmp_path / "alone", eos_token_id=None):
+        tiny.generate(**_inputs(4))
+    alone = _routing(tmp_path / "alone")
+
+    class PauseAtThirdStep(StoppingCriteria):
+        def __init__(self, rec):
+            self.rec, self.calls = rec, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            if self.calls == 3:
+                self.rec.pause()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with capture(tiny, tmp_path / "mid", eos_token_id=None) as rec:
+        tiny.generate(**_inputs(4), stopping_criteria=StoppingCriteriaList([PauseAtThirdStep(rec)]))
+        assert rec.paused
+        steps = rec.steps
+        tiny.generate(**_inputs(5))
+        assert rec.steps == steps
+    _same(_routing(tmp_path / "mid"), alone)
+
+
+def test_compiled_decoding_while_paused_runs_the_models_own_compiled_call(tiny, tmp_path):
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(backend="aot_eager", fullgraph=False, mode=None)
+    config._compile_all_devices = True
+    compiled = dict(cache_implementation="static", compile_config=config)
+    with capture(tiny, tmp_path / "alone", eos_token_id=None):
+        tiny.generate(**_inputs(6), **compiled)
+    alone = _routing(tmp_path / "alone")
+
+    with capture(tiny, tmp_path / "paused", eos_token_id=None) as rec:
+        rec.pause()
+        tiny.generate(**_inputs(7), **compiled)
+        assert rec.steps == 0
+        assert rec._compiled is None  # the capture's own compiled call was never handed out
+        rec.resume()
+        tiny.generate(**_inputs(6), **compiled)
+        assert rec._compiled is not None
+        steps = rec.steps
+        rec.pause()
+        tiny.generate(**_inputs(8), **compiled)
+        assert rec.steps == steps
+    got = _routing(tmp_path / "paused")
+    _same(got, alone)
+
+
+def test_continuous_batching_cannot_be_paused(tiny, tmp_path):
+    cb = getattr(transformers, "ContinuousBatchingConfig", None)
+    if cb is None:
+        pytest.skip(f"transformers {transformers.__version__} has no continuous batching")
+    import inspect
+
+    from transformers import GenerationConfig
+
+    size = "page_size" if "page_size" in inspect.signature(cb).parameters else "block_size"
+    config = cb(num_blocks=64, max_batch_tokens=16, use_cuda_graph=False, **{size: 16})
+    gen = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with pytest.raises(CaptureError, match="cannot be paused"):
+        with capture(tiny, tmp_path / "cb", eos_token_id=None) as rec:
+            rec.pause()
+            tiny.generate_batch(inputs=[[5, 6, 7, 8]], generation_config=gen, continuous_batching_config=config)
