@@ -123,9 +123,10 @@ def _guarded_hook_dicts(model, code) -> list[tuple[str, int]]:
 
 def test_the_captures_compiled_code_does_not_check_module_hooks_each_step(model, tmp_path, monkeypatch):
     """The capture's own compiled call is compiled without guards on empty module hook dicts (its
-    hooks stay as they are until its code is dropped at close): checking every module's hook dicts
-    each step cost about 90 µs on an H200's host. The dicts holding the capture's hooks are still
-    guarded, and anything else compiled during the capture still guards them all."""
+    hooks stay as they are until its code is dropped at close): checking six dicts of every module
+    each step cost about 45 µs for the 12-layer Qwen3 shape on an H200. The dicts holding the
+    capture's hooks are still guarded, and anything else compiled during the capture still guards
+    them all."""
     compiled = dict(cache_implementation="static", compile_config=_compile_config())
 
     def guarded(out) -> list[tuple[str, int]]:

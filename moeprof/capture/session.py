@@ -400,9 +400,9 @@ class Recorder:
                 return model.get_compiled_call(compile_config)(*args, **kwargs)
             self._on_forward_start(model, args, kwargs)
             self._saw_compiled = self._in_compiled = True
-            # Compiled without guards on module hooks: this code is the capture's own, its hooks stay
-            # as they are until it is dropped at close, and each step would otherwise check every
-            # module's hook dicts (about 90 µs a step for a 3-layer model on an H200's host).
+            # Compiled without guards on empty module hook dicts: this code is the capture's own, its
+            # hooks stay as they are until it is dropped at close, and each step would otherwise check
+            # six dicts of every module (about 45 µs a step for the 12-layer Qwen3 shape, H200).
             guarded = dynamo_config.skip_nnmodule_hook_guards
             dynamo_config.skip_nnmodule_hook_guards = True
             try:

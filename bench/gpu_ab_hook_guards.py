@@ -1,0 +1,79 @@
+"""The capture's own compiled call with and without dynamo's guards on module hooks, in one process.
+
+Until 94965bf a capture compiled its own call with ``skip_nnmodule_hook_guards`` off, so every step
+checked every module's hook dicts before the CUDA graph was launched. This benchmark alternates
+capture sessions of this tree and of this tree with those guards kept (the config flag held off, as
+before), each timed recorded against paused calls within the session
+(``bench/gpu_step_profile.py --within-session``), so the two variants share one model, one process and
+its warm compiled code.
+
+    python bench/gpu_ab_hook_guards.py --model qwen3 --layers 12 --batch 1 --pairs 40 --sessions 4
+
+Prints, per session, the capture's excess on the mean decode step and on the whole call with 95%
+intervals over pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_step_profile as G  # noqa: E402
+from gpu_capture import build  # noqa: E402
+
+
+class _HookGuardsKept:
+    """``torch._dynamo.config`` that ignores turning ``skip_nnmodule_hook_guards`` on: the capture's
+    compiled call is then compiled with guards on every module's hook dicts, as before 94965bf."""
+
+    def __init__(self, real) -> None:
+        object.__setattr__(self, "_real", real)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def __setattr__(self, name, value):
+        if name != "skip_nnmodule_hook_guards" or value is not True:
+            setattr(self._real, name, value)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen3", choices=("qwen3", "deepseek"))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=40, help="recorded/paused pairs per session")
+    ap.add_argument("--sessions", type=int, default=4, help="capture sessions, alternating the two variants")
+    args = ap.parse_args()
+    run = argparse.Namespace(model=args.model, layers=args.layers, mode="compiled", batch=args.batch,
+                             prompt=args.prompt, new=args.new, within_session=args.pairs, out=None)
+    model = build(args.model, args.layers, "grouped_mm" if args.model == "deepseek" else None)
+    g = torch.Generator(device="cpu").manual_seed(args.batch * 10007 + args.prompt)
+    ids = torch.randint(10, model.config.vocab_size, (args.batch, args.prompt), generator=g).cuda()
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    stamps, work = G.Stamps(), Path(tempfile.mkdtemp(prefix="moeprof-guards-"))
+    for _ in range(2):
+        G.generate(model, inputs, args.new, True, stamps)
+    real = torch._dynamo.config
+    for k in range(args.sessions):
+        variant = "hook guards kept (as before)" if k % 2 else "this tree"
+        if k % 2:
+            sys.modules["torch._dynamo.config"] = torch._dynamo.config = _HookGuardsKept(real)
+        print(f"### session {k}: {variant}", flush=True)
+        try:
+            G.within_session(run, model, inputs, True, 2, stamps, work)
+        finally:
+            sys.modules["torch._dynamo.config"] = torch._dynamo.config = real
+
+
+if __name__ == "__main__":
+    main()
