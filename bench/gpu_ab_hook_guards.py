@@ -1,16 +1,11 @@
-"""The capture's own compiled call against an earlier form of it, in one process.
+"""The capture's own compiled call with and without dynamo's guards on module hooks, in one process.
 
-``--against hook-guards`` (default):
 Until 94965bf a capture compiled its own call with ``skip_nnmodule_hook_guards`` off, so every step
 checked every module's hook dicts before the CUDA graph was launched. This benchmark alternates
 capture sessions of this tree and of this tree with those guards kept (the config flag held off, as
 before), each timed recorded against paused calls within the session
 (``bench/gpu_step_profile.py --within-session``), so the two variants share one model, one process and
 its warm compiled code.
-
-``--against early-start``: this tree against the same tree doing a decode step's forward-start
-bookkeeping before the graph's launch, as before it moved after the launch (``Recorder._running_decode``
-answering no).
 
     python bench/gpu_ab_hook_guards.py --model qwen3 --layers 12 --batch 1 --pairs 40 --sessions 4
 
@@ -58,7 +53,6 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--pairs", type=int, default=40, help="recorded/paused pairs per session")
     ap.add_argument("--sessions", type=int, default=4, help="capture sessions, alternating the two variants")
-    ap.add_argument("--against", default="hook-guards", choices=("hook-guards", "early-start"))
     args = ap.parse_args()
     run = argparse.Namespace(model=args.model, layers=args.layers, mode="compiled", batch=args.batch,
                              prompt=args.prompt, new=args.new, within_session=args.pairs, out=None)
@@ -69,22 +63,16 @@ def main() -> None:
     stamps, work = G.Stamps(), Path(tempfile.mkdtemp(prefix="moeprof-guards-"))
     for _ in range(2):
         G.generate(model, inputs, args.new, True, stamps)
-    from moeprof.capture.session import Recorder
-
-    real, running_decode = torch._dynamo.config, Recorder._running_decode
+    real = torch._dynamo.config
     for k in range(args.sessions):
-        variant = "this tree" if k % 2 == 0 else (
-            "hook guards kept (as before)" if args.against == "hook-guards" else "forward start before the launch (as before)")
-        if k % 2 and args.against == "hook-guards":
+        variant = "hook guards kept (as before)" if k % 2 else "this tree"
+        if k % 2:
             sys.modules["torch._dynamo.config"] = torch._dynamo.config = _HookGuardsKept(real)
-        if k % 2 and args.against == "early-start":
-            Recorder._running_decode = lambda self, args, kwargs: False
         print(f"### session {k}: {variant}", flush=True)
         try:
             G.within_session(run, model, inputs, True, 2, stamps, work)
         finally:
             sys.modules["torch._dynamo.config"] = torch._dynamo.config = real
-            Recorder._running_decode = running_decode
 
 
 if __name__ == "__main__":

@@ -216,28 +216,3 @@ def test_hooks_run_eagerly_inside_a_callers_compiled_module(model, tmp_path):
     torch._dynamo.reset()
     compiled = forwards(tmp_path / "compiled", torch.compile(_Outer(model), backend="aot_eager"))
     assert compiled.equals(eager)
-
-
-def test_compiled_decode_steps_do_their_bookkeeping_after_the_graph(model, tmp_path, monkeypatch):
-    """A one-token decode step of the running batch (static cache) clears the routing slots, runs the
-    compiled graph, then does its forward-start bookkeeping, off the path before the graph's launch;
-    the trace is the one eager decoding records (``test_static_cache_records_what_dynamic_cache_records``
-    checks the same for every step)."""
-    from moeprof.capture.session import Recorder
-
-    seen: list[tuple[int, bool]] = []
-    real = Recorder._on_forward_start
-
-    def spy(self, module, args, kwargs, reset=True):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        seen.append((int(ids.shape[1]), self._sink.ids[0] is not None))  # the routing is in already
-        return real(self, module, args, kwargs, reset)
-
-    monkeypatch.setattr(Recorder, "_on_forward_start", spy)
-    eager = _capture(model, tmp_path / "eager")
-    seen.clear()
-    compiled = _capture(model, tmp_path / "compiled", cache_implementation="static", compile_config=_compile_config())
-    assert compiled.equals(eager)
-    decode = [after for tokens, after in seen if tokens == 1]
-    assert seen[0] == (5, False)  # the prefill: bookkeeping first
-    assert len(decode) == INPUTS["max_new_tokens"] - 1 and all(decode[1:]), seen

@@ -398,14 +398,7 @@ class Recorder:
         def call(*args: Any, **kwargs: Any) -> Any:
             if self._closed:  # kept by a caller past the capture: the model's own compiled call
                 return model.get_compiled_call(compile_config)(*args, **kwargs)
-            # A decode step of the running batch (one token a row, a static cache): its bookkeeping
-            # reads nothing the graph changes, so it runs after the graph is launched, while the GPU
-            # works; before the launch only the routing slots are cleared.
-            late = self._running_decode(args, kwargs)
-            if late:
-                self._sink.reset()
-            else:
-                self._on_forward_start(model, args, kwargs)
+            self._on_forward_start(model, args, kwargs)
             self._saw_compiled = self._in_compiled = True
             # Compiled without guards on empty module hook dicts: this code is the capture's own, its
             # hooks stay as they are until it is dropped at close, and each step would otherwise check
@@ -417,8 +410,6 @@ class Recorder:
             finally:
                 dynamo_config.skip_nnmodule_hook_guards = guarded
                 self._in_compiled = False
-            if late:
-                self._on_forward_start(model, args, kwargs, reset=False)
             self._on_forward_end(model, args, kwargs, out)
             return out
 
@@ -435,17 +426,7 @@ class Recorder:
             self._compiled = None
 
     # -- top-level hooks ------------------------------------------------------------------------------
-    def _running_decode(self, args: tuple, kwargs: dict) -> bool:
-        """Whether a compiled forward is surely a one-token decode step of the running batch with a
-        static cache, as :meth:`_on_forward_start` would find (it reads no cache length for those)."""
-        if not (self._batch_running and self._static_cache) or self._paused or self._tap.error is not None:
-            return False
-        ref = kwargs.get("input_ids", args[0] if args else None)
-        if not (isinstance(ref, torch.Tensor) and ref.dim() == 2 and ref.shape[1] == 1) or is_packed_forward(kwargs):
-            return False
-        return bool(getattr(_find_cache(kwargs)[1], "is_compileable", False))  # this step's cache is static too
-
-    def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict, reset: bool = True) -> None:
+    def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._tap.error is not None:
             raise self._tap.error
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -495,8 +476,7 @@ class Recorder:
         self._meta = meta
         self._forwards += 1
         self._inputs = (input_ids, position_ids if has_positions else None, mask, ref.device)
-        if reset:  # else the step's routing is in the slots already (see _compiled_call)
-            self._sink.reset()
+        self._sink.reset()
 
     def _packed_step(self, b: int, s: int) -> _StepMeta | None:
         plan = self._tap.pop()
