@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 
-from moeprof.capture.session import capture
+from moeprof.capture.session import COMPILED_WEIGHTS_NOTE, capture
 from moeprof.errors import CaptureError
 from moeprof.sample_data import path
 from moeprof.trace.reader import Trace
@@ -125,6 +125,23 @@ def test_compiled_decoding_while_paused_runs_the_models_own_compiled_call(tiny, 
         assert rec.steps == steps
     got = _routing(tmp_path / "paused")
     _same(got, alone)
+
+
+def test_compiled_calls_run_while_paused_do_not_flag_the_recorded_weights(tiny, tmp_path):
+    """Only recorded steps decide the manifest's note on compiled weights: a trace whose recorded
+    batches ran eagerly carries none, even when compiled calls ran (and compiled) while paused."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch._dynamo.reset()
+    config = CompileConfig(backend="aot_eager", fullgraph=False, mode=None)
+    config._compile_all_devices = True
+    with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
+        rec.pause()
+        tiny.generate(**_inputs(9), cache_implementation="static", compile_config=config)
+        rec.resume()
+        tiny.generate(**_inputs(10))
+    assert rec.steps > 0
+    assert COMPILED_WEIGHTS_NOTE not in Trace.open(tmp_path / "t").manifest.notes
 
 
 def test_continuous_batching_cannot_be_paused(tiny, tmp_path):

@@ -978,8 +978,10 @@ def _top_level(recorder: Recorder, hook: Any) -> Any:
     - Eagerly: ``hook`` itself, with no wrapper to pay.
     """
     def in_graph(*args: Any) -> None:
-        recorder._saw_compiled = True
-        return hook(*args)
+        out = hook(*args)
+        if not recorder._paused:  # a step recorded from compiled code (not one run while paused)
+            recorder._saw_compiled = True
+        return out
 
     disabled = _eager(in_graph)
 
