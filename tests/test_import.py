@@ -34,19 +34,22 @@ def test_importing_the_package_does_not_import_torch():
 
 def test_a_named_format_imports_its_own_importer_alone_and_no_pyarrow_compute(tmp_path):
     # Each import loaded every importer module and the trace writer pyarrow.compute: about 60 ms of a
-    # 10^4-row import's 90 (issue 18's JSONL target is 2x polars' 30 ms).
+    # 10^4-row import's 90 (issue 18's JSONL target is 2x polars' 30 ms). Then numpy.ma, which plain
+    # np.unique and pa.array(ndarray) import on first use: about 20 ms more.
     import subprocess
 
     src = fx.hook_jsonl(tmp_path / "h.txt")
     code = ("import sys; from pathlib import Path; from moeprof.importers import import_trace, ImportOptions; "
             "import_trace('jsonl', [Path(sys.argv[1])], Path(sys.argv[2]), ImportOptions()); "
-            "print(sorted(m for m in sys.modules if m.startswith('moeprof.importers.') or m == 'pyarrow.compute'))")
+            "print(sorted(m for m in sys.modules if m.startswith('moeprof.importers.') "
+            "or m in ('pyarrow.compute', 'numpy.ma')))")
     out = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "t")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     loaded = eval(out.stdout.strip().splitlines()[-1])
     assert "moeprof.importers.jsonl" in loaded
     assert not {"moeprof.importers.vllm", "moeprof.importers.sglang", "moeprof.importers.megatron",
-                "moeprof.importers.trtllm", "moeprof.importers.expert_selection", "pyarrow.compute"} & set(loaded), loaded
+                "moeprof.importers.trtllm", "moeprof.importers.expert_selection", "pyarrow.compute",
+                "numpy.ma"} & set(loaded), loaded
     assert rows(tmp_path / "t")  # and the trace it wrote holds its rows
 
 

@@ -23,6 +23,7 @@ from moeprof.importers.base import (
     Importer,
     LoadsChunk,
     RoutingChunk,
+    distinct,
     read_domain_map,
 )
 from moeprof.errors import ImportFormatError, UsageError
@@ -82,7 +83,7 @@ class _Requests:
 
     def map(self, keys: Any, where: str) -> np.ndarray:
         if isinstance(keys, np.ndarray) and keys.dtype.kind in "iu":
-            for k in np.unique(keys).tolist():
+            for k in distinct(keys).tolist():
                 self._register(int(k), where)
             return keys.astype(np.int64, copy=False)
         if isinstance(keys, list) and keys and keys.count(keys[0]) == len(keys):
@@ -315,7 +316,7 @@ class _Run:
             )
         )
         self.requests.count(rid, phase)
-        self.layers.update(np.unique(c.layer).tolist())
+        self.layers.update(distinct(c.layer).tolist())
         self.report.routing_rows += c.rows
 
     def _loads(self, c: LoadsChunk) -> None:
@@ -334,10 +335,10 @@ class _Run:
             t = t.append_column("request_id", pa.array(np.where(has, rid, 0), pa.int64(), mask=~has))
             t = t.append_column("domain", pa.array(dom, pa.string()))
             self.has_loads_requests = self.has_loads_requests or bool(has.any())
-            for r in np.unique(rid[has]).tolist():
+            for r in distinct(rid[has]).tolist():
                 self.requests.rows.setdefault(int(r), [0, 0])
         writer.write_loads(t.select(LOADS_SCHEMA.names).cast(LOADS_SCHEMA))
-        self.layers.update(np.unique(t.column("layer").to_numpy()).tolist())
+        self.layers.update(distinct(t.column("layer").to_numpy()).tolist())
         self.report.loads_rows += c.rows
 
     # -- manifest --------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from moeprof.importers.base import MIN_IDENTICAL_TOKENS, WARMUP_IDENTICAL, identical_routing
+from moeprof.importers.base import MIN_IDENTICAL_TOKENS, WARMUP_IDENTICAL, distinct, identical_routing
 
 WARMUP_SIGNATURE = (
     "before the first real pass, every token routed exactly as an earlier dummy pass did "
@@ -107,7 +107,7 @@ class WarmupDetector:
         if experts.shape[0] == 0:
             return None
         if identical_routing(layer, experts, token_id) and self._same_weights(layer, weights):
-            for lay in np.unique(layer).tolist():
+            for lay in distinct(layer).tolist():
                 self.signatures.setdefault(int(lay), set()).add(tuple(experts[layer == lay][0].tolist()))
             return WARMUP_IDENTICAL
         if not self.real_seen and self.signatures and self._matches_signature(layer, experts):
@@ -119,10 +119,10 @@ class WarmupDetector:
     def _same_weights(layer: np.ndarray, weights: np.ndarray | None) -> bool:
         if weights is None:
             return True
-        return all(_same_rows(weights[layer == lay]) for lay in np.unique(layer).tolist())
+        return all(_same_rows(weights[layer == lay]) for lay in distinct(layer).tolist())
 
     def _matches_signature(self, layer: np.ndarray, experts: np.ndarray) -> bool:
-        for lay in np.unique(layer).tolist():
+        for lay in distinct(layer).tolist():
             sel = experts[layer == lay]
             if sel.shape[0] >= MIN_IDENTICAL_TOKENS or not _same_rows(sel):
                 return False

@@ -70,7 +70,7 @@ def phase_array(phase: Any, n: int) -> pa.DictionaryArray:
             codes = arr.astype(np.int8, copy=False)
             if codes.size and (codes.min() < 0 or codes.max() >= len(PHASES)):
                 raise TraceError(f"phase codes must be 0 (prefill) or 1 (decode), got {np.unique(codes)}")
-    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), _PHASE_DICT)
+    return pa.DictionaryArray.from_arrays(numpy_array(codes, pa.int8()), _PHASE_DICT)
 
 
 def _check_phase(p: str) -> str:
@@ -114,27 +114,27 @@ def routing_table(
     def nullable(x: Any, dtype: Any, pa_type: pa.DataType) -> pa.Array:
         if x is None:
             return pa.nulls(n, pa_type)
-        return pa.array(col(x, dtype), pa_type)
+        return numpy_array(col(x, dtype), pa_type)
 
     # Lists built with the schema's own types (items not null): Table.from_arrays would otherwise cast them,
     # and a cast imports pyarrow.compute (about 30 ms of every capture's and import's start)
     schema = routing_schema(top_k)
-    flat_e = pa.array(np.ascontiguousarray(experts, dtype=np.int16).reshape(-1), pa.int16())
+    flat_e = numpy_array(np.ascontiguousarray(experts, dtype=np.int16).reshape(-1), pa.int16())
     if weights is None:
         weights_arr: pa.Array = pa.nulls(n, schema.field("weights").type)
     else:
         w = np.asarray(weights, dtype=np.float32)
         if w.shape != (n, top_k):
             raise TraceError(f"weights must have shape ({n}, {top_k}), got {w.shape}")
-        weights_arr = pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1), pa.float32()),
+        weights_arr = pa.FixedSizeListArray.from_arrays(numpy_array(w.reshape(-1), pa.float32()),
                                                          type=schema.field("weights").type)
     return pa.Table.from_arrays(
         [
-            pa.array(col(request_id, np.int64), pa.int64()),
-            pa.array(col(step, np.int32), pa.int32()),
+            numpy_array(col(request_id, np.int64), pa.int64()),
+            numpy_array(col(step, np.int32), pa.int32()),
             phase_array(phase, n),
-            pa.array(col(pos, np.int32), pa.int32()),
-            pa.array(col(layer, np.int16), pa.int16()),
+            numpy_array(col(pos, np.int32), pa.int32()),
+            numpy_array(col(layer, np.int16), pa.int16()),
             pa.FixedSizeListArray.from_arrays(flat_e, type=schema.field("experts").type),
             weights_arr,
             nullable(batch_id, np.int64, pa.int64()),
@@ -142,6 +142,18 @@ def routing_table(
         ],
         schema=schema,
     )
+
+
+def numpy_array(values: np.ndarray, pa_type: pa.DataType) -> pa.Array:
+    """A 1-D numpy array of ``pa_type``'s own dtype as an Arrow array without nulls, sharing its memory.
+
+    ``pa.array(ndarray)`` asks whether the array is a masked array, which imports ``numpy.ma`` (about
+    20 ms once per process with numpy 2.4: a fifth of importing 10,000 rows).
+    """
+    values = np.ascontiguousarray(values)
+    if values.dtype != pa_type.to_pandas_dtype() or values.ndim != 1:
+        raise TraceError(f"internal: a {values.dtype} array of shape {values.shape} is not a column of {pa_type}")
+    return pa.Array.from_buffers(pa_type, len(values), [None, pa.py_buffer(values)])
 
 
 def prepare_output_dir(out: Path, force: bool, *, lock: bool = False) -> None:
