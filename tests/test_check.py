@@ -73,6 +73,21 @@ def test_a_trace_is_analysed_on_the_fly(cli, hand):
     assert "imbalance at layer 0: 2.5 > max 2.4 (--max-imbalance)" in r.stdout
 
 
+def test_a_trace_analysed_on_the_fly_leaves_nothing_in_the_temporary_directory(cli, hand, tmp_path, monkeypatch):
+    """The analysis `check TRACE` makes goes to a temporary directory, removed when the check is done
+    (each run left one behind)."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    trace, _ = hand
+    for limit in ("2.4", "9"):
+        r = cli("check", trace, "--max-imbalance", limit)
+        assert r.exit_code in (0, 1), r.stdout + r.stderr
+        assert list(temp.iterdir()) == []
+
+
 def test_metric_the_inputs_lack_is_exit_2(cli, hand):
     _, analysis = hand
     r = cli("check", analysis, "--max-cross-node-bytes", "1000")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +48,11 @@ def resolve_inputs(paths: list[Path], *, analysis_dir: Path | None = None, figur
     if inputs.summary is not None and inputs.trace_path is not None:
         _same_trace(inputs.summary, inputs.summary_path, inputs.trace_path)
     if inputs.summary is None and inputs.trace_path is not None:
-        out = analysis_dir or Path(tempfile.mkdtemp(prefix="moeprof-report-"))
+        out = analysis_dir
+        if out is None:
+            # removed with ``inputs`` (or at exit): each `check TRACE` left one in the temporary directory
+            out = Path(tempfile.mkdtemp(prefix="moeprof-report-"))
+            weakref.finalize(inputs, shutil.rmtree, out, True)
         run_analysis(inputs.trace_path, out, figures=figures, workers=workers)
         inputs.summary_path = out / view.SUMMARY
         inputs.summary = view.read_summary(inputs.summary_path)
