@@ -26,7 +26,6 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step_profile as G  # noqa: E402
-from gpu_capture import build  # noqa: E402
 
 
 class _HookGuardsKept:
@@ -56,10 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     run = argparse.Namespace(model=args.model, layers=args.layers, mode="compiled", batch=args.batch,
                              prompt=args.prompt, new=args.new, within_session=args.pairs, out=None)
-    model = build(args.model, args.layers, "grouped_mm" if args.model == "deepseek" else None)
-    g = torch.Generator(device="cpu").manual_seed(args.batch * 10007 + args.prompt)
-    ids = torch.randint(10, model.config.vocab_size, (args.batch, args.prompt), generator=g).cuda()
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    model, inputs = G.model_and_inputs(args.model, args.layers, args.batch, args.prompt)
     stamps, work = G.Stamps(), Path(tempfile.mkdtemp(prefix="moeprof-guards-"))
     for _ in range(2):
         G.generate(model, inputs, args.new, True, stamps)

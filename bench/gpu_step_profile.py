@@ -100,6 +100,16 @@ def generate(model, inputs, new, compiled, stamps):
     return (t1 - t0) / 1e9, np.diff(t)[1:] / 1e3
 
 
+def model_and_inputs(name: str, layers: int, batch: int, prompt: int) -> tuple:
+    """The benchmark model (``bench/gpu_capture.py``) and a seeded batch of random prompts for it."""
+    from gpu_capture import build
+
+    model = build(name, layers, "grouped_mm" if name == "deepseek" else None)
+    g = torch.Generator(device="cpu").manual_seed(batch * 10007 + prompt)
+    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=g).cuda()
+    return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
 def boot_ci(a: np.ndarray, b: np.ndarray, stat, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """stat(b) / stat(a) - 1 with a bootstrap 95% interval (steps resampled within each arm)."""
     rng = np.random.default_rng(seed)
@@ -130,16 +140,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    from gpu_capture import build
-
     print(f"moeprof from {Path(moeprof.__file__).parent}", flush=True)
 
     compiled = args.mode == "compiled"
     untimed = args.untimed if args.untimed is not None else (2 if compiled else 0)
-    model = build(args.model, args.layers, "grouped_mm" if args.model == "deepseek" else None)
-    g = torch.Generator(device="cpu").manual_seed(args.batch * 10007 + args.prompt)
-    ids = torch.randint(10, model.config.vocab_size, (args.batch, args.prompt), generator=g).cuda()
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    model, inputs = model_and_inputs(args.model, args.layers, args.batch, args.prompt)
     stamps, collections = Stamps(), Collections()
     work = Path(tempfile.mkdtemp(prefix="moeprof-steps-"))
 
