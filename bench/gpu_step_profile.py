@@ -246,7 +246,12 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work) -> None
         for arm in ("capture", "paused") * (untimed + 1):  # both arms warm: traced, graphs recorded
             rec.resume() if arm == "capture" else rec.pause()
             generate(model, inputs, args.new, compiled, stamps)
+        # with a time budget (``args.budget`` seconds, as bench/gpu_session_grid.py sets it): pairs until it is
+        # spent, at least ``args.min_pairs``, at most ``args.within_session``
+        budget, t_start = getattr(args, "budget", None), time.monotonic()
         for i in range(args.within_session):
+            if budget is not None and i >= args.min_pairs and time.monotonic() - t_start > budget:
+                break
             pair = {}
             for arm in ("capture", "paused") if i % 2 == 0 else ("paused", "capture"):
                 rec.resume() if arm == "capture" else rec.pause()
@@ -259,7 +264,11 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work) -> None
             step_logs.append(np.log(pair["capture"][1] / pair["paused"][1]))
             call_logs.append(np.log(pair["capture"][0] / pair["paused"][0]))
     finally:
-        rec.close()
+        close_error = None
+        try:
+            rec.close()
+        except Exception as exc:  # printed after the timings, then raised
+            close_error = exc
 
     def ci(logs):
         n = len(logs)
@@ -268,6 +277,9 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work) -> None
         return float(np.expm1(m)), float(np.expm1(m - half)), float(np.expm1(m + half))
 
     st, ca = ci(step_logs), ci(call_logs)
+    result = dict(pairs=len(step_logs), pairs_with_graph_work=flagged, step_excess=st, call_excess=ca,
+                  recorded_us=float(np.median(means["capture"])), paused_us=float(np.median(means["paused"])),
+                  rows=rec.rows)
     print(f"{args.model} L{args.layers} {args.mode} batch {args.batch} prompt {args.prompt} new {args.new}: "
           f"{len(step_logs)} pairs in one capture session (recorded vs paused), {flagged} with graphs recorded")
     print(f"  mean decode step µs: recorded {np.median(means['capture']):.1f}, paused {np.median(means['paused']):.1f} (medians over calls)")
@@ -278,6 +290,9 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work) -> None
             args={k: str(v) for k, v in vars(args).items()}, torch=torch.__version__,
             device=torch.cuda.get_device_name(), pairs=len(step_logs), pairs_with_graph_work=flagged,
             step_excess=st, call_excess=ca, step_logs=step_logs, call_logs=call_logs)))
+    if close_error is not None:
+        raise close_error
+    return result
 
 
 if __name__ == "__main__":

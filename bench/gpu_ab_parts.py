@@ -1,0 +1,85 @@
+"""Which part of a compiled decode step's capture costs the step: sessions with parts left out, in one process.
+
+Diagnostic (the variants record incomplete traces). Capture sessions alternate, each timed recorded
+against paused calls within the session (``bench/gpu_step_profile.py --within-session``):
+
+- ``full``: this tree;
+- ``no-copy``: the step's routing is not copied into the block buffer after the graph's launch
+  (``HostPipe._copy_into_block`` does nothing: no host tensor calls, no copy kernels);
+- ``no-end``: nothing after the launch at all (``Recorder._on_forward_end`` only closes the step);
+- ``ids-only``: a complete capture without the routing weights (``weights=False``): half the graph's
+  extra outputs.
+
+What ``no-end`` still pays is the work before the launch (the forward-start bookkeeping, dynamo's
+guard check of the capture's code) and the graph's own extra outputs (every layer's ids and weights).
+
+    python bench/gpu_ab_parts.py --model qwen3 --layers 12 --batch 1 --pairs 30 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import functools  # noqa: E402
+
+import gpu_step_profile as G  # noqa: E402
+import moeprof  # noqa: E402
+from moeprof.capture import pipe, session  # noqa: E402
+
+
+def _end_only(self, module, args, kwargs, output) -> None:
+    if self._meta is not None:
+        self._sink.active = False
+        self._meta = self._inputs = None
+
+
+VARIANTS = {
+    "full": {},
+    "no-copy": {(pipe.HostPipe, "_copy_into_block"): lambda self, meta, ids, weights, small: None},
+    "no-end": {(session.Recorder, "_on_forward_end"): _end_only},
+    "ids-only": {(moeprof, "capture"): functools.partial(moeprof.capture, weights=False)},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen3", choices=("qwen3", "deepseek"))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=30, help="recorded/paused pairs per session")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of one session per variant")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which, comma-separated (default {','.join(VARIANTS)})")
+    args = ap.parse_args()
+    run = argparse.Namespace(model=args.model, layers=args.layers, mode="compiled", batch=args.batch,
+                             prompt=args.prompt, new=args.new, within_session=args.pairs, out=None)
+    model, inputs = G.model_and_inputs(args.model, args.layers, args.batch, args.prompt)
+    stamps, work = G.Stamps(), Path(tempfile.mkdtemp(prefix="moeprof-parts-"))
+    for _ in range(2):
+        G.generate(model, inputs, args.new, True, stamps)
+    for r in range(args.rounds):
+        names = args.variants.split(",")
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            saved = {(owner, attr): getattr(owner, attr) for owner, attr in VARIANTS[name]}
+            for (owner, attr), fn in VARIANTS[name].items():
+                setattr(owner, attr, fn)
+            print(f"### round {r}: {name}", flush=True)
+            try:
+                G.within_session(run, model, inputs, True, 2, stamps, work)
+            except Exception as exc:  # a variant's incomplete trace may fail at close: its timings are printed before
+                print(f"  ({type(exc).__name__} at close: {exc})", flush=True)
+            finally:
+                for (owner, attr), fn in saved.items():
+                    setattr(owner, attr, fn)
+
+
+if __name__ == "__main__":
+    main()
