@@ -82,6 +82,25 @@ def test_counts_equal_plain_loop(T, L, k, E, absent, duplicates, threads):
         np.testing.assert_array_equal(g, w, err_msg=name)
 
 
+def test_counts_of_many_tokens_in_blocks_of_slots_and_any_layout():
+    """Enough tokens that transitions are counted a few slots at a time with a shorter last block (7 + 1 of k = 8
+    at T = 20,000), and the same tokens laid out so that a layer's k ids are not contiguous."""
+    rng = np.random.default_rng(11)
+    T, L, k, E = 20_000, 3, 8, 32
+    tokens = random_tokens(rng, T, L, k, E, duplicates=True)
+    steps = [(0, 1), (1, 2)]
+    want = np.zeros((len(steps), E, E), np.int64)
+    for p, (i, j) in enumerate(steps):
+        for s1 in range(k):
+            for s2 in range(k):
+                np.add.at(want[p], (tokens[:, i, s1], tokens[:, j, s2]), 1)
+    for layout in (tokens, np.asfortranarray(tokens), tokens[::-1][::-1]):
+        loads, pairs, trans = co.counts(layout, steps, E)
+        np.testing.assert_array_equal(trans, want)
+        np.testing.assert_array_equal(loads, [np.bincount(tokens[:, li].ravel(), minlength=E) for li in range(L)])
+        assert pairs.sum() == T * L * k * (k - 1)
+
+
 def test_single_count_functions_match_counts():
     rng = np.random.default_rng(5)
     tokens = random_tokens(rng, 300, 6, 4, 16, absent=0.1)
