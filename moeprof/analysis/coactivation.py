@@ -110,7 +110,10 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
                 for s in range(0, k, per):
                     w = min(k, s + per) - s
                     np.add(high[s : s + w, None], b, out=ids[:w])
-                    trans[p] += np.bincount(ids[:w].reshape(-1), minlength=E * E)
+                    if s == 0:  # written before it is read: its fresh pages are not first mapped to the zero page
+                        trans[p] = np.bincount(ids[:w].reshape(-1), minlength=E * E)
+                    else:
+                        trans[p] += np.bincount(ids[:w].reshape(-1), minlength=E * E)
 
     half = (L + 1) // 2
     if pool is not None and L > 1:
