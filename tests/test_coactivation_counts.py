@@ -83,7 +83,7 @@ def test_counts_equal_plain_loop(T, L, k, E, absent, duplicates, threads):
 
 
 def test_counts_of_many_tokens_in_blocks_of_slots_and_any_layout():
-    """Enough tokens that transitions are counted a few slots at a time with a shorter last block (7 + 1 of k = 8
+    """Enough tokens that transitions are counted a few slots at a time with a shorter last block (3 + 3 + 2 of k = 8
     at T = 20,000), and the same tokens laid out so that a layer's k ids are not contiguous."""
     rng = np.random.default_rng(11)
     T, L, k, E = 20_000, 3, 8, 32
