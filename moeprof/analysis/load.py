@@ -302,10 +302,16 @@ def _bootstraps(values: np.ndarray, wanted: Sequence[tuple[float, bool]], rng: n
     order = srt = None
     out = []
     for q, per_column in wanted:
-        idx = rng.integers(0, n, size=(reps, n))
+        idx = rng.integers(0, n, size=(reps, n))  # drawn whatever the values: the next resamples follow these
+        if vals.size == 1:
+            # One value (B = 1: max/mean is E/k in every layer whenever a token's experts differ): every quantile
+            # of every resample is that value, as np.quantile gives it.
+            out.append(tuple(np.full(m, vals[0]) if per_column else vals[0] for _ in range(3)))
+            continue
         # How often each row is drawn: a resample is its rows' values repeated, so its quantile can be
         # read off the values sorted once, without building (reps, n, m) copies and sorting each.
-        drawn = np.bincount((idx + (np.arange(reps) * n)[:, None]).ravel(), minlength=reps * n).reshape(reps, n)
+        idx += (np.arange(reps) * n)[:, None]
+        drawn = np.bincount(idx.ravel(), minlength=reps * n).reshape(reps, n)
         # Every sum below counts values (at most n * m): exact in float32 below 2^24, at half the cost.
         drawn = drawn.astype(np.float32 if n * m < (1 << 24) else np.float64)
         if vals.size <= (FEW_VALUES_COLUMNS if per_column else FEW_VALUES_POOLED):
