@@ -81,8 +81,6 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
         held: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         for li in layers:
             x, ok = held.pop(li, None) or layer(li)
-            # bincount, not np.add.at: it counts without holding the GIL the other threads need
-            loads[li] += np.bincount((x if ok is None else x[tokens[:, li].T >= 0]).reshape(-1), minlength=E)
             xs = x if ok is None else x[:, ok]
             if xs.size and k > 1:
                 high = xs * E
@@ -117,6 +115,14 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
                         trans[p] = np.bincount(ids[:w].reshape(-1), minlength=E * E)
                     else:
                         trans[p] += np.bincount(ids[:w].reshape(-1), minlength=E * E)
+            if every and step_of.get(li):
+                # Every token has every slot of both layers: each of its routes to e here meets the k of the next
+                # layer, so the row sums of a step's transitions are k times these loads (exact integers; a
+                # bincount of the layer's ids cost 4x more).
+                loads[li] = trans[step_of[li][0][0]].reshape(E, E).sum(axis=1) // k
+            else:
+                # bincount, not np.add.at: it counts without holding the GIL the other threads need
+                loads[li] += np.bincount((x if ok is None else x[tokens[:, li].T >= 0]).reshape(-1), minlength=E)
 
     # Layers a few at a time from one queue, taken by this thread and, with ``pool``, by one of the pool's as soon
     # as it has a thread free: where the pool's threads are as many as the cores and busy with the other
