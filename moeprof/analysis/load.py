@@ -148,24 +148,27 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
     tid = rank[codes]
     del codes
     # Step 2: scatter rows into (token, layer) cells; rows of tokens past the first T go to a spare
-    # cell T * L (cheaper than compressing (n, k) rows). Each cell records the last row written into
-    # it: a row that finds another's there shares its cell (a duplicate); a cell nobody wrote keeps
-    # the -1 it starts with (written in order, page by page, before the scattered writes).
+    # cell T * L (cheaper than compressing (n, k) rows). A cell nobody wrote keeps the -1 it starts with
+    # (written in order, page by page, before the scattered writes).
     spare = T * L
     out = np.full((spare + 1, k), -1, np.int16)
-    writer = np.full(spare + 1, -1, index)
     cells = []
     for i, p in enumerate(parts):
         t = tid[starts[i] : starts[i + 1]]
         cell = np.where(t < T, t * index(L) + p.layer, index(spare))
         rows_of(out)[cell] = rows_of(p.experts)
-        writer[cell] = np.arange(starts[i], starts[i + 1], dtype=index)
         cells.append(cell)
     dup = np.zeros(T, bool)
-    # Nearly always every kept row has a cell of its own: as many cells written as rows kept, and no
-    # row needs checking (a pass over the cells, where the check reads every row's cell again).
-    if np.count_nonzero(writer[:spare] >= 0) == np.count_nonzero(tid < T):
+    # Nearly always every kept row has a cell of its own: as many cells written as rows kept, and no row
+    # needs checking. A written cell holds a row's expert ids, never negative (the pass refuses them): so
+    # as many cells hold one as rows were kept, or some rows share a cell, or a row holds a -1 (then the
+    # check below finds which, if any, share one).
+    if np.count_nonzero(out[:spare, 0] >= 0) == np.count_nonzero(tid < T):
         return out[:spare].reshape(T, L, k), dup
+    # Each cell records the last row written into it: a row that finds another's there shares its cell.
+    writer = np.full(spare + 1, -1, index)
+    for i, cell in enumerate(cells):
+        writer[cell] = np.arange(starts[i], starts[i + 1], dtype=index)
     for i, cell in enumerate(cells):
         clash = cell[(writer[cell] != np.arange(starts[i], starts[i + 1], dtype=index)) & (cell < spare)]
         dup[clash // L] = True
