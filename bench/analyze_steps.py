@@ -33,7 +33,7 @@ STEPS = [
     (run, "aggregate_routing", "counting pass (read, verify, count, sample)"),
     (load, "token_matrix", "token matrix of the sample"),
     (load, "batch_imbalance", "batch imbalance"),
-    (load, "batch_counts", "  counts per batch"),
+    (load, "window_stragglers", "  counts per batch (and their max / mean)"),
     (load, "_bootstraps", "  bootstrap (20 x 1000 resamples)"),
     (run, "_coactivation", "co-activation"),
     (coactivation, "counts", "  load, pair and transition counts"),

@@ -121,6 +121,28 @@ def test_token_matrix_over_several_parts_by_hand():
     assert m4.shape == (4, 3, 2) and m4[3].tolist() == [[7, 0], [1, 1], [-1, -1]] and not dup4[3]
 
 
+def test_token_matrix_duplicates_are_told_from_a_row_that_holds_a_negative_id():
+    """Without duplicates the matrix is checked by counting the cells written; a row whose first id is -1
+    (which the pass refuses, but a sample built otherwise may hold) is not a duplicate, two rows in one cell are."""
+    import numpy as np
+
+    from moeprof.analysis import load
+    from moeprof.analysis.aggregate import Aggregates, Selection, TokenSample
+
+    sel = Selection(layers=[0, 1], domains=["d"], request_ids=np.array([0]), request_domain=np.array([0]),
+                    num_experts=8, top_k=2)
+    for rows, want in (([(1, 10, 0, (0, 1)), (1, 10, 1, (-1, 3)), (2, 11, 0, (4, 5))], [False, False]),
+                       ([(1, 10, 0, (0, 1)), (1, 10, 0, (2, 3)), (2, 11, 0, (4, 5))], [True, False]),
+                       ([(1, 10, 0, (0, 1)), (1, 10, 1, (2, 3)), (2, 11, 1, (4, 5))], [False, False])):
+        agg = Aggregates.empty(sel)
+        h, t, lay, ex = zip(*rows)
+        agg.sample_parts.append(TokenSample(np.array(h, np.uint64), np.array(t, np.uint64), np.array(lay, np.int16),
+                                            np.array(ex, np.int16)))
+        m, dup = load.token_matrix(agg, 10)
+        assert dup.tolist() == want
+        assert m.shape == (2, 2, 2) and m[1, 0 if rows[2][2] == 0 else 1].tolist() == [4, 5]
+
+
 def test_one_row_group_counted_in_slices_gives_the_same_aggregates(trace, monkeypatch):
     import numpy as np
 

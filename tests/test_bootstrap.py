@@ -51,12 +51,28 @@ def test_bootstrap_of_no_rows_is_nan():
 @pytest.mark.parametrize("n,m", [(256, 58), (33, 58), (4, 58), (300, 2)])
 def test_bootstraps_share_nothing_but_sorting(n, m):
     """Several bootstraps of one array in one call: each the definition's result, with the resamples
-    drawn in the order given, as separate calls would draw them."""
+    drawn in the order given, as separate calls would draw them (also after those of one value, read
+    without their resamples)."""
     rng = np.random.default_rng(n)
-    for v in (rng.gamma(2.0, size=(n, m)), rng.integers(1, 40, size=(n, m)) / 2.0):
+    for v in (rng.gamma(2.0, size=(n, m)), rng.integers(1, 40, size=(n, m)) / 2.0, np.full((n, m), 32.0)):
         wanted = ((0.5, False), (0.9, False), (0.5, True), (0.9, True))
         got = _bootstraps(v, wanted, np.random.default_rng(7))
         ref_rng = np.random.default_rng(7)
+        for (q, per_column), g in zip(wanted, got):
+            want = _by_definition(v, q, ref_rng, per_column=per_column)
+            for w, x in zip(want, g):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(w))
+
+
+def test_bootstraps_of_one_value_draw_their_resamples():
+    """Batch imbalance draws every batch size's resamples from one generator: after the bootstraps of one
+    value (B = 1), those of the next size must be drawn from where the definition's would be."""
+    rng = np.random.default_rng(3)
+    sizes = (np.full((256, 58), 32.0), rng.integers(1, 8, size=(256, 58)) * 4.0, rng.gamma(2.0, size=(33, 58)))
+    wanted = ((0.5, False), (0.9, False), (0.5, True), (0.9, True))
+    got_rng, ref_rng = np.random.default_rng(0), np.random.default_rng(0)
+    for v in sizes:
+        got = _bootstraps(v, wanted, got_rng)
         for (q, per_column), g in zip(wanted, got):
             want = _by_definition(v, q, ref_rng, per_column=per_column)
             for w, x in zip(want, g):

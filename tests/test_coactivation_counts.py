@@ -82,6 +82,46 @@ def test_counts_equal_plain_loop(T, L, k, E, absent, duplicates, threads):
         np.testing.assert_array_equal(g, w, err_msg=name)
 
 
+def test_counts_of_many_tokens_in_blocks_of_slots_and_any_layout():
+    """Enough tokens that transitions are counted a few slots at a time with a shorter last block (3 + 3 + 2 of k = 8
+    at T = 20,000), and the same tokens laid out so that a layer's k ids are not contiguous."""
+    rng = np.random.default_rng(11)
+    T, L, k, E = 20_000, 3, 8, 32
+    tokens = random_tokens(rng, T, L, k, E, duplicates=True)
+    steps = [(0, 1), (1, 2)]
+    want = np.zeros((len(steps), E, E), np.int64)
+    for p, (i, j) in enumerate(steps):
+        for s1 in range(k):
+            for s2 in range(k):
+                np.add.at(want[p], (tokens[:, i, s1], tokens[:, j, s2]), 1)
+    for layout in (tokens, np.asfortranarray(tokens), tokens[::-1][::-1]):
+        loads, pairs, trans = co.counts(layout, steps, E)
+        np.testing.assert_array_equal(trans, want)
+        np.testing.assert_array_equal(loads, [np.bincount(tokens[:, li].ravel(), minlength=E) for li in range(L)])
+        assert pairs.sum() == T * L * k * (k - 1)
+
+
+def test_counts_when_the_pools_thread_is_busy_until_the_caller_is_done():
+    """The pool's thread takes layers only once free: here it is busy until the calling thread has counted
+    every layer, finds none left, and the counts are whole."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(3)
+    tokens = random_tokens(rng, 300, 9, 3, 12, absent=0.1)
+    steps = [(i, i + 1) for i in range(8)]
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(release.wait, 10)
+        started = time.perf_counter()
+        timer = threading.Timer(0.2, release.set)
+        timer.start()
+        got = co.counts(tokens, steps, 12, pool)
+        assert time.perf_counter() - started >= 0.15  # it waited for the pool's thread to take its (empty) share
+    for g, w in zip(got, plain(tokens, steps, 12)):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_single_count_functions_match_counts():
     rng = np.random.default_rng(5)
     tokens = random_tokens(rng, 300, 6, 4, 16, absent=0.1)

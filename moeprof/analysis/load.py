@@ -17,7 +17,7 @@ median and p90 with seeded bootstrap 95% intervals.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -148,24 +148,27 @@ def token_matrix(agg: Aggregates, max_tokens: int) -> tuple[np.ndarray, np.ndarr
     tid = rank[codes]
     del codes
     # Step 2: scatter rows into (token, layer) cells; rows of tokens past the first T go to a spare
-    # cell T * L (cheaper than compressing (n, k) rows). Each cell records the last row written into
-    # it: a row that finds another's there shares its cell (a duplicate); a cell nobody wrote keeps
-    # the -1 it starts with (written in order, page by page, before the scattered writes).
+    # cell T * L (cheaper than compressing (n, k) rows). A cell nobody wrote keeps the -1 it starts with
+    # (written in order, page by page, before the scattered writes).
     spare = T * L
     out = np.full((spare + 1, k), -1, np.int16)
-    writer = np.full(spare + 1, -1, index)
     cells = []
     for i, p in enumerate(parts):
         t = tid[starts[i] : starts[i + 1]]
         cell = np.where(t < T, t * index(L) + p.layer, index(spare))
         rows_of(out)[cell] = rows_of(p.experts)
-        writer[cell] = np.arange(starts[i], starts[i + 1], dtype=index)
         cells.append(cell)
     dup = np.zeros(T, bool)
-    # Nearly always every kept row has a cell of its own: as many cells written as rows kept, and no
-    # row needs checking (a pass over the cells, where the check reads every row's cell again).
-    if np.count_nonzero(writer[:spare] >= 0) == np.count_nonzero(tid < T):
+    # Nearly always every kept row has a cell of its own: as many cells written as rows kept, and no row
+    # needs checking. A written cell holds a row's expert ids, never negative (the pass refuses them): so
+    # as many cells hold one as rows were kept, or some rows share a cell, or a row holds a -1 (then the
+    # check below finds which, if any, share one).
+    if np.count_nonzero(out[:spare, 0] >= 0) == np.count_nonzero(tid < T):
         return out[:spare].reshape(T, L, k), dup
+    # Each cell records the last row written into it: a row that finds another's there shares its cell.
+    writer = np.full(spare + 1, -1, index)
+    for i, cell in enumerate(cells):
+        writer[cell] = np.arange(starts[i], starts[i + 1], dtype=index)
     for i, cell in enumerate(cells):
         clash = cell[(writer[cell] != np.arange(starts[i], starts[i + 1], dtype=index)) & (cell < spare)]
         dup[clash // L] = True
@@ -193,11 +196,30 @@ def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batc
     if nb == 0:
         return np.zeros((0, L, E), np.int64)
     if finer is not None:
-        b, fc = finer
-        m = batch_size // b
-        if batch_size % b == 0 and fc.shape[0] >= nb * m:
-            return fc[: nb * m].reshape(nb, m, L, E).sum(axis=1)
-    out = np.empty((nb, L * E), np.int64)
+        coarser = _summed(finer, batch_size, nb)
+        if coarser is not None:
+            return coarser
+    out = np.empty((nb, L, E), np.int64)
+    for b0, counts in _window_counts(tokens, batch_size, E, nb):
+        out[b0 : b0 + counts.shape[0]] = counts
+    return out
+
+
+def _summed(finer: tuple[int, np.ndarray], batch_size: int, nb: int) -> np.ndarray | None:
+    """Counts ``(nb, L, E)`` of windows of ``batch_size`` tokens as sums of the finer windows' ``(b, counts)``,
+    or None when ``b`` does not divide ``batch_size`` or they cover fewer tokens."""
+    b, fc = finer
+    m = batch_size // b
+    if batch_size % b or fc.shape[0] < nb * m:
+        return None
+    return fc[: nb * m].reshape(nb, m, *fc.shape[1:]).sum(axis=1)
+
+
+def _window_counts(tokens: np.ndarray, batch_size: int, num_experts: int, nb: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(b0, counts (w, L, E) int64)``: the counts of windows ``b0 .. b0 + w - 1`` of ``batch_size`` consecutive
+    tokens of ``tokens (T, L, k)``, a few windows at a time, over the first ``nb`` windows (``nb * batch_size <= T``)."""
+    T, L, k = tokens.shape
+    E = num_experts
     # Several windows per bincount (ids offset by window): small windows cost one call, not one each;
     # at most about 2^18 ids and 2^18 bins per call keep the temporaries in cache.
     per_call = min(nb, max(1, min((1 << 18) // (batch_size * L * k), (1 << 18) // (L * E))))
@@ -220,8 +242,43 @@ def batch_counts(tokens: np.ndarray, batch_size: int, num_experts: int, max_batc
         idx = np.add(src[b0 * batch_size : (b0 + w) * batch_size].reshape(w, batch_size, L, k), offset[:w], out=buf[:w])
         if absent:
             idx = idx[win >= 0]
-        out[b0 : b0 + w] = np.bincount(idx.ravel(), minlength=w * L * E).reshape(w, L * E)
-    return out.reshape(nb, L, E)
+        yield b0, np.bincount(idx.ravel(), minlength=w * L * E).reshape(w, L, E)
+
+
+def window_stragglers(tokens: np.ndarray, batch_size: int, num_experts: int, nb: int,
+                      coarser: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``straggler(batch_counts(tokens, batch_size, num_experts, nb))`` ``(nb, L)``, without holding those counts.
+
+    Each few windows' counts are reduced to their max and sum while they are in cache: the counts of
+    256 windows at DeepSeek-V3 shape take 30 MB, fresh memory that cost more to write and read back
+    than counting them (measured: B = 8 2.6x, B = 64 1.5x faster). ``coarser`` = ``(m, nc)``: also
+    return the counts ``(nc, L, E)`` of the first ``nc`` windows of ``m * batch_size`` tokens, summed
+    from these (``nc * m <= nb``), as :func:`batch_counts` gives them; else None.
+    """
+    L = tokens.shape[1]
+    E = num_experts
+    maxima, totals = np.empty((nb, L), np.int64), np.empty((nb, L), np.int64)
+    m, nc = coarser if coarser is not None else (1, 0)
+    coarse = np.zeros((nc, L, E), np.int64) if coarser is not None else None
+    for b0, counts in _window_counts(tokens, batch_size, E, nb):
+        w = counts.shape[0]
+        counts.max(axis=-1, out=maxima[b0 : b0 + w])
+        counts.sum(axis=-1, out=totals[b0 : b0 + w])
+        for i in range(b0, min(b0 + w, nc * m)):
+            coarse[i // m] += counts[i - b0]
+    return _straggler(maxima, totals, E), coarse
+
+
+def straggler(counts: np.ndarray) -> np.ndarray:
+    """``max / mean`` of ``counts (..., E)``; NaN where there is no load (cheaper than :func:`imbalance`)."""
+    c = np.asarray(counts)
+    return _straggler(c.max(axis=-1), c.sum(axis=-1), c.shape[-1])
+
+
+def _straggler(maxima: np.ndarray, totals: np.ndarray, num_experts: int) -> np.ndarray:
+    """``max / mean`` from each count vector's max and sum over its ``num_experts`` experts."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, maxima * num_experts / np.where(totals > 0, totals, 1), np.nan)
 
 
 def _bootstrap(values: np.ndarray, q: float, rng: np.random.Generator, reps: int = BOOTSTRAP_REPS,
@@ -248,10 +305,16 @@ def _bootstraps(values: np.ndarray, wanted: Sequence[tuple[float, bool]], rng: n
     order = srt = None
     out = []
     for q, per_column in wanted:
-        idx = rng.integers(0, n, size=(reps, n))
+        idx = rng.integers(0, n, size=(reps, n))  # drawn whatever the values: the next resamples follow these
+        if vals.size == 1:
+            # One value (B = 1: max/mean is E/k in every layer whenever a token's experts differ): every quantile
+            # of every resample is that value, as np.quantile gives it.
+            out.append(tuple(np.full(m, vals[0]) if per_column else vals[0] for _ in range(3)))
+            continue
         # How often each row is drawn: a resample is its rows' values repeated, so its quantile can be
         # read off the values sorted once, without building (reps, n, m) copies and sorting each.
-        drawn = np.bincount((idx + (np.arange(reps) * n)[:, None]).ravel(), minlength=reps * n).reshape(reps, n)
+        idx += (np.arange(reps) * n)[:, None]
+        drawn = np.bincount(idx.ravel(), minlength=reps * n).reshape(reps, n)
         # Every sum below counts values (at most n * m): exact in float32 below 2^24, at half the cost.
         drawn = drawn.astype(np.float32 if n * m < (1 << 24) else np.float64)
         if vals.size <= (FEW_VALUES_COLUMNS if per_column else FEW_VALUES_POOLED):
@@ -416,14 +479,6 @@ def _resampled_quantile_columns(srt: np.ndarray, order: np.ndarray, drawn: np.nd
     return _lerp(a, b, t)
 
 
-def straggler(counts: np.ndarray) -> np.ndarray:
-    """``max / mean`` of ``counts (..., E)``; NaN where there is no load (cheaper than :func:`imbalance`)."""
-    c = np.asarray(counts)
-    total = c.sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, c.max(axis=-1) * c.shape[-1] / np.where(total > 0, total, 1), np.nan)
-
-
 def batch_imbalance(
     tokens: np.ndarray, batch_sizes: Sequence[int], num_experts: int, layers: Sequence[int], seed: int
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -436,24 +491,29 @@ def batch_imbalance(
     """
     rng = np.random.default_rng(seed)
     pooled, per_layer = [], []
-    finer: tuple[int, np.ndarray] | None = None
     T = tokens.shape[0]
+    counts: np.ndarray | None = None  # this size's window counts, when summed from the previous size's
     for n, B in enumerate(batch_sizes):
-        # Count as many windows as the next size needs when it is a multiple of this one and they are few
-        # more (its windows are then sums of these: 264 windows of 64 tokens make 33 of 512, where 256
-        # would have it count 16,896 tokens again); not 2,048 windows of 1 token for 256 of 8 (0.24 GB).
+        nb = min(MAX_BATCHES, T // B)
+        # The next size's window counts are sums of this one's when it is a multiple of this one and they
+        # are few more windows (264 windows of 64 tokens make 33 of 512, where 256 would have it count
+        # 16,896 tokens again); not 2,048 windows of 1 token for 256 of 8.
         nxt = batch_sizes[n + 1] if n + 1 < len(batch_sizes) else 0
-        more = min(MAX_BATCHES, T // nxt) * (nxt // B) if nxt and nxt % B == 0 else 0
-        more = more if more <= 2 * MAX_BATCHES else 0
-        counts = batch_counts(tokens, B, num_experts, max_batches=max(MAX_BATCHES, more), finer=finer)
-        finer = (B, counts)
-        counts = counts[:MAX_BATCHES]
-        nb = counts.shape[0]
+        m = nxt // B if nxt and nxt % B == 0 else 0
+        nc = min(MAX_BATCHES, T // nxt) if m else 0
+        if nc * m > 2 * MAX_BATCHES:
+            m, nc = 0, 0
         row = {"batch_size": B, "batches": nb}
         if nb == 0:
             pooled.append(row | {k: None for k in ("median", "median_lo", "median_hi", "p90", "p90_lo", "p90_hi")})
+            counts = None
             continue
-        r = straggler(counts)  # (nb, L)
+        if counts is not None:
+            r = straggler(counts[:nb])  # (nb, L)
+            counts = _summed((B, counts), nxt, nc) if nc else None
+        else:
+            r, counts = window_stragglers(tokens, B, num_experts, max(nb, nc * m), (m, nc) if nc else None)
+            r = r[:nb]
         # pooled median and p90, then per layer: resamples drawn in that order
         med, p90, lm, lp = _bootstraps(r, ((0.5, False), (0.9, False), (0.5, True), (0.9, True)), rng)
         pooled.append(row | dict(median=float(med[0]), median_lo=float(med[1]), median_hi=float(med[2]),

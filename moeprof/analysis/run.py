@@ -12,6 +12,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -306,7 +307,11 @@ def analyze_trace(
             a.tables["domain_experts"] = experts
             s["domain_shift"] = _shift_summary(shift, experts, names)
 
-    pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="moeprof-stats")  # 5 steps + half the co-activation counts
+    # As many threads as cores, up to 6 (5 steps and a second thread of co-activation counts): on two cores,
+    # three threads at once (batch imbalance and two of co-activation counts) cost 1.1x the CPU, each evicting
+    # the others' counts from the caches. Jobs wait only on jobs submitted before them (the token matrix) or
+    # by them (co-activation's), so no thread waits on a job queued behind it.
+    pool = ThreadPoolExecutor(max_workers=min(6, max(2, threads or os.cpu_count() or 2)), thread_name_prefix="moeprof-stats")
     with pool, one_blas_thread():
         token_job = pool.submit(token_step)
         class_job = pool.submit(_classification, a, agg, sampled, caps, sel, kept_layers, seed)
