@@ -141,7 +141,9 @@ def counts(tokens: np.ndarray, steps: Sequence[tuple[int, int]], num_experts: in
 
     job = pool.submit(take) if pool is not None and L > LAYERS_A_TAKE else None
     take()
-    if job is not None:
+    # Not started by now (every pool thread busy): nothing left for it, and waiting for a thread to come free
+    # could wait on a job that waits on this one.
+    if job is not None and not job.cancel():
         job.result()
     return loads, pairs, trans.reshape(len(steps), E, E)
 
