@@ -8,7 +8,9 @@ against paused calls within the session (``bench/gpu_step_profile.py --within-se
   (``HostPipe._copy_into_block`` does nothing: no host tensor calls, no copy kernels);
 - ``no-end``: nothing after the launch at all (``Recorder._on_forward_end`` only closes the step);
 - ``ids-only``: a complete capture without the routing weights (``weights=False``): half the graph's
-  extra outputs.
+  extra outputs;
+- ``closure-guards-kept``: a complete capture whose compiled code still checks, each step, what the
+  capture's hooks close over (as before its guard filter, ``Recorder._own_hook_guards_dropped``).
 
 What ``no-end`` still pays is the work before the launch (the forward-start bookkeeping, dynamo's
 guard check of the capture's code) and the graph's own extra outputs (every layer's ids and weights).
@@ -44,6 +46,7 @@ VARIANTS = {
     "no-copy": {(pipe.HostPipe, "_copy_into_block"): lambda self, meta, ids, weights, small: None},
     "no-end": {(session.Recorder, "_on_forward_end"): _end_only},
     "ids-only": {(moeprof, "capture"): functools.partial(moeprof.capture, weights=False)},
+    "closure-guards-kept": {(session.Recorder, "_own_hook_guards_dropped"): lambda self, entries: [True] * len(entries)},
 }
 
 

@@ -156,6 +156,60 @@ def test_the_captures_compiled_code_does_not_check_module_hooks_each_step(model,
     assert sum(hooks == 0 for _, hooks in full) > 4 * len(lean), (len(lean), len(full))
 
 
+_CLOSURE_GUARD = re.compile(r"L\['fn'\]\.__self__((?:\._modules\['[^']+'\])*)\.(_forward(?:_pre)?_hooks)\[.*?\]\.__closure__")
+
+
+def _hooks_with_guarded_closures(code) -> set[str]:
+    """Module paths whose hooks' closures the compiled code dynamo keeps for ``code`` checks."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    out = set()
+    for entry in _debug_get_cache_entry_list(code):
+        for line in str(entry.guard_manager).splitlines():
+            m = _CLOSURE_GUARD.search(line)
+            if m and "cell_contents" in line:
+                out.add(".".join(re.findall(r"\['([^']+)'\]", m.group(1))))
+    return out
+
+
+def test_the_captures_compiled_code_does_not_check_what_its_hooks_close_over(model, tmp_path, monkeypatch):
+    """What the capture's hooks close over (sink, routing points, ordinals, the recorder) does not change
+    while its compiled code lives: those guards are dropped (about 25 a MoE layer, checked before every
+    step). A hook dict that also holds a hook of someone else keeps them all, and the trace is the same."""
+    compiled = dict(cache_implementation="static", compile_config=_compile_config())
+
+    class State:
+        scale = 1
+
+    state = State()
+
+    def theirs(module, *args):  # read through its closure: dynamo guards state.scale
+        if state.scale != 1:
+            raise AssertionError("changed")
+
+    def guarded(out) -> tuple[set[str], str, pl.DataFrame]:
+        with moeprof.capture(model, out, force=True, eos_token_id=None) as rec:
+            point = rec.layout.points[0]
+            register = (point.module.register_forward_pre_hook if point.kind == "experts_input"
+                        else point.module.register_forward_hook)
+            handle = register(theirs)
+            try:
+                model.generate(**INPUTS, **compiled)
+                got = _hooks_with_guarded_closures(rec._compiled[2])
+            finally:
+                handle.remove()
+        return got, point.path, Trace.open(out).routing().collect()
+
+    lean, shared, trace = guarded(tmp_path / "lean")
+    assert lean == {shared}, lean  # only the dict that also holds their hook
+    from moeprof.capture.session import Recorder
+
+    monkeypatch.setattr(Recorder, "_own_hook_guards_dropped", lambda self, entries: [True] * len(entries))
+    full, _, kept = guarded(tmp_path / "kept")
+    assert len(full) > len(lean) + 1 and "" in full, full  # every routing point's hooks and the top-level ones
+    assert trace.equals(kept)
+
+
 def test_the_captures_compiled_call_kept_past_the_capture_runs_the_models_own(model, tmp_path):
     """A caller that keeps what ``get_compiled_call`` gave during a capture gets the model's own compiled
     call from it afterwards: no bookkeeping of a closed capture, the same logits."""

@@ -35,11 +35,12 @@ from __future__ import annotations
 import builtins
 import hashlib
 import platform
+import re
 import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -391,7 +392,7 @@ class Recorder:
             return plain  # this model is not compiled (transformers skips some): the hooks run eagerly
         own = _own_code(model.__call__)
         compiled = torch.compile(own, backend=_distinct_backend(config), fullgraph=config.fullgraph,
-                                 dynamic=config.dynamic)
+                                 dynamic=config.dynamic, options={"guard_filter_fn": self._own_hook_guards_dropped})
 
         import torch._dynamo.config as dynamo_config
 
@@ -416,6 +417,37 @@ class Recorder:
         self._drop_compiled()
         self._compiled = (compile_config, call, own.__code__)
         return call
+
+    def _own_hook_guards_dropped(self, entries: Sequence[Any]) -> list[bool]:
+        """The guard filter of the capture's own compiled code: keep every guard but those on what the
+        capture's hooks close over (its sink, routing points, layer ordinals, the recorder) and on their code.
+
+        That code lives as long as the capture and its hooks, which are neither replaced nor changed while
+        it lives, and the hooks read nothing through their closures that changes the graph while they run
+        in it (``sink.active`` is not read when traced; ``_in_compiled`` is always set in that call). Each
+        hook's guards repeat that chain of attributes (about 25 guards a MoE layer), checked before every
+        compiled step. A hook dict that also holds someone else's hook keeps all its guards, and so does
+        every dict's own guard (its keys: a hook added or removed still fails it).
+        """
+        own = {h.id for h in self._handles}
+        mine: dict[tuple[str, str], bool] = {}
+
+        def is_mine(path: str, attr: str) -> bool:
+            key = (path, attr)
+            if key not in mine:
+                try:
+                    hooks = getattr(self.model.get_submodule(path), attr)
+                    mine[key] = bool(hooks) and all(k in own for k in hooks)
+                except (AttributeError, TypeError):
+                    mine[key] = False
+            return mine[key]
+
+        keep = []
+        for entry in entries:
+            m = _OWN_HOOK_GUARD.match(entry.name)
+            path = ".".join(_MODULE_KEY.findall(m.group(1))) if m else ""
+            keep.append(not (m and is_mine(path, m.group(2))))
+        return keep
 
     def _drop_compiled(self) -> None:
         """Free the capture's compiled code: dynamo holds it (and its CUDA graphs) until its code's cache is reset."""
@@ -937,14 +969,16 @@ def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
     if point.kind == "experts_input":
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if sink.active:
+            # Traced, it always records (is_compiling() is a constant there, so no guard on ``active``): a
+            # compiled step the capture does not record ignores the slots, cleared when the next one starts.
+            if torch.compiler.is_compiling() or sink.active:
                 ids, weights = point.read_inputs(args, kwargs)
                 sink.record(ordinal, ids, weights)
 
         return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        if sink.active:
+        if torch.compiler.is_compiling() or sink.active:
             ids, weights = point.read_output(output)
             sink.record(ordinal, ids, weights)
 
@@ -965,6 +999,13 @@ def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
         if hasattr(value, "get_seq_length"):
             return name, value
     return None, None
+
+
+# A guard on something reached through a module's hook function: its closure or its code, as dynamo names the
+# sources of the capture's own compiled call (``fn`` is the bound ``model.__call__`` that :func:`_own_code` closes over).
+_OWN_HOOK_GUARD = re.compile(
+    r"(?:L\['fn'\]|fn)\.__self__((?:\._modules\['[^']+'\])*)\.(_forward_(?:pre_)?hooks)\[.*?\]\.(?:__closure__|__code__)")
+_MODULE_KEY = re.compile(r"\._modules\['([^']+)'\]")
 
 
 def _top_level(recorder: Recorder, hook: Any) -> Any:
