@@ -258,7 +258,8 @@ class Recorder:
         already running is recorded to its end, so every request in the trace is whole.
 
         Compiled decoding runs the model's own compiled code while paused (compiled before the
-        capture, it has no hooks in it); eager decoding still calls the hooks, which return at once.
+        capture, it has no hooks in it; compiled during a pause, its traced hooks leave references in
+        slots the paused capture ignores); eager decoding still calls the hooks, which return at once.
         For sampling a long-running server (record one batch in N) and for timing a capture against
         no capture in one warm process. Continuous batching (``generate_batch``) cannot be paused.
         """
