@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -45,20 +44,8 @@ class _HookGuardsKept:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="qwen3", choices=("qwen3", "deepseek"))
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--pairs", type=int, default=40, help="recorded/paused pairs per session")
-    ap.add_argument("--sessions", type=int, default=4, help="capture sessions, alternating the two variants")
-    args = ap.parse_args()
-    run = argparse.Namespace(model=args.model, layers=args.layers, mode="compiled", batch=args.batch,
-                             prompt=args.prompt, new=args.new, within_session=args.pairs, out=None)
-    model, inputs = G.model_and_inputs(args.model, args.layers, args.batch, args.prompt)
-    stamps, work = G.Stamps(), Path(tempfile.mkdtemp(prefix="moeprof-guards-"))
-    for _ in range(2):
-        G.generate(model, inputs, args.new, True, stamps)
+    args, run, model, inputs, stamps, work = G.ab_sessions(
+        ap, "moeprof-guards-", 40, ("sessions", 4, "capture sessions, alternating the two variants"))
     real = torch._dynamo.config
     for k in range(args.sessions):
         variant = "hook guards kept (as before)" if k % 2 else "this tree"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
@@ -52,21 +51,9 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="qwen3", choices=("qwen3", "deepseek"))
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--pairs", type=int, default=30, help="recorded/paused pairs per session")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of one session per variant")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which, comma-separated (default {','.join(VARIANTS)})")
-    args = ap.parse_args()
-    run = argparse.Namespace(model=args.model, layers=args.layers, mode="compiled", batch=args.batch,
-                             prompt=args.prompt, new=args.new, within_session=args.pairs, out=None)
-    model, inputs = G.model_and_inputs(args.model, args.layers, args.batch, args.prompt)
-    stamps, work = G.Stamps(), Path(tempfile.mkdtemp(prefix="moeprof-parts-"))
-    for _ in range(2):
-        G.generate(model, inputs, args.new, True, stamps)
+    args, run, model, inputs, stamps, work = G.ab_sessions(
+        ap, "moeprof-parts-", 30, ("rounds", 2, "rounds of one session per variant"))
     for r in range(args.rounds):
         names = args.variants.split(",")
         order = names if r % 2 == 0 else names[::-1]

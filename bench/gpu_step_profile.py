@@ -110,6 +110,29 @@ def model_and_inputs(name: str, layers: int, batch: int, prompt: int) -> tuple:
     return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
+def ab_sessions(ap: argparse.ArgumentParser, prefix: str, pairs: int, repeat: tuple[str, int, str]) -> tuple:
+    """Shared by the benches that alternate capture sessions of variants in one process (compiled decoding,
+    each session timed by :func:`within_session`): adds their common options to ``ap`` (``repeat``: the name,
+    default and help of the option that says how many sessions or rounds), parses them, builds
+    the model and prompts and warms both up. Returns ``(args, run, model, inputs, stamps, work)``, ``run``
+    being the arguments :func:`within_session` takes."""
+    ap.add_argument("--model", default="qwen3", choices=("qwen3", "deepseek"))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=pairs, help="recorded/paused pairs per session")
+    ap.add_argument("--" + repeat[0], type=int, default=repeat[1], help=repeat[2])
+    args = ap.parse_args()
+    run = argparse.Namespace(model=args.model, layers=args.layers, mode="compiled", batch=args.batch,
+                             prompt=args.prompt, new=args.new, within_session=args.pairs, out=None)
+    model, inputs = model_and_inputs(args.model, args.layers, args.batch, args.prompt)
+    stamps, work = Stamps(), Path(tempfile.mkdtemp(prefix=prefix))
+    for _ in range(2):
+        generate(model, inputs, args.new, True, stamps)
+    return args, run, model, inputs, stamps, work
+
+
 def boot_ci(a: np.ndarray, b: np.ndarray, stat, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """stat(b) / stat(a) - 1 with a bootstrap 95% interval (steps resampled within each arm)."""
     rng = np.random.default_rng(seed)

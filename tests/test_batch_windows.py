@@ -29,6 +29,19 @@ def test_straggler_inputs_are_the_direct_window_counts(monkeypatch, sizes, T):
     assert pooled["batches"].to_list() == [min(load.MAX_BATCHES, T // B) for B in sizes]
 
 
+def window_tokens(T: int, L: int, E: int, k: int, absent: float, repeated: int = 0) -> np.ndarray:
+    """``(T, L, k)`` int16: k distinct experts per token and layer (seeded by T + L); the first ``repeated``
+    tokens pick one expert k times in layer 1 (so a window's max count repeats); a share ``absent`` of the
+    (token, layer) cells lack the layer (-1)."""
+    rng = np.random.default_rng(T + L)
+    tokens = np.argsort(rng.random((T, L, E)), axis=2)[:, :, :k].astype(np.int16)
+    if repeated:
+        tokens[:repeated, 1] = tokens[:repeated, 1, :1]
+    if absent:
+        tokens[rng.random((T, L)) < absent] = -1
+    return tokens
+
+
 def plain_counts(tokens: np.ndarray, B: int, E: int, max_batches: int) -> np.ndarray:
     """Counts per window of B consecutive tokens, slot by slot (-1: a layer the token lacks)."""
     T, L, k = tokens.shape
@@ -52,10 +65,7 @@ def plain_counts(tokens: np.ndarray, B: int, E: int, max_batches: int) -> np.nda
 ])
 @pytest.mark.parametrize("absent", [0.0, 0.05])
 def test_window_counts_equal_a_plain_loop(L, E, k, B, T, absent):
-    rng = np.random.default_rng(T + L)
-    tokens = np.argsort(rng.random((T, L, E)), axis=2)[:, :, :k].astype(np.int16)
-    if absent:
-        tokens[rng.random((T, L)) < absent] = -1
+    tokens = window_tokens(T, L, E, k, absent)
     for max_batches in (load.MAX_BATCHES, 3):
         got = load.batch_counts(tokens, B, E, max_batches=max_batches)
         np.testing.assert_array_equal(got, plain_counts(tokens, B, E, max_batches))
@@ -69,11 +79,8 @@ def test_window_counts_equal_a_plain_loop(L, E, k, B, T, absent):
 ])
 @pytest.mark.parametrize("absent", [0.0, 0.05])
 def test_window_stragglers_and_coarser_counts_equal_a_plain_loop(L, E, k, B, T, absent):
-    rng = np.random.default_rng(T + L)
-    tokens = np.argsort(rng.random((T, L, E)), axis=2)[:, :, :k].astype(np.int16)
-    tokens[: 3 * B, 1] = tokens[: 3 * B, 1, :1]  # a token that picks one expert k times: max counts repeats
+    tokens = window_tokens(T, L, E, k, absent, repeated=3 * B)
     if absent:
-        tokens[rng.random((T, L)) < absent] = -1
         tokens[:B, 0] = -1  # a window with no load in a layer: NaN
     nb = T // B
     plain = plain_counts(tokens, B, E, nb)
