@@ -210,6 +210,29 @@ def test_the_captures_compiled_code_does_not_check_what_its_hooks_close_over(mod
     assert trace.equals(kept)
 
 
+def test_a_static_cache_is_read_once_and_not_kept_alive(model, tmp_path, monkeypatch):
+    """The cache's is_compileable (computed over every layer on each read) is read once per static cache,
+    not before every step; the recorder holds that cache weakly, so a finished batch's KV cache is freed."""
+    from transformers import StaticCache
+
+    reads = []
+    real = StaticCache.is_compileable
+
+    def counted(cache):  # reads by the capture only (generate() reads it too)
+        if "moeprof" in sys._getframe(1).f_code.co_filename:
+            reads.append(1)
+        return real.fget(cache)
+
+    monkeypatch.setattr(StaticCache, "is_compileable", property(counted))
+    with moeprof.capture(model, tmp_path / "t", force=True, eos_token_id=None) as rec:
+        model.generate(**INPUTS, cache_implementation="static")
+        assert rec._compileable_ref is not None
+        gc.collect()
+        assert rec._compileable_ref() is None  # generate()'s cache is gone: nothing of the capture kept it
+    assert rec.rows == 2 * (3 + 5 + 2 * 5)
+    assert 1 <= len(reads) <= 2, len(reads)  # the prefill reads it (6 steps were read 2-3 times each before)
+
+
 def test_the_captures_compiled_call_kept_past_the_capture_runs_the_models_own(model, tmp_path):
     """A caller that keeps what ``get_compiled_call`` gave during a capture gets the model's own compiled
     call from it afterwards: no bookkeeping of a closed capture, the same logits."""

@@ -38,6 +38,7 @@ import platform
 import re
 import time
 import types
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -201,6 +202,7 @@ class Recorder:
         self._constants: dict[tuple, torch.Tensor] = {}
         self._batch_running = False
         self._static_cache = False  # the step's KV cache is static: compiled decoding, CUDA graphs
+        self._compileable_ref: Any = None  # the last cache found compileable (see _compileable)
         self._staged: list[dict[str, np.ndarray]] = []
         self._staged_rows = 0
         self.steps = 0
@@ -497,7 +499,7 @@ class Recorder:
             if self._paused:
                 self._meta = None
                 return
-            self._static_cache = bool(getattr(cache, "is_compileable", False))
+            self._static_cache = self._compileable(cache)
             mask = kwargs.get("attention_mask")
             labels: list[_Label] = []
             if new_sequences:
@@ -532,6 +534,22 @@ class Recorder:
             )
         return _StepMeta(self._forwards, b, s, new_sequences=False, plan=plan)
 
+    def _compileable(self, cache: Any) -> bool:
+        """``cache.is_compileable``, remembered for the cache object once True: transformers computes it
+        over every layer on each read, and it was read twice before each step's launch (a third of the
+        forward-start bookkeeping). A cache's layers are not removed, so a True answer stays true; a
+        False one is read again (a dynamic cache starts with no layers, False)."""
+        known = self._compileable_ref
+        if known is not None and known() is cache:
+            return True
+        if not getattr(cache, "is_compileable", False):
+            return False
+        try:
+            self._compileable_ref = weakref.ref(cache)  # a weak reference: a finished batch's cache is freed
+        except TypeError:
+            pass
+        return True
+
     def _starts_new_sequences(self, past: Any, s: int) -> bool:
         """True when this forward starts new sequences (a prefill): the KV cache is empty or absent.
 
@@ -542,7 +560,7 @@ class Recorder:
         """
         if past is None or not hasattr(past, "get_seq_length"):
             return True
-        if s == 1 and self._batch_running and getattr(past, "is_compileable", False):
+        if s == 1 and self._batch_running and self._compileable(past):
             return False  # a static cache's length is a device value: reading it would launch and sync
         length = past.get_seq_length()
         if isinstance(length, torch.Tensor):
