@@ -988,16 +988,18 @@ def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
     if point.kind == "experts_input":
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            # Traced, it always records (is_compiling() is a constant there, so no guard on ``active``): a
-            # compiled step the capture does not record ignores the slots, cleared when the next one starts.
-            if torch.compiler.is_compiling() or sink.active:
+            # Traced, it always records, whatever ``active`` was when traced (is_compiling() is a constant
+            # there; the capture's own compiled code drops the guard on ``active``): a compiled step the
+            # capture does not record leaves references in the slots, cleared when the next one starts.
+            # ``active`` first: a recorded eager step pays no call (about 0.1 µs a layer).
+            if sink.active or torch.compiler.is_compiling():
                 ids, weights = point.read_inputs(args, kwargs)
                 sink.record(ordinal, ids, weights)
 
         return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        if torch.compiler.is_compiling() or sink.active:
+        if sink.active or torch.compiler.is_compiling():
             ids, weights = point.read_output(output)
             sink.record(ordinal, ids, weights)
 
