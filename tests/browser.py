@@ -44,10 +44,18 @@ BROWSER_HOUSEKEEPING = ("update.googleapis.com", "accounts.google.com", "clients
                         "clientservices.googleapis.com", "optimizationguide-pa.googleapis.com")
 
 
+# A connection to the proxy closed before it sent a byte: chromium opens sockets to its proxy ahead of
+# need (preconnect) and closes unused ones when it exits. It names no destination, so it is nobody's
+# request. Seen once in this project's runs, at load on two cores: the test failed with the page's requests [''].
+UNUSED = "<connection closed unused>"
+
+
 def page_requests(requests: list[str]) -> list[str]:
-    """The recorded requests that are not chromium's own housekeeping."""
+    """The recorded requests that are not chromium's own housekeeping nor its unused preconnections."""
     out = []
     for line in requests:
+        if line == UNUSED:
+            continue
         parts = line.split()
         target = parts[1] if len(parts) > 1 else line
         host = re.sub(r"^[a-z]+://", "", target).split("/", 1)[0].split(":", 1)[0]
@@ -79,7 +87,8 @@ class Recorder:
             with conn:
                 conn.settimeout(1.0)
                 try:
-                    first = conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
+                    data = conn.recv(4096)
+                    first = data.split(b"\r\n", 1)[0].decode("latin-1") if data else UNUSED
                 except OSError:
                     first = "<connection without a request line>"
                 self.requests.append(first)

@@ -8,13 +8,19 @@ import os
 import shutil
 
 import pytest
-from browser import CHROMIUM, probe
+from browser import CHROMIUM, UNUSED, page_requests, probe
 from report_data import analyze_to, synthetic_trace
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="chromium is not installed (apt-get install chromium chromium-driver; .ci/run installs it)",
 )
+
+
+def test_unused_preconnections_and_chromiums_housekeeping_are_not_the_pages_requests():
+    seen = [UNUSED, "CONNECT update.googleapis.com:443 HTTP/1.1", "CONNECT cdn.example.org:443 HTTP/1.1",
+            "GET http://example.org/x.js HTTP/1.1", "<connection without a request line>"]
+    assert page_requests(seen) == seen[2:]
 
 
 @pytest.fixture(scope="module")
