@@ -426,10 +426,10 @@ class Recorder:
         capture's hooks close over (its sink, routing points, layer ordinals, the recorder) and on their code.
 
         That code lives as long as the capture and its hooks, which are neither replaced nor changed while
-        it lives, and the hooks read nothing through their closures that changes the graph while they run
-        in it (``sink.active`` is not read when traced; ``_in_compiled`` is always set in that call). Each
-        hook's guards repeat that chain of attributes (about 25 guards a MoE layer), checked before every
-        compiled step. A hook dict that also holds someone else's hook keeps all its guards, and so does
+        it lives, and nothing the hooks read through their closures changes the graph while they run in it
+        (traced, a routing hook records whatever ``sink.active`` is; ``_in_compiled`` is always set in that
+        call). Each hook's guards repeat that chain of attributes (about 18 lines of guard tree a MoE
+        layer), checked before every compiled step. A hook dict that also holds someone else's hook keeps all its guards, and so does
         every dict's own guard (its keys: a hook added or removed still fails it).
         """
         own = {h.id for h in self._handles}
