@@ -10,7 +10,10 @@ against paused calls within the session (``bench/gpu_step_profile.py --within-se
 - ``ids-only``: a complete capture without the routing weights (``weights=False``): half the graph's
   extra outputs;
 - ``closure-guards-kept``: a complete capture whose compiled code still checks, each step, what the
-  capture's hooks close over (as before its guard filter, ``Recorder._own_hook_guards_dropped``).
+  capture's hooks close over (as before its guard filter, ``Recorder._own_hook_guards_dropped``);
+- ``no-outputs``: the capture's own compiled code with hooks that record nothing (traced, they leave the
+  graph as the model's own: no extra outputs) and nothing after the launch: what is left is the work before
+  the launch (the wrapper, the forward-start bookkeeping, the guard check of the capture's code).
 
 What ``no-end`` still pays is the work before the launch (the forward-start bookkeeping, dynamo's
 guard check of the capture's code) and the graph's own extra outputs (every layer's ids and weights).
@@ -40,12 +43,20 @@ def _end_only(self, module, args, kwargs, output) -> None:
         self._meta = self._inputs = None
 
 
+def _hook_records_nothing(point, ordinal, sink):
+    """A routing hook of the same kind as ``session._attach``'s that records nothing (traced or not)."""
+    if point.kind == "experts_input":
+        return point.module.register_forward_pre_hook(lambda module, args, kwargs: None, with_kwargs=True)
+    return point.module.register_forward_hook(lambda module, args, output: None)
+
+
 VARIANTS = {
     "full": {},
     "no-copy": {(pipe.HostPipe, "_copy_into_block"): lambda self, meta, ids, weights, small: None},
     "no-end": {(session.Recorder, "_on_forward_end"): _end_only},
     "ids-only": {(moeprof, "capture"): functools.partial(moeprof.capture, weights=False)},
     "closure-guards-kept": {(session.Recorder, "_own_hook_guards_dropped"): lambda self, entries: [True] * len(entries)},
+    "no-outputs": {(session, "_attach"): _hook_records_nothing, (session.Recorder, "_on_forward_end"): _end_only},
 }
 
 
