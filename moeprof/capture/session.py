@@ -1054,7 +1054,24 @@ def _top_level(recorder: Recorder, hook: Any) -> Any:
             return disabled(*args)
         return hook(*args)
 
+    _run_as_python(top_level)
     return top_level
+
+
+def _run_as_python(fn: Any) -> None:
+    """Let dynamo never compile ``fn`` (nor what it calls) as a frame of its own; traced through, it is inlined.
+
+    transformers' own compiled call (a paused capture's decoding, or any forward compiled with the
+    model's hooks outside its graph) runs ``Module.__call__`` eagerly under dynamo's frame hook: each
+    top-level hook called there would otherwise be compiled as its own frame and pay its guard check and
+    a graph break into the disabled hook at every step (about 40 µs a step, +1.2% of a compiled Qwen3
+    batch-1 decode step, H200). Skipped, it runs as plain Python.
+    """
+    try:
+        from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
+    except ImportError:  # pragma: no cover - a torch without per-code frame strategies
+        return
+    set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
 def _distinct_backend(config: Any) -> Any:
