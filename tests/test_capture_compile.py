@@ -219,7 +219,7 @@ def test_a_static_cache_is_read_once_and_not_kept_alive(model, tmp_path, monkeyp
     real = StaticCache.is_compileable
 
     def counted(cache):  # reads by the capture only (generate() reads it too)
-        if "moeprof" in sys._getframe(1).f_code.co_filename:
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("moeprof."):  # not the path: a venv may lie under one named so
             reads.append(1)
         return real.fget(cache)
 
