@@ -109,7 +109,8 @@ def main() -> None:
               compile_config=cc)
     model.generate(**inputs, **kw)
     own = session.Recorder._own_hook_guards_dropped
-    work = Path(tempfile.mkdtemp(prefix="moeprof-guards-"))
+    scratch = tempfile.TemporaryDirectory(prefix="moeprof-guards-")  # removed at exit, however the run ends
+    work = Path(scratch.name)
     results: dict[str, list[dict]] = {"filtered": [], "every guard": []}
     for k in range(args.sessions):
         name = "every guard" if k % 2 else "filtered"

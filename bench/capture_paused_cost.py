@@ -68,7 +68,8 @@ def main() -> None:
                 call()
         return (time.perf_counter_ns() - t0) / args.calls / 1e3
 
-    rec = moeprof.capture(model, Path(tempfile.mkdtemp(prefix="moeprof-paused-")) / "t", force=True, eos_token_id=None)
+    scratch = tempfile.TemporaryDirectory(prefix="moeprof-paused-")  # removed at exit, however the run ends
+    rec = moeprof.capture(model, Path(scratch.name) / "t", force=True, eos_token_id=None)
     frames_before = counters["frames"]["total"]
     us = {"no capture": [], "paused capture": []}
     for r in range(args.rounds):

@@ -43,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     compiled = args.mode == "compiled"
     model, inputs = G.model_and_inputs(args.model, args.layers, args.batch, args.prompt)
-    stamps, work = G.Stamps(), Path(tempfile.mkdtemp(prefix="moeprof-paused-"))
+    scratch = tempfile.TemporaryDirectory(prefix="moeprof-paused-")  # removed at exit, however the run ends
+    stamps, work = G.Stamps(), Path(scratch.name)
 
     def paused_call(i: int) -> float:
         rec = moeprof.capture(model, work / f"p{i}", force=True, eos_token_id=None).start()
