@@ -71,12 +71,10 @@ def main() -> None:
             pair[arm] = paused_call(i) if arm == "paused" else plain_call(i)
             means[arm].append(pair[arm])
         logs.append(np.log(pair["paused"] / pair["plain"]))
-    n, m, sd = len(logs), float(np.mean(logs)), float(np.std(logs, ddof=1))
-    half = G._T95.get(n - 1, 1.96 if n > 30 else 2.05) * sd / np.sqrt(n)
-    print(f"{args.model} L{args.layers} {args.mode} batch {args.batch} prompt {args.prompt} new {args.new}: {n} pairs, "
+    excess, lo, hi = G.t_interval(logs)
+    print(f"{args.model} L{args.layers} {args.mode} batch {args.batch} prompt {args.prompt} new {args.new}: {len(logs)} pairs, "
           f"mean decode step µs: paused {np.median(means['paused']):.1f}, plain {np.median(means['plain']):.1f} (medians)")
-    print(f"  paused against no capture, mean decode step: {100 * np.expm1(m):+.2f}% "
-          f"[{100 * np.expm1(m - half):+.2f}, {100 * np.expm1(m + half):+.2f}]", flush=True)
+    print(f"  paused against no capture, mean decode step: {100 * excess:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,14 @@ def ab_sessions(ap: argparse.ArgumentParser, prefix: str, pairs: int, repeat: tu
     return args, run, model, inputs, stamps, work
 
 
+def t_interval(logs) -> tuple[float, float, float]:
+    """The ratio exp(mean) - 1 of paired log ratios, with its 95% t-interval over pairs."""
+    n = len(logs)
+    m, sd = float(np.mean(logs)), float(np.std(logs, ddof=1))
+    half = _T95.get(n - 1, 1.96 if n > 30 else 2.05) * sd / np.sqrt(n)
+    return float(np.expm1(m)), float(np.expm1(m - half)), float(np.expm1(m + half))
+
+
 def boot_ci(a: np.ndarray, b: np.ndarray, stat, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """stat(b) / stat(a) - 1 with a bootstrap 95% interval (steps resampled within each arm)."""
     rng = np.random.default_rng(seed)
@@ -293,13 +301,7 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work) -> None
         except Exception as exc:  # printed after the timings, then raised
             close_error = exc
 
-    def ci(logs):
-        n = len(logs)
-        m, sd = float(np.mean(logs)), float(np.std(logs, ddof=1))
-        half = _T95.get(n - 1, 1.96 if n > 30 else 2.05) * sd / np.sqrt(n)
-        return float(np.expm1(m)), float(np.expm1(m - half)), float(np.expm1(m + half))
-
-    st, ca = ci(step_logs), ci(call_logs)
+    st, ca = t_interval(step_logs), t_interval(call_logs)
     result = dict(pairs=len(step_logs), pairs_with_graph_work=flagged, step_excess=st, call_excess=ca,
                   recorded_us=float(np.median(means["capture"])), paused_us=float(np.median(means["paused"])),
                   rows=rec.rows)

@@ -174,8 +174,8 @@ def _hooks_with_guarded_closures(code) -> set[str]:
 
 def test_the_captures_compiled_code_does_not_check_what_its_hooks_close_over(model, tmp_path, monkeypatch):
     """What the capture's hooks close over (sink, routing points, ordinals, the recorder) does not change
-    while its compiled code lives: those guards are dropped (about 25 a MoE layer, checked before every
-    step). A hook dict that also holds a hook of someone else keeps them all, and the trace is the same."""
+    while its compiled code lives: those guards are dropped (about 18 lines of guard tree a MoE layer,
+    checked before every step). A hook dict that also holds a hook of someone else keeps them all, and the trace is the same."""
     compiled = dict(cache_implementation="static", compile_config=_compile_config())
 
     class State:

@@ -102,14 +102,8 @@ def test_a_batch_running_when_paused_is_recorded_whole(tiny, tmp_path):
 
 
 def test_compiled_decoding_while_paused_runs_the_models_own_compiled_call(tiny, tmp_path):
-    from transformers.generation.configuration_utils import CompileConfig
-
-    config = CompileConfig(backend="aot_eager", fullgraph=False, mode=None)
-    config._compile_all_devices = True
-    compiled = dict(cache_implementation="static", compile_config=config)
-    with capture(tiny, tmp_path / "alone", eos_token_id=None):
-        tiny.generate(**_inputs(6), **compiled)
-    alone = _routing(tmp_path / "alone")
+    compiled = _compiled()
+    alone = _routing_alone(tiny, tmp_path, compiled)
 
     with capture(tiny, tmp_path / "paused", eos_token_id=None) as rec:
         rec.pause()
@@ -134,11 +128,8 @@ def test_paused_compiled_decoding_compiles_nothing_of_the_captures(tiny, tmp_pat
     batch-1 decode step on an H200, measured against calls with no capture)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
-    from transformers.generation.configuration_utils import CompileConfig
 
-    config = CompileConfig(backend="aot_eager", fullgraph=False, mode=None)
-    config._compile_all_devices = True
-    compiled = dict(cache_implementation="static", compile_config=config)
+    compiled = _compiled()
     tiny.generate(**_inputs(11), **compiled)  # the model's own compiled code, made before the capture
     frames = counters["frames"]["total"]
     with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
@@ -155,7 +146,17 @@ def test_paused_compiled_decoding_compiles_nothing_of_the_captures(tiny, tmp_pat
     _same(_routing(tmp_path / "t"), _routing_alone(tiny, tmp_path, compiled))
 
 
+def _compiled() -> dict:
+    """generate() arguments for compiled decoding through transformers' compiled call, on the CPU."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(backend="aot_eager", fullgraph=False, mode=None)
+    config._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=config)
+
+
 def _routing_alone(tiny, tmp_path, compiled) -> pl.DataFrame:
+    """The known answer: the routing of ``_inputs(6)`` captured alone."""
     with capture(tiny, tmp_path / "alone", eos_token_id=None):
         tiny.generate(**_inputs(6), **compiled)
     return _routing(tmp_path / "alone")
