@@ -1,6 +1,7 @@
 """What a paused capture costs each compiled decode step: transformers' own compiled call with and without the capture.
 
-A paused capture leaves its top-level hooks on the model; transformers' compiled call runs
+A paused batch runs with no hook of the capture on the model (taken off when it starts, put back on
+resume); before that change the capture's top-level hooks stayed on, and transformers' compiled call ran
 ``Module.__call__`` (and so those hooks) eagerly under dynamo's frame hook. This benchmark takes one
 real decode step of a small Qwen3-MoE (built from its config, compiled decoding with a static cache,
 ``aot_eager`` on CPU) and times transformers' compiled call on that step's arguments in a tight loop:

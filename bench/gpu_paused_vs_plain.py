@@ -1,9 +1,10 @@
 """Is a paused call a plain call? Calls inside a paused capture against calls with no capture, in one process.
 
 ``bench/gpu_session_grid.py`` times recorded calls against paused calls of one capture session. A paused
-call runs the model's own code (compiled decoding: transformers' own compiled call), but the capture's
-top-level hooks stay registered on the model and run eagerly around every forward (they return at
-once), and eager decoding also calls the per-layer hooks. This benchmark measures what that costs
+call runs the model's own code (compiled decoding: transformers' own compiled call); since the capture
+takes its hooks off the model for a paused batch, nothing of the capture should run in it (before, its
+top-level hooks stayed on and ran eagerly around every forward, and eager decoding called the per-layer
+hooks too). This benchmark measures what that costs
 against no capture at all: pairs of one call in a freshly opened capture, paused before its first
 call and closed after it, and one call with no capture (order swapped every pair), each timed by the
 mean decode step (a stopping criterion stamps each step in both arms). Opening and closing the

@@ -121,29 +121,93 @@ def test_compiled_decoding_while_paused_runs_the_models_own_compiled_call(tiny, 
     _same(got, alone)
 
 
-def test_paused_compiled_decoding_compiles_nothing_of_the_captures(tiny, tmp_path):
-    """transformers' compiled call runs ``Module.__call__`` eagerly under dynamo's frame hook, so the
-    capture's top-level hooks run there at every paused step. They must run as plain Python: compiled
-    as frames of their own, each step paid their guard checks and a graph break (+1.2% of a compiled
-    batch-1 decode step on an H200, measured against calls with no capture)."""
+def _hook_dicts(model) -> dict:
+    """Every hook dict of every module, as (key, hook) lists in order."""
+    names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+             "_forward_hooks_always_called")
+    return {(path, n): list(getattr(m, n).items()) for path, m in model.named_modules() for n in names}
+
+
+def test_a_paused_batch_runs_with_no_hook_of_the_capture_and_resume_puts_the_same_back(tiny, tmp_path):
+    """While a paused batch runs, the model and its MoE layers carry no hook of the capture (a paused
+    step costs what a step with no capture costs); resume() puts back the same hooks under the same
+    keys in the same order, and what is recorded after it equals a capture of the same call alone."""
+    calls = []
+    before = _hook_dicts(tiny)
+    with capture(tiny, tmp_path / "alone", eos_token_id=None):
+        tiny.generate(**_inputs(6))
+    alone = _routing(tmp_path / "alone")
+    assert _hook_dicts(tiny) == before
+
+    with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
+        on = _hook_dicts(tiny)
+        assert on != before
+        rec.pause()
+        assert _hook_dicts(tiny) == on  # taken off when a paused batch starts, not before
+        theirs = tiny.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+        tiny.generate(**_inputs(1))
+        assert calls  # someone else's hook still runs while the capture's are off
+        mine_off = _hook_dicts(tiny)
+        theirs.remove()
+        assert _hook_dicts(tiny) == before
+        assert rec.steps == 0
+        tiny.generate(**_inputs(2))
+        rec.resume()
+        assert _hook_dicts(tiny) == on
+        tiny.generate(**_inputs(6))
+    assert _hook_dicts(tiny) == before
+    assert any(k[0] == "model.layers.0" and v for k, v in mine_off.items())  # theirs was there while ours were off
+    _same(_routing(tmp_path / "t"), alone)
+
+
+def test_hooks_added_by_someone_else_while_paused_stay_and_ours_come_back(tiny, tmp_path):
+    """A hook someone adds to a module while the capture's are off stays; ours go back after it and
+    the capture records as before."""
+    alone = _routing_alone(tiny, tmp_path, {})
+    calls = []
+    with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
+        rec.pause()
+        tiny.generate(**_inputs(1))
+        theirs = tiny.register_forward_pre_hook(lambda *a: calls.append(1))
+        rec.resume()
+        keys = list(tiny._forward_pre_hooks)
+        assert keys[0] == theirs.id and len(keys) == 2  # theirs, then the capture's pre-hook back
+        tiny.generate(**_inputs(6))
+        theirs.remove()
+    assert calls
+    _same(_routing(tmp_path / "t"), alone)
+
+
+def test_pausing_and_resuming_compiled_decoding_compiles_nothing_again(tiny, tmp_path):
+    """Paused compiled decoding runs the model's own compiled code with no hook of the capture: dynamo
+    compiles nothing of the capture's there. Resumed, the capture's own compiled code matches the hooks
+    put back, so a recorded / paused / recorded sequence compiles nothing after the first recorded call,
+    and each recorded call equals a capture of the same call alone."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
     compiled = _compiled()
     tiny.generate(**_inputs(11), **compiled)  # the model's own compiled code, made before the capture
-    frames = counters["frames"]["total"]
     with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
-        rec.pause()
-        for seed in (12, 13):
-            tiny.generate(**_inputs(seed), **compiled)
-        hooks = [*tiny._forward_pre_hooks.values(), *tiny._forward_hooks.values()]
-        assert hooks  # the capture's top-level hooks are there, and were called
-        assert all(_debug_get_cache_entry_list(h.__code__) == [] for h in hooks)
-        assert counters["frames"]["total"] == frames
-        rec.resume()
         tiny.generate(**_inputs(6), **compiled)
-    assert rec.steps > 0
-    _same(_routing(tmp_path / "t"), _routing_alone(tiny, tmp_path, compiled))
+        hooks = [*tiny._forward_pre_hooks.values(), *tiny._forward_hooks.values()]
+        frames = counters["frames"]["total"]
+        for _ in range(2):
+            rec.pause()
+            for seed in (12, 13):
+                tiny.generate(**_inputs(seed), **compiled)
+            assert not tiny._forward_pre_hooks and not tiny._forward_hooks
+            rec.resume()
+            tiny.generate(**_inputs(6), **compiled)
+        assert counters["frames"]["total"] == frames
+        assert all(_debug_get_cache_entry_list(h.__code__) == [] for h in hooks)
+    got = _routing(tmp_path / "t")
+    alone = _routing_alone(tiny, tmp_path, compiled)
+    n = alone["request_id"].max() + 1
+    assert got["request_id"].max() + 1 == 3 * n
+    for call in range(3):
+        part = got.filter(pl.col("request_id") // n == call).with_columns(pl.col("request_id") - call * n)
+        _same(part, alone)
 
 
 def _compiled() -> dict:
@@ -157,7 +221,7 @@ def _compiled() -> dict:
 
 def _routing_alone(tiny, tmp_path, compiled) -> pl.DataFrame:
     """The known answer: the routing of ``_inputs(6)`` captured alone."""
-    with capture(tiny, tmp_path / "alone", eos_token_id=None):
+    with capture(tiny, tmp_path / "alone", eos_token_id=None, force=True):
         tiny.generate(**_inputs(6), **compiled)
     return _routing(tmp_path / "alone")
 
@@ -179,7 +243,10 @@ def test_compiled_calls_run_while_paused_do_not_flag_the_recorded_weights(tiny, 
     assert COMPILED_WEIGHTS_NOTE not in Trace.open(tmp_path / "t").manifest.notes
 
 
-def test_continuous_batching_cannot_be_paused(tiny, tmp_path):
+@pytest.mark.parametrize("paused_batch_first", [False, True], ids=["paused", "hooks-off"])
+def test_continuous_batching_cannot_be_paused(tiny, tmp_path, paused_batch_first):
+    """Refused whether the capture's hooks are still on (pause() asked, no batch run since) or already
+    off (a paused generate() ran before): the error comes at close, never rows of the wrong request."""
     cb = getattr(transformers, "ContinuousBatchingConfig", None)
     if cb is None:
         pytest.skip(f"transformers {transformers.__version__} has no continuous batching")
@@ -193,4 +260,8 @@ def test_continuous_batching_cannot_be_paused(tiny, tmp_path):
     with pytest.raises(CaptureError, match="cannot be paused"):
         with capture(tiny, tmp_path / "cb", eos_token_id=None) as rec:
             rec.pause()
+            if paused_batch_first:
+                tiny.generate(**_inputs(1))
+                assert not tiny._forward_pre_hooks
             tiny.generate_batch(inputs=[[5, 6, 7, 8]], generation_config=gen, continuous_batching_config=config)
+    assert rec.rows == 0

@@ -59,6 +59,7 @@ class PlanTap:
         self._lock = threading.Lock()
         self._saved: list[tuple[type, Callable]] = []
         self.error: CaptureError | None = None
+        self.refuse: CaptureError | None = None  # set while the capture is paused: a batch built then is this error
 
     @property
     def supported(self) -> bool:
@@ -92,6 +93,9 @@ class PlanTap:
         # Never raise here: this runs inside the engine's loop, which would turn the error into failed
         # requests. The recorder raises ``error`` at the next forward and at close instead.
         with self._lock:
+            if self.refuse is not None:
+                self.error = self.error or self.refuse
+                return
             if self._plans and not self._plans[-1].warmup and self.error is None:
                 lost = self._plans[-1]
                 self.error = CaptureError(

@@ -215,6 +215,7 @@ class Recorder:
         self._saw_compiled = False  # some step ran compiled: its weights may be rounded differently
         self._want_paused = False  # pause() asked for; takes effect at the next batch of new sequences
         self._paused = False  # the running batch is not being recorded
+        self._hooks_off: _HooksOff | None = None  # the capture's hooks, taken off the model while paused
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -259,17 +260,26 @@ class Recorder:
         sequences) and those after it run as if no capture were there, until :meth:`resume`. A batch
         already running is recorded to its end, so every request in the trace is whole.
 
-        Compiled decoding runs the model's own compiled code while paused (compiled before the
-        capture, it has no hooks in it; compiled during a pause, its traced hooks leave references in
-        slots the paused capture ignores); eager decoding still calls the hooks, which return at once.
-        For sampling a long-running server (record one batch in N) and for timing a capture against
-        no capture in one warm process. Continuous batching (``generate_batch``) cannot be paused.
+        When the first batch of a pause starts, the capture takes its hooks off the model (every one,
+        the model's and each MoE layer's), so a paused batch runs the model's own code with nothing of
+        the capture in it: eager decoding calls no hook, compiled decoding runs the model's own compiled
+        call. :meth:`resume` puts the same hooks back under the same keys, in the same order, so the
+        capture's compiled code still matches them and is not compiled again. For sampling a
+        long-running server (record one batch in N) and for timing a capture against no capture in one
+        warm process. Call ``pause()`` and ``resume()`` from the thread that runs the model, or from
+        its callbacks (a stopping criterion, a streamer). Continuous batching (``generate_batch``)
+        cannot be paused: a packed batch that runs while paused is an error, raised at the next
+        recorded step and at :meth:`close`.
         """
         self._want_paused = True
 
     def resume(self) -> None:
         """Record again from the next batch of new sequences on (undoes :meth:`pause`)."""
         self._want_paused = False
+        if self._hooks_off is not None:
+            self._hooks_off.put_back()
+            self._hooks_off = None
+            self._tap.refuse = None
 
     @property
     def paused(self) -> bool:
@@ -308,6 +318,7 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooks_off = None
         self._tap.remove()
         self._restore_compile_settings()
         error: BaseException | None = None
@@ -498,6 +509,8 @@ class Recorder:
                 self._paused = self._want_paused
             if self._paused:
                 self._meta = None
+                if new_sequences:
+                    self._take_hooks_off()
                 return
             self._static_cache = self._compileable(cache)
             mask = kwargs.get("attention_mask")
@@ -512,6 +525,15 @@ class Recorder:
         self._forwards += 1
         self._inputs = (input_ids, position_ids if has_positions else None, mask, ref.device)
         self._sink.reset()
+
+    def _take_hooks_off(self) -> None:
+        """Take every hook of the capture off the model for a paused batch (:meth:`pause`); the
+        continuous-batching tap refuses batches until :meth:`resume` puts them back."""
+        if self._hooks_off is None:
+            self._hooks_off = _HooksOff.take(self._handles)
+            self._tap.refuse = CaptureError(
+                "capture: continuous batching (generate_batch) ran while the capture was paused, and "
+                "cannot be paused; call resume() before it, or capture it in a capture of its own")
 
     def _packed_step(self, b: int, s: int) -> _StepMeta | None:
         plan = self._tap.pop()
@@ -1004,6 +1026,45 @@ def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
             sink.record(ordinal, ids, weights)
 
     return point.module.register_forward_hook(post_hook)
+
+
+class _HooksOff:
+    """Hooks taken off their modules, to be put back under the same keys, in the same order.
+
+    Dynamo's guards on a module's hook dicts check their keys in order: hooks put back as they were
+    leave code compiled with them valid (no recompile at each resume). Where someone else added or
+    removed a hook on the same module meanwhile, ours go back last (that module's compiled code is
+    compiled again, as it would be for their change alone).
+    """
+
+    def __init__(self, own: set[int], saved: list[tuple[dict, list[tuple[int, Any]]]]) -> None:
+        self.own, self.saved = own, saved
+
+    @classmethod
+    def take(cls, handles: Sequence[Any]) -> "_HooksOff":
+        own = {h.id for h in handles}
+        saved: list[tuple[dict, list[tuple[int, Any]]]] = []
+        seen: set[int] = set()
+        for handle in handles:
+            for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):
+                hooks = ref()
+                if hooks is not None and id(hooks) not in seen:
+                    seen.add(id(hooks))
+                    saved.append((hooks, list(hooks.items())))
+        for hooks, items in saved:
+            for key, _ in items:
+                if key in own:
+                    del hooks[key]
+        return cls(own, saved)
+
+    def put_back(self) -> None:
+        for hooks, items in self.saved:
+            now = dict(hooks)
+            if list(now) == [key for key, _ in items if key not in self.own]:
+                hooks.clear()
+                hooks.update((key, value if key in self.own else now[key]) for key, value in items)
+            else:
+                hooks.update((key, value) for key, value in items if key in self.own)
 
 
 def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
