@@ -14,6 +14,12 @@ against paused calls within the session (``bench/gpu_step_profile.py --within-se
 - ``no-outputs``: the capture's own compiled code with hooks that record nothing (traced, they leave the
   graph as the model's own: no extra outputs) and nothing after the launch: what is left is the work before
   the launch (the wrapper, the forward-start bookkeeping, the guard check of the capture's code).
+- ``hooks-kept-paused``: the capture's hooks stay on the model while paused (as before 012bf6c): the
+  paused arm runs them eagerly around every forward;
+- ``frames-default``: dynamo may compile the capture's top-level hook code as frames of its own (as
+  before 29486e1, which marks that code to run as plain Python).
+
+Each session also prints what dynamo compiled during it (frames, graphs, graph breaks).
 
 What ``no-end`` still pays is the work before the launch (the forward-start bookkeeping, dynamo's
 guard check of the capture's code) and the graph's own extra outputs (every layer's ids and weights).
@@ -50,6 +56,20 @@ def _hook_records_nothing(point, ordinal, sink):
     return point.module.register_forward_hook(lambda module, args, output: None)
 
 
+def _frames_default(fn) -> None:
+    """Undo ``session._run_as_python`` on ``fn``'s code (the mark stays on the shared code object once set)."""
+    from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
+
+    set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
+
+
+def _dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return dict(frames=counters["frames"]["total"], graphs=counters["stats"]["unique_graphs"],
+                breaks=sum(counters["graph_break"].values()))
+
+
 VARIANTS = {
     "full": {},
     "no-copy": {(pipe.HostPipe, "_copy_into_block"): lambda self, meta, ids, weights, small: None},
@@ -57,6 +77,8 @@ VARIANTS = {
     "ids-only": {(moeprof, "capture"): functools.partial(moeprof.capture, weights=False)},
     "closure-guards-kept": {(session.Recorder, "_own_hook_guards_dropped"): lambda self, entries: [True] * len(entries)},
     "no-outputs": {(session, "_attach"): _hook_records_nothing, (session.Recorder, "_on_forward_end"): _end_only},
+    "hooks-kept-paused": {(session.Recorder, "_take_hooks_off"): lambda self: None},
+    "frames-default": {(session, "_run_as_python"): _frames_default},
 }
 
 
@@ -73,6 +95,7 @@ def main() -> None:
             for (owner, attr), fn in VARIANTS[name].items():
                 setattr(owner, attr, fn)
             print(f"### round {r}: {name}", flush=True)
+            before = _dynamo_counts()
             try:
                 G.within_session(run, model, inputs, True, 2, stamps, work)
             except Exception as exc:  # a variant's incomplete trace may fail at close: its timings are printed before
@@ -80,6 +103,10 @@ def main() -> None:
             finally:
                 for (owner, attr), fn in saved.items():
                     setattr(owner, attr, fn)
+                if name == "frames-default":  # the shared hook code back to run as plain Python
+                    session._top_level(None, lambda *a: None)
+            after = _dynamo_counts()
+            print("  dynamo during the session: " + ", ".join(f"{k} +{after[k] - before[k]}" for k in after), flush=True)
 
 
 if __name__ == "__main__":
