@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import functools  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import gpu_step_profile as G  # noqa: E402
 import moeprof  # noqa: E402
 from moeprof.capture import pipe, session  # noqa: E402
@@ -87,6 +89,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which, comma-separated (default {','.join(VARIANTS)})")
     args, run, model, inputs, stamps, work = G.ab_sessions(
         ap, "moeprof-parts-", 30, ("rounds", 2, "rounds of one session per variant"))
+    per_session: dict[str, list[float]] = {}
     for r in range(args.rounds):
         names = args.variants.split(",")
         order = names if r % 2 == 0 else names[::-1]
@@ -97,7 +100,8 @@ def main() -> None:
             print(f"### round {r}: {name}", flush=True)
             before = _dynamo_counts()
             try:
-                G.within_session(run, model, inputs, True, 2, stamps, work)
+                result = G.within_session(run, model, inputs, True, 2, stamps, work)
+                per_session.setdefault(name, []).append(float(np.log1p(result["step_excess"][0])))
             except Exception as exc:  # a variant's incomplete trace may fail at close: its timings are printed before
                 print(f"  ({type(exc).__name__} at close: {exc})", flush=True)
             finally:
@@ -107,6 +111,15 @@ def main() -> None:
                     session._top_level(None, lambda *a: None)
             after = _dynamo_counts()
             print("  dynamo during the session: " + ", ".join(f"{k} +{after[k] - before[k]}" for k in after), flush=True)
+
+    # Each session compiles the capture's code anew (its kernels, their launch configurations): the
+    # spread between sessions is part of what a capture costs, and wider than one session's interval.
+    print("\nover sessions (each one compile of the capture's code), mean decode step excess [95% over sessions]:")
+    for name, logs in per_session.items():
+        if len(logs) > 1:
+            m, lo, hi = G.t_interval(logs)
+            print(f"  {name}: {len(logs)} sessions, {100 * m:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]; "
+                  f"sessions from {100 * np.expm1(min(logs)):+.2f}% to {100 * np.expm1(max(logs)):+.2f}%", flush=True)
 
 
 if __name__ == "__main__":
