@@ -178,6 +178,25 @@ def test_hooks_added_by_someone_else_while_paused_stay_and_ours_come_back(tiny, 
     _same(_routing(tmp_path / "t"), alone)
 
 
+def test_our_hooks_go_back_between_hooks_registered_before_and_after_them(tiny, tmp_path):
+    """Hooks of someone else's on both sides of the capture's, in one dict: resume() restores the old order."""
+    before = tiny.register_forward_pre_hook(lambda *a: None)
+    try:
+        with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
+            after = tiny.register_forward_pre_hook(lambda *a: None)
+            on = _hook_dicts(tiny)
+            rec.pause()
+            tiny.generate(**_inputs(1))
+            assert list(tiny._forward_pre_hooks) == [before.id, after.id]
+            rec.resume()
+            assert _hook_dicts(tiny) == on
+            tiny.generate(**_inputs(6))
+            after.remove()
+        _same(_routing(tmp_path / "t"), _routing_alone(tiny, tmp_path, {}))
+    finally:
+        before.remove()
+
+
 def test_pausing_and_resuming_compiled_decoding_compiles_nothing_again(tiny, tmp_path):
     """Paused compiled decoding runs the model's own compiled code with no hook of the capture: dynamo
     compiles nothing of the capture's there. Resumed, the capture's own compiled code matches the hooks

@@ -1059,12 +1059,17 @@ class _HooksOff:
 
     def put_back(self) -> None:
         for hooks, items in self.saved:
-            now = dict(hooks)
-            if list(now) == [key for key, _ in items if key not in self.own]:
+            ours = [(key, value) for key, value in items if key in self.own]
+            others = [key for key, _ in items if key not in self.own]
+            last = not others or all(key not in self.own for key, _ in items[: len(others)])
+            if last or list(hooks) != others:
+                # ours were last (the usual case: nothing to reorder, no moment without any hook), or
+                # someone changed the dict meanwhile: appended
+                hooks.update(ours)
+            else:  # ours were among others': the dict rebuilt in its old order
+                now = dict(hooks)
                 hooks.clear()
                 hooks.update((key, value if key in self.own else now[key]) for key, value in items)
-            else:
-                hooks.update((key, value) for key, value in items if key in self.own)
 
 
 def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
