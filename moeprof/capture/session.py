@@ -1127,11 +1127,12 @@ def _top_level(recorder: Recorder, hook: Any) -> Any:
 def _run_as_python(fn: Any) -> None:
     """Let dynamo never compile ``fn`` (nor what it calls) as a frame of its own; traced through, it is inlined.
 
-    transformers' own compiled call (a paused capture's decoding, or any forward compiled with the
-    model's hooks outside its graph) runs ``Module.__call__`` eagerly under dynamo's frame hook: each
-    top-level hook called there would otherwise be compiled as its own frame and pay its guard check and
-    a graph break into the disabled hook at every step (about 40 µs a step, +1.2% of a compiled Qwen3
-    batch-1 decode step, H200). Skipped, it runs as plain Python.
+    transformers' own compiled call runs ``Module.__call__`` eagerly under dynamo's frame hook: each
+    top-level hook called there (the first forward of a batch that pauses the capture, or any forward
+    compiled with the model's hooks outside its graph) would otherwise be compiled as its own frame and
+    pay its guard check and a graph break into the disabled hook at every call. Before a paused batch
+    took the hooks off (:class:`_HooksOff`), that was every paused compiled step: about 40 µs, +1.2% of a
+    compiled Qwen3 batch-1 decode step on an H200. Skipped, it runs as plain Python.
     """
     try:
         from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
