@@ -197,6 +197,26 @@ def test_our_hooks_go_back_between_hooks_registered_before_and_after_them(tiny, 
         before.remove()
 
 
+def test_hook_handles_that_do_not_name_their_dicts_leave_the_hooks_on(tiny, tmp_path, monkeypatch):
+    """A torch whose hook handles do not say which dicts hold their hooks: nothing is taken off, paused
+    batches run with the hooks on (they return at once), and the trace is the same."""
+    from moeprof.capture import session
+
+    class Handle:  # a handle with an id and remove(), and nothing more
+        id = 0
+
+    assert session._HooksOff.take([Handle()]) is None
+    monkeypatch.setattr(session._HooksOff, "take", classmethod(lambda cls, handles: None))
+    with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
+        on = _hook_dicts(tiny)
+        rec.pause()
+        tiny.generate(**_inputs(1))
+        assert _hook_dicts(tiny) == on and rec.steps == 0
+        rec.resume()
+        tiny.generate(**_inputs(6))
+    _same(_routing(tmp_path / "t"), _routing_alone(tiny, tmp_path, {}))
+
+
 def test_pausing_and_resuming_compiled_decoding_compiles_nothing_again(tiny, tmp_path):
     """Paused compiled decoding runs the model's own compiled code with no hook of the capture: dynamo
     compiles nothing of the capture's there. Resumed, the capture's own compiled code matches the hooks

@@ -531,6 +531,8 @@ class Recorder:
         continuous-batching tap refuses batches until :meth:`resume` puts them back."""
         if self._hooks_off is None:
             self._hooks_off = _HooksOff.take(self._handles)
+            if self._hooks_off is None:  # a torch whose hook handles this does not know: they stay on
+                return
             self._tap.refuse = CaptureError(
                 "capture: continuous batching (generate_batch) ran while the capture was paused, and "
                 "cannot be paused; call resume() before it, or capture it in a capture of its own")
@@ -1041,7 +1043,11 @@ class _HooksOff:
         self.own, self.saved = own, saved
 
     @classmethod
-    def take(cls, handles: Sequence[Any]) -> "_HooksOff":
+    def take(cls, handles: Sequence[Any]) -> "_HooksOff | None":
+        """Take the hooks of ``handles`` (``torch.utils.hooks.RemovableHandle``) off; None, and nothing
+        taken, where a handle does not say which dicts hold its hook."""
+        if not all(hasattr(h, "hooks_dict_ref") and hasattr(h, "extra_dict_ref") for h in handles):
+            return None
         own = {h.id for h in handles}
         saved: list[tuple[dict, list[tuple[int, Any]]]] = []
         seen: set[int] = set()
