@@ -318,3 +318,27 @@ def test_pause_and_resume_inside_a_callers_compiled_module(model, tmp_path):
     torch._dynamo.reset()
     compiled = forwards(tmp_path / "compiled", torch.compile(_Outer(model), backend="aot_eager"))
     assert compiled.equals(eager)
+
+
+def test_a_kept_compiled_call_runs_the_models_own_for_a_paused_batch(model, tmp_path):
+    """A caller that keeps the capture's compiled call and starts a batch through it while paused gets
+    the model's own compiled code (the capture's, with its hooks off the model, would be compiled again);
+    resumed, the kept call records again with nothing compiled."""
+    from torch._dynamo.utils import counters
+
+    config = _compile_config()
+    batch = dict(input_ids=INPUTS["input_ids"], attention_mask=INPUTS["attention_mask"])
+    with torch.no_grad():
+        want = model.get_compiled_call(config)(**batch).logits  # the model's own, compiled for these inputs
+        with moeprof.capture(model, tmp_path / "t", force=True, eos_token_id=None) as rec:
+            kept = model.get_compiled_call(config)
+            kept(**batch)
+            frames = counters["frames"]["total"]
+            rec.pause()
+            got = kept(**batch).logits
+            assert not model._forward_pre_hooks
+            rec.resume()
+            kept(**batch)
+            assert counters["frames"]["total"] == frames
+    assert rec.rows == 2 * 2 * 8  # 2 recorded forwards x 2 MoE layers x 8 real tokens
+    torch.testing.assert_close(got, want)

@@ -414,6 +414,11 @@ class Recorder:
             if self._closed:  # kept by a caller past the capture: the model's own compiled call
                 return model.get_compiled_call(compile_config)(*args, **kwargs)
             self._on_forward_start(model, args, kwargs)
+            if self._hooks_off is not None:
+                # a paused batch started through this call, kept by its caller (generate() asks for one per
+                # call): the model's own compiled call, as generate() gets it while paused (the capture's
+                # code, with its hooks off the model, would fail its guards and be compiled again)
+                return type(model).get_compiled_call(model, compile_config)(*args, **kwargs)
             self._saw_compiled = self._in_compiled = True
             # Compiled without guards on empty module hook dicts: this code is the capture's own, its
             # hooks stay as they are until it is dropped at close, and each step would otherwise check
@@ -1033,10 +1038,12 @@ def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
 class _HooksOff:
     """Hooks taken off their modules, to be put back under the same keys, in the same order.
 
-    Dynamo's guards on a module's hook dicts check their keys in order: hooks put back as they were
-    leave code compiled with them valid (no recompile at each resume). Where someone else added or
-    removed a hook on the same module meanwhile, ours go back last (that module's compiled code is
-    compiled again, as it would be for their change alone).
+    Code compiled with guards on a module's hook dicts (a caller's compiled module, compiled while the
+    capture records) checks their keys in order: hooks put back as they were leave it valid (no
+    recompile at each resume). Where someone else added or removed a hook on the same module
+    meanwhile, ours go back last (that code is compiled again, as it would be for their change alone).
+    The capture's own compiled code checks no hook dict, so it must never run while the hooks are off:
+    a paused batch gets the model's own compiled call (:meth:`Recorder._compiled_call`).
     """
 
     def __init__(self, own: set[int], saved: list[tuple[dict, list[tuple[int, Any]]]]) -> None:
