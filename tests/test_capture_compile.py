@@ -276,48 +276,48 @@ class _Outer(torch.nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def test_hooks_run_eagerly_inside_a_callers_compiled_module(model, tmp_path):
-    """Called inside a caller's compiled module (dynamo inlines the model's call and meets capture's
-    top-level hooks there), the capture records each forward once, the same rows as eagerly."""
+def _recorded_in_a_callers_compiled_module(model, tmp_path, run) -> None:
+    """``run(call, rec)`` in a capture, calling the model through a caller's module, eagerly and compiled:
+    two forwards recorded (2 MoE layers x 8 real tokens each), the same rows both ways."""
     batch = dict(input_ids=INPUTS["input_ids"], attention_mask=INPUTS["attention_mask"])
 
     def forwards(out, fn):
         with moeprof.capture(model, out, force=True, eos_token_id=None) as rec:
             with torch.no_grad():
-                fn(**batch)
-                fn(**batch)
-        assert rec.rows == 2 * 2 * 8  # 2 forwards x 2 MoE layers x 8 real tokens
+                run(lambda: fn(**batch), rec)
+        assert rec.rows == 2 * 2 * 8
         return Trace.open(out).routing().sort("request_id", "pos", "layer").collect().select(KEY)
 
     eager = forwards(tmp_path / "eager", _Outer(model))
     torch._dynamo.reset()
     compiled = forwards(tmp_path / "compiled", torch.compile(_Outer(model), backend="aot_eager"))
     assert compiled.equals(eager)
+
+
+def test_hooks_run_eagerly_inside_a_callers_compiled_module(model, tmp_path):
+    """Called inside a caller's compiled module (dynamo inlines the model's call and meets capture's
+    top-level hooks there), the capture records each forward once, the same rows as eagerly."""
+    def run(call, rec):
+        call()
+        call()
+
+    _recorded_in_a_callers_compiled_module(model, tmp_path, run)
 
 
 def test_pause_and_resume_inside_a_callers_compiled_module(model, tmp_path):
     """A caller's compiled module around the model: a paused call takes the capture's hooks off from
     inside the compiled code (at its graph break into the top-level hook), the next runs without them,
     and after resume() the capture records as before: the recorded forwards equal eager ones."""
-    batch = dict(input_ids=INPUTS["input_ids"], attention_mask=INPUTS["attention_mask"])
+    def run(call, rec):
+        call()
+        rec.pause()
+        call()
+        call()
+        assert not model._forward_pre_hooks
+        rec.resume()
+        call()
 
-    def forwards(out, fn):
-        with moeprof.capture(model, out, force=True, eos_token_id=None) as rec:
-            with torch.no_grad():
-                fn(**batch)
-                rec.pause()
-                fn(**batch)
-                fn(**batch)
-                assert not model._forward_pre_hooks
-                rec.resume()
-                fn(**batch)
-        assert rec.rows == 2 * 2 * 8  # 2 recorded forwards x 2 MoE layers x 8 real tokens
-        return Trace.open(out).routing().sort("request_id", "pos", "layer").collect().select(KEY)
-
-    eager = forwards(tmp_path / "eager", _Outer(model))
-    torch._dynamo.reset()
-    compiled = forwards(tmp_path / "compiled", torch.compile(_Outer(model), backend="aot_eager"))
-    assert compiled.equals(eager)
+    _recorded_in_a_callers_compiled_module(model, tmp_path, run)
 
 
 def test_a_kept_compiled_call_runs_the_models_own_for_a_paused_batch(model, tmp_path):
