@@ -4,12 +4,11 @@
 call runs the model's own code (compiled decoding: transformers' own compiled call); since the capture
 takes its hooks off the model for a paused batch, nothing of the capture should run in it (before, its
 top-level hooks stayed on and ran eagerly around every forward, and eager decoding called the per-layer
-hooks too). This benchmark measures what that costs
-against no capture at all: pairs of one call in a freshly opened capture, paused before its first
-call and closed after it, and one call with no capture (order swapped every pair), each timed by the
-mean decode step (a stopping criterion stamps each step in both arms). Opening and closing the
-capture are outside the timed call. A positive excess means the grid's figures understate capture's
-cost against no capture by about that much.
+hooks too). This benchmark measures what a paused call costs against no capture at all: pairs of one
+call in a freshly opened capture, paused before its first call and closed after it, and one call with
+no capture (order swapped every pair), each timed by the mean decode step (a stopping criterion stamps
+each step in both arms). Opening and closing the capture are outside the timed call. A positive excess
+means the grid's figures understate capture's cost against no capture by about that much.
 
     python bench/gpu_paused_vs_plain.py --model qwen3 --layers 12 --mode compiled --batch 1 --prompt 64 --pairs 60
 """

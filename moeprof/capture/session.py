@@ -263,8 +263,9 @@ class Recorder:
         When the first batch of a pause starts, the capture takes its hooks off the model (every one,
         the model's and each MoE layer's), so a paused batch runs the model's own code with nothing of
         the capture in it: eager decoding calls no hook, compiled decoding runs the model's own compiled
-        call. :meth:`resume` puts the same hooks back under the same keys, in the same order, so the
-        capture's compiled code still matches them and is not compiled again. For sampling a
+        call. :meth:`resume` puts the same hooks back under the same keys, in the same order, so code
+        compiled with guards on them (a caller's compiled module) still matches and is not compiled
+        again. For sampling a
         long-running server (record one batch in N) and for timing a capture against no capture in one
         warm process. Call ``pause()`` and ``resume()`` from the thread that runs the model, or from
         its callbacks (a stopping criterion, a streamer). Continuous batching (``generate_batch``)
@@ -496,9 +497,7 @@ class Recorder:
             if self._want_paused or self._paused:
                 # raised here and again at close: the engine's loop turns an error in a forward into
                 # failed requests, and the caller would not see it
-                self._tap.error = self._tap.error or CaptureError(
-                    "capture: continuous batching (generate_batch) cannot be paused; call resume() "
-                    "before it, or capture it in a capture of its own")
+                self._tap.error = self._tap.error or CaptureError(_CANNOT_PAUSE)
                 raise self._tap.error
             meta = self._packed_step(b, s)
             if meta is None:  # the engine's warm-up pass: fake requests, nothing to record
@@ -538,9 +537,7 @@ class Recorder:
             self._hooks_off = _HooksOff.take(self._handles)
             if self._hooks_off is None:  # a torch whose hook handles this does not know: they stay on
                 return
-            self._tap.refuse = CaptureError(
-                "capture: continuous batching (generate_batch) ran while the capture was paused, and "
-                "cannot be paused; call resume() before it, or capture it in a capture of its own")
+            self._tap.refuse = CaptureError(_CANNOT_PAUSE)
 
     def _packed_step(self, b: int, s: int) -> _StepMeta | None:
         plan = self._tap.pop()
@@ -1033,6 +1030,10 @@ def _attach(point: RoutingPoint, ordinal: int, sink: StepSink) -> Any:
             sink.record(ordinal, ids, weights)
 
     return point.module.register_forward_hook(post_hook)
+
+
+_CANNOT_PAUSE = ("capture: continuous batching (generate_batch) cannot be paused; call resume() before it, "
+                 "or capture it in a capture of its own")
 
 
 class _HooksOff:
