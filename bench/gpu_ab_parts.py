@@ -89,7 +89,14 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which, comma-separated (default {','.join(VARIANTS)})")
     args, run, model, inputs, stamps, work = G.ab_sessions(
         ap, "moeprof-parts-", 30, ("rounds", 2, "rounds of one session per variant"))
+    import torch._inductor.config as inductor
+
+    # what decides how alike two compilations are: on-device benchmarking of kernel choices
+    # (TORCHINDUCTOR_DETERMINISTIC=1 skips it), pointwise autotuning, the FX graph cache
+    print("inductor: " + ", ".join(f"{k}={getattr(inductor, k, 'absent')}" for k in ("deterministic", "fx_graph_cache"))
+          + f", triton.autotune_pointwise={inductor.triton.autotune_pointwise}", flush=True)
     per_session: dict[str, list[float]] = {}
+    step_us: dict[str, list[tuple[float, float]]] = {}
     for r in range(args.rounds):
         names = args.variants.split(",")
         order = names if r % 2 == 0 else names[::-1]
@@ -101,14 +108,17 @@ def main() -> None:
             before = _dynamo_counts()
             try:
                 result = G.within_session(run, model, inputs, True, 2, stamps, work)
-                per_session.setdefault(name, []).append(float(np.log1p(result["step_excess"][0])))
-            except Exception as exc:  # a variant's incomplete trace may fail at close: its timings are printed before
-                print(f"  ({type(exc).__name__} at close: {exc})", flush=True)
+            except Exception as exc:  # a variant's incomplete trace may fail at close, after its timings
+                print(f"  ({type(exc).__name__} at close: {str(exc)[:200]})", flush=True)
+                result = getattr(exc, "bench_result", None)
             finally:
                 for (owner, attr), fn in saved.items():
                     setattr(owner, attr, fn)
                 if name == "frames-default":  # the shared hook code back to run as plain Python
                     session._top_level(None, lambda *a: None)
+            if result is not None:
+                per_session.setdefault(name, []).append(float(np.log1p(result["step_excess"][0])))
+                step_us.setdefault(name, []).append((result["recorded_us"], result["paused_us"]))
             after = _dynamo_counts()
             print("  dynamo during the session: " + ", ".join(f"{k} +{after[k] - before[k]}" for k in after), flush=True)
 
@@ -120,6 +130,14 @@ def main() -> None:
             m, lo, hi = G.t_interval(logs)
             print(f"  {name}: {len(logs)} sessions, {100 * m:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]; "
                   f"sessions from {100 * np.expm1(min(logs)):+.2f}% to {100 * np.expm1(max(logs)):+.2f}%", flush=True)
+    # which arm moves between sessions: the recorded one is compiled anew each session, the paused one
+    # (the model's own compiled call) once per process
+    print("\nmean decode step µs per session (medians over a session's calls), recorded / paused:")
+    for name, pairs in step_us.items():
+        rec, paused = np.array(pairs).T
+        print(f"  {name}: recorded {' '.join(f'{x:.1f}' for x in rec)} (sd {np.std(rec, ddof=1) if len(rec) > 1 else 0:.1f}); "
+              f"paused {' '.join(f'{x:.1f}' for x in paused)} (sd {np.std(paused, ddof=1) if len(paused) > 1 else 0:.1f})",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -316,6 +316,7 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work) -> None
             device=torch.cuda.get_device_name(), pairs=len(step_logs), pairs_with_graph_work=flagged,
             step_excess=st, call_excess=ca, step_logs=step_logs, call_logs=call_logs)))
     if close_error is not None:
+        close_error.bench_result = result  # the session's timings, for a caller that reads them past the error
         raise close_error
     return result
 
