@@ -18,6 +18,10 @@ against paused calls within the session (``bench/gpu_step_profile.py --within-se
   paused arm runs them eagerly around every forward;
 - ``frames-default``: dynamo may compile the capture's top-level hook code as frames of its own (as
   before 29486e1, which marks that code to run as plain Python).
+- ``plain-fresh``: no capture at all. The "recorded" arm is a second compilation of the model's own
+  call, made as the capture makes its own (a function of its own, a backend equal to no other), with
+  no hook and nothing recorded; the "paused" arm is the model's own compiled call, as in every variant.
+  The method's A/A: what one more compilation of the same model reads.
 
 Each session also prints what dynamo compiled during it (frames, graphs, graph breaks).
 
@@ -39,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import functools  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import gpu_step_profile as G  # noqa: E402
 import moeprof  # noqa: E402
@@ -72,6 +77,35 @@ def _dynamo_counts() -> dict:
                 breaks=sum(counters["graph_break"].values()))
 
 
+class _FreshCompile:
+    """Stands in for a capture session in ``G.within_session`` (variant ``plain-fresh``): while "resumed",
+    ``generate()`` gets a compilation of the model's call of its own, made once per session."""
+
+    rows = 0
+
+    def __init__(self, model) -> None:
+        self.model, self.fresh = model, None
+
+    def _get(self, compile_config):
+        if self.fresh is None:
+            model = self.model
+            type(model).get_compiled_call(model, compile_config)  # the model's own settings, as the capture reads them
+            config = model._last_compile_config
+            self.fresh = torch.compile(session._own_code(model.__call__), backend=session._distinct_backend(config),
+                                       fullgraph=config.fullgraph, dynamic=config.dynamic)
+        return self.fresh
+
+    def resume(self) -> None:
+        self.model.get_compiled_call = self._get
+
+    def pause(self) -> None:
+        self.model.__dict__.pop("get_compiled_call", None)
+
+    close = pause
+
+
+RECORDERS = {"plain-fresh": _FreshCompile}
+
 VARIANTS = {
     "full": {},
     "no-copy": {(pipe.HostPipe, "_copy_into_block"): lambda self, meta, ids, weights, small: None},
@@ -81,6 +115,7 @@ VARIANTS = {
     "no-outputs": {(session, "_attach"): _hook_records_nothing, (session.Recorder, "_on_forward_end"): _end_only},
     "hooks-kept-paused": {(session.Recorder, "_take_hooks_off"): lambda self: None},
     "frames-default": {(session, "_run_as_python"): _frames_default},
+    "plain-fresh": {},
 }
 
 
@@ -107,7 +142,7 @@ def main() -> None:
             print(f"### round {r}: {name}", flush=True)
             before = _dynamo_counts()
             try:
-                result = G.within_session(run, model, inputs, True, 2, stamps, work)
+                result = G.within_session(run, model, inputs, True, 2, stamps, work, RECORDERS.get(name))
             except Exception as exc:  # a variant's incomplete trace may fail at close, after its timings
                 print(f"  ({type(exc).__name__} at close: {str(exc)[:200]})", flush=True)
                 result = getattr(exc, "bench_result", None)

@@ -261,16 +261,17 @@ def main() -> None:
             median_excess=med, mean_excess=mean, rounds_excess=rounds_ci)))
 
 
-def within_session(args, model, inputs, compiled, untimed, stamps, work) -> None:
+def within_session(args, model, inputs, compiled, untimed, stamps, work, recorder=None) -> None:
     """One warm capture session; calls alternate recorded / paused (order swapped every pair). Per pair:
-    the log ratio of the mean decode step, and of the whole call; a t-interval over pairs."""
+    the log ratio of the mean decode step, and of the whole call; a t-interval over pairs. ``recorder``:
+    what stands in for the capture (``recorder(model)``, with ``resume``, ``pause``, ``close`` and ``rows``)."""
     try:
         from gpu_capture import GraphWork
 
         graphs = GraphWork()
     except Exception:  # no cudagraph trees (CPU)
         graphs = None
-    rec = moeprof.capture(model, work / "session", force=True, eos_token_id=None).start()
+    rec = recorder(model) if recorder else moeprof.capture(model, work / "session", force=True, eos_token_id=None).start()
     step_logs, call_logs, flagged = [], [], 0
     means = {"capture": [], "paused": []}
     try:
