@@ -33,6 +33,7 @@ What ``no-end`` still pays is the work before the launch (the forward-start book
 guard check of the capture's code) and the graph's own extra outputs (every layer's ids and weights).
 
     python bench/gpu_ab_parts.py --model qwen3 --layers 12 --batch 1 --pairs 30 --rounds 2
+    python bench/gpu_ab_parts.py --variants full,plain-fresh --pairs 12 --rounds 30 --budget 400
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
@@ -173,6 +175,8 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which, comma-separated (default {','.join(VARIANTS)})")
+    ap.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                    help="start no round after this many seconds (the summary is still printed)")
     args, run, model, inputs, stamps, work = G.ab_sessions(
         ap, "moeprof-parts-", 30, ("rounds", 2, "rounds of one session per variant"))
     import torch._inductor.config as inductor
@@ -183,7 +187,11 @@ def main() -> None:
           + f", triton.autotune_pointwise={inductor.triton.autotune_pointwise}", flush=True)
     per_session: dict[str, list[float]] = {}
     step_us: dict[str, list[tuple[float, float]]] = {}
+    t_start = time.monotonic()
     for r in range(args.rounds):
+        if args.budget is not None and r and time.monotonic() - t_start > args.budget:
+            print(f"(budget of {args.budget:.0f} s spent after {r} rounds)", flush=True)
+            break
         names = args.variants.split(",")
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
