@@ -7,6 +7,9 @@ any pause. Compiled decoding is taken through transformers' compiled call on the
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+
 import numpy as np
 import polars as pl
 import pytest
@@ -193,6 +196,138 @@ def test_our_hooks_go_back_between_hooks_registered_before_and_after_them(tiny, 
         _same(_routing(tmp_path / "t"), _routing_alone(tiny, tmp_path, {}))
     finally:
         before.remove()
+
+
+class _Watched(OrderedDict):
+    """A hook dict that notes, after each change, whether every hook of ``theirs`` was in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theirs: set[int] = set()
+        self.gaps = 0
+
+    def _note(self) -> None:
+        self.gaps += not self.theirs <= set(self)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._note()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._note()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._note()
+        return out
+
+    def clear(self) -> None:
+        super().clear()
+        self._note()
+
+    def move_to_end(self, *args, **kwargs) -> None:
+        super().move_to_end(*args, **kwargs)
+        self._note()
+
+
+def test_putting_ours_back_among_others_never_leaves_theirs_out(tiny, tmp_path):
+    """Where the capture's hook sat between someone else's, resume() restores the order without a moment
+    in which one of theirs is missing from the dict (a forward in another thread would skip it)."""
+    saved = tiny._forward_pre_hooks
+    tiny._forward_pre_hooks = watched = _Watched()
+    try:
+        first = tiny.register_forward_pre_hook(lambda *a: None)
+        with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
+            last = tiny.register_forward_pre_hook(lambda *a: None)
+            watched.theirs = {first.id, last.id}
+            order = list(watched)
+            rec.pause()
+            tiny.generate(**_inputs(1))
+            rec.resume()
+            assert list(watched) == order and watched.gaps == 0
+            tiny.generate(**_inputs(6))
+            last.remove()
+            watched.theirs = set()
+        first.remove()
+    finally:
+        tiny._forward_pre_hooks = saved
+    _same(_routing(tmp_path / "t"), _routing_alone(tiny, tmp_path, {}))
+
+
+def test_a_resume_from_another_thread_as_a_paused_batch_starts_leaves_the_hooks_on(tiny, tmp_path, monkeypatch):
+    """resume() from another thread after a paused batch has started but before its hooks come off: the
+    hooks stay on (that batch still records nothing), and the next batch is recorded. Without the lock
+    and the second look at the flag, the hooks came off after resume() had found nothing to put back,
+    and every later batch ran without them: nothing recorded, no error."""
+    import threading
+
+    from moeprof.capture import session
+
+    take = session.Recorder._take_hooks_off
+
+    def resumed_first(self):
+        t = threading.Thread(target=self.resume)
+        t.start()
+        t.join()
+        take(self)
+
+    with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
+        on = _hook_dicts(tiny)
+        rec.pause()
+        monkeypatch.setattr(session.Recorder, "_take_hooks_off", resumed_first)
+        tiny.generate(**_inputs(1))
+        monkeypatch.setattr(session.Recorder, "_take_hooks_off", take)
+        assert rec.steps == 0 and not rec.paused
+        assert _hook_dicts(tiny) == on
+        tiny.generate(**_inputs(6))
+    _same(_routing(tmp_path / "t"), _routing_alone(tiny, tmp_path, {}))
+
+
+def test_pause_and_resume_from_another_thread_while_batches_run(tiny, tmp_path):
+    """A thread runs batches while another pauses and resumes at random moments (seeded): every batch is
+    recorded whole or not at all, each recorded one equal to a capture of the same call alone, and the
+    hook dicts end as they began."""
+    import random
+    import threading
+
+    alone = _routing_alone(tiny, tmp_path, {})
+    per_batch = alone.height
+    before = _hook_dicts(tiny)
+    errors, done = [], threading.Event()
+    with capture(tiny, tmp_path / "t", eos_token_id=None) as rec:
+
+        def batches() -> None:
+            try:
+                for _ in range(16):
+                    tiny.generate(**_inputs(6))
+            except BaseException as exc:  # pragma: no cover - the failure this test looks for
+                errors.append(exc)
+            finally:
+                done.set()
+
+        worker = threading.Thread(target=batches)
+        worker.start()
+        rng = random.Random(7)
+        while not done.is_set():
+            rec.pause() if rng.random() < 0.5 else rec.resume()
+            time.sleep(rng.uniform(0, 0.01))
+        worker.join()
+        rec.resume()
+        tiny.generate(**_inputs(6))  # the last batch, recorded
+    assert not errors, errors
+    assert _hook_dicts(tiny) == before
+    got = _routing(tmp_path / "t")
+    batches_recorded = got.height // per_batch
+    assert got.height == batches_recorded * per_batch and 1 <= batches_recorded <= 17
+    requests = got.sort("step")["request_id"].unique(maintain_order=True).to_list()
+    assert len(requests) == 2 * batches_recorded  # two requests a batch, each whole
+    want = alone["request_id"].unique(maintain_order=True).to_list()
+    cols = ["pos", "layer", "token_id", "experts"]
+    for n, request in enumerate(requests):
+        mine = got.filter(pl.col("request_id") == request).sort("pos", "layer")
+        ref = alone.filter(pl.col("request_id") == want[n % 2]).sort("pos", "layer")
+        assert mine.select(cols).equals(ref.select(cols)), request
 
 
 def test_hook_handles_that_do_not_name_their_dicts_leave_the_hooks_on(tiny, tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ import builtins
 import hashlib
 import platform
 import re
+import threading
 import time
 import types
 import weakref
@@ -216,6 +217,10 @@ class Recorder:
         self._want_paused = False  # pause() asked for; takes effect at the next batch of new sequences
         self._paused = False  # the running batch is not being recorded
         self._hooks_off: _HooksOff | None = None  # the capture's hooks, taken off the model while paused
+        # taking them off (the model's thread, as a paused batch starts) against putting them back (resume(),
+        # any thread): a resume() between a batch's start and the hooks coming off would otherwise find
+        # nothing to put back, and they would stay off for the next recorded batch
+        self._hooks_lock = threading.Lock()
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -267,20 +272,23 @@ class Recorder:
         compiled with guards on them (a caller's compiled module) still matches and is not compiled
         again. For sampling a
         long-running server (record one batch in N) and for timing a capture against no capture in one
-        warm process. Call ``pause()`` and ``resume()`` from the thread that runs the model, or from
-        its callbacks (a stopping criterion, a streamer). Continuous batching (``generate_batch``)
+        warm process. ``pause()`` and ``resume()`` may be called from any thread, the model's own (a
+        stopping criterion, a streamer) or another: either takes effect from the next batch on; a
+        ``resume()`` that meets a paused batch starting leaves the hooks on. Continuous batching (``generate_batch``)
         cannot be paused: a packed batch that runs while paused is an error, raised at the next
         recorded step and at :meth:`close`.
         """
         self._want_paused = True
 
     def resume(self) -> None:
-        """Record again from the next batch of new sequences on (undoes :meth:`pause`)."""
-        self._want_paused = False
-        if self._hooks_off is not None:
-            self._hooks_off.put_back()
-            self._hooks_off = None
-            self._tap.refuse = None
+        """Record again from the next batch of new sequences on (undoes :meth:`pause`). May be called
+        from any thread: the hooks go back at once; a batch that started paused stays unrecorded."""
+        with self._hooks_lock:
+            self._want_paused = False
+            if self._hooks_off is not None:
+                self._hooks_off.put_back()
+                self._hooks_off = None
+                self._tap.refuse = None
 
     @property
     def paused(self) -> bool:
@@ -532,12 +540,14 @@ class Recorder:
 
     def _take_hooks_off(self) -> None:
         """Take every hook of the capture off the model for a paused batch (:meth:`pause`); the
-        continuous-batching tap refuses batches until :meth:`resume` puts them back."""
-        if self._hooks_off is None:
-            self._hooks_off = _HooksOff.take(self._handles)
-            if self._hooks_off is None:  # a torch whose hook handles this does not know: they stay on
-                return
-            self._tap.refuse = CaptureError(_CANNOT_PAUSE)
+        continuous-batching tap refuses batches until :meth:`resume` puts them back. A :meth:`resume`
+        from another thread since this batch started leaves them on (the batch still records nothing)."""
+        with self._hooks_lock:
+            if self._hooks_off is None and self._want_paused:
+                self._hooks_off = _HooksOff.take(self._handles)
+                if self._hooks_off is None:  # a torch whose hook handles this does not know: they stay on
+                    return
+                self._tap.refuse = CaptureError(_CANNOT_PAUSE)
 
     def _packed_step(self, b: int, s: int) -> _StepMeta | None:
         plan = self._tap.pop()
@@ -1080,10 +1090,16 @@ class _HooksOff:
                 # ours were last (the usual case: nothing to reorder, no moment without any hook), or
                 # someone changed the dict meanwhile: appended
                 hooks.update(ours)
-            else:  # ours were among others': the dict rebuilt in its old order
-                now = dict(hooks)
-                hooks.clear()
-                hooks.update((key, value if key in self.own else now[key]) for key, value in items)
+            else:  # ours were among others': appended, then each hook that came after ours moved behind them
+                hooks.update(ours)
+                first = next(n for n, (key, _) in enumerate(items) if key in self.own)
+                for key, _ in items[first:]:
+                    if key in self.own:
+                        continue
+                    if hasattr(hooks, "move_to_end"):  # torch's hook dicts: one call, no moment without their hook
+                        hooks.move_to_end(key)
+                    else:
+                        hooks[key] = hooks.pop(key)
 
 
 def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
