@@ -172,6 +172,17 @@ VARIANTS = {
 }
 
 
+def welch(a, b) -> tuple[float, float, float]:
+    """mean(a) - mean(b) with a 95% Welch interval (t at the Welch-Satterthwaite degrees of freedom,
+    rounded down: no scipy on the GPU machine)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
+    t = G._T95.get(max(1, int(df)), 1.96 if df > 30 else 2.05)
+    d, half = float(a.mean() - b.mean()), t * float(np.sqrt(va + vb))
+    return d, d - half, d + half
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which, comma-separated (default {','.join(VARIANTS)})")
@@ -225,6 +236,15 @@ def main() -> None:
             m, lo, hi = G.t_interval(logs)
             print(f"  {name}: {len(logs)} sessions, {100 * m:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]; "
                   f"sessions from {100 * np.expm1(min(logs)):+.2f}% to {100 * np.expm1(max(logs)):+.2f}%", flush=True)
+    # Against the method's A/A: the paused arm is one compilation and every variant's arm another, so a
+    # variant's distance from plain-fresh (a second compilation with no capture) is what the capture adds.
+    if len(per_session.get("plain-fresh", ())) > 1:
+        print("\nagainst plain-fresh (a second compilation, no capture), difference of mean log excess "
+              "[95% Welch interval over sessions]:")
+        for name, logs in per_session.items():
+            if name != "plain-fresh" and len(logs) > 1:
+                d, lo, hi = welch(logs, per_session["plain-fresh"])
+                print(f"  {name}: {100 * d:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}]", flush=True)
     # which arm moves between sessions: the recorded one is compiled anew each session, the paused one
     # (the model's own compiled call) once per process
     print("\nmean decode step µs per session (medians over a session's calls), recorded / paused:")
