@@ -284,14 +284,18 @@ def test_a_resume_from_another_thread_as_a_paused_batch_starts_leaves_the_hooks_
     _same(_routing(tmp_path / "t"), _routing_alone(tiny, tmp_path, {}))
 
 
-def test_pause_and_resume_from_another_thread_while_batches_run(tiny, tmp_path):
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_pause_and_resume_from_another_thread_while_batches_run(tiny, tmp_path, mode):
     """A thread runs batches while another pauses and resumes at random moments (seeded): every batch is
     recorded whole or not at all, each recorded one equal to a capture of the same call alone, and the
-    hook dicts end as they began."""
+    hook dicts end as they began. Compiled: the hooks may come back in the middle of a paused batch
+    that runs the model's own compiled call."""
     import random
     import threading
 
-    alone = _routing_alone(tiny, tmp_path, {})
+    compiled = _compiled() if mode == "compiled" else {}
+    runs = 8 if compiled else 16
+    alone = _routing_alone(tiny, tmp_path, compiled)
     per_batch = alone.height
     before = _hook_dicts(tiny)
     errors, done = [], threading.Event()
@@ -299,8 +303,8 @@ def test_pause_and_resume_from_another_thread_while_batches_run(tiny, tmp_path):
 
         def batches() -> None:
             try:
-                for _ in range(16):
-                    tiny.generate(**_inputs(6))
+                for _ in range(runs):
+                    tiny.generate(**_inputs(6), **compiled)
             except BaseException as exc:  # pragma: no cover - the failure this test looks for
                 errors.append(exc)
             finally:
@@ -314,12 +318,12 @@ def test_pause_and_resume_from_another_thread_while_batches_run(tiny, tmp_path):
             time.sleep(rng.uniform(0, 0.01))
         worker.join()
         rec.resume()
-        tiny.generate(**_inputs(6))  # the last batch, recorded
+        tiny.generate(**_inputs(6), **compiled)  # the last batch, recorded
     assert not errors, errors
     assert _hook_dicts(tiny) == before
     got = _routing(tmp_path / "t")
     batches_recorded = got.height // per_batch
-    assert got.height == batches_recorded * per_batch and 1 <= batches_recorded <= 17
+    assert got.height == batches_recorded * per_batch and 1 <= batches_recorded <= runs + 1
     requests = got.sort("step")["request_id"].unique(maintain_order=True).to_list()
     assert len(requests) == 2 * batches_recorded  # two requests a batch, each whole
     want = alone["request_id"].unique(maintain_order=True).to_list()
