@@ -12,6 +12,7 @@ bookkeeping of that step, the other host work before a compiled step's launch, i
 
     python bench/capture_guard_cost.py                  # 12 layers, 4 sessions
     python bench/capture_guard_cost.py --layers 48 --sessions 6
+    python bench/capture_guard_cost.py --fresh          # and a second compilation with no capture
 
 Prints each session's figures, then the median check time of each variant and their ratio.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older tree can be timed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moeprof  # noqa: E402
 from moeprof.capture import session  # noqa: E402
@@ -91,12 +93,47 @@ def one_session(model, inputs, kw, work: Path, checks: int) -> dict:
                 rows=Trace.open(work).routing(["step", "pos", "layer", "experts", "token_id"]).collect())
 
 
+def fresh_check(model, inputs, kw, checks: int) -> dict:
+    """The same check for a second compilation of the model's own call made as the capture makes its own
+    (``bench/gpu_ab_parts.py``'s ``plain-fresh``: a function of its own, a backend equal to no other), with
+    no capture: the guard tree a compiled step has without any hook."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from gpu_ab_parts import _FreshCompile
+
+    seen = []
+    grab = model.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k))), with_kwargs=True)
+    model.generate(**inputs, **kw)
+    grab.remove()
+    fresh = _FreshCompile(model)
+    fresh.resume()
+    try:
+        model.generate(**inputs, **kw)
+    finally:
+        fresh.pause()
+    entries = _debug_get_cache_entry_list(fresh.fresh._torchdynamo_orig_callable.__code__)
+    guards = entries[0].guard_manager
+    args, kwargs = seen[-3]
+    f_locals = {"args": args, "kwargs": kwargs, "fn": model.__call__}
+    with torch.no_grad():
+        passes = guards.check(f_locals)
+        for _ in range(200):
+            guards.check(f_locals)
+        t0 = time.perf_counter_ns()
+        for _ in range(checks):
+            guards.check(f_locals)
+    return dict(entries=len(entries), lines=str(guards).count("\n"), passes=passes,
+                us=(time.perf_counter_ns() - t0) / checks / 1e3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--sessions", type=int, default=4, help="capture sessions, alternating the two variants")
     ap.add_argument("--checks", type=int, default=3000, help="timed guard checks per session")
+    ap.add_argument("--fresh", action="store_true",
+                    help="also time the check of a second compilation of the model's own call, no capture")
     args = ap.parse_args()
     from transformers.generation.configuration_utils import CompileConfig
 
@@ -124,12 +161,21 @@ def main() -> None:
         print(f"session {k} ({name}): {r['entries']} compiled entry, guard tree {r['lines']:,} lines, "
               f"check passes: {r['passes']}, one check {r['us']:.1f} µs, forward start {r['start_us']:.2f} µs, "
               f"{r['rows'].height} rows", flush=True)
+        if args.fresh:
+            f = fresh_check(model, inputs, kw, args.checks)
+            results.setdefault("fresh", []).append(f)
+            print(f"  then a second compilation, no capture: {f['entries']} compiled entry, guard tree "
+                  f"{f['lines']:,} lines, check passes: {f['passes']}, one check {f['us']:.1f} µs", flush=True)
     a, b = results["filtered"], results["every guard"]
     same = all(r["rows"].equals(a[0]["rows"]) for r in a + b)
     fa, fb = statistics.median(r["us"] for r in a), statistics.median(r["us"] for r in b)
     print(f"\nQwen3-MoE, {args.layers} layers, capture's compiled decode step: guard check {fa:.1f} µs with the filter, "
           f"{fb:.1f} µs with every guard: {fa / fb:.2f}x ({fb - fa:+.1f} µs a step saved); traces identical: {same}")
     print(f"forward-start bookkeeping of that step (a tight loop): {statistics.median(r['start_us'] for r in a + b):.2f} µs")
+    if args.fresh:
+        ff = statistics.median(r["us"] for r in results["fresh"])
+        print(f"a second compilation of the model's own call, no capture: guard check {ff:.1f} µs "
+              f"(the capture's with the filter: {fa / ff:.2f}x)")
 
 
 if __name__ == "__main__":
