@@ -47,6 +47,17 @@ def build(layers: int):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def _timed_check(guards, f_locals: dict, checks: int) -> tuple[bool, float]:
+    """Whether the guard tree passes on ``f_locals``, and one check's time in µs (after 200 untimed)."""
+    passes = guards.check(f_locals)
+    for _ in range(200):
+        guards.check(f_locals)
+    t0 = time.perf_counter_ns()
+    for _ in range(checks):
+        guards.check(f_locals)
+    return passes, (time.perf_counter_ns() - t0) / checks / 1e3
+
+
 def one_session(model, inputs, kw, work: Path, checks: int) -> dict:
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
@@ -72,13 +83,7 @@ def one_session(model, inputs, kw, work: Path, checks: int) -> dict:
     with torch.no_grad():
         rec._in_compiled, rec._sink.active = True, True
         try:
-            passes = guards.check(f_locals)
-            for _ in range(200):
-                guards.check(f_locals)
-            t0 = time.perf_counter_ns()
-            for _ in range(checks):
-                guards.check(f_locals)
-            us = (time.perf_counter_ns() - t0) / checks / 1e3
+            passes, us = _timed_check(guards, f_locals, checks)
         finally:
             rec._in_compiled, rec._sink.active = False, False
         # the other host work before the launch: the capture's forward-start bookkeeping of that step
@@ -116,14 +121,8 @@ def fresh_check(model, inputs, kw, checks: int) -> dict:
     args, kwargs = seen[-3]
     f_locals = {"args": args, "kwargs": kwargs, "fn": model.__call__}
     with torch.no_grad():
-        passes = guards.check(f_locals)
-        for _ in range(200):
-            guards.check(f_locals)
-        t0 = time.perf_counter_ns()
-        for _ in range(checks):
-            guards.check(f_locals)
-    return dict(entries=len(entries), lines=str(guards).count("\n"), passes=passes,
-                us=(time.perf_counter_ns() - t0) / checks / 1e3)
+        passes, us = _timed_check(guards, f_locals, checks)
+    return dict(entries=len(entries), lines=str(guards).count("\n"), passes=passes, us=us)
 
 
 def main() -> None:
