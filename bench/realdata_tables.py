@@ -143,13 +143,15 @@ def placement_tables(trace: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", type=Path, default=None, help="where traces go (default: a temporary directory)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="where traces go, kept (default: a temporary directory, removed at exit)")
     ap.add_argument("--sets", default="llama,qwen,esft,gptoss,mixtral,olmoe-olmoe,olmoe-mistral")
     ap.add_argument("--no-placement", action="store_true")
     args = ap.parse_args()
     if not REAL.is_dir():
         raise SystemExit(f"{REAL} is absent: nothing to measure")
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeprof-realdata-"))
+    scratch = None if args.work else tempfile.TemporaryDirectory(prefix="moeprof-realdata-")
+    work = args.work or Path(scratch.name)
     work.mkdir(parents=True, exist_ok=True)
     print(PUBLISHED)
     srcs = sources(work)
