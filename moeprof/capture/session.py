@@ -1086,20 +1086,19 @@ class _HooksOff:
             ours = [(key, value) for key, value in items if key in self.own]
             others = [key for key, _ in items if key not in self.own]
             last = not others or all(key not in self.own for key, _ in items[: len(others)])
-            if last or list(hooks) != others:
-                # ours were last (the usual case: nothing to reorder, no moment without any hook), or
-                # someone changed the dict meanwhile: appended
-                hooks.update(ours)
-            else:  # ours were among others': appended, then each hook that came after ours moved behind them
-                hooks.update(ours)
-                first = next(n for n, (key, _) in enumerate(items) if key in self.own)
-                for key, _ in items[first:]:
-                    if key in self.own:
-                        continue
-                    if hasattr(hooks, "move_to_end"):  # torch's hook dicts: one call, no moment without their hook
-                        hooks.move_to_end(key)
-                    else:
-                        hooks[key] = hooks.pop(key)
+            unchanged = list(hooks) == others
+            # Appended: where ours were last (the usual case) or someone changed the dict meanwhile, that is all
+            hooks.update(ours)
+            if last or not unchanged:
+                continue
+            # ours were among others': each of theirs that came after ours moves behind them, one call each on
+            # torch's OrderedDicts, so none of theirs is ever missing from the dict
+            first = next(n for n, (key, _) in enumerate(items) if key in self.own)
+            for key in (key for key, _ in items[first:] if key not in self.own):
+                if hasattr(hooks, "move_to_end"):
+                    hooks.move_to_end(key)
+                else:
+                    hooks[key] = hooks.pop(key)
 
 
 def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
