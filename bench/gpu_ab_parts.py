@@ -26,6 +26,11 @@ against paused calls within the session (``bench/gpu_step_profile.py --within-se
   call, made as the capture makes its own (a function of its own, a backend equal to no other), with
   no hook and nothing recorded; the "paused" arm is the model's own compiled call, as in every variant.
   The method's A/A: what one more compilation of the same model reads.
+- ``fresh-hooked``: ``plain-fresh`` with the capture's hooks on the model, recording nothing (two
+  top-level hooks and one per routing point) while its second compilation runs and is made: what
+  tracing the hooks costs, with no capture object, wrapper or guard filter.
+- ``fresh-fresh``: both arms second compilations made the same way in the session: the A/A with the
+  process's first compilation (the model's own, every other variant's paused arm) out of it.
 
 Each session also prints what dynamo compiled during it (frames, graphs, graph breaks).
 
@@ -154,7 +159,48 @@ class _FreshCompile:
     close = pause
 
 
-RECORDERS = {"plain-fresh": _FreshCompile}
+class _FreshHooked(_FreshCompile):
+    """Variant ``fresh-hooked``: ``plain-fresh`` with hooks on the model while "resumed" (two top-level
+    hooks and one per routing point, as the capture registers them, none recording anything), so its
+    second compilation traces them, as the capture's does; no capture object, wrapper or guard filter."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.points, self.handles = session.discover(model).points, []
+
+    def resume(self) -> None:
+        if not self.handles:
+            self.handles = [self.model.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True),
+                            self.model.register_forward_hook(lambda m, a, k, o: None, with_kwargs=True)]
+            self.handles += [_hook_records_nothing(point, n, None) for n, point in enumerate(self.points)]
+        super().resume()
+
+    def pause(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        super().pause()
+
+    close = pause
+
+
+class _FreshFresh(_FreshCompile):
+    """Variant ``fresh-fresh``: both arms second compilations made the same way in the session (the
+    "paused" arm one of its own too, not the model's): how far apart two like compilations read, with
+    no first compilation of the process in the comparison."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.other = _FreshCompile(model)
+
+    def pause(self) -> None:
+        self.model.get_compiled_call = self.other._get
+
+    def close(self) -> None:
+        self.model.__dict__.pop("get_compiled_call", None)
+
+
+RECORDERS = {"plain-fresh": _FreshCompile, "fresh-hooked": _FreshHooked, "fresh-fresh": _FreshFresh}
 CONTEXTS = {"bare-call": _BareSession}
 
 VARIANTS = {
@@ -169,6 +215,8 @@ VARIANTS = {
     "bare-call": {(session, "_attach"): _hook_records_nothing, (session.Recorder, "_on_forward_end"): _end_only,
                   (session.Recorder, "_on_forward_start"): _start_when_paused},
     "plain-fresh": {},
+    "fresh-hooked": {},
+    "fresh-fresh": {},
 }
 
 
