@@ -39,6 +39,7 @@ guard check of the capture's code) and the graph's own extra outputs (every laye
 
     python bench/gpu_ab_parts.py --model qwen3 --layers 12 --batch 1 --pairs 30 --rounds 2
     python bench/gpu_ab_parts.py --variants full,plain-fresh --pairs 12 --rounds 30 --budget 400
+    python bench/gpu_ab_parts.py --variants plain-fresh,fresh-fresh,full --pairs 6 --rounds 40 --budget 390 --pin-kernels
 """
 
 from __future__ import annotations
@@ -236,6 +237,13 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which, comma-separated (default {','.join(VARIANTS)})")
     ap.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                     help="start no round after this many seconds (the summary is still printed)")
+    ap.add_argument("--pin-kernels", action="store_true",
+                    help="no on-device benchmarking of kernel choices in any compilation of the process "
+                         "(inductor's deterministic mode, pointwise autotuning off), set before the model's own")
+    if "--pin-kernels" in sys.argv[1:]:  # before ab_sessions compiles the model's own call
+        import torch._inductor.config as inductor
+
+        inductor.deterministic, inductor.triton.autotune_pointwise = True, False
     args, run, model, inputs, stamps, work = G.ab_sessions(
         ap, "moeprof-parts-", 30, ("rounds", 2, "rounds of one session per variant"))
     import torch._inductor.config as inductor
