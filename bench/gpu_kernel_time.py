@@ -1,0 +1,214 @@
+"""GPU time of a compiled decode step's kernels, per compilation: the model's own, a second one, the capture's.
+
+``bench/gpu_ab_parts.py`` times decode steps on the host: a step's time there is the host's work
+before the launch plus the GPU's work (the launching thread waits for the step's token). Two
+compilations of the same model read about 2% apart that way (its ``plain-fresh`` A/A). This benchmark
+asks the GPU instead: ``torch.profiler`` records every kernel of a ``generate()`` call (CUDA-graph
+replays included) and the kernels' own durations are summed, per decode step. A difference between
+arms here is in the kernels (their choice, their launch configurations, the capture's extra work on
+the device); a host-side difference does not show.
+
+Arms, alternating call by call in one process (compiled decoding, static cache, CUDA graphs):
+
+- ``own``: transformers' own compiled call (the process's first compilation);
+- ``fresh``: a second compilation of the model's call, made as the capture makes its own, no capture
+  (``gpu_ab_parts.py``'s ``plain-fresh``);
+- ``paused``: a capture open and paused (the model's own compiled call, no hook on the model);
+- ``capture``: the same capture recording.
+
+    python bench/gpu_kernel_time.py --model qwen3 --layers 12 --batch 1 --prompt 64 --new 32 --rounds 4
+
+Prints, per arm and call, the decode kernels' summed GPU time per step (µs): Triton kernels (what
+inductor generates and tunes) and every kernel, with their counts per step; then each arm's median
+against ``own``'s. Kernels run before the first decode step's (the eager prefill) are left out.
+
+Then the host's side (``--host-blocks``, 0 to skip): one real decode step's call, repeated in blocks
+of ``--block-calls`` calls, blocks of two arms alternating; per call the host's time until the call
+returns (the work before the graph's launch, the launch, and what the call does after it) and until
+the GPU is done (a synchronize after each call, outside the first figure). ``own`` against ``fresh``
+with no capture; then, with a capture recording, the capture's compiled call against ``fresh``. Each
+difference comes with a 95% t-interval over pairs of blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import gpu_step_profile as G  # noqa: E402
+import moeprof  # noqa: E402
+from gpu_ab_parts import _FreshCompile  # noqa: E402
+
+
+class _Marked(G.Stamps):
+    """Stamps that also mark, in the profiler's timeline, where the first decode step ends."""
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if len(self.times) == 1:  # the prefill's stamp was the first: decode steps start here
+            with torch.profiler.record_function("moeprof-bench: decode starts"):
+                pass
+        return super().__call__(input_ids, scores, **kwargs)
+
+
+def kernel_time(model, inputs, new: int, stamps: _Marked) -> dict:
+    """One profiled ``generate()``: the decode kernels' summed durations and counts per decode step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        G.generate(model, inputs, new, True, stamps)
+    events = prof.events()
+    marks = [e.time_range.start for e in events if e.name == "moeprof-bench: decode starts"]
+    if not marks:
+        raise SystemExit("no decode mark in the profile: the profiler recorded no CPU events")
+    start = marks[0]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.time_range.start >= start]
+    steps = new - 1  # the decode steps after the mark (the first decode step's own kernels ran before it)
+    triton = [e for e in kernels if e.name.startswith("triton_")]
+    return dict(triton_us=sum(e.time_range.elapsed_us() for e in triton) / steps, triton_n=len(triton) / steps,
+                all_us=sum(e.time_range.elapsed_us() for e in kernels) / steps, all_n=len(kernels) / steps)
+
+
+def host_blocks(arms: dict, args_kw: tuple, blocks: int, calls: int) -> dict[str, list[tuple[float, float]]]:
+    """Per arm, per block: the median host µs until the call returns, and until the GPU is done."""
+    import time
+
+    args, kwargs = args_kw
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
+    names = list(arms)
+    with torch.no_grad():
+        for fn in arms.values():  # warm: any CUDA graph recorded for these inputs now
+            for _ in range(5):
+                fn(*args, **kwargs)
+            torch.cuda.synchronize()
+        for b in range(blocks):
+            for name in names if b % 2 == 0 else names[::-1]:
+                fn, ret, done = arms[name], [], []
+                for _ in range(calls):
+                    t0 = time.perf_counter_ns()
+                    fn(*args, **kwargs)
+                    t1 = time.perf_counter_ns()
+                    torch.cuda.synchronize()
+                    t2 = time.perf_counter_ns()
+                    ret.append(t1 - t0)
+                    done.append(t2 - t0)
+                out[name].append((statistics.median(ret) / 1e3, statistics.median(done) / 1e3))
+    return out
+
+
+def _report_host(label: str, out: dict, a: str, b: str) -> None:
+    import numpy as np
+
+    for k, what in ((0, "until the call returns"), (1, "until the GPU is done")):
+        x = np.array([v[k] for v in out[a]])
+        y = np.array([v[k] for v in out[b]])
+        d = x - y
+        half = G._T95.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+        print(f"  {label}, {what}: {a} {np.median(x):.1f} µs, {b} {np.median(y):.1f} µs; "
+              f"{a} - {b} {d.mean():+.1f} µs [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}] over {len(d)} block pairs",
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", default="qwen3", choices=("qwen3", "deepseek"))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=32, help="new tokens per generate() (default 32)")
+    ap.add_argument("--rounds", type=int, default=4, help="profiled calls per arm, alternating (default 4)")
+    ap.add_argument("--host-blocks", type=int, default=10, help="blocks per arm of the host timing (0: none)")
+    ap.add_argument("--block-calls", type=int, default=100, help="calls a block (default 100)")
+    args = ap.parse_args()
+
+    model, inputs = G.model_and_inputs(args.model, args.layers, args.batch, args.prompt)
+    stamps = _Marked()
+    for _ in range(2):  # the model's own compiled call: traced, graphs recorded
+        G.generate(model, inputs, args.new, True, stamps)
+    # one real decode step's arguments (the third forward of a call), for the host timing
+    seen: list = []
+    grab = model.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k))), with_kwargs=True)
+    G.generate(model, inputs, args.new, True, stamps)
+    grab.remove()
+    step = seen[2]
+    host: dict = {}
+    results: dict[str, list[dict]] = {}
+
+    def measure(arm: str) -> None:
+        r = kernel_time(model, inputs, args.new, stamps)
+        results.setdefault(arm, []).append(r)
+        print(f"  {arm}: Triton {r['triton_us']:.1f} µs in {r['triton_n']:.1f} kernels a step; "
+              f"every kernel {r['all_us']:.1f} µs in {r['all_n']:.1f}", flush=True)
+
+    # no capture: the model's own compiled call against a second compilation
+    fresh = _FreshCompile(model)
+    for arm in ("fresh", "own"):  # both warm
+        fresh.resume() if arm == "fresh" else fresh.pause()
+        for _ in range(2):
+            G.generate(model, inputs, args.new, True, stamps)
+    for r in range(args.rounds):
+        print(f"round {r}", flush=True)
+        for arm in ("own", "fresh") if r % 2 == 0 else ("fresh", "own"):
+            fresh.resume() if arm == "fresh" else fresh.pause()
+            measure(arm)
+    if args.host_blocks:
+        config = model._last_compile_config
+        host.update(host_blocks({"own": type(model).get_compiled_call(model, config), "fresh": fresh._get(config)},
+                                step, args.host_blocks, args.block_calls))
+    fresh.close()
+    # a capture, paused and recording
+    with tempfile.TemporaryDirectory(prefix="moeprof-kernels-") as work:
+        rec = moeprof.capture(model, Path(work) / "t", eos_token_id=None).start()
+        try:
+            for arm in ("capture", "paused"):
+                rec.resume() if arm == "capture" else rec.pause()
+                for _ in range(2):
+                    G.generate(model, inputs, args.new, True, stamps)
+            for r in range(args.rounds):
+                print(f"capture round {r}", flush=True)
+                for arm in ("paused", "capture") if r % 2 == 0 else ("capture", "paused"):
+                    rec.resume() if arm == "capture" else rec.pause()
+                    measure(arm)
+            if args.host_blocks:
+                rec.resume()
+                G.generate(model, inputs, args.new, True, stamps)  # a running batch: the calls below are its decode steps
+                config = model._last_compile_config
+                try:
+                    more = host_blocks({"capture": model.get_compiled_call(config), "fresh": fresh._get(config)},
+                                       step, args.host_blocks, args.block_calls)
+                    host["capture"], host["fresh, beside the capture"] = more["capture"], more["fresh"]
+                except Exception as exc:  # one step repeated is not a sequence the capture can place
+                    print(f"(the capture's host timing stopped: {type(exc).__name__}: {str(exc)[:200]})", flush=True)
+        finally:
+            try:
+                rec.close()
+            except Exception as exc:  # the repeated step's rows may not pass the capture's checks at close
+                print(f"(capture closed with {type(exc).__name__}: {str(exc)[:160]})")
+    own = statistics.median(x["all_us"] for x in results["own"])
+    own_t = statistics.median(x["triton_us"] for x in results["own"])
+    print(f"\n{args.model} L{args.layers} batch {args.batch} prompt {args.prompt}, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}: medians over {args.rounds} calls, against own")
+    for arm, rs in results.items():
+        a, t = statistics.median(x["all_us"] for x in rs), statistics.median(x["triton_us"] for x in rs)
+        calls = " ".join(f"{x['all_us']:.1f}" for x in rs)
+        print(f"  {arm}: every kernel {a:.1f} µs a step ({100 * (a / own - 1):+.2f}%), "
+              f"Triton {t:.1f} µs ({100 * (t / own_t - 1):+.2f}%); calls {calls}")
+    if host:
+        print("\nhost, one decode step's call repeated, medians per block:")
+        _report_host("no capture", host, "own", "fresh")
+        if "capture" in host:
+            _report_host("a capture recording", {"capture": host["capture"], "fresh": host["fresh, beside the capture"]},
+                         "capture", "fresh")
+
+
+if __name__ == "__main__":
+    main()
