@@ -77,22 +77,43 @@ def kernel_time(model, inputs, new: int, stamps: _Marked) -> dict:
                 all_us=sum(e.time_range.elapsed_us() for e in kernels) / steps, all_n=len(kernels) / steps)
 
 
+def _cache_counts(kwargs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A static cache's per-layer token counts (device tensors) with a copy of their values now.
+
+    The cache's layers count the tokens they hold, and a step writes at that count: the host timing
+    puts the counts back before every call (outside the timing), or the repeated step would write past
+    the cache's end."""
+    from moeprof.capture.session import _find_cache
+
+    _, cache = _find_cache(kwargs)
+    return [(layer.cumulative_length, layer.cumulative_length.clone()) for layer in getattr(cache, "layers", ())
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+
 def host_blocks(arms: dict, args_kw: tuple, blocks: int, calls: int) -> dict[str, list[tuple[float, float]]]:
     """Per arm, per block: the median host µs until the call returns, and until the GPU is done."""
     import time
 
-    args, kwargs = args_kw
+    args, kwargs, counts = args_kw
+
+    def rewind() -> None:
+        for now, then in counts:
+            now.copy_(then)
+        torch.cuda.synchronize()
+
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
     names = list(arms)
     with torch.no_grad():
         for fn in arms.values():  # warm: any CUDA graph recorded for these inputs now
             for _ in range(5):
+                rewind()
                 fn(*args, **kwargs)
             torch.cuda.synchronize()
         for b in range(blocks):
             for name in names if b % 2 == 0 else names[::-1]:
                 fn, ret, done = arms[name], [], []
                 for _ in range(calls):
+                    rewind()
                     t0 = time.perf_counter_ns()
                     fn(*args, **kwargs)
                     t1 = time.perf_counter_ns()
@@ -136,7 +157,7 @@ def main() -> None:
         G.generate(model, inputs, args.new, True, stamps)
     # one real decode step's arguments (the third forward of a call), for the host timing
     seen: list = []
-    grab = model.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k))), with_kwargs=True)
+    grab = model.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k), _cache_counts(k))), with_kwargs=True)
     G.generate(model, inputs, args.new, True, stamps)
     grab.remove()
     step = seen[2]
@@ -200,8 +221,8 @@ def main() -> None:
     for arm, rs in results.items():
         a, t = statistics.median(x["all_us"] for x in rs), statistics.median(x["triton_us"] for x in rs)
         calls = " ".join(f"{x['all_us']:.1f}" for x in rs)
-        print(f"  {arm}: every kernel {a:.1f} µs a step ({100 * (a / own - 1):+.2f}%), "
-              f"Triton {t:.1f} µs ({100 * (t / own_t - 1):+.2f}%); calls {calls}")
+        print(f"  {arm}: every kernel {a:.1f} µs a step ({100 * (a / own - 1) if own else float('nan'):+.2f}%), "
+              f"Triton {t:.1f} µs ({100 * (t / own_t - 1) if own_t else float('nan'):+.2f}%); calls {calls}")
     if host:
         print("\nhost, one decode step's call repeated, medians per block:")
         _report_host("no capture", host, "own", "fresh")
