@@ -77,28 +77,30 @@ def kernel_time(model, inputs, new: int, stamps: _Marked) -> dict:
                 all_us=sum(e.time_range.elapsed_us() for e in kernels) / steps, all_n=len(kernels) / steps)
 
 
-def _cache_counts(kwargs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A static cache's per-layer token counts (device tensors) with a copy of their values now.
+def _cache_counts(kwargs: dict) -> tuple:
+    """A static cache's layers with their token counts now, for :func:`host_blocks` to put back.
 
-    The cache's layers count the tokens they hold, and a step writes at that count: the host timing
-    puts the counts back before every call (outside the timing), or the repeated step would write past
-    the cache's end."""
+    The cache's layers count the tokens they hold (a device tensor each, which a compiled step may
+    replace with one of its outputs), and a step writes at that count: the host timing puts the counts
+    back before every call (outside the timing), or the repeated step would write past the cache's end.
+    Read in the step's forward pre-hook (a host sync, in the untimed call that finds the step)."""
     from moeprof.capture.session import _find_cache
 
     _, cache = _find_cache(kwargs)
-    return [(layer.cumulative_length, layer.cumulative_length.clone()) for layer in getattr(cache, "layers", ())
-            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+    layers = [layer for layer in getattr(cache, "layers", ())
+              if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+    return layers, [int(layer.cumulative_length) for layer in layers]
 
 
 def host_blocks(arms: dict, args_kw: tuple, blocks: int, calls: int) -> dict[str, list[tuple[float, float]]]:
     """Per arm, per block: the median host µs until the call returns, and until the GPU is done."""
     import time
 
-    args, kwargs, counts = args_kw
+    args, kwargs, (layers, counts) = args_kw
 
     def rewind() -> None:
-        for now, then in counts:
-            now.copy_(then)
+        for layer, n in zip(layers, counts):
+            layer.cumulative_length.fill_(n)  # the layer's tensor now (not the one the step saw)
         torch.cuda.synchronize()
 
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
