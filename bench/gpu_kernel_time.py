@@ -92,30 +92,40 @@ def _cache_counts(kwargs: dict) -> tuple:
     return layers, [int(layer.cumulative_length) for layer in layers]
 
 
-def host_blocks(arms: dict, args_kw: tuple, blocks: int, calls: int) -> dict[str, list[tuple[float, float]]]:
-    """Per arm, per block: the median host µs until the call returns, and until the GPU is done."""
+def host_blocks(arms: dict, args_kw: tuple, blocks: int, calls: int,
+                next_position: dict[str, int] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """Per arm, per block: the median host µs until the call returns, and until the GPU is done.
+
+    ``next_position``: per arm, the position its first call takes (every row of the batch alike); each
+    call then goes on one position (a capture checks that each decode step continues its rows). Without
+    it, every call repeats the step's own positions."""
     import time
 
     args, kwargs, (layers, counts) = args_kw
+    positions = kwargs.get("position_ids")
+    at = dict(next_position or {})
 
-    def rewind() -> None:
+    def rewind(name: str) -> None:
         for layer, n in zip(layers, counts):
             layer.cumulative_length.fill_(n)  # the layer's tensor now (not the one the step saw)
+        if name in at and isinstance(positions, torch.Tensor):
+            positions.fill_(at[name])
+            at[name] += 1
         torch.cuda.synchronize()
 
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
     names = list(arms)
     with torch.no_grad():
-        for fn in arms.values():  # warm: any CUDA graph recorded for these inputs now
+        for name, fn in arms.items():  # warm: any CUDA graph recorded for these inputs now
             for _ in range(5):
-                rewind()
+                rewind(name)
                 fn(*args, **kwargs)
             torch.cuda.synchronize()
         for b in range(blocks):
             for name in names if b % 2 == 0 else names[::-1]:
                 fn, ret, done = arms[name], [], []
                 for _ in range(calls):
-                    rewind()
+                    rewind(name)
                     t0 = time.perf_counter_ns()
                     fn(*args, **kwargs)
                     t1 = time.perf_counter_ns()
@@ -206,8 +216,10 @@ def main() -> None:
                 G.generate(model, inputs, args.new, True, stamps)  # a running batch: the calls below are its decode steps
                 config = model._last_compile_config
                 try:
+                    # the capture's running batch ended at position prompt + new - 2: its calls go on from there
                     more = host_blocks({"capture": model.get_compiled_call(config), "fresh": fresh._get(config)},
-                                       step, args.host_blocks, args.block_calls)
+                                       step, args.host_blocks, args.block_calls,
+                                       {"capture": args.prompt + args.new - 1})
                     host["capture"], host["fresh, beside the capture"] = more["capture"], more["fresh"]
                 except Exception as exc:  # one step repeated is not a sequence the capture can place
                     print(f"(the capture's host timing stopped: {type(exc).__name__}: {str(exc)[:200]})", flush=True)
