@@ -182,17 +182,21 @@ def main() -> None:
         print(f"  {arm}: Triton {r['triton_us']:.1f} µs in {r['triton_n']:.1f} kernels a step; "
               f"every kernel {r['all_us']:.1f} µs in {r['all_n']:.1f}", flush=True)
 
+    def alternate(label: str, arms: tuple[str, str], switch) -> None:
+        """Both arms warmed (traced, graphs recorded), then ``--rounds`` profiled calls each, alternating."""
+        for arm in arms[::-1]:
+            switch(arm)
+            for _ in range(2):
+                G.generate(model, inputs, args.new, True, stamps)
+        for r in range(args.rounds):
+            print(f"{label}round {r}", flush=True)
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                switch(arm)
+                measure(arm)
+
     # no capture: the model's own compiled call against a second compilation
     fresh = _FreshCompile(model)
-    for arm in ("fresh", "own"):  # both warm
-        fresh.resume() if arm == "fresh" else fresh.pause()
-        for _ in range(2):
-            G.generate(model, inputs, args.new, True, stamps)
-    for r in range(args.rounds):
-        print(f"round {r}", flush=True)
-        for arm in ("own", "fresh") if r % 2 == 0 else ("fresh", "own"):
-            fresh.resume() if arm == "fresh" else fresh.pause()
-            measure(arm)
+    alternate("", ("own", "fresh"), lambda arm: fresh.resume() if arm == "fresh" else fresh.pause())
     if args.host_blocks:
         config = model._last_compile_config
         host.update(host_blocks({"own": type(model).get_compiled_call(model, config), "fresh": fresh._get(config)},
@@ -202,15 +206,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moeprof-kernels-") as work:
         rec = moeprof.capture(model, Path(work) / "t", eos_token_id=None).start()
         try:
-            for arm in ("capture", "paused"):
-                rec.resume() if arm == "capture" else rec.pause()
-                for _ in range(2):
-                    G.generate(model, inputs, args.new, True, stamps)
-            for r in range(args.rounds):
-                print(f"capture round {r}", flush=True)
-                for arm in ("paused", "capture") if r % 2 == 0 else ("capture", "paused"):
-                    rec.resume() if arm == "capture" else rec.pause()
-                    measure(arm)
+            alternate("capture ", ("paused", "capture"), lambda arm: rec.resume() if arm == "capture" else rec.pause())
             if args.host_blocks:
                 rec.resume()
                 G.generate(model, inputs, args.new, True, stamps)  # a running batch: the calls below are its decode steps
