@@ -17,17 +17,19 @@ Arms, alternating call by call in one process (compiled decoding, static cache, 
 - ``capture``: the same capture recording.
 
     python bench/gpu_kernel_time.py --model qwen3 --layers 12 --batch 1 --prompt 64 --new 32 --rounds 4
+    python bench/gpu_kernel_time.py --rounds 2 --host-pairs 2000     # and the host's side, 2,000 pairs of calls
 
 Prints, per arm and call, the decode kernels' summed GPU time per step (µs): Triton kernels (what
 inductor generates and tunes) and every kernel, with their counts per step; then each arm's median
 against ``own``'s. Kernels run before the first decode step's (the eager prefill) are left out.
 
-Then the host's side (``--host-blocks``, 0 to skip): one real decode step's call, repeated in blocks
-of ``--block-calls`` calls, blocks of two arms alternating; per call the host's time until the call
-returns (the work before the graph's launch, the launch, and what the call does after it) and until
-the GPU is done (a synchronize after each call, outside the first figure). ``own`` against ``fresh``
-with no capture; then, with a capture recording, the capture's compiled call against ``fresh``. Each
-difference comes with a 95% t-interval over pairs of blocks.
+Then the host's side (``--host-pairs``, 0 to skip): one real decode step's call, repeated, the two
+arms' calls taking turns (the order swapped every pair), so that the host's drift from one second to
+the next falls on both; per call the host's time until the call returns (the work before the graph's
+launch, the launch, and what the call does after it) and until the GPU is done (a synchronize after
+each call, outside the first figure). ``own`` against ``fresh`` with no capture; then, with a capture
+recording, the capture's compiled call against ``fresh``. Each difference comes with a 95% t-interval
+over pairs; an earlier form in blocks of 100 calls a side spread too much to place tens of µs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import gpu_step_profile as G  # noqa: E402
@@ -78,7 +81,7 @@ def kernel_time(model, inputs, new: int, stamps: _Marked) -> dict:
 
 
 def _cache_counts(kwargs: dict) -> tuple:
-    """A static cache's layers with their token counts now, for :func:`host_blocks` to put back.
+    """A static cache's layers with their token counts now, for :func:`host_pairs` to put back.
 
     The cache's layers count the tokens they hold (a device tensor each, which a compiled step may
     replace with one of its outputs), and a step writes at that count: the host timing puts the counts
@@ -92,13 +95,14 @@ def _cache_counts(kwargs: dict) -> tuple:
     return layers, [int(layer.cumulative_length) for layer in layers]
 
 
-def host_blocks(arms: dict, args_kw: tuple, blocks: int, calls: int,
-                next_position: dict[str, int] | None = None) -> dict[str, list[tuple[float, float]]]:
-    """Per arm, per block: the median host µs until the call returns, and until the GPU is done.
+def host_pairs(arms: dict, args_kw: tuple, pairs: int,
+               next_position: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Per arm, per call: host µs until the call returns, and until the GPU is done (``(pairs, 2)``), the
+    two arms' calls taking turns.
 
     ``next_position``: per arm, the position its first call takes (every row of the batch alike); each
-    call then goes on one position (a capture checks that each decode step continues its rows). Without
-    it, every call repeats the step's own positions."""
+    of its calls then goes on one position (a capture checks that each decode step continues its rows).
+    Without it, every call repeats the step's own positions."""
     import time
 
     args, kwargs, (layers, counts) = args_kw
@@ -113,41 +117,34 @@ def host_blocks(arms: dict, args_kw: tuple, blocks: int, calls: int,
             at[name] += 1
         torch.cuda.synchronize()
 
-    out: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
+    def one(name: str) -> tuple[float, float]:
+        rewind(name)
+        t0 = time.perf_counter_ns()
+        arms[name](*args, **kwargs)
+        t1 = time.perf_counter_ns()
+        torch.cuda.synchronize()
+        return (t1 - t0) / 1e3, (time.perf_counter_ns() - t0) / 1e3
+
     names = list(arms)
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     with torch.no_grad():
-        for name, fn in arms.items():  # warm: any CUDA graph recorded for these inputs now
+        for name in names:  # warm: any CUDA graph recorded for these inputs now
             for _ in range(5):
-                rewind(name)
-                fn(*args, **kwargs)
-            torch.cuda.synchronize()
-        for b in range(blocks):
-            for name in names if b % 2 == 0 else names[::-1]:
-                fn, ret, done = arms[name], [], []
-                for _ in range(calls):
-                    rewind(name)
-                    t0 = time.perf_counter_ns()
-                    fn(*args, **kwargs)
-                    t1 = time.perf_counter_ns()
-                    torch.cuda.synchronize()
-                    t2 = time.perf_counter_ns()
-                    ret.append(t1 - t0)
-                    done.append(t2 - t0)
-                out[name].append((statistics.median(ret) / 1e3, statistics.median(done) / 1e3))
-    return out
+                one(name)
+        for i in range(pairs):
+            for name in names if i % 2 == 0 else names[::-1]:
+                out[name].append(one(name))
+    return {name: np.array(v) for name, v in out.items()}
 
 
 def _report_host(label: str, out: dict, a: str, b: str) -> None:
-    import numpy as np
-
     for k, what in ((0, "until the call returns"), (1, "until the GPU is done")):
-        x = np.array([v[k] for v in out[a]])
-        y = np.array([v[k] for v in out[b]])
+        x, y = out[a][:, k], out[b][:, k]
         d = x - y
-        half = G._T95.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
-        print(f"  {label}, {what}: {a} {np.median(x):.1f} µs, {b} {np.median(y):.1f} µs; "
-              f"{a} - {b} {d.mean():+.1f} µs [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}] over {len(d)} block pairs",
-              flush=True)
+        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+        print(f"  {label}, {what}: {a} {np.median(x):.1f} µs, {b} {np.median(y):.1f} µs (medians); "
+              f"{a} - {b} {d.mean():+.1f} µs [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}] over {len(d)} pairs, "
+              f"median of the pairs' differences {np.median(d):+.1f} µs", flush=True)
 
 
 def main() -> None:
@@ -159,8 +156,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=32, help="new tokens per generate() (default 32)")
     ap.add_argument("--rounds", type=int, default=4, help="profiled calls per arm, alternating (default 4)")
-    ap.add_argument("--host-blocks", type=int, default=10, help="blocks per arm of the host timing (0: none)")
-    ap.add_argument("--block-calls", type=int, default=100, help="calls a block (default 100)")
+    ap.add_argument("--host-pairs", type=int, default=1000, help="pairs of calls in each host timing (0: none)")
     args = ap.parse_args()
 
     model, inputs = G.model_and_inputs(args.model, args.layers, args.batch, args.prompt)
@@ -197,25 +193,24 @@ def main() -> None:
     # no capture: the model's own compiled call against a second compilation
     fresh = _FreshCompile(model)
     alternate("", ("own", "fresh"), lambda arm: fresh.resume() if arm == "fresh" else fresh.pause())
-    if args.host_blocks:
+    if args.host_pairs:
         config = model._last_compile_config
-        host.update(host_blocks({"own": type(model).get_compiled_call(model, config), "fresh": fresh._get(config)},
-                                step, args.host_blocks, args.block_calls))
+        host.update(host_pairs({"own": type(model).get_compiled_call(model, config), "fresh": fresh._get(config)},
+                               step, args.host_pairs))
     fresh.close()
     # a capture, paused and recording
     with tempfile.TemporaryDirectory(prefix="moeprof-kernels-") as work:
         rec = moeprof.capture(model, Path(work) / "t", eos_token_id=None).start()
         try:
             alternate("capture ", ("paused", "capture"), lambda arm: rec.resume() if arm == "capture" else rec.pause())
-            if args.host_blocks:
+            if args.host_pairs:
                 rec.resume()
                 G.generate(model, inputs, args.new, True, stamps)  # a running batch: the calls below are its decode steps
                 config = model._last_compile_config
                 try:
                     # the capture's running batch ended at position prompt + new - 2: its calls go on from there
-                    more = host_blocks({"capture": model.get_compiled_call(config), "fresh": fresh._get(config)},
-                                       step, args.host_blocks, args.block_calls,
-                                       {"capture": args.prompt + args.new - 1})
+                    more = host_pairs({"capture": model.get_compiled_call(config), "fresh": fresh._get(config)},
+                                      step, args.host_pairs, {"capture": args.prompt + args.new - 1})
                     host["capture"], host["fresh, beside the capture"] = more["capture"], more["fresh"]
                 except Exception as exc:  # one step repeated is not a sequence the capture can place
                     print(f"(the capture's host timing stopped: {type(exc).__name__}: {str(exc)[:200]})", flush=True)
@@ -234,7 +229,7 @@ def main() -> None:
         print(f"  {arm}: every kernel {a:.1f} µs a step ({100 * (a / own - 1) if own else float('nan'):+.2f}%), "
               f"Triton {t:.1f} µs ({100 * (t / own_t - 1) if own_t else float('nan'):+.2f}%); calls {calls}")
     if host:
-        print("\nhost, one decode step's call repeated, medians per block:")
+        print("\nhost, one decode step's call repeated, the two arms taking turns:")
         _report_host("no capture", host, "own", "fresh")
         if "capture" in host:
             _report_host("a capture recording", {"capture": host["capture"], "fresh": host["fresh, beside the capture"]},
