@@ -18,6 +18,7 @@ Arms, alternating call by call in one process (compiled decoding, static cache, 
 
     python bench/gpu_kernel_time.py --model qwen3 --layers 12 --batch 1 --prompt 64 --new 32 --rounds 4
     python bench/gpu_kernel_time.py --rounds 2 --host-pairs 2000     # and the host's side, 2,000 pairs of calls
+    python bench/gpu_kernel_time.py --rounds 2 --host-pairs 0 --ids-only   # a capture of expert ids only
 
 Prints, per arm and call, the decode kernels' summed GPU time per step (µs): Triton kernels (what
 inductor generates and tunes) and every kernel, with their counts per step; then each arm's median
@@ -161,6 +162,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="new tokens per generate() (default 32)")
     ap.add_argument("--rounds", type=int, default=4, help="profiled calls per arm, alternating (default 4)")
     ap.add_argument("--host-pairs", type=int, default=1000, help="pairs of calls in each host timing (0: none)")
+    ap.add_argument("--ids-only", action="store_true",
+                    help="the capture records expert ids only (weights=False): half the graph's extra outputs")
     args = ap.parse_args()
 
     model, inputs = G.model_and_inputs(args.model, args.layers, args.batch, args.prompt)
@@ -204,7 +207,7 @@ def main() -> None:
     fresh.close()
     # a capture, paused and recording
     with tempfile.TemporaryDirectory(prefix="moeprof-kernels-") as work:
-        rec = moeprof.capture(model, Path(work) / "t", eos_token_id=None).start()
+        rec = moeprof.capture(model, Path(work) / "t", eos_token_id=None, weights=not args.ids_only).start()
         try:
             alternate("capture ", ("paused", "capture"), lambda arm: rec.resume() if arm == "capture" else rec.pause())
             if args.host_pairs:
