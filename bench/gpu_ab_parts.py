@@ -238,14 +238,18 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                     help="start no round after this many seconds (the summary is still printed)")
     ap.add_argument("--pin-kernels", action="store_true",
-                    help="no on-device benchmarking of kernel choices in any compilation of the process "
-                         "(inductor's deterministic mode, pointwise autotuning off), set before the model's own")
-    if "--pin-kernels" in sys.argv[1:]:  # before ab_sessions compiles the model's own call
-        import torch._inductor.config as inductor
+                    help="less on-device benchmarking of kernel choices in every compilation of the process: "
+                         "pointwise autotuning off, inductor's deterministic mode asked for (torch 2.11 and 2.13 printed "
+                         "it off all the same); set before the model's own compilation")
 
-        inductor.deterministic, inductor.triton.autotune_pointwise = True, False
+    def pin_kernels(args) -> None:
+        if args.pin_kernels:
+            import torch._inductor.config as inductor
+
+            inductor.deterministic, inductor.triton.autotune_pointwise = True, False
+
     args, run, model, inputs, stamps, work = G.ab_sessions(
-        ap, "moeprof-parts-", 30, ("rounds", 2, "rounds of one session per variant"))
+        ap, "moeprof-parts-", 30, ("rounds", 2, "rounds of one session per variant"), pin_kernels)
     import torch._inductor.config as inductor
 
     # what decides how alike two compilations are: on-device benchmarking of kernel choices

@@ -110,10 +110,12 @@ def model_and_inputs(name: str, layers: int, batch: int, prompt: int) -> tuple:
     return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
-def ab_sessions(ap: argparse.ArgumentParser, prefix: str, pairs: int, repeat: tuple[str, int, str]) -> tuple:
+def ab_sessions(ap: argparse.ArgumentParser, prefix: str, pairs: int, repeat: tuple[str, int, str],
+                before_build=None) -> tuple:
     """Shared by the benches that alternate capture sessions of variants in one process (compiled decoding,
     each session timed by :func:`within_session`): adds their common options to ``ap`` (``repeat``: the name,
-    default and help of the option that says how many sessions or rounds), parses them, builds
+    default and help of the option that says how many sessions or rounds), parses them, calls
+    ``before_build(args)`` if given (settings that must precede the model's own compilation), builds
     the model and prompts and warms both up. Returns ``(args, run, model, inputs, stamps, work)``, ``run``
     being the arguments :func:`within_session` takes."""
     ap.add_argument("--model", default="qwen3", choices=("qwen3", "deepseek"))
@@ -124,6 +126,8 @@ def ab_sessions(ap: argparse.ArgumentParser, prefix: str, pairs: int, repeat: tu
     ap.add_argument("--pairs", type=int, default=pairs, help="recorded/paused pairs per session")
     ap.add_argument("--" + repeat[0], type=int, default=repeat[1], help=repeat[2])
     args = ap.parse_args()
+    if before_build is not None:
+        before_build(args)
     run = argparse.Namespace(model=args.model, layers=args.layers, mode="compiled", batch=args.batch,
                              prompt=args.prompt, new=args.new, within_session=args.pairs, out=None)
     model, inputs = model_and_inputs(args.model, args.layers, args.batch, args.prompt)

@@ -348,10 +348,9 @@ def _running_in_session(sid: int, wait_s: float) -> list[tuple[int, int, str, st
 def test_ctrl_c_in_analyze_says_aborted_once_with_no_traceback_and_no_process_left(tmp_path, python_ctrl_c):
     # A terminal's Ctrl-C goes to the whole process group: moeprof and its figure workers. Before, each
     # worker printed a KeyboardInterrupt traceback, and moeprof itself exited 130 without a word.
+    import shutil
     import signal
     import time
-
-    import shutil
 
     env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
     # The Ctrl-C goes a moment after the first worker starts (it ignores SIGINT once started). On an idle
