@@ -30,7 +30,9 @@ the next falls on both; per call the host's time until the call returns (the wor
 launch, the launch, and what the call does after it) and until the GPU is done (a synchronize after
 each call, outside the first figure). ``own`` against ``fresh`` with no capture; then, with a capture
 recording, the capture's compiled call against ``fresh``. Each difference comes with a 95% t-interval
-over pairs; an earlier form in blocks of 100 calls a side spread too much to place tens of µs.
+over pairs; an earlier form in blocks of 100 calls a side spread too much to place tens of µs. With
+the capture, its own work around the compiled call is timed too: before the launch
+(``_on_forward_start``) and after the call returns (``_on_forward_end``).
 """
 
 from __future__ import annotations
@@ -142,6 +144,28 @@ def host_pairs(arms: dict, args_kw: tuple, pairs: int,
     return {name: np.array(v) for name, v in out.items()}
 
 
+def _time_parts(rec) -> dict[str, list[float]]:
+    """Time the capture's own work around its compiled call, per call: the bookkeeping before the launch
+    (``_on_forward_start``) and after the call returns (``_on_forward_end``: the checks, the block copy's
+    launches, the hand-off to the pipe). The capture's call looks both up on the recorder per call, so
+    instance attributes wrap them; the wrapper's own cost (two clock reads) falls in the capture arm."""
+    import time
+
+    out: dict[str, list[float]] = {"forward start": [], "forward end": []}
+    for attr, name in (("_on_forward_start", "forward start"), ("_on_forward_end", "forward end")):
+        inner, times = getattr(rec, attr), out[name]
+
+        def timed(*a, _inner=inner, _times=times, **k):
+            t0 = time.perf_counter_ns()
+            try:
+                return _inner(*a, **k)
+            finally:
+                _times.append((time.perf_counter_ns() - t0) / 1e3)
+
+        setattr(rec, attr, timed)
+    return out
+
+
 def _report_host(label: str, out: dict, a: str, b: str) -> None:
     for k, what in ((0, "until the call returns"), (1, "until the GPU is done")):
         x, y = out[a][:, k], out[b][:, k]
@@ -214,11 +238,13 @@ def main() -> None:
                 rec.resume()
                 G.generate(model, inputs, args.new, True, stamps)  # a running batch: the calls below are its decode steps
                 config = model._last_compile_config
+                parts = _time_parts(rec)
                 try:
                     # the capture's running batch ended at position prompt + new - 2: its calls go on from there
                     more = host_pairs({"capture": model.get_compiled_call(config), "fresh": fresh._get(config)},
                                       step, args.host_pairs, {"capture": args.prompt + args.new - 1})
                     host["capture"], host["fresh, beside the capture"] = more["capture"], more["fresh"]
+                    host["parts"] = {name: np.array(v) for name, v in parts.items()}
                 except Exception as exc:  # one step repeated is not a sequence the capture can place
                     print(f"(the capture's host timing stopped: {type(exc).__name__}: {str(exc)[:200]})", flush=True)
         finally:
@@ -241,6 +267,10 @@ def main() -> None:
         if "capture" in host:
             _report_host("a capture recording", {"capture": host["capture"], "fresh": host["fresh, beside the capture"]},
                          "capture", "fresh")
+        for name, v in host.get("parts", {}).items():  # the last 2 x pairs calls: the timed ones
+            v = v[-args.host_pairs:]
+            print(f"  the capture's {name}: median {np.median(v):.1f} µs, mean {v.mean():.1f} µs, "
+                  f"p90 {np.quantile(v, 0.9):.1f} µs over {len(v)} calls")
 
 
 if __name__ == "__main__":
