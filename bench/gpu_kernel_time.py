@@ -26,9 +26,9 @@ against ``own``'s. Kernels run before the first decode step's (the eager prefill
 
 Then the host's side (``--host-pairs``, 0 to skip): one real decode step's call, repeated, the two
 arms' calls taking turns (the order swapped every pair), so that the host's drift from one second to
-the next falls on both; per call the host's time until the call returns (the work before the graph's
-launch, the launch, and what the call does after it) and until the GPU is done (a synchronize after
-each call, outside the first figure). ``own`` against ``fresh`` with no capture; then, with a capture
+the next falls on both; per call the host's time until the step's CUDA graph is replayed (the work before the launch, which
+delays the whole step), until the call returns (and what the call does after the launch) and until the
+GPU is done (a synchronize after each call, outside the other figures). ``own`` against ``fresh`` with no capture; then, with a capture
 recording, the capture's compiled call against ``fresh``. Each difference comes with a 95% t-interval
 over pairs; an earlier form in blocks of 100 calls a side spread too much to place tens of µs. With
 the capture, its own work around the compiled call is timed too: before the launch
@@ -124,23 +124,40 @@ def host_pairs(arms: dict, args_kw: tuple, pairs: int,
             at[name] += 1
         torch.cuda.synchronize()
 
-    def one(name: str) -> tuple[float, float]:
+    replays: list[int] = []
+    graph = torch.cuda.CUDAGraph
+    replay = graph.__dict__.get("replay")
+
+    def stamped(self, *a, **k):  # the host's clock as the call replays its CUDA graph (the step's launch)
+        replays.append(time.perf_counter_ns())
+        return replay(self, *a, **k)
+
+    def one(name: str) -> tuple[float, float, float]:
         rewind(name)
+        replays.clear()
         t0 = time.perf_counter_ns()
         arms[name](*args, **kwargs)
         t1 = time.perf_counter_ns()
         torch.cuda.synchronize()
-        return (t1 - t0) / 1e3, (time.perf_counter_ns() - t0) / 1e3
+        t2 = time.perf_counter_ns()
+        launch = (replays[0] - t0) / 1e3 if replays else float("nan")
+        return (t1 - t0) / 1e3, (t2 - t0) / 1e3, launch
 
     names = list(arms)
-    out: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-    with torch.no_grad():
-        for name in names:  # warm: any CUDA graph recorded for these inputs now
-            for _ in range(5):
-                one(name)
-        for i in range(pairs):
-            for name in names if i % 2 == 0 else names[::-1]:
-                out[name].append(one(name))
+    out: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
+    if replay is not None:
+        graph.replay = stamped
+    try:
+        with torch.no_grad():
+            for name in names:  # warm: any CUDA graph recorded for these inputs now
+                for _ in range(5):
+                    one(name)
+            for i in range(pairs):
+                for name in names if i % 2 == 0 else names[::-1]:
+                    out[name].append(one(name))
+    finally:
+        if replay is not None:
+            graph.replay = replay
     return {name: np.array(v) for name, v in out.items()}
 
 
@@ -167,8 +184,11 @@ def _time_parts(rec) -> dict[str, list[float]]:
 
 
 def _report_host(label: str, out: dict, a: str, b: str) -> None:
-    for k, what in ((0, "until the call returns"), (1, "until the GPU is done")):
+    for k, what in ((2, "until the step's CUDA graph is replayed"), (0, "until the call returns"),
+                    (1, "until the GPU is done")):
         x, y = out[a][:, k], out[b][:, k]
+        if np.isnan(x).any() or np.isnan(y).any():
+            continue  # no CUDA graph replayed (a CPU run)
         d = x - y
         half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
         print(f"  {label}, {what}: {a} {np.median(x):.1f} µs, {b} {np.median(y):.1f} µs (medians); "
@@ -267,8 +287,10 @@ def main() -> None:
         if "capture" in host:
             _report_host("a capture recording", {"capture": host["capture"], "fresh": host["fresh, beside the capture"]},
                          "capture", "fresh")
-        for name, v in host.get("parts", {}).items():  # the last 2 x pairs calls: the timed ones
-            v = v[-args.host_pairs:]
+        parts = {name: v[-args.host_pairs:] for name, v in host.get("parts", {}).items()}  # the timed calls
+        if parts and not np.isnan(host["capture"][:, 2]).any():
+            parts["call before the launch, after forward start"] = host["capture"][:, 2] - parts["forward start"]
+        for name, v in parts.items():
             print(f"  the capture's {name}: median {np.median(v):.1f} µs, mean {v.mean():.1f} µs, "
                   f"p90 {np.quantile(v, 0.9):.1f} µs over {len(v)} calls")
 

@@ -139,21 +139,40 @@ def test_the_captures_compiled_code_does_not_check_module_hooks_each_step(model,
 
     lean = guarded(tmp_path / "lean")
     assert lean and all(hooks > 0 for _, hooks in lean), lean
-    # the same capture with those guards left on, as before this change: the empty dicts are guarded too
-    real = torch._dynamo.config
+    # the same capture with those guards left in, as before 94965bf: the empty dicts are guarded too
+    from moeprof.capture.session import Recorder
 
-    class _Guarded:
-        def __getattr__(self, name):
-            return getattr(real, name)
+    drop = Recorder._own_hook_guards_dropped
 
-        def __setattr__(self, name, value):
-            if name != "skip_nnmodule_hook_guards" or value is not True:
-                setattr(real, name, value)
+    def keep_empty(self, entries):
+        return [keep or entry.guard_type == "EMPTY_NN_MODULE_HOOKS_DICT" for keep, entry in zip(drop(self, entries), entries)]
 
-    monkeypatch.setitem(sys.modules, "torch._dynamo.config", _Guarded())
-    monkeypatch.setattr(torch._dynamo, "config", sys.modules["torch._dynamo.config"])
+    monkeypatch.setattr(Recorder, "_own_hook_guards_dropped", keep_empty)
     full = guarded(tmp_path / "guarded")
     assert sum(hooks == 0 for _, hooks in full) > 4 * len(lean), (len(lean), len(full))
+
+
+def test_the_captures_compiled_call_leaves_dynamo_settings_alone_each_step(model, tmp_path, monkeypatch):
+    """The empty hook dicts' guards are dropped by the capture's guard filter when its code is compiled,
+    not by turning ``skip_nnmodule_hook_guards`` on around each step (about 5 µs before every launch):
+    no dynamo setting is written while compiled steps run, and the setting stays off for the capture."""
+    compiled = dict(cache_implementation="static", compile_config=_compile_config())
+    with moeprof.capture(model, tmp_path / "t", force=True, eos_token_id=None) as rec:
+        model.generate(**INPUTS, **compiled)  # traced and compiled here
+        config_type = type(torch._dynamo.config)  # the class of torch's config modules
+        write = config_type.__setattr__
+        writes = []
+
+        def watched(module, name, value):
+            writes.append(name)
+            write(module, name, value)
+
+        monkeypatch.setattr(config_type, "__setattr__", watched)
+        model.generate(**INPUTS, **compiled)
+        monkeypatch.undo()
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is False
+    assert writes == [], writes
+    assert rec.rows == 2 * 2 * (3 + 5 + 2 * 5)
 
 
 _CLOSURE_GUARD = re.compile(r"L\['fn'\]\.__self__((?:\._modules\['[^']+'\])*)\.(_forward(?:_pre)?_hooks)\[.*?\]\.__closure__")
