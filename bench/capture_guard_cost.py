@@ -64,9 +64,9 @@ def one_session(model, inputs, kw, work: Path, checks: int) -> dict:
     seen = []
     start = session.Recorder._on_forward_start
 
-    def grab(self, module, args, kwargs):
+    def grab(self, module, args, kwargs, launched=False):
         seen.append((args, dict(kwargs)))
-        return start(self, module, args, kwargs)
+        return start(self, module, args, kwargs, launched)
 
     rec = moeprof.capture(model, work, force=True, eos_token_id=None).start()
     session.Recorder._on_forward_start = grab

@@ -18,10 +18,12 @@ against paused calls within the session (``bench/gpu_step_profile.py --within-se
   paused arm runs them eagerly around every forward;
 - ``frames-default``: dynamo may compile the capture's top-level hook code as frames of its own (as
   before 29486e1, which marks that code to run as plain Python).
+- ``start-first``: a complete capture whose compiled decode steps do their bookkeeping before the launch
+  (``Recorder._decoding_on`` always false), as before it moved after the launch.
 - ``bare-call``: ``no-outputs`` with the rest of the capture's call taken away too: no forward-start
-  bookkeeping in a recorded call (a paused one keeps it: it takes the hooks off), and no per-call toggle
-  of dynamo's ``skip_nnmodule_hook_guards`` (set for the whole session instead, so the code is compiled
-  the same). Against ``no-outputs``: what that host work costs; against ``plain-fresh``: what is left.
+  bookkeeping in a recorded call (a paused one keeps it: it takes the hooks off). Against ``no-outputs``:
+  what that host work costs; against ``plain-fresh``: what is left. (Until the capture's call stopped
+  toggling dynamo's ``skip_nnmodule_hook_guards`` per call, this variant also left that toggle out.)
 - ``plain-fresh``: no capture at all. The "recorded" arm is a second compilation of the model's own
   call, made as the capture makes its own (a function of its own, a backend equal to no other), with
   no hook and nothing recorded; the "paused" arm is the model's own compiled call, as in every variant.
@@ -45,7 +47,6 @@ guard check of the capture's code) and the graph's own extra outputs (every laye
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -93,44 +94,9 @@ def _dynamo_counts() -> dict:
 _real_start = session.Recorder._on_forward_start
 
 
-def _start_when_paused(self, module, args, kwargs) -> None:
+def _start_when_paused(self, module, args, kwargs, launched=False) -> None:
     if self._want_paused:
-        _real_start(self, module, args, kwargs)
-
-
-class _Flags:
-    """Stands in for ``torch._dynamo.config`` where the capture's call toggles its hook-guard flag per
-    call (variant ``bare-call``): that flag a plain attribute, read by nothing; the rest read from the
-    real config."""
-
-    def __init__(self, real) -> None:
-        self.__dict__.update(_real=real, skip_nnmodule_hook_guards=True)
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["_real"], name)
-
-    def __setattr__(self, name, value) -> None:
-        if name == "skip_nnmodule_hook_guards":
-            self.__dict__[name] = value
-        else:
-            setattr(self._real, name, value)
-
-
-class _BareSession:
-    """Variant ``bare-call``'s session: the real flag set for the whole session, the per-call toggle
-    made on :class:`_Flags` (the capture's call imports ``torch._dynamo.config`` when it is made)."""
-
-    def __enter__(self):
-        import torch._dynamo
-
-        self.config = torch._dynamo.config
-        torch._dynamo.config = _Flags(self.config)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch._dynamo
-
-        torch._dynamo.config = self.config
+        _real_start(self, module, args, kwargs, launched)
 
 
 class _FreshCompile:
@@ -202,7 +168,6 @@ class _FreshFresh(_FreshCompile):
 
 
 RECORDERS = {"plain-fresh": _FreshCompile, "fresh-hooked": _FreshHooked, "fresh-fresh": _FreshFresh}
-CONTEXTS = {"bare-call": _BareSession}
 
 VARIANTS = {
     "full": {},
@@ -213,6 +178,7 @@ VARIANTS = {
     "no-outputs": {(session, "_attach"): _hook_records_nothing, (session.Recorder, "_on_forward_end"): _end_only},
     "hooks-kept-paused": {(session.Recorder, "_take_hooks_off"): lambda self: None},
     "frames-default": {(session, "_run_as_python"): _frames_default},
+    "start-first": {(session.Recorder, "_decoding_on"): lambda self, args, kwargs: False},
     "bare-call": {(session, "_attach"): _hook_records_nothing, (session.Recorder, "_on_forward_end"): _end_only,
                   (session.Recorder, "_on_forward_start"): _start_when_paused},
     "plain-fresh": {},
@@ -272,8 +238,7 @@ def main() -> None:
             print(f"### round {r}: {name}", flush=True)
             before = _dynamo_counts()
             try:
-                with CONTEXTS.get(name, contextlib.nullcontext)():
-                    result = G.within_session(run, model, inputs, True, 2, stamps, work, RECORDERS.get(name))
+                result = G.within_session(run, model, inputs, True, 2, stamps, work, RECORDERS.get(name))
             except Exception as exc:  # a variant's incomplete trace may fail at close, after its timings
                 print(f"  ({type(exc).__name__} at close: {str(exc)[:200]})", flush=True)
                 result = getattr(exc, "bench_result", None)
