@@ -26,13 +26,15 @@ against ``own``'s. Kernels run before the first decode step's (the eager prefill
 
 Then the host's side (``--host-pairs``, 0 to skip): one real decode step's call, repeated, the two
 arms' calls taking turns (the order swapped every pair), so that the host's drift from one second to
-the next falls on both; per call the host's time until the step's CUDA graph is replayed (the work before the launch, which
-delays the whole step), until the call returns (and what the call does after the launch) and until the
-GPU is done (a synchronize after each call, outside the other figures). ``own`` against ``fresh`` with no capture; then, with a capture
-recording, the capture's compiled call against ``fresh``. Each difference comes with a 95% t-interval
-over pairs; an earlier form in blocks of 100 calls a side spread too much to place tens of µs. With
-the capture, its own work around the compiled call is timed too: before the launch
-(``_on_forward_start``) and after the call returns (``_on_forward_end``).
+the next falls on both. Per call, the host's time until the step's CUDA graph is replayed (the work
+before the launch, which delays the whole step; ``torch.cuda.CUDAGraph.replay`` is stamped), until
+the call returns (and what the call does after the launch) and until the GPU is done (a synchronize
+after each call, outside the other figures). ``own`` against ``fresh`` with no capture; then, with a
+capture recording, the capture's compiled call against ``fresh``. Each difference comes with a 95%
+t-interval over pairs; an earlier form in blocks of 100 calls a side spread too much to place tens
+of µs. With the capture, its own work around the compiled call is timed too: the forward-start
+bookkeeping (``_on_forward_start``; after the launch for a decode step since 5f24ddf) and the
+forward end (``_on_forward_end``).
 """
 
 from __future__ import annotations
@@ -288,8 +290,6 @@ def main() -> None:
             _report_host("a capture recording", {"capture": host["capture"], "fresh": host["fresh, beside the capture"]},
                          "capture", "fresh")
         parts = {name: v[-args.host_pairs:] for name, v in host.get("parts", {}).items()}  # the timed calls
-        if parts and not np.isnan(host["capture"][:, 2]).any():
-            parts["call before the launch, after forward start"] = host["capture"][:, 2] - parts["forward start"]
         for name, v in parts.items():
             print(f"  the capture's {name}: median {np.median(v):.1f} µs, mean {v.mean():.1f} µs, "
                   f"p90 {np.quantile(v, 0.9):.1f} µs over {len(v)} calls")
