@@ -169,6 +169,9 @@ class _FreshFresh(_FreshCompile):
 
 RECORDERS = {"plain-fresh": _FreshCompile, "fresh-hooked": _FreshHooked, "fresh-fresh": _FreshFresh}
 
+# variants whose trace is complete: each session's rows are checked against the recorded calls' tokens
+COMPLETE = {"full", "ids-only", "closure-guards-kept", "hooks-kept-paused", "frames-default", "start-first"}
+
 VARIANTS = {
     "full": {},
     "no-copy": {(pipe.HostPipe, "_copy_into_block"): lambda self, meta, ids, weights, small: None},
@@ -224,6 +227,7 @@ def main() -> None:
           + f", triton.autotune_pointwise={inductor.triton.autotune_pointwise}", flush=True)
     per_session: dict[str, list[float]] = {}
     step_us: dict[str, list[tuple[float, float]]] = {}
+    wrong: list[str] = []  # sessions of a complete variant whose rows are not every recorded token's
     t_start = time.monotonic()
     for r in range(args.rounds):
         if args.budget is not None and r and time.monotonic() - t_start > args.budget:
@@ -247,6 +251,9 @@ def main() -> None:
                     setattr(owner, attr, fn)
                 if name == "frames-default":  # the shared hook code back to run as plain Python
                     session._top_level(None, lambda *a: None)
+            if result is not None and name in COMPLETE and result.get("expected_rows") not in (None, result["rows"]):
+                print(f"  WRONG ROWS: {name} recorded {result['rows']:,}, expected {result['expected_rows']:,}", flush=True)
+                wrong.append(name)
             if result is not None:
                 per_session.setdefault(name, []).append(float(np.log1p(result["step_excess"][0])))
                 step_us.setdefault(name, []).append((result["recorded_us"], result["paused_us"]))
@@ -278,6 +285,8 @@ def main() -> None:
         print(f"  {name}: recorded {' '.join(f'{x:.1f}' for x in rec)} (sd {np.std(rec, ddof=1) if len(rec) > 1 else 0:.1f}); "
               f"paused {' '.join(f'{x:.1f}' for x in paused)} (sd {np.std(paused, ddof=1) if len(paused) > 1 else 0:.1f})",
               flush=True)
+    if wrong:
+        raise SystemExit(f"wrong rows in {len(wrong)} session(s): {', '.join(wrong)}")
 
 
 if __name__ == "__main__":

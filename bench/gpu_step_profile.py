@@ -276,12 +276,13 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work, recorde
     except Exception:  # no cudagraph trees (CPU)
         graphs = None
     rec = recorder(model) if recorder else moeprof.capture(model, work / "session", force=True, eos_token_id=None).start()
-    step_logs, call_logs, flagged = [], [], 0
+    step_logs, call_logs, flagged, recorded_calls = [], [], 0, 0
     means = {"capture": [], "paused": []}
     try:
         for arm in ("capture", "paused") * (untimed + 1):  # both arms warm: traced, graphs recorded
             rec.resume() if arm == "capture" else rec.pause()
             generate(model, inputs, args.new, compiled, stamps)
+            recorded_calls += arm == "capture"
         # with a time budget (``args.budget`` seconds, as bench/gpu_session_grid.py sets it): pairs until it is
         # spent, at least ``args.min_pairs``, at most ``args.within_session``
         budget, t_start = getattr(args, "budget", None), time.monotonic()
@@ -293,6 +294,7 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work, recorde
                 rec.resume() if arm == "capture" else rec.pause()
                 before = graphs.mark() if graphs else 0
                 seconds, per_step = generate(model, inputs, args.new, compiled, stamps)
+                recorded_calls += arm == "capture"
                 work_done = (graphs.mark() if graphs else 0) - before
                 pair[arm] = (seconds, per_step.mean(), work_done)
                 means[arm].append(per_step.mean())
@@ -309,12 +311,18 @@ def within_session(args, model, inputs, compiled, untimed, stamps, work, recorde
     st, ca = t_interval(step_logs), t_interval(call_logs)
     result = dict(pairs=len(step_logs), pairs_with_graph_work=flagged, step_excess=st, call_excess=ca,
                   recorded_us=float(np.median(means["capture"])), paused_us=float(np.median(means["paused"])),
-                  rows=rec.rows)
+                  rows=rec.rows, expected_rows=None)
+    layout = getattr(rec, "layout", None)
+    if layout is not None:  # a capture: every recorded call's tokens (prompt + new - 1 a row), every layer
+        b, prompt = inputs["input_ids"].shape
+        result["expected_rows"] = recorded_calls * len(layout.points) * b * (prompt + args.new - 1)
     print(f"{args.model} L{args.layers} {args.mode} batch {args.batch} prompt {args.prompt} new {args.new}: "
           f"{len(step_logs)} pairs in one capture session (recorded vs paused), {flagged} with graphs recorded")
     print(f"  mean decode step µs: recorded {np.median(means['capture']):.1f}, paused {np.median(means['paused']):.1f} (medians over calls)")
     print(f"  capture excess, mean decode step: {100 * st[0]:+.2f}% [{100 * st[1]:+.2f}, {100 * st[2]:+.2f}]; "
           f"whole call: {100 * ca[0]:+.2f}% [{100 * ca[1]:+.2f}, {100 * ca[2]:+.2f}]", flush=True)
+    if result["expected_rows"] is not None:
+        print(f"  rows: {rec.rows:,} recorded, {result['expected_rows']:,} expected from {recorded_calls} recorded calls", flush=True)
     if args.out:
         args.out.write_text(json.dumps(dict(
             args={k: str(v) for k, v in vars(args).items()}, torch=torch.__version__,
