@@ -459,7 +459,7 @@ class Recorder:
         Empty hook dicts: dynamo guards them only while ``skip_nnmodule_hook_guards`` is off, as it is
         during the capture for everyone else's compiled code; checking six dicts of every module cost
         about 45 µs a step (12-layer Qwen3 shape, H200). Dropped here rather than by turning the setting
-        on around each call, which cost about 5 µs a step before the launch.
+        on around each call (4.2–4.8 µs on a CPU, before every launch).
 
         That code lives as long as the capture and its hooks, which are neither replaced nor changed while
         it lives, and nothing the hooks read through their closures changes the graph while they run in it
