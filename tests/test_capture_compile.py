@@ -145,7 +145,8 @@ def test_the_captures_compiled_code_does_not_check_module_hooks_each_step(model,
     drop = Recorder._own_hook_guards_dropped
 
     def keep_empty(self, entries):
-        return [keep or entry.guard_type == "EMPTY_NN_MODULE_HOOKS_DICT" for keep, entry in zip(drop(self, entries), entries)]
+        kept = drop(self, entries)
+        return [keep or entry.guard_type == "EMPTY_NN_MODULE_HOOKS_DICT" for keep, entry in zip(kept, entries)]
 
     monkeypatch.setattr(Recorder, "_own_hook_guards_dropped", keep_empty)
     full = guarded(tmp_path / "guarded")
