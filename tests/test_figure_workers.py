@@ -350,6 +350,25 @@ def test_a_failing_figure_raises_and_leaves_no_output(trace, tmp_path):
     assert not multiprocessing.active_children()
 
 
+def test_an_error_stops_the_workers_before_it_reaches_the_caller(trace, tmp_path):
+    """An error in the analysis (here: its output cannot be written) stops the pool before the caller
+    sees it: nothing of the pool is left for the interpreter's exit, whose wake-up of the pool's thread
+    races that thread's close of its pipe on Python 3.11 (a traceback after the error message)."""
+    import threading
+    from concurrent.futures.process import _ExecutorManagerThread
+
+    from moeprof.errors import OutputError
+
+    def unwritable(a, out_dir):
+        raise OSError(27, "File too large")
+
+    with pytest.raises(OutputError, match="writing failed"):
+        with figures.FigureWriter(processes=1) as writer:
+            analyze(trace, out=tmp_path / "a", writers=[writer, unwritable], batch_sizes=[1, 8])
+    assert not [t for t in threading.enumerate() if isinstance(t, _ExecutorManagerThread)]
+    assert not multiprocessing.active_children()
+
+
 class _KillsItsWorker:
     """Unpickled in a worker, ends it at once (as a crash or the OOM killer would)."""
 

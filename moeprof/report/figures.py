@@ -341,7 +341,10 @@ class FigureWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_exc: Any) -> None:
-        self.close(wait=exc_type is None)
+        # Waited for after an error too (only a Ctrl-C returns at once): the interpreter's exit joins the
+        # pool's thread anyway, and on Python 3.11 its wake-up at exit races that thread's own close of
+        # its pipe, a traceback (EBADF) printed after the error message (seen once in CI, disk full).
+        self.close(wait=exc_type is None or not issubclass(exc_type, KeyboardInterrupt))
 
     def _start_session(self) -> None:
         """A new analysis to draw: the zygote forks its workers for it now (once warm)."""
