@@ -19,6 +19,7 @@ Arms, alternating call by call in one process (compiled decoding, static cache, 
     python bench/gpu_kernel_time.py --model qwen3 --layers 12 --batch 1 --prompt 64 --new 32 --rounds 4
     python bench/gpu_kernel_time.py --rounds 2 --host-pairs 2000     # and the host's side, 2,000 pairs of calls
     python bench/gpu_kernel_time.py --rounds 2 --host-pairs 0 --ids-only   # a capture of expert ids only
+    python bench/gpu_kernel_time.py --rounds 1 --host-pairs 2000 --start-first   # both orders of the bookkeeping
 
 Prints, per arm and call, the decode kernels' summed GPU time per step (µs): Triton kernels (what
 inductor generates and tunes) and every kernel, with their counts per step; then each arm's median
@@ -30,9 +31,10 @@ the next falls on both. Per call, the host's time until the step's CUDA graph is
 before the launch, which delays the whole step; ``torch.cuda.CUDAGraph.replay`` is stamped), until
 the call returns (and what the call does after the launch) and until the GPU is done (a synchronize
 after each call, outside the other figures). ``own`` against ``fresh`` with no capture; then, with a
-capture recording, the capture's compiled call against ``fresh``. Each difference comes with a 95%
-t-interval over pairs; an earlier form in blocks of 100 calls a side spread too much to place tens
-of µs. With the capture, its own work around the compiled call is timed too: the forward-start
+capture recording, the capture's compiled call against ``fresh`` (with ``--start-first``, also the
+same call with its bookkeeping before the launch, as before 5f24ddf, all three taking turns). Each
+difference comes with a 95% t-interval over rounds of calls; an earlier form in blocks of 100 calls a
+side spread too much to place tens of µs. With the capture, its own work around the compiled call is timed too: the forward-start
 bookkeeping (``_on_forward_start``; after the launch for a decode step since 5f24ddf) and the
 forward end (``_on_forward_end``).
 """
@@ -104,26 +106,29 @@ def _cache_counts(kwargs: dict) -> tuple:
     return layers, [int(layer.cumulative_length) for layer in layers]
 
 
-def host_pairs(arms: dict, args_kw: tuple, pairs: int,
-               next_position: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def host_pairs(arms: dict, args_kw: tuple, pairs: int, next_position: dict[str, list[int]] | None = None,
+               before_call=None) -> dict[str, np.ndarray]:
     """Per arm, per call: host µs until the call returns, and until the GPU is done (``(pairs, 2)``), the
     two arms' calls taking turns.
 
-    ``next_position``: per arm, the position its first call takes (every row of the batch alike); each
-    of its calls then goes on one position (a capture checks that each decode step continues its rows).
-    Without it, every call repeats the step's own positions."""
+    ``next_position``: per arm, a one-item list holding the position its next call takes (every row of
+    the batch alike), advanced by each of its calls; arms given the same list go on one sequence (a
+    capture checks that each decode step continues its rows). An arm without one repeats the step's own
+    positions. ``before_call(name)``, if given, is told which arm runs next (outside the timing).
+    The arms take turns in each round of calls, the order reversed every other round.
+"""
     import time
 
     args, kwargs, (layers, counts) = args_kw
     positions = kwargs.get("position_ids")
-    at = dict(next_position or {})
+    at = next_position or {}
 
     def rewind(name: str) -> None:
         for layer, n in zip(layers, counts):
             layer.cumulative_length.fill_(n)  # the layer's tensor now (not the one the step saw)
         if name in at and isinstance(positions, torch.Tensor):
-            positions.fill_(at[name])
-            at[name] += 1
+            positions.fill_(at[name][0])
+            at[name][0] += 1
         torch.cuda.synchronize()
 
     replays: list[int] = []
@@ -136,6 +141,8 @@ def host_pairs(arms: dict, args_kw: tuple, pairs: int,
 
     def one(name: str) -> tuple[float, float, float]:
         rewind(name)
+        if before_call is not None:
+            before_call(name)
         replays.clear()
         t0 = time.perf_counter_ns()
         arms[name](*args, **kwargs)
@@ -163,26 +170,41 @@ def host_pairs(arms: dict, args_kw: tuple, pairs: int,
     return {name: np.array(v) for name, v in out.items()}
 
 
-def _time_parts(rec) -> dict[str, list[float]]:
-    """Time the capture's own work around its compiled call, per call: the bookkeeping before the launch
-    (``_on_forward_start``) and after the call returns (``_on_forward_end``: the checks, the block copy's
-    launches, the hand-off to the pipe). The capture's call looks both up on the recorder per call, so
-    instance attributes wrap them; the wrapper's own cost (two clock reads) falls in the capture arm."""
+def _time_parts(rec, arm: list) -> dict[tuple[str, str], list[float]]:
+    """Time the capture's own work around its compiled call, per call and arm (``arm[0]``, the arm running):
+    the forward-start bookkeeping (``_on_forward_start``) and the forward end (``_on_forward_end``: the
+    checks, the block copy's launches, the hand-off to the pipe). The capture's call looks both up on the
+    recorder per call, so instance attributes wrap them; the wrapper's own cost (two clock reads) falls
+    in the capture's arms."""
     import time
 
-    out: dict[str, list[float]] = {"forward start": [], "forward end": []}
+    out: dict[tuple[str, str], list[float]] = {}
     for attr, name in (("_on_forward_start", "forward start"), ("_on_forward_end", "forward end")):
-        inner, times = getattr(rec, attr), out[name]
+        inner = getattr(rec, attr)
 
-        def timed(*a, _inner=inner, _times=times, **k):
+        def timed(*a, _inner=inner, _name=name, **k):
             t0 = time.perf_counter_ns()
             try:
                 return _inner(*a, **k)
             finally:
-                _times.append((time.perf_counter_ns() - t0) / 1e3)
+                out.setdefault((arm[0], _name), []).append((time.perf_counter_ns() - t0) / 1e3)
 
         setattr(rec, attr, timed)
     return out
+
+
+def _start_first(rec, call):
+    """The capture's compiled call with its decode step's bookkeeping before the launch, as before 5f24ddf
+    (``_decoding_on`` false for this call only)."""
+
+    def run(*args, **kwargs):
+        rec._decoding_on = lambda args, kwargs: False
+        try:
+            return call(*args, **kwargs)
+        finally:
+            del rec._decoding_on
+
+    return run
 
 
 def _report_host(label: str, out: dict, a: str, b: str) -> None:
@@ -208,6 +230,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="new tokens per generate() (default 32)")
     ap.add_argument("--rounds", type=int, default=4, help="profiled calls per arm, alternating (default 4)")
     ap.add_argument("--host-pairs", type=int, default=1000, help="pairs of calls in each host timing (0: none)")
+    ap.add_argument("--start-first", action="store_true",
+                    help="a third host arm: the capture's call with its bookkeeping before the launch (as before 5f24ddf)")
     ap.add_argument("--ids-only", action="store_true",
                     help="the capture records expert ids only (weights=False): half the graph's extra outputs")
     args = ap.parse_args()
@@ -260,13 +284,21 @@ def main() -> None:
                 rec.resume()
                 G.generate(model, inputs, args.new, True, stamps)  # a running batch: the calls below are its decode steps
                 config = model._last_compile_config
-                parts = _time_parts(rec)
+                arm = [None]
+                parts = _time_parts(rec, arm)
+                call = model.get_compiled_call(config)
+                arms = {"capture": call, "fresh": fresh._get(config)}
+                # the capture's running batch ended at position prompt + new - 2: its calls go on from there
+                sequence = [args.prompt + args.new - 1]
+                positions = {"capture": sequence}
+                if args.start_first:  # one sequence: both of the capture's arms continue the same batch
+                    arms["start-first"] = _start_first(rec, call)
+                    positions["start-first"] = sequence
                 try:
-                    # the capture's running batch ended at position prompt + new - 2: its calls go on from there
-                    more = host_pairs({"capture": model.get_compiled_call(config), "fresh": fresh._get(config)},
-                                      step, args.host_pairs, {"capture": args.prompt + args.new - 1})
-                    host["capture"], host["fresh, beside the capture"] = more["capture"], more["fresh"]
-                    host["parts"] = {name: np.array(v) for name, v in parts.items()}
+                    more = host_pairs(arms, step, args.host_pairs, positions,
+                                      before_call=lambda name: arm.__setitem__(0, name))
+                    host.update({("beside the capture", name): v for name, v in more.items()})
+                    host["parts"] = {key: np.array(v) for key, v in parts.items()}
                 except Exception as exc:  # one step repeated is not a sequence the capture can place
                     print(f"(the capture's host timing stopped: {type(exc).__name__}: {str(exc)[:200]})", flush=True)
         finally:
@@ -284,14 +316,17 @@ def main() -> None:
         print(f"  {arm}: every kernel {a:.1f} µs a step ({100 * (a / own - 1) if own else float('nan'):+.2f}%), "
               f"Triton {t:.1f} µs ({100 * (t / own_t - 1) if own_t else float('nan'):+.2f}%); calls {calls}")
     if host:
-        print("\nhost, one decode step's call repeated, the two arms taking turns:")
+        print("\nhost, one decode step's call repeated, the arms taking turns:")
         _report_host("no capture", host, "own", "fresh")
-        if "capture" in host:
-            _report_host("a capture recording", {"capture": host["capture"], "fresh": host["fresh, beside the capture"]},
-                         "capture", "fresh")
-        parts = {name: v[-args.host_pairs:] for name, v in host.get("parts", {}).items()}  # the timed calls
-        for name, v in parts.items():
-            print(f"  the capture's {name}: median {np.median(v):.1f} µs, mean {v.mean():.1f} µs, "
+        beside = {name: v for key, v in host.items() if isinstance(key, tuple) for name in key[1:]}
+        if "capture" in beside:
+            _report_host("a capture recording", beside, "capture", "fresh")
+        if "start-first" in beside:
+            _report_host("a capture recording", beside, "start-first", "fresh")
+            _report_host("a capture recording", beside, "capture", "start-first")
+        for (arm, name), v in host.get("parts", {}).items():
+            v = v[-args.host_pairs:]  # the timed calls (each arm's first five warm it)
+            print(f"  {arm}: the capture's {name}: median {np.median(v):.1f} µs, mean {v.mean():.1f} µs, "
                   f"p90 {np.quantile(v, 0.9):.1f} µs over {len(v)} calls")
 
 
