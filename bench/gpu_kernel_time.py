@@ -108,15 +108,14 @@ def _cache_counts(kwargs: dict) -> tuple:
 
 def host_pairs(arms: dict, args_kw: tuple, pairs: int, next_position: dict[str, list[int]] | None = None,
                before_call=None) -> dict[str, np.ndarray]:
-    """Per arm, per call: host µs until the call returns, and until the GPU is done (``(pairs, 2)``), the
-    two arms' calls taking turns.
+    """Per arm, per call: host µs until the step's CUDA graph is replayed (NaN where none is), until the
+    call returns, and until the GPU is done, as ``(pairs, 3)`` columns (returns, GPU done, replay); the
+    arms take turns in each round of calls, the order reversed every other round.
 
     ``next_position``: per arm, a one-item list holding the position its next call takes (every row of
     the batch alike), advanced by each of its calls; arms given the same list go on one sequence (a
     capture checks that each decode step continues its rows). An arm without one repeats the step's own
-    positions. ``before_call(name)``, if given, is told which arm runs next (outside the timing).
-    The arms take turns in each round of calls, the order reversed every other round.
-"""
+    positions. ``before_call(name)``, if given, is told which arm runs next (outside the timing)."""
     import time
 
     args, kwargs, (layers, counts) = args_kw

@@ -506,9 +506,7 @@ class Recorder:
         pause decided, no cache length read; :meth:`_on_forward_start` checks it all again after)."""
         if self._want_paused or self._paused or not self._batch_running or self._tap.error is not None:
             return False
-        ref = kwargs.get("input_ids", args[0] if args else None)
-        if ref is None:
-            ref = kwargs.get("inputs_embeds")
+        ref = _step_inputs(args, kwargs)[1]
         if ref is None or ref.shape[1] != 1 or is_packed_forward(kwargs):
             return False
         known = self._compileable_ref
@@ -519,9 +517,7 @@ class Recorder:
         (:meth:`_decoding_on`), its routing is in the sink's slots."""
         if self._tap.error is not None:
             raise self._tap.error
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = input_ids if input_ids is not None else embeds
+        input_ids, ref = _step_inputs(args, kwargs)
         if ref is None:
             raise CaptureError("capture: the model was called without input_ids or inputs_embeds")
         b, s = int(ref.shape[0]), int(ref.shape[1])
@@ -1132,6 +1128,13 @@ class _HooksOff:
                     hooks.move_to_end(key)
                 else:
                     hooks[key] = hooks.pop(key)
+
+
+def _step_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """A forward's ``input_ids`` (keyword or first positional argument), and the tensor that gives the
+    step's ``(b, s)``: those ids, else ``inputs_embeds`` (None where neither was passed)."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    return input_ids, input_ids if input_ids is not None else kwargs.get("inputs_embeds")
 
 
 def _find_cache(kwargs: dict) -> tuple[str | None, Any]:
